@@ -1,0 +1,638 @@
+#include "config/config.hpp"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cstdlib>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "config/units.hpp"
+
+namespace infergate::config {
+namespace {
+
+enum class Kind { kString, kInt, kBool, kDuration, kSize, kList, kEndpoint };
+
+// Parses a value into the config; returns an error text ("invalid duration 'x' ...") or empty.
+using Setter = std::function<std::string(Config&, std::string_view)>;
+using Getter = std::function<std::string(const Config&)>;
+
+struct KeySpec {
+  std::string key;
+  Kind kind;
+  std::string help;
+  Setter set;
+  Getter get;
+  // Lists are given whole in the file and env; flags append.
+  std::function<void(Config&)> clear;
+};
+
+std::optional<long long> parse_integer(std::string_view text) {
+  long long value = 0;
+  if (text.empty()) return std::nullopt;
+  auto [ptr, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc{} || ptr != text.data() + text.size()) return std::nullopt;
+  return value;
+}
+
+template <typename Field>
+Setter make_int(Field field, long long min, long long max) {
+  return [field, min, max](Config& c, std::string_view v) -> std::string {
+    auto n = parse_integer(v);
+    if (!n) return "expected an integer, got '" + std::string(v) + "'";
+    if (*n < min || *n > max) {
+      return "must be between " + std::to_string(min) + " and " + std::to_string(max) + ", got " +
+             std::string(v);
+    }
+    field(c) = static_cast<int>(*n);
+    return {};
+  };
+}
+
+template <typename Field>
+Setter make_optional_int(Field field, long long min, long long max) {
+  return [field, min, max](Config& c, std::string_view v) -> std::string {
+    if (v.empty() || v == "null" || v == "~") {
+      field(c).reset();
+      return {};
+    }
+    auto n = parse_integer(v);
+    if (!n) return "expected an integer, got '" + std::string(v) + "'";
+    if (*n < min || *n > max) {
+      return "must be between " + std::to_string(min) + " and " + std::to_string(max) + ", got " +
+             std::string(v);
+    }
+    field(c) = static_cast<int>(*n);
+    return {};
+  };
+}
+
+template <typename Field>
+Setter make_duration(Field field) {
+  return [field](Config& c, std::string_view v) -> std::string {
+    auto d = parse_duration(v);
+    if (!d) return "invalid duration '" + std::string(v) + "' (expected e.g. 250ms, 2s, 5m, 1h)";
+    field(c) = *d;
+    return {};
+  };
+}
+
+template <typename Field>
+Setter make_positive_duration(Field field) {
+  return [field](Config& c, std::string_view v) -> std::string {
+    auto d = parse_duration(v);
+    if (!d) return "invalid duration '" + std::string(v) + "' (expected e.g. 250ms, 2s, 5m, 1h)";
+    if (d->count() <= 0) return "must be greater than zero, got '" + std::string(v) + "'";
+    field(c) = *d;
+    return {};
+  };
+}
+
+template <typename Field>
+Setter make_size(Field field, std::uint64_t min) {
+  return [field, min](Config& c, std::string_view v) -> std::string {
+    auto s = parse_size(v);
+    if (!s) return "invalid size '" + std::string(v) + "' (expected e.g. 65536, 64KiB, 64MiB)";
+    if (*s < min) return "must be at least " + format_size(min) + ", got '" + std::string(v) + "'";
+    field(c) = *s;
+    return {};
+  };
+}
+
+std::optional<bool> parse_bool(std::string_view v) {
+  if (v == "true" || v == "1" || v == "yes" || v == "on") return true;
+  if (v == "false" || v == "0" || v == "no" || v == "off") return false;
+  return std::nullopt;
+}
+
+template <typename Field>
+Setter make_bool(Field field) {
+  return [field](Config& c, std::string_view v) -> std::string {
+    auto b = parse_bool(v);
+    if (!b) return "expected true or false, got '" + std::string(v) + "'";
+    field(c) = *b;
+    return {};
+  };
+}
+
+template <typename Field>
+Setter make_string(Field field) {
+  return [field](Config& c, std::string_view v) -> std::string {
+    field(c) = std::string(v);
+    return {};
+  };
+}
+
+template <typename Field>
+Setter make_choice(Field field, std::vector<std::string> choices) {
+  return [field, choices](Config& c, std::string_view v) -> std::string {
+    if (std::find(choices.begin(), choices.end(), v) == choices.end()) {
+      std::string all;
+      for (const auto& choice : choices) all += (all.empty() ? "" : ", ") + choice;
+      return "must be one of " + all + ", got '" + std::string(v) + "'";
+    }
+    field(c) = std::string(v);
+    return {};
+  };
+}
+
+std::string quote_if_empty(std::string s) { return s.empty() ? "\"\"" : s; }
+
+template <typename T>
+std::string optional_text(const std::optional<T>& v) {
+  if (!v) return "null";
+  if constexpr (std::is_same_v<T, std::string>) {
+    return *v;
+  } else {
+    return std::to_string(*v);
+  }
+}
+
+bool valid_backend_url(std::string_view url) {
+  constexpr std::string_view kScheme = "http://";
+  if (url.substr(0, kScheme.size()) != kScheme) return false;
+  auto rest = url.substr(kScheme.size());
+  if (!rest.empty() && rest.back() == '/') rest.remove_suffix(1);
+  auto ep = parse_endpoint(rest);
+  return ep && !ep->host.empty() && ep->port != 0;
+}
+
+std::string set_backends(Config& c, std::string_view v, bool append) {
+  if (!append) c.backends.clear();
+  std::string_view rest = v;
+  while (!rest.empty()) {
+    auto comma = rest.find(',');
+    auto item = rest.substr(0, comma);
+    while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
+    while (!item.empty() && item.back() == ' ') item.remove_suffix(1);
+    if (!item.empty()) {
+      std::string url(item);
+      if (url.find("://") == std::string::npos) url = "http://" + url;
+      if (!valid_backend_url(url)) {
+        return "invalid backend URL '" + std::string(item) + "' (expected http://host:port)";
+      }
+      if (url.back() == '/') url.pop_back();
+      c.backends.push_back(url);
+    }
+    if (comma == std::string_view::npos) break;
+    rest.remove_prefix(comma + 1);
+  }
+  return {};
+}
+
+const std::vector<KeySpec>& specs() {
+  static const std::vector<KeySpec> table = [] {
+    std::vector<KeySpec> t;
+    auto add = [&t](std::string key, Kind kind, std::string help, Setter set, Getter get) {
+      t.push_back(KeySpec{std::move(key), kind, std::move(help), std::move(set), std::move(get), {}});
+    };
+    add("listen", Kind::kEndpoint, "address the gateway listens on (HOST:PORT; port 0 = any)",
+        [](Config& c, std::string_view v) -> std::string {
+          auto ep = parse_endpoint(v);
+          if (!ep) return "expected HOST:PORT, got '" + std::string(v) + "'";
+          c.listen = *ep;
+          return {};
+        },
+        [](const Config& c) { return c.listen.to_string(); });
+    add("threads", Kind::kInt, "worker threads (0 = one per hardware thread)",
+        make_int([](Config& c) -> int& { return c.threads; }, 0, 1024),
+        [](const Config& c) { return std::to_string(c.threads); });
+    t.push_back(KeySpec{
+        "backends", Kind::kList, "static backend URLs (http://host:port), added to Slurm's",
+        [](Config& c, std::string_view v) { return set_backends(c, v, true); },
+        [](const Config& c) {
+          std::string out = "[";
+          for (std::size_t i = 0; i < c.backends.size(); ++i) {
+            out += (i ? ", " : "") + c.backends[i];
+          }
+          return out + "]";
+        },
+        [](Config& c) { c.backends.clear(); }});
+    add("slurm.enabled", Kind::kBool, "discover backends from the Slurm job's environment",
+        make_bool([](Config& c) -> bool& { return c.slurm.enabled; }),
+        [](const Config& c) { return c.slurm.enabled ? "true" : "false"; });
+    add("slurm.nodelist", Kind::kString, "hostlist to use instead of SLURM_JOB_NODELIST",
+        [](Config& c, std::string_view v) -> std::string {
+          if (v.empty() || v == "null") {
+            c.slurm.nodelist.reset();
+          } else {
+            c.slurm.nodelist = std::string(v);
+          }
+          return {};
+        },
+        [](const Config& c) { return optional_text(c.slurm.nodelist); });
+    add("slurm.training_nodes", Kind::kInt, "leading hosts that train (else NUM_TRAINING_NODES, else 1)",
+        make_optional_int([](Config& c) -> std::optional<int>& { return c.slurm.training_nodes; }, 0, 100000),
+        [](const Config& c) { return optional_text(c.slurm.training_nodes); });
+    add("slurm.infer_tp", Kind::kInt, "GPUs per inference server (else INFER_TP, else 1)",
+        make_optional_int([](Config& c) -> std::optional<int>& { return c.slurm.infer_tp; }, 1, 1024),
+        [](const Config& c) { return optional_text(c.slurm.infer_tp); });
+    add("slurm.gpus_per_node", Kind::kInt, "GPUs per node (else SLURM_GPUS_ON_NODE, else 8)",
+        make_optional_int([](Config& c) -> std::optional<int>& { return c.slurm.gpus_per_node; }, 1, 1024),
+        [](const Config& c) { return optional_text(c.slurm.gpus_per_node); });
+    add("slurm.base_port", Kind::kInt, "port of the first inference server on each node",
+        make_int([](Config& c) -> int& { return c.slurm.base_port; }, 1, 65535),
+        [](const Config& c) { return std::to_string(c.slurm.base_port); });
+    add("slurm.host_suffix", Kind::kString, "appended to each host name (e.g. -ib)",
+        make_string([](Config& c) -> std::string& { return c.slurm.host_suffix; }),
+        [](const Config& c) { return quote_if_empty(c.slurm.host_suffix); });
+    add("slurm.domain", Kind::kString, "domain appended to each host name (e.g. cluster.local)",
+        make_string([](Config& c) -> std::string& { return c.slurm.domain; }),
+        [](const Config& c) { return quote_if_empty(c.slurm.domain); });
+    add("slurm.het_group", Kind::kInt, "heterogeneous job: read SLURM_JOB_NODELIST_HET_GROUP_<N>",
+        make_optional_int([](Config& c) -> std::optional<int>& { return c.slurm.het_group; }, 0, 1000),
+        [](const Config& c) { return optional_text(c.slurm.het_group); });
+    add("slurm.use_scontrol", Kind::kBool, "fall back to `scontrol show hostnames` for odd hostlists",
+        make_bool([](Config& c) -> bool& { return c.slurm.use_scontrol; }),
+        [](const Config& c) { return c.slurm.use_scontrol ? "true" : "false"; });
+    add("slurm.scontrol_timeout", Kind::kDuration, "deadline for the scontrol fallback",
+        make_positive_duration([](Config& c) -> milliseconds& { return c.slurm.scontrol_timeout; }),
+        [](const Config& c) { return format_duration(c.slurm.scontrol_timeout); });
+    add("health.path", Kind::kString, "health probe path (/health, /health_generate, /v1/models)",
+        [](Config& c, std::string_view v) -> std::string {
+          if (v.empty() || v.front() != '/') return "must start with '/', got '" + std::string(v) + "'";
+          c.health.path = std::string(v);
+          return {};
+        },
+        [](const Config& c) { return c.health.path; });
+    add("health.interval", Kind::kDuration, "time between probes of one backend (jittered)",
+        make_positive_duration([](Config& c) -> milliseconds& { return c.health.interval; }),
+        [](const Config& c) { return format_duration(c.health.interval); });
+    add("health.timeout", Kind::kDuration, "probe timeout",
+        make_positive_duration([](Config& c) -> milliseconds& { return c.health.timeout; }),
+        [](const Config& c) { return format_duration(c.health.timeout); });
+    add("health.healthy_threshold", Kind::kInt, "consecutive passing probes to become healthy",
+        make_int([](Config& c) -> int& { return c.health.healthy_threshold; }, 1, 100),
+        [](const Config& c) { return std::to_string(c.health.healthy_threshold); });
+    add("health.unhealthy_threshold", Kind::kInt, "consecutive failing probes to become unhealthy",
+        make_int([](Config& c) -> int& { return c.health.unhealthy_threshold; }, 1, 100),
+        [](const Config& c) { return std::to_string(c.health.unhealthy_threshold); });
+    add("health.min_healthy_backends", Kind::kInt, "healthy backends needed for /ready to be 200",
+        make_int([](Config& c) -> int& { return c.health.min_healthy_backends; }, 0, 1000000),
+        [](const Config& c) { return std::to_string(c.health.min_healthy_backends); });
+    add("passive.failures", Kind::kInt, "consecutive request failures that eject a backend",
+        make_int([](Config& c) -> int& { return c.passive.failures; }, 1, 1000),
+        [](const Config& c) { return std::to_string(c.passive.failures); });
+    add("passive.ejection_base", Kind::kDuration, "first ejection time (doubles each time)",
+        make_positive_duration([](Config& c) -> milliseconds& { return c.passive.ejection_base; }),
+        [](const Config& c) { return format_duration(c.passive.ejection_base); });
+    add("passive.ejection_max", Kind::kDuration, "longest ejection time",
+        make_positive_duration([](Config& c) -> milliseconds& { return c.passive.ejection_max; }),
+        [](const Config& c) { return format_duration(c.passive.ejection_max); });
+    add("timeouts.connect", Kind::kDuration, "upstream TCP connect timeout",
+        make_positive_duration([](Config& c) -> milliseconds& { return c.timeouts.connect; }),
+        [](const Config& c) { return format_duration(c.timeouts.connect); });
+    add("timeouts.first_byte", Kind::kDuration, "wait for the upstream response header",
+        make_positive_duration([](Config& c) -> milliseconds& { return c.timeouts.first_byte; }),
+        [](const Config& c) { return format_duration(c.timeouts.first_byte); });
+    add("timeouts.idle", Kind::kDuration, "longest gap between upstream body reads",
+        make_positive_duration([](Config& c) -> milliseconds& { return c.timeouts.idle; }),
+        [](const Config& c) { return format_duration(c.timeouts.idle); });
+    add("timeouts.client_header", Kind::kDuration, "time a client has to send a request's header",
+        make_positive_duration([](Config& c) -> milliseconds& { return c.timeouts.client_header; }),
+        [](const Config& c) { return format_duration(c.timeouts.client_header); });
+    add("timeouts.client_idle", Kind::kDuration, "idle keep-alive client connections are closed after",
+        make_positive_duration([](Config& c) -> milliseconds& { return c.timeouts.client_idle; }),
+        [](const Config& c) { return format_duration(c.timeouts.client_idle); });
+    add("timeouts.shutdown", Kind::kDuration, "on SIGTERM, how long in-flight requests may finish",
+        make_duration([](Config& c) -> milliseconds& { return c.timeouts.shutdown; }),
+        [](const Config& c) { return format_duration(c.timeouts.shutdown); });
+    add("limits.max_body", Kind::kSize, "largest request body (413 above)",
+        make_size([](Config& c) -> std::uint64_t& { return c.limits.max_body; }, 1),
+        [](const Config& c) { return format_size(c.limits.max_body); });
+    add("limits.max_header", Kind::kSize, "largest request header block (431 above)",
+        make_size([](Config& c) -> std::uint64_t& { return c.limits.max_header; }, 1024),
+        [](const Config& c) { return format_size(c.limits.max_header); });
+    add("limits.upstream_idle_per_backend", Kind::kInt, "idle keep-alive connections kept per backend per thread",
+        make_int([](Config& c) -> int& { return c.limits.upstream_idle_per_backend; }, 0, 100000),
+        [](const Config& c) { return std::to_string(c.limits.upstream_idle_per_backend); });
+    add("limits.upstream_idle_timeout", Kind::kDuration, "idle upstream connections are closed after",
+        make_positive_duration([](Config& c) -> milliseconds& { return c.limits.upstream_idle_timeout; }),
+        [](const Config& c) { return format_duration(c.limits.upstream_idle_timeout); });
+    add("retries.max", Kind::kInt, "retries on a different backend before any byte reached the client",
+        make_int([](Config& c) -> int& { return c.retries.max; }, 0, 100),
+        [](const Config& c) { return std::to_string(c.retries.max); });
+    add("retries.backoff_base", Kind::kDuration, "first retry backoff (doubles, with jitter)",
+        make_duration([](Config& c) -> milliseconds& { return c.retries.backoff_base; }),
+        [](const Config& c) { return format_duration(c.retries.backoff_base); });
+    add("retries.backoff_max", Kind::kDuration, "largest retry backoff",
+        make_duration([](Config& c) -> milliseconds& { return c.retries.backoff_max; }),
+        [](const Config& c) { return format_duration(c.retries.backoff_max); });
+    add("policy", Kind::kString, "load-balancing policy (round_robin)",
+        make_choice([](Config& c) -> std::string& { return c.policy; }, {"round_robin"}),
+        [](const Config& c) { return c.policy; });
+    add("admin.token", Kind::kString, "Bearer token for /admin (empty: no auth)",
+        make_string([](Config& c) -> std::string& { return c.admin_token; }),
+        [](const Config& c) { return c.admin_token.empty() ? "\"\"" : std::string("\"***\""); });
+    add("log.level", Kind::kString, "trace, debug, info, warn, error, critical, off",
+        make_choice([](Config& c) -> std::string& { return c.log.level; },
+                    {"trace", "debug", "info", "warn", "error", "critical", "off"}),
+        [](const Config& c) { return c.log.level; });
+    add("log.format", Kind::kString, "text or json",
+        make_choice([](Config& c) -> std::string& { return c.log.format; }, {"text", "json"}),
+        [](const Config& c) { return c.log.format; });
+    add("log.access", Kind::kBool, "one access-log line per proxied request",
+        make_bool([](Config& c) -> bool& { return c.log.access; }),
+        [](const Config& c) { return c.log.access ? "true" : "false"; });
+    add("metrics.listen", Kind::kEndpoint, "separate HOST:PORT for /metrics (null: gateway port only)",
+        [](Config& c, std::string_view v) -> std::string {
+          if (v.empty() || v == "null") {
+            c.metrics_listen.reset();
+            return {};
+          }
+          auto ep = parse_endpoint(v);
+          if (!ep) return "expected HOST:PORT, got '" + std::string(v) + "'";
+          c.metrics_listen = *ep;
+          return {};
+        },
+        [](const Config& c) { return c.metrics_listen ? c.metrics_listen->to_string() : "null"; });
+    return t;
+  }();
+  return table;
+}
+
+const KeySpec* find_spec(std::string_view key) {
+  for (const auto& spec : specs()) {
+    if (spec.key == key) return &spec;
+  }
+  return nullptr;
+}
+
+std::string env_name(std::string_view key) {
+  std::string out = "INFERGATE_";
+  for (char ch : key) out += ch == '.' ? '_' : static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  return out;
+}
+
+std::size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<std::size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      std::size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost});
+    }
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+std::string unknown_key_message(std::string_view key) {
+  std::string msg = "unknown key '" + std::string(key) + "'";
+  auto near = closest_key(key);
+  if (!near.empty()) msg += " (did you mean '" + near + "'?)";
+  return msg;
+}
+
+std::string yaml_where(std::string_view file, const YAML::Node& node) {
+  auto mark = node.Mark();
+  std::string where(file);
+  if (mark.line >= 0) where += ":" + std::to_string(mark.line + 1);
+  return where;
+}
+
+void apply_yaml_value(Config& c, const KeySpec& spec, const YAML::Node& node, std::string_view file) {
+  if (spec.kind == Kind::kList) {
+    spec.clear(c);
+    if (node.IsNull()) return;
+    if (!node.IsSequence()) {
+      throw ConfigError(yaml_where(file, node) + ": " + spec.key + ": expected a list of URLs");
+    }
+    for (const auto& item : node) {
+      if (!item.IsScalar()) {
+        throw ConfigError(yaml_where(file, item) + ": " + spec.key + ": expected a URL string");
+      }
+      auto err = spec.set(c, item.Scalar());
+      if (!err.empty()) throw ConfigError(yaml_where(file, item) + ": " + spec.key + ": " + err);
+    }
+    return;
+  }
+  if (node.IsNull()) {
+    auto err = spec.set(c, "null");
+    if (!err.empty()) throw ConfigError(yaml_where(file, node) + ": " + spec.key + ": " + err);
+    return;
+  }
+  if (!node.IsScalar()) {
+    throw ConfigError(yaml_where(file, node) + ": " + spec.key + ": expected a single value");
+  }
+  auto err = spec.set(c, node.Scalar());
+  if (!err.empty()) throw ConfigError(yaml_where(file, node) + ": " + spec.key + ": " + err);
+}
+
+void walk_yaml(Config& c, const YAML::Node& map, const std::string& prefix, std::string_view file) {
+  for (const auto& entry : map) {
+    const auto& key_node = entry.first;
+    const auto& value = entry.second;
+    std::string key = prefix.empty() ? key_node.Scalar() : prefix + "." + key_node.Scalar();
+    const KeySpec* spec = find_spec(key);
+    if (spec) {
+      apply_yaml_value(c, *spec, value, file);
+      c.sources[key] = Source::kFile;
+      continue;
+    }
+    bool is_section = std::any_of(specs().begin(), specs().end(), [&](const KeySpec& s) {
+      return s.key.rfind(key + ".", 0) == 0;
+    });
+    if (is_section && value.IsMap()) {
+      walk_yaml(c, value, key, file);
+    } else if (is_section) {
+      throw ConfigError(yaml_where(file, key_node) + ": " + key + ": expected a section (a map)");
+    } else {
+      throw ConfigError(yaml_where(file, key_node) + ": " + unknown_key_message(key));
+    }
+  }
+}
+
+void parse_yaml_into(Config& c, std::string_view text, std::string_view file) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(std::string(text));
+  } catch (const YAML::Exception& e) {
+    throw ConfigError(std::string(file) + ":" + std::to_string(e.mark.line + 1) +
+                      ": invalid YAML: " + e.msg);
+  }
+  if (root.IsNull()) return;  // an empty file is fine
+  if (!root.IsMap()) throw ConfigError(std::string(file) + ": expected a YAML map at the top level");
+  try {
+    walk_yaml(c, root, "", file);
+  } catch (const YAML::Exception& e) {
+    throw ConfigError(std::string(file) + ":" + std::to_string(e.mark.line + 1) + ": " + e.msg);
+  }
+}
+
+void validate(const Config& c) {
+  if (c.passive.ejection_max < c.passive.ejection_base) {
+    throw ConfigError("passive.ejection_max (" + format_duration(c.passive.ejection_max) +
+                      ") must be at least passive.ejection_base (" +
+                      format_duration(c.passive.ejection_base) + ")");
+  }
+  if (c.retries.backoff_max < c.retries.backoff_base) {
+    throw ConfigError("retries.backoff_max (" + format_duration(c.retries.backoff_max) +
+                      ") must be at least retries.backoff_base (" +
+                      format_duration(c.retries.backoff_base) + ")");
+  }
+}
+
+std::optional<std::string> process_env(std::string_view name) {
+  const char* v = std::getenv(std::string(name).c_str());
+  if (!v) return std::nullopt;
+  return std::string(v);
+}
+
+}  // namespace
+
+std::string_view to_string(Source source) {
+  switch (source) {
+    case Source::kDefault: return "default";
+    case Source::kFile: return "file";
+    case Source::kEnv: return "env";
+    case Source::kFlag: return "flag";
+  }
+  return "?";
+}
+
+std::string Endpoint::to_string() const {
+  if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);
+  return host + ":" + std::to_string(port);
+}
+
+std::optional<Endpoint> parse_endpoint(std::string_view text) {
+  Endpoint ep;
+  std::string_view port_text;
+  if (!text.empty() && text.front() == '[') {
+    auto close = text.find(']');
+    if (close == std::string_view::npos || close + 1 >= text.size() || text[close + 1] != ':') {
+      return std::nullopt;
+    }
+    ep.host = std::string(text.substr(1, close - 1));
+    port_text = text.substr(close + 2);
+  } else {
+    auto colon = text.rfind(':');
+    if (colon == std::string_view::npos) return std::nullopt;
+    ep.host = std::string(text.substr(0, colon));
+    if (ep.host.find(':') != std::string::npos) return std::nullopt;
+    port_text = text.substr(colon + 1);
+  }
+  if (ep.host.empty()) ep.host = "0.0.0.0";
+  for (char ch : ep.host) {
+    if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '-' || ch == '_' || ch == ':')) {
+      return std::nullopt;
+    }
+  }
+  auto port = parse_integer(port_text);
+  if (!port || *port < 0 || *port > 65535) return std::nullopt;
+  ep.port = static_cast<std::uint16_t>(*port);
+  return ep;
+}
+
+int Config::effective_threads() const {
+  if (threads > 0) return threads;
+  auto hw = static_cast<int>(std::thread::hardware_concurrency());
+  return hw > 0 ? hw : 1;
+}
+
+const std::vector<KeyInfo>& known_keys() {
+  static const std::vector<KeyInfo> keys = [] {
+    std::vector<KeyInfo> out;
+    Config defaults;
+    for (const auto& spec : specs()) {
+      out.push_back(KeyInfo{spec.key, env_name(spec.key), spec.get(defaults), spec.help});
+    }
+    return out;
+  }();
+  return keys;
+}
+
+std::string closest_key(std::string_view key) {
+  std::string best;
+  std::size_t best_distance = std::string::npos;
+  for (const auto& spec : specs()) {
+    auto d = edit_distance(key, spec.key);
+    // Also compare against the last component, so "interval" suggests "health.interval".
+    auto dot = spec.key.rfind('.');
+    if (dot != std::string::npos) d = std::min(d, edit_distance(key, spec.key.substr(dot + 1)) + 1);
+    if (d < best_distance) {
+      best_distance = d;
+      best = spec.key;
+    }
+  }
+  if (best_distance > std::max<std::size_t>(3, key.size() / 3)) return {};
+  return best;
+}
+
+Config parse_yaml_text(std::string_view yaml, std::string_view file_name) {
+  Config c;
+  parse_yaml_into(c, yaml, file_name);
+  validate(c);
+  return c;
+}
+
+LoadResult load_config(const LoadOptions& options) {
+  LoadResult result;
+  Config& c = result.config;
+  EnvLookup env = options.env ? options.env : EnvLookup(process_env);
+
+  std::optional<std::string> file = options.config_file;
+  if (!file) {
+    auto from_env = env("INFERGATE_CONFIG");
+    if (from_env && !from_env->empty()) file = *from_env;
+  }
+  if (file) {
+    std::ifstream in(*file);
+    if (!in) throw ConfigError("cannot read config file '" + *file + "'");
+    std::stringstream text;
+    text << in.rdbuf();
+    parse_yaml_into(c, text.str(), *file);
+    c.config_file = *file;
+  }
+
+  for (const auto& spec : specs()) {
+    auto name = env_name(spec.key);
+    auto value = env(name);
+    if (!value) continue;
+    if (spec.kind == Kind::kList) spec.clear(c);
+    auto err = spec.set(c, *value);
+    if (!err.empty()) throw ConfigError("environment " + name + ": " + spec.key + ": " + err);
+    c.sources[spec.key] = Source::kEnv;
+  }
+
+  std::set<std::string> cleared_lists;
+  for (const auto& flag : options.flags) {
+    const KeySpec* spec = find_spec(flag.key);
+    if (!spec) throw ConfigError(flag.flag + ": " + unknown_key_message(flag.key));
+    if (spec->kind == Kind::kList && cleared_lists.insert(spec->key).second) spec->clear(c);
+    auto err = spec->set(c, flag.value);
+    if (!err.empty()) throw ConfigError(flag.flag + ": " + spec->key + ": " + err);
+    c.sources[spec->key] = Source::kFlag;
+  }
+
+  validate(c);
+  return result;
+}
+
+std::string dump_config(const Config& config) {
+  std::ostringstream out;
+  if (!config.config_file.empty()) out << "# config file: " << config.config_file << "\n";
+  std::string section;
+  for (const auto& spec : specs()) {
+    auto dot = spec.key.find('.');
+    std::string this_section = dot == std::string::npos ? "" : spec.key.substr(0, dot);
+    std::string leaf = dot == std::string::npos ? spec.key : spec.key.substr(dot + 1);
+    if (this_section != section) {
+      section = this_section;
+      if (!section.empty()) out << section << ":\n";
+    }
+    auto it = config.sources.find(spec.key);
+    auto source = it == config.sources.end() ? Source::kDefault : it->second;
+    out << (section.empty() ? "" : "  ") << leaf << ": " << spec.get(config) << "  # "
+        << to_string(source) << "\n";
+  }
+  return out.str();
+}
+
+}  // namespace infergate::config

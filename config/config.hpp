@@ -1,0 +1,158 @@
+// The one configuration model: defaults < YAML file < INFERGATE_* environment < CLI flags.
+// Every key is declared once in a table (config.cpp) that drives parsing, validation,
+// `infergate config` output and the unknown-key suggestions.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace infergate::config {
+
+using std::chrono::milliseconds;
+
+// A configuration error. what() is one line naming the key and where the value came from
+// (file and line, environment variable or flag).
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+enum class Source { kDefault, kFile, kEnv, kFlag };
+std::string_view to_string(Source source);
+
+struct Endpoint {
+  std::string host;
+  std::uint16_t port = 0;
+  std::string to_string() const;
+};
+// "HOST:PORT", ":PORT" (all interfaces) or "[v6]:PORT". nullopt when malformed.
+std::optional<Endpoint> parse_endpoint(std::string_view text);
+
+struct SlurmSettings {
+  bool enabled = true;
+  std::optional<std::string> nodelist;
+  std::optional<int> training_nodes;
+  std::optional<int> infer_tp;
+  std::optional<int> gpus_per_node;
+  int base_port = 9000;
+  std::string host_suffix;
+  std::string domain;
+  std::optional<int> het_group;
+  bool use_scontrol = false;
+  milliseconds scontrol_timeout{5000};
+};
+
+struct HealthSettings {
+  std::string path = "/health";
+  milliseconds interval{2000};
+  milliseconds timeout{2000};
+  int healthy_threshold = 2;
+  int unhealthy_threshold = 3;
+  int min_healthy_backends = 1;
+};
+
+struct PassiveSettings {
+  int failures = 3;
+  milliseconds ejection_base{1000};
+  milliseconds ejection_max{60000};
+};
+
+struct TimeoutSettings {
+  milliseconds connect{5000};
+  milliseconds first_byte{600000};
+  milliseconds idle{300000};
+  milliseconds client_header{30000};
+  milliseconds client_idle{120000};
+  milliseconds shutdown{30000};
+};
+
+struct LimitSettings {
+  std::uint64_t max_body = 64ULL * 1024 * 1024;
+  std::uint64_t max_header = 64ULL * 1024;
+  int upstream_idle_per_backend = 64;
+  milliseconds upstream_idle_timeout{60000};
+};
+
+struct RetrySettings {
+  int max = 3;
+  milliseconds backoff_base{25};
+  milliseconds backoff_max{1000};
+};
+
+struct LogSettings {
+  std::string level = "info";
+  std::string format = "text";
+  bool access = true;
+};
+
+struct Config {
+  Endpoint listen{"0.0.0.0", 8080};
+  int threads = 0;  // 0: one per hardware thread
+  std::vector<std::string> backends;
+  SlurmSettings slurm;
+  HealthSettings health;
+  PassiveSettings passive;
+  TimeoutSettings timeouts;
+  LimitSettings limits;
+  RetrySettings retries;
+  std::string policy = "round_robin";
+  std::string admin_token;
+  LogSettings log;
+  std::optional<Endpoint> metrics_listen;
+
+  std::string config_file;                 // empty when none was read
+  std::map<std::string, Source> sources;   // key -> where its value came from
+
+  int effective_threads() const;
+};
+
+// Values given on the command line, by key (e.g. {"listen", "127.0.0.1:0"}); `flag` is how the
+// user spelled it, for error messages. Repeated keys of list type accumulate.
+struct FlagValue {
+  std::string key;
+  std::string value;
+  std::string flag;
+};
+
+using EnvLookup = std::function<std::optional<std::string>(std::string_view)>;
+
+struct LoadOptions {
+  std::optional<std::string> config_file;  // --config; else INFERGATE_CONFIG
+  std::vector<FlagValue> flags;
+  EnvLookup env;                           // defaults to the process environment when empty
+};
+
+struct LoadResult {
+  Config config;
+  std::vector<std::string> warnings;  // e.g. unknown INFERGATE_* variables
+};
+
+// Throws ConfigError.
+LoadResult load_config(const LoadOptions& options);
+
+// Parses YAML text as if read from `file_name` on top of the defaults (for tests and --check).
+Config parse_yaml_text(std::string_view yaml, std::string_view file_name);
+
+// The effective configuration as YAML, each value followed by a comment naming its source.
+std::string dump_config(const Config& config);
+
+struct KeyInfo {
+  std::string key;
+  std::string env;      // INFERGATE_...
+  std::string default_value;
+  std::string help;
+};
+const std::vector<KeyInfo>& known_keys();
+
+// The known key closest to `key` (edit distance), or empty when nothing is close.
+std::string closest_key(std::string_view key);
+
+}  // namespace infergate::config

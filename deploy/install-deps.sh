@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages infergate needs to build, test and run its demo.
+# Idempotent and quiet when everything is already there. Needs root (or sudo) only to install.
+set -euo pipefail
+
+packages=(
+  cmake g++ make pkg-config
+  libboost1.81-all-dev   # by name: Debian 12's default Boost is 1.74
+  nlohmann-json3-dev libspdlog-dev libyaml-cpp-dev prometheus-cpp-dev
+  libgtest-dev libgmock-dev
+  curl
+)
+if [[ "${1:-}" == "--bench" ]]; then
+  packages+=(wrk nginx haproxy procps)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  [[ "$p" == \#* ]] && continue
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+[[ ${#missing[@]} -eq 0 ]] && exit 0
+
+echo "infergate: installing ${missing[*]}" >&2
+sudo=()
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null || { echo "infergate: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+  sudo=(sudo)
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq >/dev/null
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,93 @@
+#include "discovery/discovery.hpp"
+
+#include <set>
+
+#include "slurm/hostlist.hpp"
+#include "slurm/job.hpp"
+
+namespace infergate::discovery {
+
+BackendInfo backend_from_url(const std::string& url, const std::string& source) {
+  constexpr std::string_view kScheme = "http://";
+  std::string_view rest = url;
+  if (rest.substr(0, kScheme.size()) == kScheme) rest.remove_prefix(kScheme.size());
+  if (rest.find("://") != std::string_view::npos) {
+    throw DiscoveryError("backend URL '" + url + "': only http:// is supported");
+  }
+  while (!rest.empty() && rest.back() == '/') rest.remove_suffix(1);
+  auto ep = config::parse_endpoint(rest);
+  if (!ep || ep->port == 0 || rest.empty() || rest.front() == ':') {
+    throw DiscoveryError("backend URL '" + url + "': expected http://host:port");
+  }
+  BackendInfo b;
+  b.host = ep->host;
+  b.port = ep->port;
+  b.id = ep->to_string();
+  b.url = "http://" + b.id;
+  b.node = ep->host;
+  b.slot = 0;
+  b.source = source;
+  return b;
+}
+
+DiscoveryResult discover(const config::Config& config, const config::EnvLookup& env) {
+  DiscoveryResult result;
+  std::set<std::string> seen;
+  std::string how;
+
+  if (config.slurm.enabled) {
+    slurm::JobOptions options;
+    options.nodelist = config.slurm.nodelist;
+    options.training_nodes = config.slurm.training_nodes;
+    options.infer_tp = config.slurm.infer_tp;
+    options.gpus_per_node = config.slurm.gpus_per_node;
+    options.base_port = config.slurm.base_port;
+    options.host_suffix = config.slurm.host_suffix;
+    options.domain = config.slurm.domain;
+    options.het_group = config.slurm.het_group;
+    options.use_scontrol = config.slurm.use_scontrol;
+    options.scontrol_timeout = config.slurm.scontrol_timeout;
+    std::optional<slurm::JobLayout> layout;
+    try {
+      layout = slurm::read_job_layout(options, env ? slurm::EnvLookup(env) : slurm::process_env());
+    } catch (const std::exception& e) {
+      throw DiscoveryError(e.what());
+    }
+    if (layout) {
+      how = "Slurm nodelist '" + layout->nodelist + "' from " + layout->nodelist_source + ": " +
+            std::to_string(layout->inference_hosts.size()) + " inference node(s) x " +
+            std::to_string(layout->servers_per_node) + " server(s)";
+      if (layout->training_nodes_defaulted) {
+        result.notes.push_back("NUM_TRAINING_NODES is not set: treating the first host (" +
+                               layout->training_hosts.front() + ") as the only training node");
+      }
+      result.notes.push_back(how + " (INFER_TP=" + std::to_string(layout->infer_tp) +
+                             ", " + std::to_string(layout->gpus_per_node) + " GPUs per node)");
+      for (const auto& server : layout->servers) {
+        BackendInfo b;
+        b.host = server.host;
+        b.port = static_cast<std::uint16_t>(server.port);
+        b.id = server.host + ":" + std::to_string(server.port);
+        b.url = "http://" + b.id;
+        b.node = server.node;
+        b.slot = server.slot;
+        b.source = "slurm";
+        if (seen.insert(b.id).second) result.backends.push_back(std::move(b));
+      }
+    } else {
+      how = "no Slurm nodelist (SLURM_JOB_NODELIST unset)";
+    }
+  } else {
+    how = "Slurm discovery disabled (--no-slurm)";
+  }
+
+  for (const auto& url : config.backends) {
+    auto b = backend_from_url(url, "static");
+    if (seen.insert(b.id).second) result.backends.push_back(std::move(b));
+  }
+  how += "; " + std::to_string(config.backends.size()) + " static backend(s)";
+  result.how = how;
+  return result;
+}
+
+}  // namespace infergate::discovery

@@ -1,0 +1,47 @@
+// Active health probes (one coroutine per backend on the checker's own thread) and passive
+// reports from the request path, both feeding each backend's HealthTracker. Learns each
+// healthy backend's models from /v1/models.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "config/config.hpp"
+#include "discovery/health_state.hpp"
+#include "discovery/registry.hpp"
+
+namespace infergate::discovery {
+
+class HealthChecker {
+ public:
+  HealthChecker(const config::Config& config, Registry& registry);
+  ~HealthChecker();
+  HealthChecker(const HealthChecker&) = delete;
+  HealthChecker& operator=(const HealthChecker&) = delete;
+
+  // Starts the checker thread and probes every backend in the registry.
+  void start();
+  void stop();
+
+  // Starts probing a backend added after start(). Thread-safe.
+  void watch(std::shared_ptr<Backend> backend);
+
+  // Passive health from the request path. Thread-safe and cheap when nothing changes.
+  void report(const std::shared_ptr<Backend>& backend, bool failed);
+
+  // Operator actions; thread-safe, return once applied. False when the action did not apply.
+  bool drain(const std::shared_ptr<Backend>& backend);
+  bool undrain(const std::shared_ptr<Backend>& backend);
+  // Drains, waits for in-flight requests to finish (bounded), then removes from the registry.
+  void remove_when_idle(std::shared_ptr<Backend> backend, std::chrono::milliseconds deadline);
+
+  struct Impl;  // public so the checker's coroutines (free functions) can name it
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace infergate::discovery

@@ -1,0 +1,97 @@
+#include "discovery/health_state.hpp"
+
+#include <algorithm>
+
+namespace infergate::discovery {
+
+std::optional<Transition> HealthTracker::move_to(BackendState to, std::string reason) {
+  if (to == state_) return std::nullopt;
+  Transition t{state_, to, std::move(reason)};
+  state_ = to;
+  return t;
+}
+
+std::optional<Transition> HealthTracker::on_probe(bool passed, Clock::time_point now,
+                                                  const std::string& detail) {
+  if (passed) {
+    probe_failures_ = 0;
+    ++probe_passes_;
+  } else {
+    probe_passes_ = 0;
+    ++probe_failures_;
+  }
+  switch (state_) {
+    case BackendState::kStarting:
+      // A server loading weights fails probes for minutes: that is not an alarm.
+      if (probe_passes_ >= policy_.healthy_threshold) {
+        return move_to(BackendState::kHealthy, "passed " + std::to_string(probe_passes_) + " probes");
+      }
+      return std::nullopt;
+    case BackendState::kHealthy:
+      if (probe_failures_ >= policy_.unhealthy_threshold) {
+        request_failures_ = 0;
+        return move_to(BackendState::kUnhealthy,
+                       "failed " + std::to_string(probe_failures_) + " probes" +
+                           (detail.empty() ? "" : ": " + detail));
+      }
+      return std::nullopt;
+    case BackendState::kUnhealthy:
+      if (probe_passes_ >= policy_.healthy_threshold) {
+        return move_to(BackendState::kHealthy, "passed " + std::to_string(probe_passes_) + " probes");
+      }
+      return std::nullopt;
+    case BackendState::kEjected:
+      if (!passed && probe_failures_ >= policy_.unhealthy_threshold) {
+        return move_to(BackendState::kUnhealthy,
+                       "failed " + std::to_string(probe_failures_) + " probes while ejected" +
+                           (detail.empty() ? "" : ": " + detail));
+      }
+      if (passed && now >= ejected_until_) {
+        request_failures_ = 0;
+        return move_to(BackendState::kHealthy, "ejection over and probe passed");
+      }
+      return std::nullopt;
+    case BackendState::kDraining:
+    case BackendState::kRemoved:
+      return std::nullopt;
+  }
+  return std::nullopt;
+}
+
+std::optional<Transition> HealthTracker::on_request(bool failed, Clock::time_point now) {
+  if (!failed) {
+    request_failures_ = 0;
+    if (state_ == BackendState::kHealthy) ejections_ = 0;
+    return std::nullopt;
+  }
+  ++request_failures_;
+  if (state_ != BackendState::kHealthy || request_failures_ < policy_.passive_failures) {
+    return std::nullopt;
+  }
+  auto backoff = policy_.ejection_base;
+  for (int i = 0; i < ejections_ && backoff < policy_.ejection_max; ++i) backoff *= 2;
+  backoff = std::min(backoff, policy_.ejection_max);
+  ++ejections_;
+  ejected_until_ = now + backoff;
+  const int failures = request_failures_;
+  request_failures_ = 0;
+  return move_to(BackendState::kEjected, std::to_string(failures) + " consecutive request failures; ejected for " +
+                                             std::to_string(backoff.count()) + "ms");
+}
+
+std::optional<Transition> HealthTracker::drain() {
+  if (state_ == BackendState::kDraining || state_ == BackendState::kRemoved) return std::nullopt;
+  before_drain_ = state_ == BackendState::kEjected ? BackendState::kUnhealthy : state_;
+  return move_to(BackendState::kDraining, "drained by operator");
+}
+
+std::optional<Transition> HealthTracker::undrain() {
+  if (state_ != BackendState::kDraining) return std::nullopt;
+  return move_to(before_drain_, "undrained by operator");
+}
+
+std::optional<Transition> HealthTracker::remove() {
+  return move_to(BackendState::kRemoved, "removed");
+}
+
+}  // namespace infergate::discovery

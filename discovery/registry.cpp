@@ -1,0 +1,127 @@
+#include "discovery/registry.hpp"
+
+#include <algorithm>
+
+namespace infergate::discovery {
+
+std::string_view to_string(BackendState state) {
+  switch (state) {
+    case BackendState::kStarting: return "starting";
+    case BackendState::kHealthy: return "healthy";
+    case BackendState::kUnhealthy: return "unhealthy";
+    case BackendState::kEjected: return "ejected";
+    case BackendState::kDraining: return "draining";
+    case BackendState::kRemoved: return "removed";
+  }
+  return "unknown";
+}
+
+void DurationHistogram::observe(std::chrono::nanoseconds d) noexcept {
+  const double seconds = std::chrono::duration<double>(d).count();
+  std::size_t i = 0;
+  while (i < kBounds.size() && seconds > kBounds[i]) ++i;
+  buckets_[i].fetch_add(1, std::memory_order_relaxed);
+  sum_ns_.fetch_add(static_cast<std::uint64_t>(std::max<std::int64_t>(d.count(), 0)), std::memory_order_relaxed);
+}
+
+std::array<std::uint64_t, DurationHistogram::kBounds.size() + 1> DurationHistogram::cumulative()
+    const noexcept {
+  std::array<std::uint64_t, kBounds.size() + 1> out{};
+  std::uint64_t running = 0;
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    running += buckets_[i].load(std::memory_order_relaxed);
+    out[i] = running;
+  }
+  return out;
+}
+
+double DurationHistogram::sum_seconds() const noexcept {
+  return static_cast<double>(sum_ns_.load(std::memory_order_relaxed)) / 1e9;
+}
+
+std::uint64_t DurationHistogram::count() const noexcept { return cumulative().back(); }
+
+Backend::ProbeRecord Backend::last_probe() const {
+  std::lock_guard lock(detail_mutex_);
+  return last_probe_;
+}
+void Backend::set_last_probe(ProbeRecord record) {
+  std::lock_guard lock(detail_mutex_);
+  last_probe_ = std::move(record);
+}
+std::string Backend::last_error() const {
+  std::lock_guard lock(detail_mutex_);
+  return last_error_;
+}
+void Backend::set_last_error(std::string error) {
+  std::lock_guard lock(detail_mutex_);
+  last_error_ = std::move(error);
+}
+std::vector<std::string> Backend::models() const {
+  std::lock_guard lock(detail_mutex_);
+  return models_;
+}
+void Backend::set_models(std::vector<std::string> models) {
+  std::lock_guard lock(detail_mutex_);
+  models_ = std::move(models);
+}
+
+void Registry::publish_locked(std::vector<std::shared_ptr<Backend>> all) {
+  auto set = std::make_shared<BackendSet>();
+  set->all = std::move(all);
+  for (const auto& b : set->all) {
+    if (b->state() == BackendState::kHealthy) set->routable.push_back(b.get());
+  }
+  set_.store(std::move(set), std::memory_order_release);
+}
+
+std::shared_ptr<Backend> Registry::add(BackendInfo info) {
+  std::lock_guard lock(write_mutex_);
+  auto current = set_.load(std::memory_order_acquire);
+  for (const auto& b : current->all) {
+    if (b->info().id == info.id) return b;
+  }
+  auto backend = std::make_shared<Backend>(std::move(info), next_index_++, initial_);
+  auto all = current->all;
+  all.push_back(backend);
+  publish_locked(std::move(all));
+  return backend;
+}
+
+bool Registry::remove(std::string_view id) {
+  std::lock_guard lock(write_mutex_);
+  auto current = set_.load(std::memory_order_acquire);
+  auto all = current->all;
+  auto it = std::find_if(all.begin(), all.end(), [&](const auto& b) { return b->info().id == id; });
+  if (it == all.end()) return false;
+  (*it)->set_state(BackendState::kRemoved);
+  all.erase(it);
+  publish_locked(std::move(all));
+  return true;
+}
+
+std::shared_ptr<Backend> Registry::find(std::string_view id) const {
+  auto current = snapshot();
+  for (const auto& b : current->all) {
+    if (b->info().id == id) return b;
+  }
+  return nullptr;
+}
+
+void Registry::republish() {
+  std::lock_guard lock(write_mutex_);
+  publish_locked(set_.load(std::memory_order_acquire)->all);
+}
+
+Backend* Registry::pick(const BackendSet& set, const std::vector<const Backend*>& exclude) {
+  const auto n = set.routable.size();
+  if (n == 0) return nullptr;
+  auto start = rr_.fetch_add(1, std::memory_order_relaxed);
+  for (std::size_t i = 0; i < n; ++i) {
+    Backend* candidate = set.routable[(start + i) % n];
+    if (std::find(exclude.begin(), exclude.end(), candidate) == exclude.end()) return candidate;
+  }
+  return nullptr;
+}
+
+}  // namespace infergate::discovery

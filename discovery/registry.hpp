@@ -1,0 +1,132 @@
+// The live backend set every worker thread reads without locks: membership is an immutable
+// snapshot swapped atomically; per-backend state and counters are atomics.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "discovery/discovery.hpp"
+
+namespace infergate::discovery {
+
+enum class BackendState : std::uint8_t { kStarting, kHealthy, kUnhealthy, kEjected, kDraining, kRemoved };
+inline constexpr std::size_t kBackendStateCount = 6;
+std::string_view to_string(BackendState state);
+
+// A fixed-bucket histogram of durations that any thread records into with relaxed atomics.
+class DurationHistogram {
+ public:
+  // Seconds; long tails up to 30 minutes because generations can take that long.
+  static constexpr std::array<double, 19> kBounds = {0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                     0.5,   1,     2.5,  5,     10,   30,  60,
+                                                     120,   300,   600,  1200,  1800};
+  void observe(std::chrono::nanoseconds d) noexcept;
+  // Cumulative counts per bound (Prometheus "le" semantics) plus +Inf last, and the sum.
+  std::array<std::uint64_t, kBounds.size() + 1> cumulative() const noexcept;
+  double sum_seconds() const noexcept;
+  std::uint64_t count() const noexcept;
+
+ private:
+  std::array<std::atomic<std::uint64_t>, kBounds.size() + 1> buckets_{};
+  std::atomic<std::uint64_t> sum_ns_{0};
+};
+
+// Per-backend traffic counters, written on the request path without locks.
+struct BackendStats {
+  std::atomic<std::int64_t> inflight{0};
+  std::atomic<std::uint64_t> responses_2xx{0};  // also 1xx and 3xx: "not an error"
+  std::atomic<std::uint64_t> responses_4xx{0};
+  std::atomic<std::uint64_t> responses_5xx{0};
+  std::atomic<std::uint64_t> errors{0};  // no response: connect failures, resets, timeouts
+  std::atomic<std::uint64_t> retries{0};  // attempts on this backend that were retried elsewhere
+  std::atomic<std::uint64_t> ejections{0};
+  std::atomic<std::uint64_t> prompt_tokens{0};
+  std::atomic<std::uint64_t> completion_tokens{0};
+  std::atomic<int> consecutive_failures{0};  // passive health: reset by a success
+  DurationHistogram duration;
+  DurationHistogram ttft;
+  DurationHistogram probe_duration;
+};
+
+class Backend : public std::enable_shared_from_this<Backend> {
+ public:
+  Backend(BackendInfo info, std::size_t index, BackendState initial)
+      : info_(std::move(info)), index_(index), state_(initial) {}
+
+  const BackendInfo& info() const noexcept { return info_; }
+  // Stable for the life of the process and never reused: indexes per-thread upstream pools.
+  std::size_t index() const noexcept { return index_; }
+
+  BackendState state() const noexcept { return state_.load(std::memory_order_acquire); }
+  void set_state(BackendState s) noexcept { state_.store(s, std::memory_order_release); }
+
+  BackendStats stats;
+
+  // Written by the health checker, read by the admin API and status page (not the hot path).
+  struct ProbeRecord {
+    std::chrono::system_clock::time_point time{};
+    bool ok = false;
+    std::string detail;  // "200", "connection refused", ...
+  };
+  ProbeRecord last_probe() const;
+  void set_last_probe(ProbeRecord record);
+  std::string last_error() const;
+  void set_last_error(std::string error);
+  std::vector<std::string> models() const;
+  void set_models(std::vector<std::string> models);
+
+
+ private:
+  BackendInfo info_;
+  std::size_t index_;
+  std::atomic<BackendState> state_;
+  mutable std::mutex detail_mutex_;
+  ProbeRecord last_probe_;
+  std::string last_error_;
+  std::vector<std::string> models_;
+};
+
+struct BackendSet {
+  std::vector<std::shared_ptr<Backend>> all;
+  std::vector<Backend*> routable;  // healthy and not draining, in discovery order
+};
+
+class Registry {
+ public:
+  // Backends start in `initial` (kHealthy when no health checks run, kStarting otherwise).
+  explicit Registry(BackendState initial = BackendState::kHealthy) : initial_(initial) {}
+
+  std::shared_ptr<const BackendSet> snapshot() const noexcept {
+    return set_.load(std::memory_order_acquire);
+  }
+
+  // Adds a backend unless its id is present; returns it (the existing one on duplicates).
+  std::shared_ptr<Backend> add(BackendInfo info);
+  // Marks removed and drops it from the set; false when the id is unknown.
+  bool remove(std::string_view id);
+  std::shared_ptr<Backend> find(std::string_view id) const;
+  // Rebuilds the routable list after state changes.
+  void republish();
+
+  // Round robin over the routable set, skipping `exclude` (backends a request already tried).
+  // One atomic counter: exact rotation across threads. nullptr when nothing is routable.
+  Backend* pick(const BackendSet& set, const std::vector<const Backend*>& exclude = {});
+
+ private:
+  void publish_locked(std::vector<std::shared_ptr<Backend>> all);
+
+  BackendState initial_;
+  mutable std::mutex write_mutex_;  // serialises writers only; readers never take it
+  std::atomic<std::shared_ptr<const BackendSet>> set_{std::make_shared<const BackendSet>()};
+  std::size_t next_index_ = 0;
+  std::atomic<std::uint64_t> rr_{0};
+};
+
+}  // namespace infergate::discovery

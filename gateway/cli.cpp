@@ -1,0 +1,229 @@
+#include "gateway/cli.hpp"
+
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+
+#include <csignal>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "discovery/discovery.hpp"
+#include "gateway/server.hpp"
+
+#ifndef INFERGATE_VERSION
+#define INFERGATE_VERSION "0.0.0"
+#endif
+
+namespace infergate::gateway {
+namespace {
+
+struct FlagSpec {
+  const char* flag;
+  const char* key;  // config key; nullptr for flags handled here
+  const char* arg;  // nullptr: takes no value
+  const char* help;
+};
+
+constexpr FlagSpec kFlags[] = {
+    {"--config", nullptr, "FILE", "YAML configuration file (also INFERGATE_CONFIG)"},
+    {"--listen", "listen", "HOST:PORT", "listen address (default 0.0.0.0:8080)"},
+    {"--threads", "threads", "N", "worker threads (default: hardware threads)"},
+    {"--backend", "backends", "URL", "static backend http://host:port (repeatable)"},
+    {"--no-slurm", "slurm.enabled", nullptr, "do not discover backends from the Slurm environment"},
+    {"--log-level", "log.level", "LEVEL", "trace, debug, info, warn, error, critical, off"},
+    {"--log-format", "log.format", "FORMAT", "text or json"},
+    {"--set", nullptr, "KEY=VALUE", "set any configuration key (see `infergate config`)"},
+    {"--json", nullptr, nullptr, "discover: print JSON objects instead of URLs"},
+    {"--help", nullptr, nullptr, "print this help and exit"},
+    {"--version", nullptr, nullptr, "print the version and exit"},
+};
+
+const FlagSpec* find_flag(std::string_view name) {
+  for (const auto& f : kFlags) {
+    if (name == f.flag) return &f;
+  }
+  return nullptr;
+}
+
+void setup_logging(const config::Config& cfg) {
+  auto logger = spdlog::stderr_color_mt("infergate");
+  spdlog::set_default_logger(logger);
+  spdlog::set_level(spdlog::level::from_str(cfg.log.level));
+  if (cfg.log.format == "json") {
+    spdlog::set_pattern(R"({"time":"%Y-%m-%dT%H:%M:%S.%e%z","level":"%l","thread":%t,"msg":"%v"})");
+  } else {
+    spdlog::set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ %v");
+  }
+}
+
+// Thousands of concurrent streams need thousands of descriptors: use the hard limit.
+void raise_fd_limit() {
+  rlimit limit{};
+  if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+    limit.rlim_cur = limit.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &limit);
+  }
+}
+
+int print_discovery(const discovery::DiscoveryResult& result, bool json) {
+  if (json) {
+    auto out = nlohmann::json::array();
+    for (const auto& b : result.backends) {
+      out.push_back({{"id", b.id}, {"url", b.url}, {"node", b.node}, {"slot", b.slot}, {"source", b.source}});
+    }
+    std::cout << out.dump(2) << "\n";
+  } else {
+    for (const auto& b : result.backends) std::cout << b.url << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+CliArgs parse_args(const std::vector<std::string>& args) {
+  CliArgs out;
+  std::size_t i = 0;
+  if (!args.empty() && !args[0].empty() && args[0][0] != '-') {
+    if (args[0] == "serve") {
+      out.command = Command::kServe;
+    } else if (args[0] == "discover") {
+      out.command = Command::kDiscover;
+    } else if (args[0] == "config") {
+      out.command = Command::kConfig;
+    } else if (args[0] == "help") {
+      out.command = Command::kHelp;
+    } else {
+      throw config::ConfigError("unknown command '" + args[0] +
+                                "' (expected serve, discover, config; see --help)");
+    }
+    i = 1;
+  }
+  for (; i < args.size(); ++i) {
+    std::string name = args[i];
+    std::optional<std::string> inline_value;
+    if (auto eq = name.find('='); eq != std::string::npos && name.rfind("--", 0) == 0) {
+      inline_value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+    }
+    const FlagSpec* spec = find_flag(name);
+    if (!spec) {
+      throw config::ConfigError("unknown flag '" + name + "' (see infergate --help)");
+    }
+    std::string value;
+    if (spec->arg) {
+      if (inline_value) {
+        value = *inline_value;
+      } else if (i + 1 < args.size()) {
+        value = args[++i];
+      } else {
+        throw config::ConfigError(name + ": missing value " + spec->arg);
+      }
+    } else if (inline_value) {
+      throw config::ConfigError(name + " takes no value");
+    }
+    if (name == "--help") {
+      out.command = Command::kHelp;
+    } else if (name == "--version") {
+      out.command = Command::kVersion;
+    } else if (name == "--json") {
+      out.json = true;
+    } else if (name == "--config") {
+      out.load.config_file = value;
+    } else if (name == "--no-slurm") {
+      out.load.flags.push_back({"slurm.enabled", "false", name});
+    } else if (name == "--set") {
+      auto eq = value.find('=');
+      if (eq == std::string::npos || eq == 0) {
+        throw config::ConfigError("--set: expected KEY=VALUE, got '" + value + "'");
+      }
+      out.load.flags.push_back({value.substr(0, eq), value.substr(eq + 1), "--set " + value.substr(0, eq)});
+    } else {
+      out.load.flags.push_back({spec->key, value, name});
+    }
+  }
+  return out;
+}
+
+std::string help_text() {
+  std::string out =
+      "infergate: a load-balancing gateway for inference servers in a Slurm job\n\n"
+      "usage: infergate [serve|discover|config] [flags]\n"
+      "  serve     proxy requests to the discovered backends (default)\n"
+      "  discover  print the backends the gateway would use, one URL per line\n"
+      "  config    print the effective configuration with the source of each value\n\nflags:\n";
+  for (const auto& f : kFlags) {
+    std::string left = std::string("  ") + f.flag + (f.arg ? std::string(" ") + f.arg : "");
+    left.resize(std::max<std::size_t>(left.size() + 1, 24), ' ');
+    out += left + f.help + "\n";
+  }
+  out += "\nEvery configuration key also reads INFERGATE_<KEY> (dots become underscores),\n"
+         "e.g. INFERGATE_HEALTH_INTERVAL=5s. Precedence: flags > environment > file > defaults.\n";
+  return out;
+}
+
+std::string version_text() { return std::string("infergate ") + INFERGATE_VERSION + "\n"; }
+
+int run_cli(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  CliArgs cli;
+  config::LoadResult loaded;
+  try {
+    cli = parse_args(args);
+    if (cli.command == Command::kHelp) {
+      std::cout << help_text();
+      return 0;
+    }
+    if (cli.command == Command::kVersion) {
+      std::cout << version_text();
+      return 0;
+    }
+    loaded = config::load_config(cli.load);
+  } catch (const std::exception& e) {
+    std::cerr << "infergate: " << e.what() << "\n";
+    return 2;
+  }
+  const auto& cfg = loaded.config;
+  if (cli.command == Command::kConfig) {
+    std::cout << config::dump_config(cfg);
+    return 0;
+  }
+
+  discovery::DiscoveryResult discovered;
+  try {
+    discovered = discovery::discover(cfg, config::EnvLookup{});
+  } catch (const std::exception& e) {
+    std::cerr << "infergate: " << e.what() << "\n";
+    return 2;
+  }
+  if (cli.command == Command::kDiscover) return print_discovery(discovered, cli.json);
+
+  setup_logging(cfg);
+  raise_fd_limit();
+  std::signal(SIGPIPE, SIG_IGN);
+  for (const auto& w : loaded.warnings) spdlog::warn("{}", w);
+  for (const auto& note : discovered.notes) spdlog::info("{}", note);
+  if (discovered.backends.empty()) {
+    spdlog::warn("no backends found ({}); requests get 503 until some are added", discovered.how);
+  } else {
+    spdlog::info("{} backend(s): {}{}", discovered.backends.size(), discovered.backends.front().url,
+                 discovered.backends.size() > 1 ? " ... " + discovered.backends.back().url : "");
+  }
+  try {
+    Server server(cfg, std::move(discovered));
+    server.bind();
+    spdlog::info("infergate {} serving on {}:{} with {} thread(s)", INFERGATE_VERSION,
+                 cfg.listen.host, server.port(), cfg.effective_threads());
+    // Scripts and tests wait for this line on stdout.
+    std::printf("infergate listening on http://%s:%u\n", cfg.listen.host.c_str(),
+                static_cast<unsigned>(server.port()));
+    std::fflush(stdout);
+    return server.run();
+  } catch (const std::exception& e) {
+    spdlog::critical("{}", e.what());
+    return 1;
+  }
+}
+
+}  // namespace infergate::gateway

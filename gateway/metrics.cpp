@@ -1,0 +1,131 @@
+#include "gateway/metrics.hpp"
+
+#include <prometheus/metric_family.h>
+#include <prometheus/text_serializer.h>
+
+#include <sstream>
+
+#ifndef INFERGATE_VERSION
+#define INFERGATE_VERSION "0.0.0"
+#endif
+
+namespace infergate::gateway {
+namespace {
+
+using prometheus::ClientMetric;
+using prometheus::MetricFamily;
+using prometheus::MetricType;
+
+MetricFamily family(std::string name, std::string help, MetricType type) {
+  MetricFamily f;
+  f.name = std::move(name);
+  f.help = std::move(help);
+  f.type = type;
+  return f;
+}
+
+std::vector<ClientMetric::Label> backend_labels(const discovery::Backend& b) {
+  const auto& info = b.info();
+  return {{"backend", info.id}, {"node", info.node}, {"slot", std::to_string(info.slot)}};
+}
+
+ClientMetric value_metric(std::vector<ClientMetric::Label> labels, double value, MetricType type) {
+  ClientMetric m;
+  m.label = std::move(labels);
+  if (type == MetricType::Counter) {
+    m.counter.value = value;
+  } else {
+    m.gauge.value = value;
+  }
+  return m;
+}
+
+ClientMetric histogram_metric(std::vector<ClientMetric::Label> labels,
+                              const discovery::DurationHistogram& h) {
+  ClientMetric m;
+  m.label = std::move(labels);
+  auto cumulative = h.cumulative();
+  const auto& bounds = discovery::DurationHistogram::kBounds;
+  for (std::size_t i = 0; i < cumulative.size(); ++i) {
+    ClientMetric::Bucket bucket;
+    bucket.cumulative_count = cumulative[i];
+    bucket.upper_bound = i < bounds.size() ? bounds[i] : std::numeric_limits<double>::infinity();
+    m.histogram.bucket.push_back(bucket);
+  }
+  m.histogram.sample_count = cumulative.back();
+  m.histogram.sample_sum = h.sum_seconds();
+  return m;
+}
+
+}  // namespace
+
+std::string render_metrics(const GatewayState& state) {
+  auto set = state.registry.snapshot();
+  std::vector<MetricFamily> families;
+
+  auto up = family("infergate_backend_up", "1 when the backend receives traffic (healthy), else 0", MetricType::Gauge);
+  auto states = family("infergate_backend_state", "Backend state, one-hot", MetricType::Gauge);
+  auto inflight = family("infergate_backend_inflight", "Requests in flight to the backend", MetricType::Gauge);
+  auto requests = family("infergate_backend_requests_total", "Requests by outcome: status class or error (no response)", MetricType::Counter);
+  auto duration = family("infergate_backend_request_duration_seconds", "Time from request start to the end of the response", MetricType::Histogram);
+  auto ttft = family("infergate_backend_ttft_seconds", "Time to the first response body byte of streamed responses", MetricType::Histogram);
+  auto retries = family("infergate_backend_retries_total", "Failed attempts on the backend that were retried on another", MetricType::Counter);
+  auto ejections = family("infergate_backend_ejections_total", "Passive ejections after consecutive failures", MetricType::Counter);
+  auto tokens = family("infergate_backend_tokens_total", "Tokens reported in responses' usage", MetricType::Counter);
+  auto probes = family("infergate_health_probe_duration_seconds", "Active health probe latency", MetricType::Histogram);
+
+  for (const auto& b : set->all) {
+    const auto labels = backend_labels(*b);
+    const auto state_now = b->state();
+    up.metric.push_back(value_metric(labels, state_now == discovery::BackendState::kHealthy ? 1 : 0, MetricType::Gauge));
+    for (std::size_t i = 0; i < discovery::kBackendStateCount; ++i) {
+      auto s = static_cast<discovery::BackendState>(i);
+      auto l = labels;
+      l.push_back({"state", std::string(discovery::to_string(s))});
+      states.metric.push_back(value_metric(std::move(l), s == state_now ? 1 : 0, MetricType::Gauge));
+    }
+    const auto& st = b->stats;
+    inflight.metric.push_back(value_metric(labels, static_cast<double>(st.inflight.load()), MetricType::Gauge));
+    const std::pair<const char*, std::uint64_t> by_code[] = {
+        {"2xx", st.responses_2xx.load()}, {"4xx", st.responses_4xx.load()},
+        {"5xx", st.responses_5xx.load()}, {"error", st.errors.load()}};
+    for (const auto& [code, n] : by_code) {
+      auto l = labels;
+      l.push_back({"code", code});
+      requests.metric.push_back(value_metric(std::move(l), static_cast<double>(n), MetricType::Counter));
+    }
+    duration.metric.push_back(histogram_metric(labels, st.duration));
+    ttft.metric.push_back(histogram_metric(labels, st.ttft));
+    retries.metric.push_back(value_metric(labels, static_cast<double>(st.retries.load()), MetricType::Counter));
+    ejections.metric.push_back(value_metric(labels, static_cast<double>(st.ejections.load()), MetricType::Counter));
+    for (auto [kind, n] : {std::pair{"prompt", st.prompt_tokens.load()}, std::pair{"completion", st.completion_tokens.load()}}) {
+      auto l = labels;
+      l.push_back({"kind", kind});
+      tokens.metric.push_back(value_metric(std::move(l), static_cast<double>(n), MetricType::Counter));
+    }
+    probes.metric.push_back(histogram_metric(labels, st.probe_duration));
+  }
+
+  auto gw_requests = family("infergate_requests_total", "Requests answered by the gateway, by status class", MetricType::Counter);
+  const char* classes[] = {"2xx", "4xx", "5xx"};
+  for (std::size_t i = 0; i < 3; ++i) {
+    gw_requests.metric.push_back(value_metric({{"code", classes[i]}},
+                                              static_cast<double>(state.requests_by_class[i].load()), MetricType::Counter));
+  }
+  auto connections = family("infergate_client_connections", "Open client connections", MetricType::Gauge);
+  connections.metric.push_back(value_metric({}, static_cast<double>(state.client_connections.load()), MetricType::Gauge));
+  auto inflight_all = family("infergate_inflight_requests", "Requests in flight through the gateway", MetricType::Gauge);
+  inflight_all.metric.push_back(value_metric({}, static_cast<double>(state.inflight_requests.load()), MetricType::Gauge));
+  auto healthy = family("infergate_healthy_backends", "Backends receiving traffic", MetricType::Gauge);
+  healthy.metric.push_back(value_metric({}, static_cast<double>(set->routable.size()), MetricType::Gauge));
+  auto build = family("infergate_build_info", "Build information", MetricType::Gauge);
+  build.metric.push_back(value_metric({{"version", INFERGATE_VERSION}}, 1, MetricType::Gauge));
+
+  for (auto* f : {&up, &states, &inflight, &requests, &duration, &ttft, &retries, &ejections, &tokens,
+                  &probes, &gw_requests, &connections, &inflight_all, &healthy, &build}) {
+    families.push_back(std::move(*f));
+  }
+  return prometheus::TextSerializer().Serialize(families);
+}
+
+}  // namespace infergate::gateway

@@ -1,0 +1,253 @@
+#include "gateway/router.hpp"
+
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "gateway/errors.hpp"
+#include "gateway/metrics.hpp"
+#include "gateway/status_page.hpp"
+
+namespace infergate::gateway {
+namespace {
+
+using nlohmann::json;
+
+LocalResponse json_response(unsigned status, const json& body) {
+  return LocalResponse{status, body.dump(-1, ' ', false, json::error_handler_t::replace), "application/json", {}};
+}
+
+LocalResponse method_not_allowed(std::string_view allow) {
+  auto r = error_response(405, "method not allowed here; use " + std::string(allow));
+  r.headers.emplace_back("Allow", std::string(allow));
+  return r;
+}
+
+std::string iso_time(std::chrono::system_clock::time_point t) {
+  if (t == std::chrono::system_clock::time_point{}) return {};
+  auto secs = std::chrono::system_clock::to_time_t(t);
+  std::tm tm{};
+  gmtime_r(&secs, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+json backend_json(const discovery::Backend& b) {
+  const auto& info = b.info();
+  const auto& st = b.stats;
+  auto probe = b.last_probe();
+  const auto ok = st.responses_2xx.load() + st.responses_4xx.load();
+  return json{
+      {"id", info.id},
+      {"url", info.url},
+      {"node", info.node},
+      {"slot", info.slot},
+      {"source", info.source},
+      {"state", std::string(discovery::to_string(b.state()))},
+      {"inflight", st.inflight.load()},
+      {"requests", ok + st.responses_5xx.load() + st.errors.load()},
+      {"failures", st.responses_5xx.load() + st.errors.load()},
+      {"ejections", st.ejections.load()},
+      {"last_probe", {{"time", iso_time(probe.time)}, {"ok", probe.ok}, {"result", probe.detail}}},
+      {"last_error", b.last_error()},
+      {"models", b.models()},
+  };
+}
+
+bool authorized(const GatewayState& state, std::string_view authorization) {
+  const auto& token = state.config.admin_token;
+  if (token.empty()) return true;
+  constexpr std::string_view kBearer = "Bearer ";
+  if (authorization.substr(0, kBearer.size()) != kBearer) return false;
+  auto given = authorization.substr(kBearer.size());
+  // Constant-time compare: the token guards weight updates.
+  if (given.size() != token.size()) return false;
+  unsigned char diff = 0;
+  for (std::size_t i = 0; i < token.size(); ++i) diff |= static_cast<unsigned char>(given[i] ^ token[i]);
+  return diff == 0;
+}
+
+std::optional<json> parse_json_object(std::string_view body, LocalResponse* error) {
+  auto j = json::parse(body, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) {
+    *error = error_response(400, "request body must be a JSON object");
+    return std::nullopt;
+  }
+  return j;
+}
+
+RouteDecision admin(GatewayState& state, const RequestView& req, std::string_view path) {
+  if (!authorized(state, req.authorization)) {
+    auto r = error_response(401, "admin API requires 'Authorization: Bearer <admin.token>'");
+    r.headers.emplace_back("WWW-Authenticate", "Bearer");
+    return r;
+  }
+  if (state.health == nullptr) return error_response(503, "admin API is not available yet");
+  auto& registry = state.registry;
+  if (path == "/admin/backends") {
+    if (req.method == "GET") return LocalResponse{200, backends_json(state), "application/json", {}};
+    if (req.method != "POST") return method_not_allowed("GET, POST");
+    LocalResponse error;
+    auto body = parse_json_object(req.body, &error);
+    if (!body) return error;
+    if (!body->contains("url") || !(*body)["url"].is_string()) {
+      return error_response(400, "expected {\"url\": \"http://host:port\"}");
+    }
+    discovery::BackendInfo info;
+    try {
+      info = discovery::backend_from_url((*body)["url"].get<std::string>(), "admin");
+    } catch (const std::exception& e) {
+      return error_response(400, e.what());
+    }
+    if (auto existing = registry.find(info.id)) {
+      return json_response(200, backend_json(*existing));
+    }
+    auto added = registry.add(std::move(info));
+    state.health->watch(added);
+    return json_response(201, backend_json(*added));
+  }
+  if (path == "/admin/broadcast") {
+    if (req.method != "POST") return method_not_allowed("POST");
+    LocalResponse error;
+    auto body = parse_json_object(req.body, &error);
+    if (!body) return error;
+    BroadcastRequest b;
+    b.method = body->value("method", "POST");
+    if (!body->contains("path") || !(*body)["path"].is_string()) {
+      return error_response(400, "expected {\"method\": ..., \"path\": \"/...\", \"body\": ...}");
+    }
+    b.path = (*body)["path"].get<std::string>();
+    if (b.path.empty() || b.path.front() != '/') return error_response(400, "path must start with '/'");
+    if (b.method != "GET" && b.method != "POST" && b.method != "PUT" && b.method != "DELETE") {
+      return error_response(400, "method must be GET, POST, PUT or DELETE");
+    }
+    if (body->contains("body")) {
+      const auto& payload = (*body)["body"];
+      b.body = payload.is_string() ? payload.get<std::string>() : payload.dump();
+    }
+    return b;
+  }
+  constexpr std::string_view kPrefix = "/admin/backends/";
+  if (path.substr(0, kPrefix.size()) == kPrefix) {
+    auto rest = path.substr(kPrefix.size());
+    std::string_view action;
+    if (auto slash = rest.find('/'); slash != std::string_view::npos) {
+      action = rest.substr(slash + 1);
+      rest = rest.substr(0, slash);
+    }
+    auto backend = registry.find(rest);
+    if (!backend) return error_response(404, "no backend with id '" + std::string(rest) + "'");
+    if (action.empty()) {
+      if (req.method == "GET") return json_response(200, backend_json(*backend));
+      if (req.method != "DELETE") return method_not_allowed("GET, DELETE");
+      state.health->remove_when_idle(backend, state.config.timeouts.shutdown);
+      auto j = backend_json(*backend);
+      j["removal"] = "draining, removed once idle";
+      return json_response(202, j);
+    }
+    if (req.method != "POST") return method_not_allowed("POST");
+    if (action == "drain") {
+      state.health->drain(backend);
+      return json_response(200, backend_json(*backend));
+    }
+    if (action == "undrain") {
+      state.health->undrain(backend);
+      return json_response(200, backend_json(*backend));
+    }
+    return error_response(404, "unknown action '" + std::string(action) + "' (drain, undrain)");
+  }
+  return error_response(404, "unknown admin endpoint " + std::string(path));
+}
+
+}  // namespace
+
+LocalResponse error_response(unsigned status, std::string_view message) {
+  const int code = static_cast<int>(status);
+  return LocalResponse{status, error_body(message, error_type_for(code), code), "application/json", {}};
+}
+
+std::string backends_json(const GatewayState& state) {
+  auto set = state.registry.snapshot();
+  json list = json::array();
+  for (const auto& b : set->all) list.push_back(backend_json(*b));
+  std::uint64_t by_class[3];
+  for (std::size_t i = 0; i < 3; ++i) by_class[i] = state.requests_by_class[i].load();
+  json out = {
+      {"backends", list},
+      {"gateway",
+       {{"healthy", set->routable.size()},
+        {"total", set->all.size()},
+        {"inflight", state.inflight_requests.load()},
+        {"client_connections", state.client_connections.load()},
+        {"requests", {{"2xx", by_class[0]}, {"4xx", by_class[1]}, {"5xx", by_class[2]}}},
+        {"uptime_seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - state.started).count()}}},
+  };
+  return out.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+LocalResponse broadcast_response(const std::vector<BroadcastResult>& results) {
+  json list = json::array();
+  bool all_ok = !results.empty();
+  for (const auto& r : results) {
+    json item = {{"backend", r.backend}, {"status", r.status}};
+    auto body = json::parse(r.body, nullptr, false);
+    item["body"] = body.is_discarded() ? json(r.body) : body;
+    if (!r.error.empty()) item["error"] = r.error;
+    all_ok = all_ok && r.status >= 200 && r.status < 300;
+    list.push_back(std::move(item));
+  }
+  return json_response(all_ok ? 200 : 207, json{{"results", list}, {"ok", all_ok}});
+}
+
+RouteDecision route(GatewayState& state, const RequestView& req) {
+  auto path = req.target.substr(0, req.target.find('?'));
+  const bool get = req.method == "GET" || req.method == "HEAD";
+  if (path == "/health") {
+    if (!get) return method_not_allowed("GET, HEAD");
+    return LocalResponse{200, R"({"status":"ok"})", "application/json", {}};
+  }
+  if (path == "/ready") {
+    if (!get) return method_not_allowed("GET, HEAD");
+    auto set = state.registry.snapshot();
+    const auto healthy = set->routable.size();
+    const auto needed = static_cast<std::size_t>(state.config.health.min_healthy_backends);
+    if (healthy >= needed && !state.stopping.load()) {
+      return json_response(200, {{"status", "ready"}, {"healthy", healthy}, {"total", set->all.size()}});
+    }
+    std::string reason = state.stopping.load() ? "shutting down"
+                         : set->all.empty()   ? "no backends: " + state.discovery_how
+                                              : std::to_string(healthy) + " healthy backend(s) of " +
+                                                  std::to_string(set->all.size()) + ", need " +
+                                                  std::to_string(needed);
+    auto r = json_response(503, {{"status", "not ready"}, {"reason", reason}, {"healthy", healthy},
+                                 {"total", set->all.size()}});
+    r.headers.emplace_back("Retry-After", "1");
+    return r;
+  }
+  if (path == "/metrics") {
+    if (!get) return method_not_allowed("GET, HEAD");
+    return LocalResponse{200, render_metrics(state), "text/plain; version=0.0.4; charset=utf-8", {}};
+  }
+  if (path == "/v1/models") {
+    if (!get) return method_not_allowed("GET, HEAD");
+    auto set = state.registry.snapshot();
+    std::set<std::string> seen;
+    json data = json::array();
+    for (const auto* b : set->routable) {
+      for (const auto& id : b->models()) {
+        if (seen.insert(id).second) {
+          data.push_back({{"id", id}, {"object", "model"}, {"created", 0}, {"owned_by", "infergate"}});
+        }
+      }
+    }
+    return json_response(200, {{"object", "list"}, {"data", data}});
+  }
+  if (path == "/" || path == "/status") {
+    if (!get) return method_not_allowed("GET, HEAD");
+    return LocalResponse{200, std::string(kStatusPage), "text/html; charset=utf-8", {}};
+  }
+  if (path == "/admin" || path.substr(0, 7) == "/admin/") return admin(state, req, path);
+  return ProxyRequest{};
+}
+
+}  // namespace infergate::gateway

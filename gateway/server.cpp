@@ -1,0 +1,194 @@
+#include "gateway/server.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "discovery/health_checker.hpp"
+#include "gateway/gateway_state.hpp"
+#include "gateway/net.hpp"
+#include "gateway/session.hpp"
+#include "gateway/worker.hpp"
+
+namespace infergate::gateway {
+namespace {
+
+constexpr auto kTuple = net::as_tuple(net::use_awaitable);
+
+net::awaitable<void> accept_loop(Worker* w, tcp::acceptor* acceptor) {
+  for (;;) {
+    auto [ec, socket] = co_await acceptor->async_accept(w->io, kTuple);
+    if (w->state->stopping.load() || !acceptor->is_open()) co_return;
+    if (ec) {
+      // Out of descriptors or a transient error: keep listening, a moment later.
+      spdlog::warn("accept failed: {}; retrying", ec.message());
+      net::steady_timer pause(w->io, std::chrono::milliseconds(50));
+      co_await pause.async_wait(kTuple);
+      continue;
+    }
+    net::co_spawn(w->io, run_client_session(w, std::move(socket)), net::detached);
+  }
+}
+
+net::awaitable<void> sweep_idle_upstreams(Worker* w) {
+  net::steady_timer timer(w->io);
+  while (!w->state->stopping.load()) {
+    timer.expires_after(std::chrono::seconds(1));
+    auto [ec] = co_await timer.async_wait(kTuple);
+    if (ec) co_return;
+    w->pool.evict_expired(std::chrono::steady_clock::now());
+  }
+}
+
+}  // namespace
+
+struct Server::Impl {
+  Impl(config::Config config, discovery::DiscoveryResult discovered)
+      : state(std::move(config), std::move(discovered.how)), health(state.config, state.registry) {
+    for (auto& b : discovered.backends) state.registry.add(std::move(b));
+    state.health = &health;
+    const int n = state.config.effective_threads();
+    for (int i = 0; i < n; ++i) {
+      workers.push_back(std::make_unique<Worker>(state, static_cast<std::size_t>(i)));
+    }
+  }
+
+  GatewayState state;
+  discovery::HealthChecker health;
+  std::vector<std::unique_ptr<Worker>> workers;
+  std::vector<std::unique_ptr<tcp::acceptor>> acceptors;  // acceptors[i] runs on workers[i]
+  std::uint16_t bound_port = 0;
+};
+
+Server::Server(config::Config config, discovery::DiscoveryResult discovered)
+    : impl_(std::make_unique<Impl>(std::move(config), std::move(discovered))) {}
+
+Server::~Server() = default;
+
+void Server::bind() {
+  const auto& listen = impl_->state.config.listen;
+  beast::error_code ec;
+  auto address = net::ip::make_address(listen.host, ec);
+  if (ec) {
+    // A host name: resolve it once.
+    tcp::resolver resolver(impl_->workers.front()->io);
+    auto results = resolver.resolve(listen.host, std::to_string(listen.port), ec);
+    if (ec || results.empty()) {
+      throw std::runtime_error("listen: cannot resolve '" + listen.host + "': " + ec.message());
+    }
+    address = results.begin()->endpoint().address();
+  }
+  std::uint16_t port = listen.port;
+  for (auto& w : impl_->workers) {
+    auto acceptor = std::make_unique<tcp::acceptor>(w->io);
+    tcp::endpoint endpoint(address, port);
+    acceptor->open(endpoint.protocol(), ec);
+    if (!ec) acceptor->set_option(net::socket_base::reuse_address(true), ec);
+    if (!ec) {
+      // Every worker accepts on its own socket; the kernel spreads connections across them.
+      int one = 1;
+      if (::setsockopt(acceptor->native_handle(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
+        ec.assign(errno, boost::system::system_category());
+      }
+    }
+    if (!ec) acceptor->bind(endpoint, ec);
+    if (!ec) acceptor->listen(net::socket_base::max_listen_connections, ec);
+    if (ec) {
+      throw std::runtime_error("listen: cannot listen on " + listen.to_string() + ": " + ec.message());
+    }
+    // Port 0: the first bind picks the port; the other workers share it.
+    port = acceptor->local_endpoint().port();
+    impl_->acceptors.push_back(std::move(acceptor));
+  }
+  impl_->bound_port = port;
+}
+
+std::uint16_t Server::port() const { return impl_->bound_port; }
+
+int Server::run() {
+  auto& state = impl_->state;
+  if (impl_->acceptors.empty()) bind();
+  impl_->health.start();
+  for (std::size_t i = 0; i < impl_->workers.size(); ++i) {
+    Worker* w = impl_->workers[i].get();
+    net::co_spawn(w->io, accept_loop(w, impl_->acceptors[i].get()), net::detached);
+    net::co_spawn(w->io, sweep_idle_upstreams(w), net::detached);
+  }
+
+  net::io_context control;
+  net::signal_set signals(control, SIGINT, SIGTERM);
+  net::steady_timer drain_timer(control);
+  std::atomic<bool> drain_started{false};
+  std::chrono::steady_clock::time_point drain_deadline;
+
+  auto stop_workers = [this] {
+    for (auto& w : impl_->workers) w->io.stop();
+  };
+  // Polls the in-flight count until it reaches zero or the deadline passes.
+  std::function<void()> check_drained;
+  check_drained = [&] {
+    auto inflight = state.inflight_requests.load();
+    if (inflight == 0 || std::chrono::steady_clock::now() >= drain_deadline) {
+      if (inflight != 0) {
+        spdlog::warn("shutdown deadline reached with {} request(s) in flight; closing them", inflight);
+      }
+      stop_workers();
+      signals.cancel();
+      return;
+    }
+    drain_timer.expires_after(std::chrono::milliseconds(10));
+    drain_timer.async_wait([&](beast::error_code ec) {
+      if (!ec) check_drained();
+    });
+  };
+  std::function<void(beast::error_code, int)> on_signal;
+  on_signal = [&](beast::error_code ec, int signo) {
+    if (ec) return;
+    if (drain_started.exchange(true)) {
+      spdlog::warn("second signal ({}): exiting now", signo);
+      stop_workers();
+      drain_timer.cancel();
+      return;
+    }
+    spdlog::info("signal {}: no longer accepting; letting {} in-flight request(s) finish (up to {}ms)",
+                 signo, state.inflight_requests.load(), state.config.timeouts.shutdown.count());
+    state.stopping.store(true);
+    for (std::size_t i = 0; i < impl_->workers.size(); ++i) {
+      tcp::acceptor* acceptor = impl_->acceptors[i].get();
+      net::post(impl_->workers[i]->io, [acceptor] {
+        beast::error_code ignored;
+        acceptor->close(ignored);
+      });
+    }
+    drain_deadline = std::chrono::steady_clock::now() + state.config.timeouts.shutdown;
+    signals.async_wait(on_signal);
+    check_drained();
+  };
+  signals.async_wait(on_signal);
+
+  std::vector<std::thread> threads;
+  for (auto& w : impl_->workers) {
+    threads.emplace_back([worker = w.get()] {
+      for (;;) {
+        try {
+          worker->io.run();
+          return;
+        } catch (const std::exception& e) {
+          spdlog::error("worker {}: unexpected exception: {}", worker->index, e.what());
+        }
+      }
+    });
+  }
+  control.run();
+  for (auto& t : threads) t.join();
+  impl_->health.stop();
+  spdlog::info("stopped");
+  return 0;
+}
+
+}  // namespace infergate::gateway

@@ -1,0 +1,13 @@
+// A client connection: reads requests (keep-alive, pipelining), answers the gateway's own
+// endpoints and proxies everything else to a backend.
+#pragma once
+
+#include "gateway/net.hpp"
+#include "gateway/worker.hpp"
+
+namespace infergate::gateway {
+
+// Runs until the client closes, a protocol error, or shutdown. Never throws.
+net::awaitable<void> run_client_session(Worker* worker, tcp::socket socket);
+
+}  // namespace infergate::gateway

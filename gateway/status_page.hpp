@@ -1,0 +1,108 @@
+// The status page served at / and /status: one self-contained HTML file (no external assets)
+// that polls /admin/backends and shows each backend's state, load and errors.
+#pragma once
+
+#include <string_view>
+
+namespace infergate::gateway {
+
+inline constexpr std::string_view kStatusPage = R"HTML(<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>infergate</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+  h1 { font-size: 1.3em; margin: 0 0 .3em; }
+  #summary { margin-bottom: 1em; color: #555; }
+  table { border-collapse: collapse; min-width: 60em; }
+  th, td { padding: .3em .7em; border-bottom: 1px solid #ddd; text-align: left; }
+  th { background: #f4f4f4; }
+  td.num { text-align: right; font-variant-numeric: tabular-nums; }
+  .state { display: inline-block; padding: 0 .5em; border-radius: .6em; color: #fff; }
+  .healthy { background: #2e7d32; } .starting { background: #757575; }
+  .unhealthy { background: #c62828; } .ejected { background: #ef6c00; }
+  .draining { background: #1565c0; } .removed { background: #424242; }
+  #error { color: #c62828; }
+</style>
+</head>
+<body>
+<h1>infergate</h1>
+<div id="summary">loading…</div>
+<div id="error"></div>
+<table>
+  <thead><tr><th>backend</th><th>node</th><th>slot</th><th>state</th><th>in flight</th>
+  <th>req/s</th><th>requests</th><th>failures</th><th>last probe</th><th>last error</th></tr></thead>
+  <tbody id="backends"></tbody>
+</table>
+<script>
+"use strict";
+const previous = new Map();
+let lastPoll = 0;
+function headers() {
+  const token = localStorage.getItem("infergateAdminToken");
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+function cell(row, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  row.appendChild(td);
+  return td;
+}
+async function refresh() {
+  try {
+    const response = await fetch("/admin/backends", { headers: headers(), cache: "no-store" });
+    if (response.status === 401) {
+      const token = prompt("Admin token");
+      if (token) localStorage.setItem("infergateAdminToken", token);
+      return;
+    }
+    const data = await response.json();
+    const now = performance.now();
+    const seconds = lastPoll ? (now - lastPoll) / 1000 : 0;
+    lastPoll = now;
+    const gw = data.gateway;
+    document.getElementById("summary").textContent =
+      `${gw.healthy} of ${gw.total} backends healthy · ${gw.inflight} in flight · ` +
+      `${gw.client_connections} client connections · requests 2xx ${gw.requests["2xx"]}, ` +
+      `4xx ${gw.requests["4xx"]}, 5xx ${gw.requests["5xx"]}`;
+    const body = document.getElementById("backends");
+    body.replaceChildren();
+    for (const b of data.backends) {
+      const row = document.createElement("tr");
+      row.className = "backend";
+      row.dataset.id = b.id;
+      row.dataset.state = b.state;
+      cell(row, b.id);
+      cell(row, b.node);
+      cell(row, b.slot, "num");
+      const state = document.createElement("span");
+      state.className = "state " + b.state;
+      state.textContent = b.state;
+      row.appendChild(document.createElement("td")).appendChild(state);
+      cell(row, b.inflight, "num");
+      const before = previous.get(b.id);
+      const rate = before !== undefined && seconds > 0 ? ((b.requests - before) / seconds).toFixed(1) : "–";
+      previous.set(b.id, b.requests);
+      cell(row, rate, "num");
+      cell(row, b.requests, "num");
+      cell(row, b.failures, "num");
+      cell(row, b.last_probe.time ? `${b.last_probe.result} at ${b.last_probe.time}` : "–");
+      cell(row, b.last_error || "");
+      body.appendChild(row);
+    }
+    document.getElementById("error").textContent = "";
+  } catch (e) {
+    document.getElementById("error").textContent = "cannot reach the gateway: " + e;
+  }
+}
+refresh();
+setInterval(refresh, 1000);
+</script>
+</body>
+</html>
+)HTML";
+
+}  // namespace infergate::gateway

@@ -1,0 +1,37 @@
+// One worker thread's world: its io_context, its upstream pool and its resolver cache. A client
+// connection lives on one worker from accept to close, so none of this needs a lock.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "gateway/gateway_state.hpp"
+#include "gateway/net.hpp"
+#include "gateway/upstream_pool.hpp"
+
+namespace infergate::gateway {
+
+struct Worker {
+  Worker(GatewayState& shared, std::size_t worker_index)
+      : state(&shared),
+        index(worker_index),
+        io(1),
+        pool(static_cast<std::size_t>(shared.config.limits.upstream_idle_per_backend),
+             shared.config.limits.upstream_idle_timeout),
+        rng(std::random_device{}() + static_cast<unsigned>(worker_index)) {}
+
+  GatewayState* state;
+  std::size_t index;
+  net::io_context io;
+  UpstreamPool pool;
+  std::minstd_rand rng;
+  // Resolved addresses per backend index; dropped when a connect to them fails.
+  std::unordered_map<std::size_t, std::vector<tcp::endpoint>> resolved;
+  std::uint64_t request_counter = 0;
+};
+
+}  // namespace infergate::gateway

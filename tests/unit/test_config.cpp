@@ -1,0 +1,297 @@
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "config/config.hpp"
+#include "config/units.hpp"
+
+using namespace infergate::config;
+using namespace std::chrono_literals;
+using ::testing::HasSubstr;
+
+namespace {
+
+EnvLookup env_of(std::map<std::string, std::string> vars) {
+  return [vars = std::move(vars)](std::string_view name) -> std::optional<std::string> {
+    auto it = vars.find(std::string(name));
+    if (it == vars.end()) return std::nullopt;
+    return it->second;
+  };
+}
+
+class TempFile {
+ public:
+  explicit TempFile(const std::string& content) {
+    path_ = std::filesystem::temp_directory_path() /
+            ("infergate-config-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter_++) + ".yaml");
+    std::ofstream(path_) << content;
+  }
+  ~TempFile() { std::filesystem::remove(path_); }
+  std::string path() const { return path_.string(); }
+
+ private:
+  std::filesystem::path path_;
+  static inline int counter_ = 0;
+};
+
+std::string load_error(const LoadOptions& options) {
+  try {
+    load_config(options);
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+std::string yaml_error(const std::string& yaml) {
+  try {
+    parse_yaml_text(yaml, "gw.yaml");
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+}  // namespace
+
+TEST(UnitsTest, Durations) {
+  EXPECT_EQ(parse_duration("250ms"), 250ms);
+  EXPECT_EQ(parse_duration("2s"), 2000ms);
+  EXPECT_EQ(parse_duration("5m"), 300000ms);
+  EXPECT_EQ(parse_duration("1h"), 3600000ms);
+  EXPECT_EQ(parse_duration("3"), 3000ms);
+  EXPECT_EQ(parse_duration("1.5s"), 1500ms);
+  EXPECT_EQ(parse_duration("0"), 0ms);
+  EXPECT_FALSE(parse_duration(""));
+  EXPECT_FALSE(parse_duration("abc"));
+  EXPECT_FALSE(parse_duration("5 parsecs"));
+  EXPECT_FALSE(parse_duration("-1s"));
+  EXPECT_FALSE(parse_duration("1e400h"));
+}
+
+TEST(UnitsTest, Sizes) {
+  EXPECT_EQ(parse_size("64KiB"), 65536u);
+  EXPECT_EQ(parse_size("64MiB"), 64u * 1024 * 1024);
+  EXPECT_EQ(parse_size("1GiB"), 1024u * 1024 * 1024);
+  EXPECT_EQ(parse_size("1000"), 1000u);
+  EXPECT_EQ(parse_size("2MB"), 2000000u);
+  EXPECT_FALSE(parse_size("64 lots"));
+  EXPECT_FALSE(parse_size("MiB"));
+  EXPECT_FALSE(parse_size("-5"));
+}
+
+TEST(UnitsTest, FormatRoundTrips) {
+  EXPECT_EQ(format_duration(250ms), "250ms");
+  EXPECT_EQ(format_duration(2000ms), "2s");
+  EXPECT_EQ(format_duration(300000ms), "5m");
+  EXPECT_EQ(format_duration(3600000ms), "1h");
+  EXPECT_EQ(format_size(64u * 1024 * 1024), "64MiB");
+  EXPECT_EQ(format_size(65536), "64KiB");
+  EXPECT_EQ(format_size(1000), "1000");
+}
+
+TEST(EndpointTest, Parses) {
+  auto ep = parse_endpoint("127.0.0.1:8080");
+  ASSERT_TRUE(ep);
+  EXPECT_EQ(ep->host, "127.0.0.1");
+  EXPECT_EQ(ep->port, 8080);
+  EXPECT_EQ(parse_endpoint(":9000")->host, "0.0.0.0");
+  EXPECT_EQ(parse_endpoint("[::1]:80")->host, "::1");
+  EXPECT_EQ(parse_endpoint("[::1]:80")->to_string(), "[::1]:80");
+  EXPECT_EQ(parse_endpoint("gpu-a001:0")->port, 0);
+  EXPECT_FALSE(parse_endpoint("localhost"));
+  EXPECT_FALSE(parse_endpoint("host:99999"));
+  EXPECT_FALSE(parse_endpoint("host:abc"));
+  EXPECT_FALSE(parse_endpoint("ho st:80"));
+}
+
+TEST(ConfigTest, DefaultsMatchTheDocumentation) {
+  auto c = load_config(LoadOptions{{}, {}, env_of({})}).config;
+  EXPECT_EQ(c.listen.to_string(), "0.0.0.0:8080");
+  EXPECT_EQ(c.threads, 0);
+  EXPECT_GE(c.effective_threads(), 1);
+  EXPECT_TRUE(c.slurm.enabled);
+  EXPECT_EQ(c.slurm.base_port, 9000);
+  EXPECT_EQ(c.health.path, "/health");
+  EXPECT_EQ(c.health.interval, 2s);
+  EXPECT_EQ(c.health.healthy_threshold, 2);
+  EXPECT_EQ(c.health.unhealthy_threshold, 3);
+  EXPECT_EQ(c.timeouts.connect, 5s);
+  EXPECT_EQ(c.timeouts.first_byte, 600s);
+  EXPECT_EQ(c.timeouts.idle, 300s);
+  EXPECT_EQ(c.timeouts.client_header, 30s);
+  EXPECT_EQ(c.timeouts.client_idle, 120s);
+  EXPECT_EQ(c.limits.max_body, 64u * 1024 * 1024);
+  EXPECT_EQ(c.limits.max_header, 64u * 1024);
+  EXPECT_EQ(c.retries.max, 3);
+  EXPECT_EQ(c.policy, "round_robin");
+  EXPECT_EQ(c.log.level, "info");
+  EXPECT_EQ(c.log.format, "text");
+}
+
+TEST(ConfigTest, YamlFileSetsNestedKeys) {
+  auto c = parse_yaml_text(R"(
+listen: 127.0.0.1:9999
+threads: 3
+backends:
+  - http://a:1
+  - b:2
+slurm:
+  base_port: 8000
+  domain: cluster.local
+health:
+  interval: 500ms
+limits:
+  max_body: 1MiB
+log:
+  level: debug
+)", "gw.yaml");
+  EXPECT_EQ(c.listen.to_string(), "127.0.0.1:9999");
+  EXPECT_EQ(c.threads, 3);
+  EXPECT_THAT(c.backends, ::testing::ElementsAre("http://a:1", "http://b:2"));
+  EXPECT_EQ(c.slurm.base_port, 8000);
+  EXPECT_EQ(c.slurm.domain, "cluster.local");
+  EXPECT_EQ(c.health.interval, 500ms);
+  EXPECT_EQ(c.limits.max_body, 1024u * 1024);
+  EXPECT_EQ(c.log.level, "debug");
+  EXPECT_EQ(c.sources.at("health.interval"), Source::kFile);
+}
+
+TEST(ConfigTest, PrecedenceFlagsOverEnvOverFileOverDefaults) {
+  TempFile file("threads: 2\nlisten: 127.0.0.1:1000\nretries:\n  max: 5\nlog:\n  level: warn\n");
+  LoadOptions options;
+  options.config_file = file.path();
+  options.env = env_of({{"INFERGATE_THREADS", "4"}, {"INFERGATE_LISTEN", "127.0.0.1:2000"}});
+  options.flags.push_back({"listen", "127.0.0.1:3000", "--listen"});
+  auto c = load_config(options).config;
+  EXPECT_EQ(c.listen.port, 3000);  // flag beats env and file
+  EXPECT_EQ(c.sources.at("listen"), Source::kFlag);
+  EXPECT_EQ(c.threads, 4);  // env beats file
+  EXPECT_EQ(c.sources.at("threads"), Source::kEnv);
+  EXPECT_EQ(c.retries.max, 5);  // file beats default
+  EXPECT_EQ(c.sources.at("retries.max"), Source::kFile);
+  EXPECT_EQ(c.log.level, "warn");
+  EXPECT_EQ(c.sources.count("policy"), 0u);  // default
+  EXPECT_EQ(c.config_file, file.path());
+}
+
+TEST(ConfigTest, ConfigFileFromEnvironment) {
+  TempFile file("threads: 7\n");
+  auto c = load_config(LoadOptions{{}, {}, env_of({{"INFERGATE_CONFIG", file.path()}})}).config;
+  EXPECT_EQ(c.threads, 7);
+}
+
+TEST(ConfigTest, FlagBackendsAppendAndReplaceEnvList) {
+  LoadOptions options;
+  options.env = env_of({{"INFERGATE_BACKENDS", "http://e:1,http://e:2"}});
+  auto from_env = load_config(options).config;
+  EXPECT_THAT(from_env.backends, ::testing::ElementsAre("http://e:1", "http://e:2"));
+  options.flags.push_back({"backends", "http://f:1", "--backend"});
+  options.flags.push_back({"backends", "http://f:2", "--backend"});
+  auto c = load_config(options).config;
+  EXPECT_THAT(c.backends, ::testing::ElementsAre("http://f:1", "http://f:2"));
+}
+
+TEST(ConfigTest, UnknownYamlKeySuggestsClosest) {
+  auto err = yaml_error("health:\n  intervall: 2s\n");
+  EXPECT_THAT(err, HasSubstr("gw.yaml:2"));
+  EXPECT_THAT(err, HasSubstr("unknown key 'health.intervall'"));
+  EXPECT_THAT(err, HasSubstr("did you mean 'health.interval'"));
+  EXPECT_THAT(yaml_error("lisen: 1.2.3.4:5\n"), HasSubstr("did you mean 'listen'"));
+  EXPECT_THAT(yaml_error("zzzzzzzzzzzzzzzz: 1\n"), ::testing::Not(HasSubstr("did you mean")));
+}
+
+TEST(ConfigTest, InvalidValuesNameKeyFileAndLine) {
+  EXPECT_THAT(yaml_error("threads: 1\nhealth:\n  interval: soon\n"),
+              HasSubstr("gw.yaml:3: health.interval: invalid duration 'soon'"));
+  EXPECT_THAT(yaml_error("threads: many\n"), HasSubstr("gw.yaml:1: threads: expected an integer"));
+  EXPECT_THAT(yaml_error("threads: -1\n"), HasSubstr("threads: must be between 0 and 1024"));
+  EXPECT_THAT(yaml_error("limits:\n  max_body: big\n"), HasSubstr("gw.yaml:2: limits.max_body: invalid size"));
+  EXPECT_THAT(yaml_error("listen: nowhere\n"), HasSubstr("listen: expected HOST:PORT"));
+  EXPECT_THAT(yaml_error("backends:\n  - ftp://x:1\n"), HasSubstr("gw.yaml:2: backends: invalid backend URL"));
+  EXPECT_THAT(yaml_error("backends: http://x:1\n"), HasSubstr("backends: expected a list"));
+  EXPECT_THAT(yaml_error("policy: random\n"), HasSubstr("policy: must be one of round_robin"));
+  EXPECT_THAT(yaml_error("log:\n  level: loud\n"), HasSubstr("log.level: must be one of"));
+  EXPECT_THAT(yaml_error("log:\n  format: xml\n"), HasSubstr("log.format: must be one of text, json"));
+  EXPECT_THAT(yaml_error("slurm:\n  enabled: maybe\n"), HasSubstr("slurm.enabled: expected true or false"));
+  EXPECT_THAT(yaml_error("slurm:\n  base_port: 70000\n"), HasSubstr("slurm.base_port: must be between 1 and 65535"));
+  EXPECT_THAT(yaml_error("slurm:\n  infer_tp: 0\n"), HasSubstr("slurm.infer_tp: must be between 1"));
+  EXPECT_THAT(yaml_error("health:\n  path: health\n"), HasSubstr("health.path: must start with '/'"));
+  EXPECT_THAT(yaml_error("health:\n  timeout: 0s\n"), HasSubstr("health.timeout: must be greater than zero"));
+  EXPECT_THAT(yaml_error("health: 5\n"), HasSubstr("health: expected a section"));
+  EXPECT_THAT(yaml_error("threads: [1, 2]\n"), HasSubstr("threads: expected a single value"));
+  EXPECT_THAT(yaml_error("- a\n- b\n"), HasSubstr("expected a YAML map"));
+  EXPECT_THAT(yaml_error("threads: [1, 2\n"), HasSubstr("invalid YAML"));
+  EXPECT_THAT(yaml_error("retries:\n  backoff_base: 2s\n  backoff_max: 1s\n"),
+              HasSubstr("retries.backoff_max (1s) must be at least retries.backoff_base (2s)"));
+  EXPECT_THAT(yaml_error("passive:\n  ejection_base: 2m\n  ejection_max: 1m\n"),
+              HasSubstr("passive.ejection_max"));
+  EXPECT_EQ(yaml_error(""), "no error");  // an empty file means defaults
+}
+
+TEST(ConfigTest, EnvAndFlagErrorsNameTheirOrigin) {
+  LoadOptions env_bad;
+  env_bad.env = env_of({{"INFERGATE_HEALTH_INTERVAL", "often"}});
+  EXPECT_THAT(load_error(env_bad), HasSubstr("environment INFERGATE_HEALTH_INTERVAL: health.interval: invalid duration"));
+
+  LoadOptions flag_bad;
+  flag_bad.env = env_of({});
+  flag_bad.flags.push_back({"threads", "x", "--threads"});
+  EXPECT_THAT(load_error(flag_bad), HasSubstr("--threads: threads: expected an integer"));
+
+  LoadOptions unknown;
+  unknown.env = env_of({});
+  unknown.flags.push_back({"timeouts.conect", "1s", "--set timeouts.conect"});
+  EXPECT_THAT(load_error(unknown), HasSubstr("did you mean 'timeouts.connect'"));
+
+  LoadOptions missing_file;
+  missing_file.env = env_of({});
+  missing_file.config_file = "/nonexistent/infergate.yaml";
+  EXPECT_THAT(load_error(missing_file), HasSubstr("cannot read config file '/nonexistent/infergate.yaml'"));
+}
+
+TEST(ConfigTest, DumpNamesEachSource) {
+  LoadOptions options;
+  options.env = env_of({{"INFERGATE_THREADS", "4"}});
+  options.flags.push_back({"listen", "127.0.0.1:1", "--listen"});
+  auto dump = dump_config(load_config(options).config);
+  EXPECT_THAT(dump, HasSubstr("listen: 127.0.0.1:1  # flag"));
+  EXPECT_THAT(dump, HasSubstr("threads: 4  # env"));
+  EXPECT_THAT(dump, HasSubstr("health:\n"));
+  EXPECT_THAT(dump, HasSubstr("  interval: 2s  # default"));
+  // The dump is YAML that reads back to the same values.
+  auto back = parse_yaml_text(
+      [&] {
+        std::string without_sources;
+        std::istringstream in(dump);
+        for (std::string line; std::getline(in, line);) {
+          if (line.rfind("#", 0) == 0) continue;
+          without_sources += line.substr(0, line.find("  #")) + "\n";
+        }
+        return without_sources;
+      }(),
+      "dump.yaml");
+  EXPECT_EQ(back.threads, 4);
+  EXPECT_EQ(back.listen.to_string(), "127.0.0.1:1");
+}
+
+TEST(ConfigTest, AdminTokenIsNotPrinted) {
+  LoadOptions options;
+  options.env = env_of({{"INFERGATE_ADMIN_TOKEN", "s3cret"}});
+  auto c = load_config(options).config;
+  EXPECT_EQ(c.admin_token, "s3cret");
+  EXPECT_THAT(dump_config(c), ::testing::Not(HasSubstr("s3cret")));
+}
+
+TEST(ConfigTest, EveryKeyHasEnvNameDefaultAndHelp) {
+  for (const auto& k : known_keys()) {
+    EXPECT_EQ(k.env.rfind("INFERGATE_", 0), 0u) << k.key;
+    EXPECT_FALSE(k.help.empty()) << k.key;
+    EXPECT_FALSE(k.default_value.empty()) << k.key;
+  }
+  EXPECT_EQ(closest_key("threds"), "threads");
+}

@@ -1,0 +1,144 @@
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <map>
+
+#include "discovery/discovery.hpp"
+#include "discovery/registry.hpp"
+
+using namespace infergate;
+using namespace infergate::discovery;
+using ::testing::HasSubstr;
+
+namespace {
+
+config::EnvLookup env_of(std::map<std::string, std::string> vars) {
+  return [vars = std::move(vars)](std::string_view name) -> std::optional<std::string> {
+    auto it = vars.find(std::string(name));
+    if (it == vars.end()) return std::nullopt;
+    return it->second;
+  };
+}
+
+std::vector<std::string> urls(const DiscoveryResult& r) {
+  std::vector<std::string> out;
+  for (const auto& b : r.backends) out.push_back(b.url);
+  return out;
+}
+
+}  // namespace
+
+TEST(DiscoveryTest, SlurmExampleFromTheIssue) {
+  config::Config c;
+  auto r = discover(c, env_of({{"SLURM_JOB_NODELIST", "gpu-a[001-003],gpu-b[7,9]"},
+                               {"NUM_TRAINING_NODES", "1"},
+                               {"INFER_TP", "2"}}));
+  ASSERT_EQ(r.backends.size(), 16u);
+  EXPECT_EQ(r.backends.front().url, "http://gpu-a002:9000");
+  EXPECT_EQ(r.backends.front().node, "gpu-a002");
+  EXPECT_EQ(r.backends.front().slot, 0);
+  EXPECT_EQ(r.backends.front().source, "slurm");
+  EXPECT_EQ(r.backends[3].url, "http://gpu-a002:9003");
+  EXPECT_EQ(r.backends[3].slot, 3);
+  EXPECT_EQ(r.backends.back().url, "http://gpu-b9:9003");
+  EXPECT_EQ(r.backends.back().id, "gpu-b9:9003");
+}
+
+TEST(DiscoveryTest, UnionWithStaticBackendsWithoutDuplicates) {
+  config::Config c;
+  c.backends = {"http://gpu-b9:9000", "http://10.0.0.5:8000", "http://10.0.0.5:8000"};
+  auto r = discover(c, env_of({{"SLURM_JOB_NODELIST", "train1,gpu-b9"}, {"INFER_TP", "4"}}));
+  EXPECT_THAT(urls(r), ::testing::ElementsAre("http://gpu-b9:9000", "http://gpu-b9:9001",
+                                              "http://10.0.0.5:8000"));
+  EXPECT_EQ(r.backends[2].source, "static");
+}
+
+TEST(DiscoveryTest, NoSlurmUsesOnlyStatic) {
+  config::Config c;
+  c.slurm.enabled = false;
+  c.backends = {"http://127.0.0.1:1234"};
+  auto r = discover(c, env_of({{"SLURM_JOB_NODELIST", "a,b"}}));
+  EXPECT_THAT(urls(r), ::testing::ElementsAre("http://127.0.0.1:1234"));
+  EXPECT_THAT(r.how, HasSubstr("disabled"));
+}
+
+TEST(DiscoveryTest, OutsideSlurmIsEmptyAndSaysWhy) {
+  config::Config c;
+  auto r = discover(c, env_of({}));
+  EXPECT_TRUE(r.backends.empty());
+  EXPECT_THAT(r.how, HasSubstr("SLURM_JOB_NODELIST unset"));
+}
+
+TEST(DiscoveryTest, ConfigOverridesEnvironment) {
+  config::Config c;
+  c.slurm.nodelist = "t,n[1-2]";
+  c.slurm.infer_tp = 8;
+  c.slurm.base_port = 8100;
+  c.slurm.host_suffix = "-ib";
+  c.slurm.domain = "cluster.local";
+  auto r = discover(c, env_of({{"SLURM_JOB_NODELIST", "other"}, {"INFER_TP", "1"}}));
+  EXPECT_THAT(urls(r), ::testing::ElementsAre("http://n1-ib.cluster.local:8100",
+                                              "http://n2-ib.cluster.local:8100"));
+  EXPECT_EQ(r.backends[0].node, "n1");
+}
+
+TEST(DiscoveryTest, BadInputIsOneLineError) {
+  config::Config c;
+  try {
+    discover(c, env_of({{"SLURM_JOB_NODELIST", "gpu[1-"}}));
+    FAIL() << "expected DiscoveryError";
+  } catch (const DiscoveryError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("gpu[1-"));
+    EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
+  }
+  EXPECT_THROW(discover(c, env_of({{"SLURM_JOB_NODELIST", "a,b"}, {"INFER_TP", "3"}})), DiscoveryError);
+  EXPECT_THROW(backend_from_url("https://x:1", "static"), DiscoveryError);
+  EXPECT_THROW(backend_from_url("http://x", "static"), DiscoveryError);
+  EXPECT_THROW(backend_from_url("http://:80", "static"), DiscoveryError);
+  EXPECT_EQ(backend_from_url("http://x:1/", "admin").id, "x:1");
+}
+
+TEST(RegistryTest, RoundRobinIsAnExactRotation) {
+  Registry registry;
+  for (int i = 0; i < 4; ++i) registry.add(backend_from_url("http://h:" + std::to_string(1000 + i), "static"));
+  auto set = registry.snapshot();
+  ASSERT_EQ(set->routable.size(), 4u);
+  std::vector<std::string> picked;
+  for (int i = 0; i < 8; ++i) picked.push_back(registry.pick(*set)->info().id);
+  EXPECT_THAT(picked, ::testing::ElementsAre("h:1000", "h:1001", "h:1002", "h:1003", "h:1000",
+                                             "h:1001", "h:1002", "h:1003"));
+}
+
+TEST(RegistryTest, PickSkipsExcludedAndUnhealthy) {
+  Registry registry;
+  auto a = registry.add(backend_from_url("http://h:1", "static"));
+  auto b = registry.add(backend_from_url("http://h:2", "static"));
+  auto c = registry.add(backend_from_url("http://h:3", "static"));
+  b->set_state(BackendState::kUnhealthy);
+  registry.republish();
+  auto set = registry.snapshot();
+  ASSERT_EQ(set->routable.size(), 2u);
+  std::vector<const Backend*> exclude{a.get()};
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(registry.pick(*set, exclude), c.get());
+  exclude.push_back(c.get());
+  EXPECT_EQ(registry.pick(*set, exclude), nullptr);
+}
+
+TEST(RegistryTest, AddRemoveKeepsIndexesStable) {
+  Registry registry;
+  auto a = registry.add(backend_from_url("http://h:1", "static"));
+  auto again = registry.add(backend_from_url("http://h:1", "admin"));
+  EXPECT_EQ(a, again);
+  auto b = registry.add(backend_from_url("http://h:2", "static"));
+  auto old_snapshot = registry.snapshot();
+  EXPECT_TRUE(registry.remove("h:1"));
+  EXPECT_FALSE(registry.remove("h:1"));
+  EXPECT_EQ(a->state(), BackendState::kRemoved);
+  EXPECT_EQ(old_snapshot->all.size(), 2u);  // readers holding a snapshot are unaffected
+  EXPECT_EQ(registry.snapshot()->all.size(), 1u);
+  auto c = registry.add(backend_from_url("http://h:3", "static"));
+  EXPECT_EQ(b->index(), 1u);
+  EXPECT_EQ(c->index(), 2u);  // never reuses a removed backend's index
+  EXPECT_EQ(registry.find("h:3"), c);
+  EXPECT_EQ(registry.find("h:1"), nullptr);
+}

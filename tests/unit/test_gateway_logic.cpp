@@ -1,0 +1,116 @@
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "gateway/cli.hpp"
+#include "gateway/errors.hpp"
+#include "gateway/retry_policy.hpp"
+
+using namespace infergate::gateway;
+using namespace std::chrono_literals;
+using ::testing::HasSubstr;
+
+TEST(ErrorBodyTest, OpenAiShape) {
+  auto j = nlohmann::json::parse(error_body("no backend \"x\"", "service_unavailable", 503));
+  EXPECT_EQ(j["error"]["message"], "no backend \"x\"");
+  EXPECT_EQ(j["error"]["type"], "service_unavailable");
+  EXPECT_EQ(j["error"]["code"], 503);
+  EXPECT_NO_THROW(nlohmann::json::parse(error_body("bad \xff byte", "x", 400)));
+  EXPECT_EQ(error_type_for(413), "invalid_request_error");
+  EXPECT_EQ(error_type_for(504), "timeout");
+}
+
+TEST(RetryPolicyTest, BoundedAttempts) {
+  RetryPolicy p(3, 10ms, 1000ms);
+  EXPECT_TRUE(p.should_retry(0));
+  EXPECT_TRUE(p.should_retry(2));
+  EXPECT_FALSE(p.should_retry(3));
+  RetryPolicy none(0, 10ms, 1000ms);
+  EXPECT_FALSE(none.should_retry(0));
+  EXPECT_TRUE(RetryPolicy::is_retryable_status(502));
+  EXPECT_TRUE(RetryPolicy::is_retryable_status(503));
+  EXPECT_FALSE(RetryPolicy::is_retryable_status(500));
+  EXPECT_FALSE(RetryPolicy::is_retryable_status(429));
+}
+
+TEST(RetryPolicyTest, ExponentialBackoffWithJitterAndCap) {
+  RetryPolicy p(10, 100ms, 1000ms);
+  EXPECT_EQ(p.backoff(0, 0.5), 0ms);
+  EXPECT_EQ(p.backoff(1, 0.0), 50ms);
+  EXPECT_EQ(p.backoff(1, 1.0), 100ms);
+  EXPECT_EQ(p.backoff(2, 0.0), 100ms);
+  EXPECT_EQ(p.backoff(3, 1.0), 400ms);
+  EXPECT_EQ(p.backoff(8, 1.0), 1000ms);  // capped
+  EXPECT_EQ(p.backoff(8, 0.0), 500ms);
+  for (double r = 0; r < 1; r += 0.1) {
+    auto d = p.backoff(2, r);
+    EXPECT_GE(d, 100ms);
+    EXPECT_LE(d, 200ms);
+  }
+}
+
+TEST(CliTest, ParsesCommandsAndFlags) {
+  auto a = parse_args({"discover", "--json", "--backend", "http://a:1", "--backend=http://b:2",
+                       "--no-slurm", "--listen", "127.0.0.1:0", "--set", "health.interval=1s"});
+  EXPECT_EQ(a.command, Command::kDiscover);
+  EXPECT_TRUE(a.json);
+  ASSERT_EQ(a.load.flags.size(), 5u);
+  EXPECT_EQ(a.load.flags[0].key, "backends");
+  EXPECT_EQ(a.load.flags[1].value, "http://b:2");
+  EXPECT_EQ(a.load.flags[2].key, "slurm.enabled");
+  EXPECT_EQ(a.load.flags[2].value, "false");
+  EXPECT_EQ(a.load.flags[4].key, "health.interval");
+  EXPECT_EQ(parse_args({}).command, Command::kServe);
+  EXPECT_EQ(parse_args({"--version"}).command, Command::kVersion);
+  EXPECT_EQ(parse_args({"config", "--config", "x.yaml"}).load.config_file, "x.yaml");
+}
+
+TEST(CliTest, BadFlagsAreOneLineErrors) {
+  auto error_of = [](std::vector<std::string> args) -> std::string {
+    try {
+      parse_args(args);
+    } catch (const std::exception& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  EXPECT_THAT(error_of({"--bogus"}), HasSubstr("unknown flag '--bogus'"));
+  EXPECT_THAT(error_of({"launch"}), HasSubstr("unknown command 'launch'"));
+  EXPECT_THAT(error_of({"--listen"}), HasSubstr("--listen: missing value"));
+  EXPECT_THAT(error_of({"--set", "novalue"}), HasSubstr("expected KEY=VALUE"));
+  EXPECT_THAT(error_of({"--no-slurm=1"}), HasSubstr("takes no value"));
+}
+
+TEST(CliTest, HelpListsEveryFlag) {
+  auto help = help_text();
+  for (auto flag : {"--config", "--listen", "--threads", "--backend", "--no-slurm", "--log-level",
+                    "--set", "--json", "--version", "--help"}) {
+    EXPECT_THAT(help, HasSubstr(flag));
+  }
+}
+
+#include "gateway/usage_scanner.hpp"
+
+TEST(UsageScannerTest, NonStreamBody) {
+  UsageScanner s;
+  s.feed(R"({"id":"x","choices":[],"usage":{"prompt_tokens": 12,"total_tokens":30,"completion_tokens":18}})");
+  EXPECT_EQ(s.prompt_tokens(), 12u);
+  EXPECT_EQ(s.completion_tokens(), 18u);
+}
+
+TEST(UsageScannerTest, StreamKeepsTheLastValues) {
+  UsageScanner s;
+  s.feed("data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+  EXPECT_FALSE(s.prompt_tokens());
+  s.feed("data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n");
+  s.feed("data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}\n\ndata: [DONE]\n\n");
+  EXPECT_EQ(s.prompt_tokens(), 5u);
+  EXPECT_EQ(s.completion_tokens(), 7u);
+}
+
+TEST(UsageScannerTest, IgnoresMalformedNumbers) {
+  UsageScanner s;
+  s.feed(R"({"usage":{"prompt_tokens":null,"completion_tokens":"x"}})");
+  EXPECT_FALSE(s.prompt_tokens());
+  EXPECT_FALSE(s.completion_tokens());
+}

@@ -1,0 +1,136 @@
+#include <gtest/gtest.h>
+
+#include "discovery/health_state.hpp"
+
+using namespace infergate::discovery;
+using namespace std::chrono_literals;
+using Clock = HealthTracker::Clock;
+
+namespace {
+HealthPolicy policy() {
+  HealthPolicy p;
+  p.healthy_threshold = 2;
+  p.unhealthy_threshold = 3;
+  p.passive_failures = 3;
+  p.ejection_base = 1000ms;
+  p.ejection_max = 4000ms;
+  return p;
+}
+}  // namespace
+
+TEST(HealthStateTest, StartingBecomesHealthyAfterThresholdPasses) {
+  HealthTracker t(policy());
+  auto now = Clock::now();
+  EXPECT_EQ(t.state(), BackendState::kStarting);
+  EXPECT_FALSE(t.on_probe(true, now));
+  auto tr = t.on_probe(true, now);
+  ASSERT_TRUE(tr);
+  EXPECT_EQ(tr->from, BackendState::kStarting);
+  EXPECT_EQ(tr->to, BackendState::kHealthy);
+}
+
+TEST(HealthStateTest, StartingStaysStartingThroughFailures) {
+  HealthTracker t(policy());
+  auto now = Clock::now();
+  for (int i = 0; i < 50; ++i) EXPECT_FALSE(t.on_probe(false, now));
+  EXPECT_EQ(t.state(), BackendState::kStarting);
+  EXPECT_FALSE(t.on_probe(true, now));
+  EXPECT_FALSE(t.on_probe(false, now));  // a failure resets the streak of passes
+  EXPECT_FALSE(t.on_probe(true, now));
+  EXPECT_TRUE(t.on_probe(true, now));
+}
+
+TEST(HealthStateTest, HealthyToUnhealthyAndBack) {
+  HealthTracker t(policy(), BackendState::kHealthy);
+  auto now = Clock::now();
+  EXPECT_FALSE(t.on_probe(false, now));
+  EXPECT_FALSE(t.on_probe(false, now));
+  auto down = t.on_probe(false, now, "connection refused");
+  ASSERT_TRUE(down);
+  EXPECT_EQ(down->to, BackendState::kUnhealthy);
+  EXPECT_NE(down->reason.find("connection refused"), std::string::npos);
+  EXPECT_FALSE(t.on_probe(false, now));  // logged once, not per probe
+  EXPECT_FALSE(t.on_probe(true, now));
+  auto up = t.on_probe(true, now);
+  ASSERT_TRUE(up);
+  EXPECT_EQ(up->to, BackendState::kHealthy);
+}
+
+TEST(HealthStateTest, PassiveFailuresEjectWithDoublingBackoff) {
+  HealthTracker t(policy(), BackendState::kHealthy);
+  auto now = Clock::now();
+  EXPECT_FALSE(t.on_request(true, now));
+  EXPECT_FALSE(t.on_request(true, now));
+  auto ej = t.on_request(true, now);
+  ASSERT_TRUE(ej);
+  EXPECT_EQ(ej->to, BackendState::kEjected);
+  EXPECT_EQ(t.ejected_until(), now + 1000ms);
+  // A passing probe before the backoff elapsed does not end the ejection; after it does.
+  EXPECT_FALSE(t.on_probe(true, now + 500ms));
+  auto back = t.on_probe(true, now + 1000ms);
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->to, BackendState::kHealthy);
+  // Ejected again before any success: the backoff doubles, up to the maximum.
+  for (auto expected : {2000ms, 4000ms, 4000ms}) {
+    auto t0 = now + 10s;
+    t.on_request(true, t0);
+    t.on_request(true, t0);
+    ASSERT_TRUE(t.on_request(true, t0));
+    EXPECT_EQ(t.ejected_until(), t0 + expected);
+    ASSERT_TRUE(t.on_probe(true, t0 + expected));
+  }
+  // A success resets the backoff.
+  t.on_request(false, now + 20s);
+  t.on_request(true, now + 20s);
+  t.on_request(true, now + 20s);
+  ASSERT_TRUE(t.on_request(true, now + 20s));
+  EXPECT_EQ(t.ejected_until(), now + 20s + 1000ms);
+}
+
+TEST(HealthStateTest, SuccessBetweenFailuresPreventsEjection) {
+  HealthTracker t(policy(), BackendState::kHealthy);
+  auto now = Clock::now();
+  for (int i = 0; i < 10; ++i) {
+    EXPECT_FALSE(t.on_request(true, now));
+    EXPECT_FALSE(t.on_request(true, now));
+    EXPECT_FALSE(t.on_request(false, now));  // e.g. a 4xx: the client's fault, not counted
+  }
+  EXPECT_EQ(t.state(), BackendState::kHealthy);
+}
+
+TEST(HealthStateTest, EjectedBackendFailingProbesBecomesUnhealthy) {
+  HealthTracker t(policy(), BackendState::kHealthy);
+  auto now = Clock::now();
+  for (int i = 0; i < 3; ++i) t.on_request(true, now);
+  ASSERT_EQ(t.state(), BackendState::kEjected);
+  t.on_probe(false, now);
+  t.on_probe(false, now);
+  auto tr = t.on_probe(false, now);
+  ASSERT_TRUE(tr);
+  EXPECT_EQ(tr->to, BackendState::kUnhealthy);
+}
+
+TEST(HealthStateTest, DrainUndrainRemove) {
+  HealthTracker t(policy(), BackendState::kHealthy);
+  auto now = Clock::now();
+  ASSERT_TRUE(t.drain());
+  EXPECT_EQ(t.state(), BackendState::kDraining);
+  EXPECT_FALSE(t.drain());
+  EXPECT_FALSE(t.on_probe(false, now));  // probes do not move a draining backend
+  EXPECT_FALSE(t.on_request(true, now));
+  auto tr = t.undrain();
+  ASSERT_TRUE(tr);
+  EXPECT_EQ(tr->to, BackendState::kHealthy);
+  EXPECT_FALSE(t.undrain());
+  ASSERT_TRUE(t.remove());
+  EXPECT_EQ(t.state(), BackendState::kRemoved);
+  EXPECT_FALSE(t.on_probe(true, now));
+  EXPECT_FALSE(t.drain());
+}
+
+TEST(HealthStateTest, PassiveFailuresDoNotEjectStartingOrUnhealthy) {
+  HealthTracker t(policy());
+  auto now = Clock::now();
+  for (int i = 0; i < 10; ++i) EXPECT_FALSE(t.on_request(true, now));
+  EXPECT_EQ(t.state(), BackendState::kStarting);
+}
