@@ -17,7 +17,6 @@
 namespace infergate::gateway {
 namespace {
 
-using namespace net::experimental::awaitable_operators;
 using Clock = std::chrono::steady_clock;
 using Request = http::request<http::string_body>;
 constexpr auto kTuple = net::as_tuple(net::use_awaitable);
@@ -90,6 +89,7 @@ AttemptOutcome client_gone_outcome() {
 struct AttemptContext {
   UpstreamConnection* connection = nullptr;
   bool client_gone = false;
+  bool finished = false;
 };
 
 bool is_reset(const beast::error_code& ec) {
@@ -147,11 +147,15 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, beast::tcp_stream* clie
   res.keep_alive(client_keep_alive);
 
   http::response_serializer<http::buffer_body> serializer{res};
-  client->expires_after(w->state->config.timeouts.idle);
-  auto [hec, hn] = co_await http::async_write_header(*client, serializer, kTuple);
-  if (hec) {
-    out.kind = AttemptOutcome::kClientGone;
-    co_return out;
+  if (upstream->buffer.size() == 0 && !parser->is_done()) {
+    // Nothing of the body is here yet (a stream waiting for its first token): send the header
+    // now. Otherwise it goes out together with the first body bytes, in one write.
+    client->expires_after(w->state->config.timeouts.idle);
+    auto [hec, hn] = co_await http::async_write_header(*client, serializer, kTuple);
+    if (hec) {
+      out.kind = AttemptOutcome::kClientGone;
+      co_return out;
+    }
   }
 
   std::array<char, 16 * 1024> buf;
@@ -272,42 +276,43 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
   }
 }
 
-// Waits for the client to go away while an attempt runs; then aborts the upstream exchange so
-// the backend stops generating for nobody. Pipelined bytes are kept for the next request.
-net::awaitable<void> watch_client(tcp::socket* client, beast::flat_buffer* client_buffer,
-                                  AttemptContext* ctx) {
-  auto [ec, n] = co_await client->async_read_some(client_buffer->prepare(16 * 1024), kTuple);
-  if (!ec) {
-    client_buffer->commit(n);
-    net::steady_timer forever(client->get_executor(), Clock::time_point::max());
-    co_await forever.async_wait(kTuple);  // ends when the attempt finishes and cancels us
-    co_return;
-  }
-  if (ec == net::error::operation_aborted) co_return;
-  ctx->client_gone = true;
-  if (ctx->connection != nullptr) {
-    beast::error_code ignored;
-    ctx->connection->stream.socket().shutdown(tcp::socket::shutdown_both, ignored);
-    ctx->connection->stream.socket().close(ignored);
-  }
+// Watches the client while an attempt runs, without a read: a readiness wait costs no system
+// call until something happens. If the client went away, the upstream exchange is aborted so
+// the backend stops generating for nobody. Pipelined bytes just end the watch (the client is
+// alive); they stay in the socket for the next request.
+void watch_client(tcp::socket& client, std::shared_ptr<AttemptContext> ctx) {
+  client.async_wait(tcp::socket::wait_read, [&client, ctx](const beast::error_code& ec) {
+    if (ec || ctx->finished) return;  // `client` may be gone once the attempt finished
+    char byte = 0;
+    const auto n = ::recv(client.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n > 0) return;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+      watch_client(client, ctx);  // a spurious wake-up
+      return;
+    }
+    ctx->client_gone = true;
+    if (ctx->connection != nullptr) {
+      beast::error_code ignored;
+      ctx->connection->stream.socket().shutdown(tcp::socket::shutdown_both, ignored);
+      ctx->connection->stream.socket().close(ignored);
+    }
+  });
 }
 
 net::awaitable<AttemptOutcome> attempt_watched(Worker* w, discovery::Backend* backend,
-                                               beast::tcp_stream* client,
-                                               beast::flat_buffer* client_buffer, Request* req,
+                                               beast::tcp_stream* client, Request* req,
                                                bool last_try, bool client_keep_alive,
                                                const std::string* request_id,
                                                Clock::time_point started) {
-  AttemptContext ctx;
-  auto result = co_await (run_attempt(w, backend, &ctx, client, req, last_try, client_keep_alive,
-                                      request_id, started) ||
-                          watch_client(&client->socket(), client_buffer, &ctx));
-  if (result.index() == 0) {
-    auto out = std::get<0>(std::move(result));
-    if (ctx.client_gone && out.kind == AttemptOutcome::kFailed) out.kind = AttemptOutcome::kClientGone;
-    co_return out;
-  }
-  co_return client_gone_outcome();
+  auto ctx = std::make_shared<AttemptContext>();
+  watch_client(client->socket(), ctx);
+  auto out = co_await run_attempt(w, backend, ctx.get(), client, req, last_try, client_keep_alive,
+                                  request_id, started);
+  ctx->finished = true;
+  beast::error_code ignored;
+  client->socket().cancel(ignored);  // ends the readiness wait; nothing else is pending on it
+  if (ctx->client_gone && out.kind == AttemptOutcome::kFailed) out.kind = AttemptOutcome::kClientGone;
+  co_return out;
 }
 
 struct InflightGuard {
@@ -352,8 +357,7 @@ void record_attempt(GatewayState& state, discovery::Backend& backend, const Atte
 
 // Proxies one request, retrying on other backends while nothing reached the client.
 // Returns whether the client connection may carry another request.
-net::awaitable<bool> proxy_request(Worker* w, beast::tcp_stream* client,
-                                   beast::flat_buffer* client_buffer, Request* req,
+net::awaitable<bool> proxy_request(Worker* w, beast::tcp_stream* client, Request* req,
                                    std::string request_id, std::string client_ip) {
   GatewayState& state = *w->state;
   const auto started = Clock::now();
@@ -415,7 +419,7 @@ net::awaitable<bool> proxy_request(Worker* w, beast::tcp_stream* client,
     AttemptOutcome out;
     {
       InflightGuard backend_inflight(backend->stats.inflight);
-      out = co_await attempt_watched(w, backend, client, client_buffer, req, last_try,
+      out = co_await attempt_watched(w, backend, client, req, last_try,
                                      client_keep_alive, &request_id, started);
     }
     record_attempt(state, *backend, out, started);
@@ -598,7 +602,7 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket) {
       } else {
         auto id = req["X-Request-ID"];
         std::string request_id = id.empty() || id.size() > 200 ? make_request_id(*w) : std::string(id);
-        keep_alive = co_await proxy_request(w, &client, &buffer, &req, std::move(request_id), client_ip);
+        keep_alive = co_await proxy_request(w, &client, &req, std::move(request_id), client_ip);
       }
       if (!keep_alive) break;
     }

@@ -7,6 +7,8 @@
 namespace infergate::gateway {
 namespace {
 
+constexpr auto kPeekAfter = std::chrono::milliseconds(500);
+
 // A parked connection the backend has closed (or sent unexpected bytes on) is useless: find
 // out with one non-blocking peek instead of failing the next request on it.
 bool still_open(UpstreamConnection& c) {
@@ -27,7 +29,10 @@ std::unique_ptr<UpstreamConnection> UpstreamPool::acquire(std::size_t backend_in
   while (!list.empty()) {
     auto c = std::move(list.back());
     list.pop_back();
-    if (now - c->idle_since < idle_timeout_ && still_open(*c)) return c;
+    if (now - c->idle_since >= idle_timeout_) continue;
+    // Under load a connection comes back within milliseconds: skip the system call then. A
+    // stale one that slips through is retried on a fresh connection by the proxy.
+    if (now - c->idle_since < kPeekAfter || still_open(*c)) return c;
   }
   return nullptr;
 }
