@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages infergate needs to build, test and run its demo.
+# Installs the Debian 12 packages infergate needs to build and run its demo (--test: also what the
+# tests use; --bench: the peer proxies and load generator).
 # Idempotent and quiet when everything is already there. Needs root (or sudo) only to install.
 set -euo pipefail
 
@@ -10,9 +11,13 @@ packages=(
   libgtest-dev libgmock-dev
   curl
 )
-if [[ "${1:-}" == "--bench" ]]; then
-  packages+=(wrk nginx haproxy procps)
-fi
+for arg in "$@"; do
+  case "$arg" in
+    --test) packages+=(prometheus chromium) ;;   # promtool checks /metrics; chromium loads the status page
+    --bench) packages+=(wrk nginx haproxy procps) ;;
+    *) echo "usage: $0 [--test] [--bench]" >&2; exit 2 ;;
+  esac
+done
 
 missing=()
 for p in "${packages[@]}"; do

@@ -4,6 +4,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 build="${BUILD_DIR:-$root/build}"
+"$root/deploy/install-deps.sh" --test
 "$root/deploy/build.sh"
 cd "$build"
 ctest --output-on-failure -j "$(nproc)" --timeout 300 "$@"

@@ -228,9 +228,11 @@ void HealthChecker::report(const std::shared_ptr<Backend>& backend, bool failed)
 namespace {
 template <typename F>
 auto run_on(net::io_context& io, F f) {
-  std::packaged_task<decltype(f())()> task(std::move(f));
-  auto result = task.get_future();
-  net::post(io, std::move(task));
+  // Not posted as a packaged_task itself: Asio treats that as a completion token and takes
+  // its future.
+  auto task = std::make_shared<std::packaged_task<decltype(f())()>>(std::move(f));
+  auto result = task->get_future();
+  net::post(io, [task] { (*task)(); });
   return result.get();
 }
 }  // namespace

@@ -209,7 +209,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, beast::tcp_stream* clie
 // connection the backend had closed is replaced by a fresh one once, invisibly.
 net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backend,
                                            AttemptContext* ctx, beast::tcp_stream* client,
-                                           Request* req, bool last_try, bool client_keep_alive,
+                                           Request* req, bool client_keep_alive,
                                            const std::string* request_id, Clock::time_point started) {
   const auto& cfg = w->state->config;
   bool fresh_retry_used = false;
@@ -242,7 +242,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
       auto [rec, rn] = co_await http::async_read_header(conn->stream, conn->buffer, parser, kTuple);
       if (!rec) {
         const auto status = parser.get().result_int();
-        if (RetryPolicy::is_retryable_status(status) && !last_try) {
+        if (RetryPolicy::is_retryable_status(status)) {
           ctx->connection = nullptr;
           AttemptOutcome out;
           out.error = "HTTP " + std::to_string(status);
@@ -301,12 +301,12 @@ void watch_client(tcp::socket& client, std::shared_ptr<AttemptContext> ctx) {
 
 net::awaitable<AttemptOutcome> attempt_watched(Worker* w, discovery::Backend* backend,
                                                beast::tcp_stream* client, Request* req,
-                                               bool last_try, bool client_keep_alive,
+                                               bool client_keep_alive,
                                                const std::string* request_id,
                                                Clock::time_point started) {
   auto ctx = std::make_shared<AttemptContext>();
   watch_client(client->socket(), ctx);
-  auto out = co_await run_attempt(w, backend, ctx.get(), client, req, last_try, client_keep_alive,
+  auto out = co_await run_attempt(w, backend, ctx.get(), client, req, client_keep_alive,
                                   request_id, started);
   ctx->finished = true;
   beast::error_code ignored;
@@ -415,11 +415,10 @@ net::awaitable<bool> proxy_request(Worker* w, beast::tcp_stream* client, Request
     }
     tried.push_back(backend);
     previous = backend;
-    const bool last_try = attempt + 1 == max_attempts || tried.size() == set->routable.size();
     AttemptOutcome out;
     {
       InflightGuard backend_inflight(backend->stats.inflight);
-      out = co_await attempt_watched(w, backend, client, req, last_try,
+      out = co_await attempt_watched(w, backend, client, req,
                                      client_keep_alive, &request_id, started);
     }
     record_attempt(state, *backend, out, started);

@@ -1,0 +1,106 @@
+// Integration-test harness: real child processes (infergate, infergate-mock) on OS-chosen
+// loopback ports, a small synchronous HTTP client, and polling with deadlines.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <regex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace infergate::test {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+// A child process in its own process group, stdout captured, stderr in a file.
+class Process {
+ public:
+  Process(const std::string& binary, std::vector<std::string> args, std::vector<std::string> env = {});
+  ~Process();
+  Process(const Process&) = delete;
+  Process& operator=(const Process&) = delete;
+
+  // Waits until stdout has a line matching `pattern`; returns its first capture group (or the
+  // whole line). Throws std::runtime_error with the process's stderr on timeout or exit.
+  std::string wait_for_line(const std::regex& pattern, std::chrono::milliseconds deadline = 15s);
+  std::string output() const;
+  std::string errors() const;  // stderr so far
+  int pid() const { return pid_; }
+  bool running();
+  // SIGTERM, wait (deadline), then SIGKILL. Returns the exit code (128+signal when killed).
+  int stop(std::chrono::milliseconds deadline = 10s);
+  int signal_and_wait(int signo, std::chrono::milliseconds deadline);
+  void kill();
+
+ private:
+  void reap(bool block);
+  int pid_ = -1;
+  int stdout_fd_ = -1;
+  std::optional<int> exit_code_;
+  std::string stderr_path_;
+  mutable std::mutex mutex_;
+  std::string stdout_;
+  std::thread reader_;
+};
+
+struct Mock {
+  std::unique_ptr<Process> process;
+  int port = 0;
+  std::string url() const { return "http://127.0.0.1:" + std::to_string(port); }
+  std::string id() const { return "127.0.0.1:" + std::to_string(port); }
+};
+Mock start_mock(std::vector<std::string> args = {});
+
+struct Gateway {
+  std::unique_ptr<Process> process;
+  int port = 0;
+};
+// Starts infergate with --no-slurm on 127.0.0.1:0 and the given extra args (and environment).
+// Fast health checks by default (interval 100ms, thresholds 1) unless the args override them.
+Gateway start_gateway(std::vector<std::string> args, std::vector<std::string> env = {});
+
+struct HttpResult {
+  int status = 0;
+  std::map<std::string, std::string> headers;  // lower-case names
+  std::string body;
+  std::string error;  // transport error, empty on success
+  std::string header(const std::string& name) const;
+};
+using Headers = std::vector<std::pair<std::string, std::string>>;
+
+HttpResult http_request(int port, const std::string& method, const std::string& target,
+                        const std::string& body = "", const Headers& headers = {},
+                        std::chrono::milliseconds timeout = 10s);
+
+struct StreamChunk {
+  Clock::time_point at;
+  std::string data;
+};
+struct StreamResult {
+  int status = 0;
+  std::map<std::string, std::string> headers;
+  std::vector<StreamChunk> chunks;  // body bytes as they arrived
+  std::string body() const;
+  std::string error;
+  bool complete = false;  // the response ended properly (not cut)
+};
+// Streams the response body; `stop_after` (if set) closes the connection after that many bytes.
+StreamResult http_stream(int port, const std::string& method, const std::string& target,
+                         const std::string& body, std::chrono::milliseconds timeout = 10s,
+                         std::optional<std::size_t> stop_after = std::nullopt);
+
+// Sends raw bytes and returns everything read until the server closes or the timeout passes.
+std::string raw_exchange(int port, const std::string& bytes, std::chrono::milliseconds timeout = 5s);
+
+bool poll_until(const std::function<bool()>& condition, std::chrono::milliseconds deadline,
+                std::chrono::milliseconds every = 20ms);
+
+std::string chat_body(bool stream, const std::string& extra = "");
+
+}  // namespace infergate::test

@@ -1,0 +1,127 @@
+// The infergate command line as a user runs it: discover, config, --help, --version, errors.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+#include <fstream>
+#include <regex>
+#include <sstream>
+
+#include "harness.hpp"
+
+using namespace infergate::test;
+using ::testing::HasSubstr;
+
+namespace {
+
+struct Run {
+  int code = -1;
+  std::string out;
+  std::string err;
+};
+
+Run run(std::vector<std::string> args, std::vector<std::string> env = {}) {
+  Process p(INFERGATE_BIN, std::move(args), std::move(env));
+  Run r;
+  r.code = p.signal_and_wait(0, 10s);  // signal 0: just wait for it to exit
+  // The stdout reader may still be draining the pipe: wait for it to see end of file.
+  poll_until([&] { return !p.running(); }, 1s);
+  r.out = p.output();
+  r.err = p.errors();
+  return r;
+}
+
+}  // namespace
+
+TEST(CliTest, DiscoverPrintsTheIssueExample) {
+  auto r = run({"discover"}, {"SLURM_JOB_NODELIST=gpu-a[001-003],gpu-b[7,9]", "NUM_TRAINING_NODES=1", "INFER_TP=2"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::vector<std::string> lines;
+  std::istringstream in(r.out);
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  ASSERT_EQ(lines.size(), 16u) << r.out;
+  EXPECT_EQ(lines.front(), "http://gpu-a002:9000");
+  EXPECT_EQ(lines.back(), "http://gpu-b9:9003");
+}
+
+TEST(CliTest, DiscoverJson) {
+  auto r = run({"discover", "--json", "--backend", "http://10.1.2.3:8000"},
+               {"SLURM_JOB_NODELIST=train,inf[1-2]", "INFER_TP=8"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j.size(), 3u);
+  EXPECT_EQ(j[0]["url"], "http://inf1:9000");
+  EXPECT_EQ(j[0]["node"], "inf1");
+  EXPECT_EQ(j[0]["slot"], 0);
+  EXPECT_EQ(j[0]["source"], "slurm");
+  EXPECT_EQ(j[2]["url"], "http://10.1.2.3:8000");
+  EXPECT_EQ(j[2]["source"], "static");
+}
+
+TEST(CliTest, BadInputExitsTwoWithOneLine) {
+  struct Case {
+    std::vector<std::string> args;
+    std::vector<std::string> env;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {{"discover"}, {"SLURM_JOB_NODELIST=gpu[1-"}, "unbalanced '['"},
+      {{"discover"}, {"SLURM_JOB_NODELIST=gpu[5-1]"}, "reversed range"},
+      {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "INFER_TP=0"}, "INFER_TP='0' is not a positive integer"},
+      {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "INFER_TP=-2"}, "INFER_TP='-2' is not a positive integer"},
+      {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "INFER_TP=abc"}, "INFER_TP='abc' is not a positive integer"},
+      {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "INFER_TP=3"}, "INFER_TP=3 does not divide the 8 GPUs per node"},
+      {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "NUM_TRAINING_NODES=x"}, "NUM_TRAINING_NODES='x'"},
+      {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "NUM_TRAINING_NODES=2"}, "no host left for inference"},
+      {{"discover", "--backend", "ftp://x:1"}, {}, "invalid backend URL"},
+      {{"--bogus"}, {}, "unknown flag '--bogus'"},
+      {{"--threads", "lots"}, {}, "--threads: threads: expected an integer"},
+      {{"--set", "health.intervall=1s"}, {}, "did you mean 'health.interval'"},
+      {{"--config", "/nonexistent.yaml"}, {}, "cannot read config file"},
+  };
+  for (const auto& c : cases) {
+    auto r = run(c.args, c.env);
+    EXPECT_EQ(r.code, 2) << c.message;
+    EXPECT_THAT(r.err, HasSubstr(c.message));
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_EQ(r.out, "");
+  }
+}
+
+TEST(CliTest, VersionHelpAndConfig) {
+  auto version = run({"--version"});
+  EXPECT_EQ(version.code, 0);
+  EXPECT_THAT(version.out, ::testing::MatchesRegex("infergate [0-9]+\\.[0-9]+\\.[0-9]+\n"));
+  auto help = run({"--help"});
+  EXPECT_EQ(help.code, 0);
+  EXPECT_THAT(help.out, HasSubstr("--no-slurm"));
+  auto config = run({"config", "--threads", "3"}, {"INFERGATE_HEALTH_INTERVAL=5s"});
+  EXPECT_EQ(config.code, 0) << config.err;
+  EXPECT_THAT(config.out, HasSubstr("threads: 3  # flag"));
+  EXPECT_THAT(config.out, HasSubstr("  interval: 5s  # env"));
+  EXPECT_THAT(config.out, HasSubstr("listen: 0.0.0.0:8080  # default"));
+}
+
+TEST(CliTest, ConfigFileErrorsNameFileAndLine) {
+  auto path = std::string("/tmp/infergate-cli-") + std::to_string(getpid()) + ".yaml";
+  {
+    std::ofstream out(path);
+    out << "listen: 127.0.0.1:0\nhealth:\n  interval: sometimes\n";
+  }
+  auto r = run({"config", "--config", path});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr(path + ":3: health.interval: invalid duration 'sometimes'"));
+  std::remove(path.c_str());
+}
+
+TEST(CliTest, ServesWithBackendsFromSlurmVariables) {
+  auto mock = start_mock();
+  // A simulated allocation: a training node (127.0.0.2) and an inference node with one server.
+  auto gw = start_gateway({"--set", "slurm.enabled=true", "--set", "slurm.base_port=" + std::to_string(mock.port)},
+                          {"SLURM_JOB_NODELIST=127.0.0.2,127.0.0.1", "NUM_TRAINING_NODES=1", "INFER_TP=8"});
+  ASSERT_TRUE(poll_until([&] { return http_request(gw.port, "GET", "/ready").status == 200; }, 10s))
+      << gw.process->errors();
+  auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.header("X-Backend"), "127.0.0.1:" + std::to_string(mock.port));
+}

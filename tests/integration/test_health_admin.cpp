@@ -1,0 +1,283 @@
+// Health checks, readiness, metrics, the admin API and the status page, end to end.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <set>
+
+#include "harness.hpp"
+
+using namespace infergate::test;
+using ::testing::HasSubstr;
+using json = nlohmann::json;
+
+namespace {
+
+std::vector<std::string> backends_of(const std::vector<Mock>& mocks) {
+  std::vector<std::string> args;
+  for (const auto& m : mocks) {
+    args.push_back("--backend");
+    args.push_back(m.url());
+  }
+  return args;
+}
+
+std::vector<std::string> plus(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+json admin_backends(int port, const Headers& headers = {}) {
+  auto r = http_request(port, "GET", "/admin/backends", "", headers);
+  return json::parse(r.body, nullptr, false);
+}
+
+std::string state_of(int port, const std::string& id) {
+  auto j = admin_backends(port);
+  if (!j.is_object()) return "?";
+  for (const auto& b : j["backends"]) {
+    if (b["id"] == id) return b["state"];
+  }
+  return "absent";
+}
+
+// The value of a metric line with exactly these labels, or -1.
+double metric(int port, const std::string& name, const std::string& labels) {
+  auto body = http_request(port, "GET", "/metrics").body;
+  auto key = name + "{" + labels + "} ";
+  auto pos = body.find(key);
+  if (pos == std::string::npos) return -1;
+  return std::stod(body.substr(pos + key.size(), body.find('\n', pos) - pos - key.size()));
+}
+
+std::string labels_for(const Mock& m) { return "backend=\"" + m.id() + "\",node=\"127.0.0.1\",slot=\"0\""; }
+
+int posted_to(const Mock& m) { return json::parse(http_request(m.port, "GET", "/mock/stats").body)["requests"]; }
+
+}  // namespace
+
+TEST(HealthTest, KilledBackendGoesDownThenComesBackAndGetsNoTrafficMeanwhile) {
+  std::vector<Mock> mocks;
+  mocks.push_back(start_mock());
+  mocks.push_back(start_mock());
+  const int port = mocks[1].port;
+  auto gw = start_gateway(plus(backends_of(mocks), {"--set", "health.interval=200ms", "--set", "health.unhealthy_threshold=2",
+                                                    "--set", "health.healthy_threshold=2"}));
+  ASSERT_TRUE(poll_until([&] { return metric(gw.port, "infergate_backend_up", labels_for(mocks[1])) == 1; }, 10s));
+  mocks[1].process->kill();
+  const auto killed_at = Clock::now();
+  // Down within unhealthy_threshold intervals (2 x 200 ms, jittered), with some slack.
+  ASSERT_TRUE(poll_until([&] { return metric(gw.port, "infergate_backend_up", labels_for(mocks[1])) == 0; }, 5s));
+  EXPECT_LT(Clock::now() - killed_at, 1500ms);
+  EXPECT_EQ(state_of(gw.port, mocks[1].id()), "unhealthy");
+  for (int i = 0; i < 6; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    ASSERT_EQ(r.status, 200);
+    EXPECT_EQ(r.header("X-Backend"), mocks[0].id());
+  }
+  auto restarted = start_mock({"--port", std::to_string(port)});
+  ASSERT_EQ(restarted.port, port);
+  ASSERT_TRUE(poll_until([&] { return metric(gw.port, "infergate_backend_up", labels_for(mocks[1])) == 1; }, 5s));
+  EXPECT_EQ(metric(gw.port, "infergate_backend_state", labels_for(mocks[1]) + ",state=\"healthy\""), 1);
+  EXPECT_EQ(metric(gw.port, "infergate_backend_state", labels_for(mocks[1]) + ",state=\"unhealthy\""), 0);
+}
+
+TEST(HealthTest, StartingBackendStaysStartingAndGetsNoTraffic) {
+  auto ready = start_mock();
+  auto loading = start_mock({"--startup-delay-ms", "60000"});
+  auto gw = start_gateway({"--backend", ready.url(), "--backend", loading.url()});
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, ready.id()) == "healthy"; }, 10s));
+  for (int i = 0; i < 6; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    ASSERT_EQ(r.status, 200);
+    EXPECT_EQ(r.header("X-Backend"), ready.id());
+  }
+  EXPECT_EQ(state_of(gw.port, loading.id()), "starting");
+  EXPECT_EQ(posted_to(loading), 0);
+  EXPECT_THAT(gw.process->errors(), ::testing::Not(HasSubstr("-> unhealthy")));  // no alarms while loading
+}
+
+TEST(HealthTest, ReadyNeedsTheMinimumOfHealthyBackends) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "health.min_healthy_backends=2"});
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "healthy"; }, 10s));
+  auto r = http_request(gw.port, "GET", "/ready");
+  EXPECT_EQ(r.status, 503);
+  EXPECT_THAT(json::parse(r.body)["reason"].get<std::string>(), HasSubstr("need 2"));
+  auto gw1 = start_gateway({"--backend", mock.url()});
+  EXPECT_TRUE(poll_until([&] { return http_request(gw1.port, "GET", "/ready").status == 200; }, 10s));
+  EXPECT_EQ(http_request(gw1.port, "GET", "/health").status, 200);
+}
+
+TEST(HealthTest, PassiveFailuresEjectButClientErrorsDoNot) {
+  auto failing = start_mock({"--fail-rate", "1", "--fail-status", "500"});
+  auto good = start_mock();
+  auto gw = start_gateway({"--backend", failing.url(), "--backend", good.url(), "--set", "passive.failures=3",
+                           "--set", "passive.ejection_base=30s", "--set", "passive.ejection_max=60s"});
+  ASSERT_TRUE(poll_until([&] { return admin_backends(gw.port)["gateway"]["healthy"] == 2; }, 10s));
+  // 4xx answers (bad JSON) are the client's fault: many of them never eject anything.
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", "{bad").status, 400);
+  EXPECT_EQ(state_of(gw.port, good.id()), "healthy");
+  // 500s are the backend's: after 3 in a row it is ejected, and traffic goes to the other.
+  for (int i = 0; i < 10; ++i) http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(state_of(gw.port, failing.id()), "ejected");
+  EXPECT_EQ(metric(gw.port, "infergate_backend_ejections_total", labels_for(failing)), 1);
+  EXPECT_EQ(metric(gw.port, "infergate_backend_requests_total", labels_for(failing) + ",code=\"5xx\""), 3);
+  for (int i = 0; i < 4; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    EXPECT_EQ(r.header("X-Backend"), good.id());
+  }
+}
+
+TEST(AdminTest, AddDrainUndrainRemoveRoundTrip) {
+  auto a = start_mock();
+  auto b = start_mock({"--model", "other-model"});
+  auto gw = start_gateway({"--backend", a.url()});
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, a.id()) == "healthy"; }, 10s));
+
+  auto added = http_request(gw.port, "POST", "/admin/backends", json{{"url", b.url()}}.dump());
+  ASSERT_EQ(added.status, 201) << added.body << added.error << gw.process->errors();
+  EXPECT_EQ(json::parse(added.body)["source"], "admin");
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, b.id()) == "healthy"; }, 10s));
+
+  // /v1/models: the union of the healthy backends' models.
+  ASSERT_TRUE(poll_until(
+      [&] {
+        auto models = json::parse(http_request(gw.port, "GET", "/v1/models").body);
+        return models["object"] == "list" && models["data"].size() == 2;
+      },
+      5s));
+
+  auto drained = http_request(gw.port, "POST", "/admin/backends/" + b.id() + "/drain");
+  EXPECT_EQ(drained.status, 200) << drained.error << gw.process->errors();
+  EXPECT_EQ(json::parse(drained.body)["state"], "draining");
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false)).header("X-Backend"), a.id());
+  }
+  auto undrained = http_request(gw.port, "POST", "/admin/backends/" + b.id() + "/undrain");
+  EXPECT_EQ(json::parse(undrained.body)["state"], "healthy");
+
+  auto removed = http_request(gw.port, "DELETE", "/admin/backends/" + b.id());
+  EXPECT_EQ(removed.status, 202);
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, b.id()) == "absent"; }, 5s));
+
+  // Bad input: clear 4xx answers in the OpenAI error shape.
+  auto bad_json = http_request(gw.port, "POST", "/admin/backends", "{oops");
+  EXPECT_EQ(bad_json.status, 400);
+  EXPECT_THAT(json::parse(bad_json.body)["error"]["message"].get<std::string>(), HasSubstr("JSON"));
+  EXPECT_EQ(http_request(gw.port, "POST", "/admin/backends", R"({"url":"ftp://x:1"})").status, 400);
+  EXPECT_EQ(http_request(gw.port, "POST", "/admin/backends", R"({"url":"http://nohost"})").status, 400);
+  EXPECT_EQ(http_request(gw.port, "POST", "/admin/backends/nope:1/drain").status, 404);
+  EXPECT_EQ(http_request(gw.port, "DELETE", "/admin/backends/nope:1").status, 404);
+  EXPECT_EQ(http_request(gw.port, "POST", "/admin/backends/" + a.id() + "/explode").status, 404);
+}
+
+TEST(AdminTest, TokenProtectsTheAdminApi) {
+  auto a = start_mock();
+  auto gw = start_gateway({"--backend", a.url()}, {"INFERGATE_ADMIN_TOKEN=s3cret"});
+  auto denied = http_request(gw.port, "GET", "/admin/backends");
+  EXPECT_EQ(denied.status, 401);
+  EXPECT_EQ(json::parse(denied.body)["error"]["code"], 401);
+  EXPECT_EQ(http_request(gw.port, "GET", "/admin/backends", "", {{"Authorization", "Bearer wrong"}}).status, 401);
+  EXPECT_EQ(http_request(gw.port, "GET", "/admin/backends", "", {{"Authorization", "Bearer s3cret"}}).status, 200);
+}
+
+TEST(AdminTest, BroadcastReachesEveryHealthyBackend) {
+  std::vector<Mock> mocks;
+  for (int i = 0; i < 4; ++i) mocks.push_back(start_mock());
+  auto gw = start_gateway(backends_of(mocks));
+  ASSERT_TRUE(poll_until([&] { return admin_backends(gw.port)["gateway"]["healthy"] == 4; }, 10s));
+  auto r = http_request(gw.port, "POST", "/admin/broadcast",
+                        json{{"method", "POST"}, {"path", "/v1/completions"},
+                             {"body", {{"model", "mock-model"}, {"prompt", "update"}, {"max_tokens", 1}}}}
+                            .dump());
+  ASSERT_EQ(r.status, 200) << r.body;
+  auto j = json::parse(r.body);
+  ASSERT_EQ(j["results"].size(), 4u);
+  std::set<std::string> reached;
+  for (const auto& result : j["results"]) {
+    EXPECT_EQ(result["status"], 200);
+    EXPECT_EQ(result["body"]["object"], "text_completion");
+    reached.insert(result["backend"]);
+  }
+  EXPECT_EQ(reached.size(), 4u);
+  for (const auto& m : mocks) EXPECT_EQ(posted_to(m), 1);
+  EXPECT_EQ(http_request(gw.port, "POST", "/admin/broadcast", R"({"method":"POST"})").status, 400);
+}
+
+TEST(MetricsTest, LiveScrapePassesPromtool) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url()});
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "healthy"; }, 10s));
+  http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+  http_request(gw.port, "POST", "/v1/chat/completions", chat_body(true, R"("stream_options":{"include_usage":true})"));
+  auto scrape = http_request(gw.port, "GET", "/metrics");
+  ASSERT_EQ(scrape.status, 200);
+  EXPECT_THAT(scrape.header("Content-Type"), HasSubstr("text/plain"));
+  for (auto name : {"infergate_backend_up", "infergate_backend_state", "infergate_backend_inflight",
+                    "infergate_backend_requests_total", "infergate_backend_request_duration_seconds_bucket",
+                    "infergate_backend_ttft_seconds_count", "infergate_backend_retries_total",
+                    "infergate_backend_ejections_total", "infergate_backend_tokens_total",
+                    "infergate_health_probe_duration_seconds_count", "infergate_requests_total",
+                    "infergate_client_connections", "infergate_build_info"}) {
+    EXPECT_THAT(scrape.body, HasSubstr(name));
+  }
+  // Tokens from `usage` (mock: 2 prompt words, 16 completion tokens per response).
+  EXPECT_EQ(metric(gw.port, "infergate_backend_tokens_total", labels_for(mock) + ",kind=\"completion\""), 32);
+  EXPECT_EQ(metric(gw.port, "infergate_backend_ttft_seconds_count", labels_for(mock)), 1);
+
+  if (access("/usr/bin/promtool", X_OK) != 0) GTEST_SKIP() << "promtool (Debian package prometheus) is not installed";
+  auto path = std::filesystem::temp_directory_path() / ("infergate-metrics-" + std::to_string(getpid()) + ".txt");
+  std::ofstream(path) << scrape.body;
+  Process promtool("/bin/sh", {"-c", "promtool check metrics < " + path.string() + " && echo PROMTOOL_OK"});
+  EXPECT_NO_THROW(promtool.wait_for_line(std::regex("PROMTOOL_OK"), 20s)) << promtool.errors();
+  std::filesystem::remove(path);
+}
+
+TEST(StatusPageTest, HeadlessChromiumSeesOneRowPerBackendAndAnUnhealthyOne) {
+  std::vector<Mock> mocks;
+  for (int i = 0; i < 3; ++i) mocks.push_back(start_mock());
+  auto gw = start_gateway(plus(backends_of(mocks), {"--set", "health.interval=200ms"}));
+  ASSERT_TRUE(poll_until([&] { return admin_backends(gw.port)["gateway"]["healthy"] == 3; }, 10s));
+  auto page = http_request(gw.port, "GET", "/");
+  ASSERT_EQ(page.status, 200);
+  EXPECT_THAT(page.header("Content-Type"), HasSubstr("text/html"));
+  EXPECT_THAT(page.body, ::testing::Not(HasSubstr("http://")));   // no external assets
+  EXPECT_THAT(page.body, ::testing::Not(HasSubstr("https://")));
+
+  if (access("/usr/bin/chromium", X_OK) != 0) GTEST_SKIP() << "chromium (Debian package) is not installed";
+  auto dump_dom = [&] {
+    auto profile = std::filesystem::temp_directory_path() / ("infergate-chromium-" + std::to_string(getpid()));
+    Process chromium("/usr/bin/chromium",
+                     {"--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                      "--user-data-dir=" + profile.string(), "--virtual-time-budget=3000", "--dump-dom",
+                      "http://127.0.0.1:" + std::to_string(gw.port) + "/"});
+    std::string dom;
+    try {
+      dom = chromium.wait_for_line(std::regex(R"(([\s\S]*</html>))"), 60s);
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << e.what();
+    }
+    std::error_code ignored;
+    std::filesystem::remove_all(profile, ignored);
+    return dom;
+  };
+  auto count_rows = [](const std::string& dom, const std::string& state) {
+    std::regex row("<tr class=\"backend\" data-id=\"[^\"]+\" data-state=\"" + state + "\"");
+    return std::distance(std::sregex_iterator(dom.begin(), dom.end(), row), std::sregex_iterator());
+  };
+  auto dom = dump_dom();
+  EXPECT_EQ(count_rows(dom, "[a-z]+"), 3) << dom.substr(0, 2000);
+  EXPECT_EQ(count_rows(dom, "healthy"), 3);
+
+  mocks[2].process->kill();
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, mocks[2].id()) == "unhealthy"; }, 5s));
+  dom = dump_dom();
+  EXPECT_EQ(count_rows(dom, "unhealthy"), 1);
+  EXPECT_THAT(dom, HasSubstr("data-id=\"" + mocks[2].id() + "\" data-state=\"unhealthy\""));
+}

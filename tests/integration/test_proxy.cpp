@@ -1,0 +1,441 @@
+// The proxy end to end: real infergate and infergate-mock processes on loopback ports.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
+
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <nlohmann/json.hpp>
+
+#include "harness.hpp"
+
+using namespace infergate::test;
+using ::testing::HasSubstr;
+using json = nlohmann::json;
+
+namespace {
+
+std::vector<std::string> backend_args(const std::vector<Mock>& mocks) {
+  std::vector<std::string> args;
+  for (const auto& m : mocks) {
+    args.push_back("--backend");
+    args.push_back(m.url());
+  }
+  return args;
+}
+
+std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+int healthy_count(int port) {
+  auto r = http_request(port, "GET", "/ready");
+  if (r.status == 0) return -1;
+  auto j = json::parse(r.body, nullptr, false);
+  return j.is_object() && j.contains("healthy") ? j["healthy"].get<int>() : -1;
+}
+
+void wait_healthy(const Gateway& g, int n) {
+  ASSERT_TRUE(poll_until([&] { return healthy_count(g.port) == n; }, 10s))
+      << "backends did not become healthy; gateway stderr:\n"
+      << g.process->errors();
+}
+
+std::vector<Mock> start_mocks(int n, const std::vector<std::string>& args = {}) {
+  std::vector<Mock> mocks;
+  for (int i = 0; i < n; ++i) mocks.push_back(start_mock(args));
+  return mocks;
+}
+
+}  // namespace
+
+TEST(ProxyTest, RoundRobinIsAnExactRotation) {
+  auto mocks = start_mocks(4);
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 4);
+  std::vector<std::string> seen;
+  for (int i = 0; i < 12; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    ASSERT_EQ(r.status, 200) << r.error << r.body;
+    seen.push_back(r.header("X-Backend"));
+  }
+  std::size_t start = 0;
+  while (start < 4 && mocks[start].id() != seen[0]) ++start;
+  ASSERT_LT(start, 4u) << "unknown backend " << seen[0];
+  for (std::size_t i = 0; i < seen.size(); ++i) {
+    EXPECT_EQ(seen[i], mocks[(start + i) % 4].id()) << "request " << i;
+  }
+}
+
+TEST(ProxyTest, BodiesAreByteIdenticalToADirectRequest) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  const Headers id{{"X-Request-ID", "same-id"}};
+  for (auto path : {"/v1/chat/completions", "/v1/completions"}) {
+    std::string body = std::string(path) == "/v1/completions"
+                           ? R"({"model":"mock-model","prompt":"hello there","n":2})"
+                           : chat_body(false, R"("n":2)");
+    auto direct = http_request(mocks[0].port, "POST", path, body, id);
+    auto proxied = http_request(gw.port, "POST", path, body, id);
+    ASSERT_EQ(direct.status, 200);
+    ASSERT_EQ(proxied.status, 200) << proxied.error;
+    EXPECT_EQ(proxied.body, direct.body) << path;
+    EXPECT_EQ(proxied.header("X-Request-ID"), "same-id");
+  }
+  auto direct = http_stream(mocks[0].port, "POST", "/v1/chat/completions",
+                            chat_body(true, R"("stream_options":{"include_usage":true})"));
+  // Streams through the gateway carry the same id when the client sends X-Request-ID; use the
+  // raw client to send it.
+  auto stream_request = [&](int port) {
+    std::string body = chat_body(true, R"("stream_options":{"include_usage":true})");
+    return raw_exchange(port,
+                        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        "X-Request-ID: same-id\r\nConnection: close\r\nContent-Length: " +
+                            std::to_string(body.size()) + "\r\n\r\n" + body);
+  };
+  auto strip_head = [](const std::string& raw) { return raw.substr(raw.find("\r\n\r\n") + 4); };
+  auto direct_raw = stream_request(mocks[0].port);
+  auto proxied_raw = stream_request(gw.port);
+  ASSERT_THAT(direct_raw, HasSubstr("data: [DONE]"));
+  // Chunk boundaries may differ; compare the de-chunked event streams.
+  auto dechunk = [](std::string body) {
+    std::string out;
+    std::size_t pos = 0;
+    while (pos < body.size()) {
+      auto eol = body.find("\r\n", pos);
+      auto size = std::stoul(body.substr(pos, eol - pos), nullptr, 16);
+      if (size == 0) break;
+      out += body.substr(eol + 2, size);
+      pos = eol + 2 + size + 2;
+    }
+    return out;
+  };
+  EXPECT_EQ(dechunk(strip_head(proxied_raw)), dechunk(strip_head(direct_raw)));
+  EXPECT_THAT(dechunk(strip_head(proxied_raw)), HasSubstr("\"usage\""));
+
+  // Large request bodies pass through unchanged (1 MiB, binary-safe).
+  std::string big(1 << 20, '\0');
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>((i * 7919) % 251);
+  auto echoed = http_request(gw.port, "POST", "/echo", big, {{"Content-Type", "application/octet-stream"}});
+  ASSERT_EQ(echoed.status, 200) << echoed.error;
+  EXPECT_TRUE(echoed.body == big);
+}
+
+TEST(ProxyTest, StreamsEventsAsTheyArrive) {
+  auto mocks = start_mocks(1, {"--token-delay-ms", "300", "--tokens", "2"});
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  auto r = http_stream(gw.port, "POST", "/v1/chat/completions", chat_body(true));
+  ASSERT_EQ(r.status, 200) << r.error;
+  ASSERT_TRUE(r.complete);
+  EXPECT_EQ(r.headers["content-type"], "text/event-stream");
+  ASSERT_GE(r.chunks.size(), 2u);
+  // The mock sends the first token, waits 300 ms, sends the second: the first must have
+  // reached the client before the second was sent.
+  auto first_token = std::find_if(r.chunks.begin(), r.chunks.end(),
+                                  [](const auto& c) { return c.data.find("tok0") != std::string::npos; });
+  auto last_token = std::find_if(r.chunks.begin(), r.chunks.end(),
+                                 [](const auto& c) { return c.data.find("tok1") != std::string::npos; });
+  ASSERT_NE(first_token, r.chunks.end());
+  ASSERT_NE(last_token, r.chunks.end());
+  EXPECT_GE(last_token->at - first_token->at, 250ms);
+  EXPECT_THAT(r.body(), HasSubstr("data: [DONE]"));
+}
+
+namespace {
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = boost::beast::http;
+
+struct StreamTally {
+  int ok = 0;
+  int bad = 0;
+  std::string last_error;
+};
+
+net::awaitable<void> one_stream(int port, std::string body, StreamTally* tally) {
+  auto ex = co_await net::this_coro::executor;
+  beast::tcp_stream stream(ex);
+  stream.expires_after(60s);
+  auto [cec] = co_await stream.async_connect(
+      net::ip::tcp::endpoint(net::ip::make_address("127.0.0.1"), static_cast<unsigned short>(port)),
+      net::as_tuple(net::use_awaitable));
+  if (cec) {
+    ++tally->bad;
+    tally->last_error = cec.message();
+    co_return;
+  }
+  http::request<http::string_body> req{http::verb::post, "/v1/chat/completions", 11};
+  req.set(http::field::host, "x");
+  req.set(http::field::content_type, "application/json");
+  req.body() = body;
+  req.prepare_payload();
+  co_await http::async_write(stream, req, net::as_tuple(net::use_awaitable));
+  beast::flat_buffer buffer;
+  http::response<http::string_body> res;
+  auto [rec, n] = co_await http::async_read(stream, buffer, res, net::as_tuple(net::use_awaitable));
+  std::size_t events = 0;
+  for (std::size_t pos = 0; (pos = res.body().find("data: {", pos)) != std::string::npos; ++pos) ++events;
+  // 1 role chunk + 8 tokens + 1 final chunk, then [DONE].
+  if (!rec && res.result_int() == 200 && events == 10 && res.body().ends_with("data: [DONE]\n\n")) {
+    ++tally->ok;
+  } else {
+    ++tally->bad;
+    tally->last_error = rec ? rec.message() : "status " + std::to_string(res.result_int()) + " events " + std::to_string(events);
+  }
+}
+}  // namespace
+
+TEST(ProxyTest, ThousandConcurrentStreamsAllComplete) {
+  rlimit limit{};
+  getrlimit(RLIMIT_NOFILE, &limit);
+  limit.rlim_cur = limit.rlim_max;
+  setrlimit(RLIMIT_NOFILE, &limit);
+  ASSERT_GE(limit.rlim_cur, 2048u) << "this test needs at least 2048 file descriptors";
+  auto mocks = start_mocks(4, {"--tokens", "8", "--token-delay-ms", "20"});
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 4);
+  net::io_context io;
+  StreamTally tally;
+  for (int i = 0; i < 1000; ++i) net::co_spawn(io, one_stream(gw.port, chat_body(true), &tally), net::detached);
+  io.run();
+  EXPECT_EQ(tally.ok, 1000) << tally.bad << " failed, last: " << tally.last_error;
+  // The gateway counts a request once its last byte is sent, a moment after the client has it.
+  EXPECT_TRUE(poll_until(
+      [&] {
+        auto metrics = http_request(gw.port, "GET", "/metrics").body;
+        return metrics.find("infergate_requests_total{code=\"2xx\"} 1000\n") != std::string::npos;
+      },
+      5s));
+}
+
+TEST(ProxyTest, RetriesOnAnotherBackendWhenConnectIsRefused) {
+  auto good = start_mocks(1);
+  auto dead = start_mock();
+  const auto dead_url = dead.url();
+  auto gw = start_gateway(concat(backend_args(good), {"--backend", dead_url, "--set", "health.interval=1h"}));
+  wait_healthy(gw, 2);
+  dead.process->kill();  // the gateway still believes it healthy (probes are an hour apart)
+  for (int i = 0; i < 6; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    ASSERT_EQ(r.status, 200) << r.body;
+    EXPECT_EQ(r.header("X-Backend"), good[0].id());
+  }
+}
+
+TEST(ProxyTest, RetriesOn503AndReportsEveryBackendTriedOn502) {
+  auto failing = start_mocks(2, {"--fail-rate", "1", "--fail-status", "503"});
+  auto good = start_mocks(1);
+  auto gw = start_gateway(concat(backend_args(failing), concat(backend_args(good), {"--set", "passive.failures=1000"})));
+  wait_healthy(gw, 3);
+  for (int i = 0; i < 6; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    ASSERT_EQ(r.status, 200) << r.body;
+    EXPECT_EQ(r.header("X-Backend"), good[0].id());
+  }
+  good[0].process->kill();
+  auto gw2 = start_gateway(concat(backend_args(failing), {"--set", "passive.failures=1000"}));
+  wait_healthy(gw2, 2);
+  auto r = http_request(gw2.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(r.status, 502);
+  auto j = json::parse(r.body);
+  EXPECT_EQ(j["error"]["code"], 502);
+  EXPECT_THAT(j["error"]["message"].get<std::string>(), HasSubstr(failing[0].id()));
+  EXPECT_THAT(j["error"]["message"].get<std::string>(), HasSubstr(failing[1].id()));
+}
+
+TEST(ProxyTest, RetriesAfterResetBeforeAnyResponseByte) {
+  auto dropping = start_mocks(1, {"--drop-request"});
+  auto good = start_mocks(1);
+  auto gw = start_gateway(concat(backend_args(dropping), concat(backend_args(good), {"--set", "passive.failures=1000"})));
+  wait_healthy(gw, 2);
+  for (int i = 0; i < 4; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    ASSERT_EQ(r.status, 200) << r.body;
+    EXPECT_EQ(r.header("X-Backend"), good[0].id());
+  }
+}
+
+TEST(ProxyTest, FirstByteTimeoutRetriesThenAnswers504) {
+  auto hanging = start_mocks(1, {"--hang"});
+  auto only_hanging = start_gateway(concat(backend_args(hanging), {"--set", "timeouts.first_byte=300ms",
+                                                                   "--set", "health.path=/mock/stats",
+                                                                   "--set", "retries.max=1"}));
+  wait_healthy(only_hanging, 1);
+  auto started = Clock::now();
+  auto t = http_request(only_hanging.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(t.status, 504) << t.body << t.error;
+  EXPECT_LT(Clock::now() - started, 3s);
+  EXPECT_THAT(t.body, HasSubstr("timeouts.first_byte"));
+}
+
+TEST(ProxyTest, FirstByteTimeoutMovesToAHealthyBackend) {
+  auto hanging = start_mocks(1, {"--hang"});
+  auto good = start_mocks(1);
+  auto gw = start_gateway(concat(backend_args(hanging), concat(backend_args(good), {
+                                     "--set", "timeouts.first_byte=300ms", "--set", "health.path=/mock/stats",
+                                     "--set", "passive.failures=1000"})));
+  wait_healthy(gw, 2);
+  for (int i = 0; i < 4; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    ASSERT_EQ(r.status, 200) << r.body;
+    EXPECT_EQ(r.header("X-Backend"), good[0].id());
+  }
+}
+
+TEST(ProxyTest, IdleTimeoutEndsAStalledResponse) {
+  auto stalled = start_mocks(1, {"--hang-after-header"});
+  auto gw = start_gateway(concat(backend_args(stalled), {"--set", "timeouts.idle=300ms"}));
+  wait_healthy(gw, 1);
+  auto started = Clock::now();
+  auto r = http_stream(gw.port, "POST", "/v1/chat/completions", chat_body(true), 5s);
+  EXPECT_EQ(r.status, 200);
+  EXPECT_FALSE(r.complete);
+  EXPECT_LT(Clock::now() - started, 3s);
+  EXPECT_EQ(http_request(gw.port, "GET", "/health").status, 200);  // still serving
+}
+
+TEST(ProxyTest, ClientTimeoutsCloseIdleAndSlowConnections) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(concat(backend_args(mocks), {"--set", "timeouts.client_header=300ms",
+                                                       "--set", "timeouts.client_idle=300ms"}));
+  auto started = Clock::now();
+  auto partial = raw_exchange(gw.port, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n", 5s);
+  EXPECT_EQ(partial, "");  // closed without an answer, well before the client's own deadline
+  EXPECT_LT(Clock::now() - started, 3s);
+  started = Clock::now();
+  auto idle = raw_exchange(gw.port, "", 5s);
+  EXPECT_EQ(idle, "");
+  EXPECT_LT(Clock::now() - started, 3s);
+}
+
+TEST(ProxyTest, BadRequestsGetClearErrors) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(concat(backend_args(mocks), {"--set", "limits.max_body=1KiB", "--set", "limits.max_header=2KiB"}));
+  wait_healthy(gw, 1);
+
+  auto too_big = http_request(gw.port, "POST", "/v1/chat/completions", std::string(4096, 'x'));
+  EXPECT_EQ(too_big.status, 413);
+  EXPECT_THAT(too_big.body, HasSubstr("limits.max_body"));
+  EXPECT_EQ(json::parse(too_big.body)["error"]["code"], 413);
+
+  auto big_header = http_request(gw.port, "GET", "/v1/models", "", {{"X-Big", std::string(4096, 'a')}});
+  EXPECT_EQ(big_header.status, 431);
+
+  auto malformed = raw_exchange(gw.port, "GARBAGE\r\n\r\n");
+  EXPECT_THAT(malformed, HasSubstr("HTTP/1.1 400"));
+  EXPECT_THAT(malformed, HasSubstr("\"error\""));
+
+  auto smuggling = raw_exchange(gw.port,
+                                "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                                "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+  EXPECT_THAT(smuggling, HasSubstr("HTTP/1.1 400"));
+
+  // Bad JSON is the backend's to judge: forwarded, and its 400 comes back unchanged.
+  auto bad_json = http_request(gw.port, "POST", "/v1/chat/completions", "{not json");
+  EXPECT_EQ(bad_json.status, 400);
+  EXPECT_EQ(gw.process->running(), true);
+}
+
+TEST(ProxyTest, NoBackendsIs503WithRetryAfterAndSaysHowDiscoveryWasTried) {
+  auto gw = start_gateway({});
+  auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(r.status, 503);
+  EXPECT_FALSE(r.header("Retry-After").empty());
+  auto j = json::parse(r.body);
+  EXPECT_EQ(j["error"]["code"], 503);
+  EXPECT_THAT(j["error"]["message"].get<std::string>(), HasSubstr("Slurm discovery disabled"));
+}
+
+TEST(ProxyTest, ClientDisconnectCancelsTheUpstreamRequest) {
+  auto mocks = start_mocks(1, {"--tokens", "100", "--token-delay-ms", "100"});
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  auto r = http_stream(gw.port, "POST", "/v1/chat/completions", chat_body(true), 10s, 1);
+  EXPECT_EQ(r.status, 200);
+  auto closed_at = Clock::now();
+  bool cancelled = poll_until(
+      [&] {
+        auto stats = json::parse(http_request(mocks[0].port, "GET", "/mock/stats").body);
+        return stats["cancelled"].get<int>() == 1;
+      },
+      5s);
+  EXPECT_TRUE(cancelled);
+  EXPECT_LT(Clock::now() - closed_at, 1s);
+}
+
+TEST(ProxyTest, BackendKilledMidStreamEndsTheClientStreamPromptly) {
+  auto dying = start_mocks(1, {"--tokens", "100", "--token-delay-ms", "50"});
+  auto good = start_mocks(1);
+  auto gw = start_gateway(concat(backend_args(dying), backend_args(good)));
+  wait_healthy(gw, 2);
+  std::thread killer([&] {
+    std::this_thread::sleep_for(300ms);  // let the stream start: this is the fault being injected
+    dying[0].process->kill();
+  });
+  // Round robin: the first request goes to one of the two; make sure we stream from the dying one.
+  StreamResult r;
+  for (int i = 0; i < 2; ++i) {
+    r = http_stream(gw.port, "POST", "/v1/chat/completions", chat_body(true), 10s);
+    if (r.headers["x-backend"] == dying[0].id()) break;
+  }
+  killer.join();
+  EXPECT_EQ(r.headers["x-backend"], dying[0].id());
+  EXPECT_FALSE(r.complete);
+  EXPECT_THAT(r.body(), ::testing::Not(HasSubstr("[DONE]")));
+  auto after = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(after.status, 200);
+}
+
+TEST(ProxyTest, StalePooledConnectionsAreReplacedInvisibly) {
+  auto mocks = start_mocks(1, {"--close-after", "1"});
+  auto gw = start_gateway(concat(backend_args(mocks), {"--threads", "1"}));
+  wait_healthy(gw, 1);
+  for (int i = 0; i < 20; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    ASSERT_EQ(r.status, 200) << "request " << i << ": " << r.body << r.error;
+  }
+}
+
+TEST(ProxyTest, HeadersForwardedAsAProxyShould) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  auto r = http_request(gw.port, "POST", "/v1/chat/completions?x=1", chat_body(false),
+                        {{"X-Mock-Echo-Headers", "1"}, {"X-Forwarded-For", "10.0.0.1"}, {"Authorization", "Bearer k"},
+                         {"Connection", "keep-alive, X-Hop"}, {"X-Hop", "secret"}, {"Keep-Alive", "timeout=5"}});
+  ASSERT_EQ(r.status, 200);
+  auto received = json::parse(r.body)["received_headers"];
+  EXPECT_EQ(received["X-Forwarded-For"], "10.0.0.1, 127.0.0.1");
+  EXPECT_EQ(received["Authorization"], "Bearer k");
+  EXPECT_FALSE(received.contains("X-Hop"));
+  EXPECT_FALSE(received.contains("Keep-Alive"));
+  ASSERT_TRUE(received.contains("X-Request-ID"));
+  EXPECT_EQ(r.header("X-Request-ID"), received["X-Request-ID"]);  // generated and returned
+  EXPECT_FALSE(r.header("X-Request-ID").empty());
+
+  auto pipelined = raw_exchange(gw.port,
+                                "GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+                                "GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  std::size_t answers = 0;
+  for (std::size_t pos = 0; (pos = pipelined.find("HTTP/1.1 200", pos)) != std::string::npos; ++pos) ++answers;
+  EXPECT_EQ(answers, 2u);
+}
+
+TEST(ProxyTest, SigtermLetsInFlightRequestsFinishAndExitsZero) {
+  auto mocks = start_mocks(1, {"--tokens", "10", "--token-delay-ms", "100"});
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  StreamResult r;
+  std::thread client([&] { r = http_stream(gw.port, "POST", "/v1/chat/completions", chat_body(true), 10s); });
+  ASSERT_TRUE(poll_until(
+      [&] { return json::parse(http_request(mocks[0].port, "GET", "/mock/stats").body)["requests"] == 1; }, 5s));
+  EXPECT_EQ(gw.process->signal_and_wait(SIGTERM, 10s), 0);
+  client.join();
+  EXPECT_TRUE(r.complete) << r.error;
+  EXPECT_THAT(r.body(), HasSubstr("[DONE]"));
+}
