@@ -34,6 +34,7 @@ cleanup() {
   trap - EXIT INT TERM
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  echo "demo: stopped the gateway and the mocks" >&2
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -63,4 +64,8 @@ OpenAI client: base_url="http://127.0.0.1:$gateway_port/v1", api_key="unused"
 Ctrl-C stops the gateway and the mocks.
 
 MSG
-"$build/gateway/infergate" --listen "127.0.0.1:$gateway_port" "$@"
+# In the background so that Ctrl-C or SIGTERM reaches this script's trap at once; the trap
+# stops the gateway (gracefully) and the mocks.
+"$build/gateway/infergate" --listen "127.0.0.1:$gateway_port" "$@" &
+pids=("$!" "${pids[@]}")
+wait "${pids[0]}"
