@@ -13,7 +13,10 @@ packages=(
 )
 for arg in "$@"; do
   case "$arg" in
-    --test) packages+=(prometheus chromium) ;;   # promtool checks /metrics; chromium loads the status page
+    --test)
+      packages+=(prometheus chromium)   # promtool checks /metrics; chromium loads the status page
+      command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)  # the OpenAI client test
+      ;;
     --bench) packages+=(wrk nginx haproxy procps) ;;
     *) echo "usage: $0 [--test] [--bench]" >&2; exit 2 ;;
   esac

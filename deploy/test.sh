@@ -6,5 +6,9 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 build="${BUILD_DIR:-$root/build}"
 "$root/deploy/install-deps.sh" --test
 "$root/deploy/build.sh"
+# The official OpenAI client (npm package "openai") that a test drives against the gateway.
+if [[ ! -d "$root/tests/openai_client/node_modules/openai" ]]; then
+  (cd "$root/tests/openai_client" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
 cd "$build"
 ctest --output-on-failure -j "$(nproc)" --timeout 300 "$@"

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdio>
 #include <string>
+#include <span>
 #include <variant>
 
 #include "gateway/errors.hpp"
@@ -146,57 +147,87 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, beast::tcp_stream* clie
   res.version(client_version);
   res.keep_alive(client_keep_alive);
 
-  http::response_serializer<http::buffer_body> serializer{res};
+  // The response is framed here rather than by Beast's serializer: the head once, then each
+  // piece of body as it arrives, re-chunked when the upstream response was chunked. One gather
+  // write per piece; the head travels with the first piece when the body is already here.
+  const bool chunked = res.chunked();
+  std::string head;
+  head.reserve(512);
+  head += client_version >= 11 ? "HTTP/1.1 " : "HTTP/1.0 ";
+  head += std::to_string(out.status);
+  head += ' ';
+  head += res.reason().empty() ? http::obsolete_reason(res.result()) : res.reason();
+  head += "\r\n";
+  for (const auto& field : res) {
+    head += field.name_string();
+    head += ": ";
+    head += field.value();
+    head += "\r\n";
+  }
+  head += "\r\n";
+  bool head_sent = false;
+  const auto idle = w->state->config.timeouts.idle;
   if (upstream->buffer.size() == 0 && !parser->is_done()) {
-    // Nothing of the body is here yet (a stream waiting for its first token): send the header
-    // now. Otherwise it goes out together with the first body bytes, in one write.
-    client->expires_after(w->state->config.timeouts.idle);
-    auto [hec, hn] = co_await http::async_write_header(*client, serializer, kTuple);
+    // Nothing of the body is here yet (a stream waiting for its first token): send the head now.
+    client->expires_after(idle);
+    auto [hec, hn] = co_await net::async_write(*client, net::buffer(head), kTuple);
     if (hec) {
       out.kind = AttemptOutcome::kClientGone;
       co_return out;
     }
+    head_sent = true;
   }
 
   std::array<char, 16 * 1024> buf;
-  const auto idle = w->state->config.timeouts.idle;
-  while (!serializer.is_done()) {
-    auto& body = res.body();
+  std::array<char, 24> chunk_size{};
+  static constexpr std::string_view kCrlf = "\r\n";
+  static constexpr std::string_view kLastChunk = "0\r\n\r\n";
+  for (;;) {
+    std::size_t n = 0;
     if (!parser->is_done()) {
+      auto& body = res.body();
       body.data = buf.data();
       body.size = buf.size();
       upstream->stream.expires_after(idle);
       auto [rec, rn] = co_await http::async_read_some(upstream->stream, upstream->buffer, *parser, kTuple);
       if (rec == http::error::need_buffer) rec = {};
       if (rec) {
-        // Bytes already reached the client: no retry is possible, end the client connection so
-        // it sees a terminated response rather than waiting.
+        // Bytes already reached the client: no retry is possible. Ending the client connection
+        // (without a last chunk) tells it the response is incomplete.
         out.kind = AttemptOutcome::kBrokenMidResponse;
         out.error = rec.message();
         co_return out;
       }
-      body.size = buf.size() - body.size;
-      body.data = buf.data();
-      body.more = !parser->is_done();
-      if (body.size == 0 && body.more) continue;  // a pass that parsed framing only
-    } else {
-      body.data = nullptr;
-      body.size = 0;
-      body.more = false;
+      n = buf.size() - body.size;
+      if (n == 0 && !parser->is_done()) continue;  // a pass that parsed framing only
     }
-    out.bytes += body.size;
-    if (body.size > 0) {
-      usage.feed(std::string_view(static_cast<const char*>(body.data), body.size));
+    const bool last = parser->is_done();
+    std::array<net::const_buffer, 5> pieces;
+    std::size_t count = 0;
+    if (!head_sent) pieces[count++] = net::buffer(head);
+    if (n > 0) {
+      if (chunked) {
+        auto len = std::snprintf(chunk_size.data(), chunk_size.size(), "%zx\r\n", n);
+        pieces[count++] = net::buffer(chunk_size.data(), static_cast<std::size_t>(len));
+      }
+      pieces[count++] = net::buffer(buf.data(), n);
+      if (chunked) pieces[count++] = net::buffer(kCrlf.data(), kCrlf.size());
+      out.bytes += n;
+      usage.feed(std::string_view(buf.data(), n));
       if (first_body_byte && streamed) backend->stats.ttft.observe(Clock::now() - started);
       first_body_byte = false;
     }
-    client->expires_after(idle);
-    auto [wec, wn] = co_await http::async_write(*client, serializer, kTuple);
-    if (wec == http::error::need_buffer) wec = {};
-    if (wec) {
-      out.kind = AttemptOutcome::kClientGone;
-      co_return out;
+    if (last && chunked) pieces[count++] = net::buffer(kLastChunk.data(), kLastChunk.size());
+    if (count > 0) {
+      client->expires_after(idle);
+      auto [wec, wn] = co_await net::async_write(*client, std::span(pieces.data(), count), kTuple);
+      if (wec) {
+        out.kind = AttemptOutcome::kClientGone;
+        co_return out;
+      }
+      head_sent = true;
     }
+    if (last) break;
   }
   out.kind = AttemptOutcome::kServed;
   out.keep_alive = client_keep_alive;

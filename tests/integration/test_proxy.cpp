@@ -3,6 +3,9 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <unistd.h>
+
+#include <regex>
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
@@ -438,4 +441,40 @@ TEST(ProxyTest, SigtermLetsInFlightRequestsFinishAndExitsZero) {
   client.join();
   EXPECT_TRUE(r.complete) << r.error;
   EXPECT_THAT(r.body(), HasSubstr("[DONE]"));
+}
+
+TEST(ProxyTest, KeepAliveConnectionCarriesRequestsAfterAStream) {
+  auto mocks = start_mocks(1, {"--tokens", "3"});
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  std::string stream = chat_body(true, R"("stream_options":{"include_usage":true})");
+  std::string plain = chat_body(false);
+  auto request = [](const std::string& body, bool close) {
+    return "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+           std::string(close ? "Connection: close\r\n" : "") + "Content-Length: " + std::to_string(body.size()) +
+           "\r\n\r\n" + body;
+  };
+  auto raw = raw_exchange(gw.port, request(stream, false) + request(stream, false) + request(plain, true));
+  // Exactly three responses, each framed correctly: the stream's chunked body ends once.
+  std::size_t responses = 0;
+  for (std::size_t pos = 0; (pos = raw.find("HTTP/1.1 200 OK\r\n", pos)) != std::string::npos; ++pos) ++responses;
+  EXPECT_EQ(responses, 3u) << raw;
+  std::size_t last_chunks = 0;
+  for (std::size_t pos = 0; (pos = raw.find("\r\n0\r\n\r\n", pos)) != std::string::npos; ++pos) ++last_chunks;
+  EXPECT_EQ(last_chunks, 2u);
+  EXPECT_TRUE(raw.ends_with("}")) << raw.substr(raw.size() - 100);  // the plain JSON answer, last
+}
+
+TEST(ProxyTest, OfficialOpenAiClientWorksUnchanged) {
+  const std::string client_dir = std::string(INFERGATE_SOURCE_DIR) + "/tests/openai_client";
+  ASSERT_EQ(access((client_dir + "/node_modules/openai").c_str(), R_OK), 0)
+      << "run `npm ci` in tests/openai_client (deploy/test.sh does)";
+  auto mocks = start_mocks(2);
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 2);
+  Process node("/usr/bin/env", {"node", client_dir + "/client.mjs", "http://127.0.0.1:" + std::to_string(gw.port) + "/v1"});
+  std::string all_ok;
+  EXPECT_NO_THROW(all_ok = node.wait_for_line(std::regex("ALL OK"), 60s)) << node.output() << node.errors();
+  EXPECT_EQ(all_ok, "ALL OK");
+  EXPECT_EQ(node.signal_and_wait(0, 10s), 0) << node.errors();
 }

@@ -392,7 +392,7 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
         for (int i = 0; i < c.max_tokens; ++i) text += token_text(i);
         res = make_response(http::status::ok, json{{"text", json::array({text})}}.dump());
       } else if (c.stream) {
-        keep_open = co_await stream_completion(server, &socket, c, completion_id, request_id);
+        keep_open = co_await stream_completion(server, &socket, c, completion_id, request_id) && req.keep_alive();
         streamed = true;
       } else {
         if (o.hang_after_header) {
