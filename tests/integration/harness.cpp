@@ -92,6 +92,7 @@ Process::Process(const std::string& binary, std::vector<std::string> args, std::
       std::lock_guard lock(mutex_);
       stdout_.append(buf, static_cast<std::size_t>(n));
     }
+    stdout_closed_ = true;
   });
 }
 
@@ -142,6 +143,11 @@ int Process::signal_and_wait(int signo, std::chrono::milliseconds deadline) {
   ::kill(pid_, signo);
   poll_until([this] { return !running(); }, deadline, 5ms);
   if (running()) return -1;
+  return *exit_code_;
+}
+
+int Process::wait_exit(std::chrono::milliseconds deadline) {
+  if (!poll_until([this] { return !running() && stdout_closed_.load(); }, deadline, 2ms)) return -1;
   return *exit_code_;
 }
 

@@ -2,6 +2,7 @@
 // loopback ports, a small synchronous HTTP client, and polling with deadlines.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <map>
@@ -37,6 +38,9 @@ class Process {
   int stop(std::chrono::milliseconds deadline = 10s);
   int signal_and_wait(int signo, std::chrono::milliseconds deadline);
   void kill();
+  // Waits for the process to exit on its own and for its stdout to be read to the end;
+  // returns the exit code, or -1 on timeout.
+  int wait_exit(std::chrono::milliseconds deadline = 10s);
 
  private:
   void reap(bool block);
@@ -46,6 +50,7 @@ class Process {
   std::string stderr_path_;
   mutable std::mutex mutex_;
   std::string stdout_;
+  std::atomic<bool> stdout_closed_{false};
   std::thread reader_;
 };
 

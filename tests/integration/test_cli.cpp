@@ -23,9 +23,7 @@ struct Run {
 Run run(std::vector<std::string> args, std::vector<std::string> env = {}) {
   Process p(INFERGATE_BIN, std::move(args), std::move(env));
   Run r;
-  r.code = p.signal_and_wait(0, 10s);  // signal 0: just wait for it to exit
-  // The stdout reader may still be draining the pipe: wait for it to see end of file.
-  poll_until([&] { return !p.running(); }, 1s);
+  r.code = p.wait_exit(10s);
   r.out = p.output();
   r.err = p.errors();
   return r;

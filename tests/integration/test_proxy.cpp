@@ -476,5 +476,5 @@ TEST(ProxyTest, OfficialOpenAiClientWorksUnchanged) {
   std::string all_ok;
   EXPECT_NO_THROW(all_ok = node.wait_for_line(std::regex("ALL OK"), 60s)) << node.output() << node.errors();
   EXPECT_EQ(all_ok, "ALL OK");
-  EXPECT_EQ(node.signal_and_wait(0, 10s), 0) << node.errors();
+  EXPECT_EQ(node.wait_exit(10s), 0) << node.errors();
 }
