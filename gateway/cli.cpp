@@ -218,6 +218,11 @@ int run_cli(int argc, char** argv) {
     // Scripts and tests wait for this line on stdout.
     std::printf("infergate listening on http://%s:%u\n", cfg.listen.host.c_str(),
                 static_cast<unsigned>(server.port()));
+    if (server.metrics_port() != 0) {
+      spdlog::info("metrics on {}:{}/metrics", cfg.metrics_listen->host, server.metrics_port());
+      std::printf("infergate metrics on http://%s:%u/metrics\n", cfg.metrics_listen->host.c_str(),
+                  static_cast<unsigned>(server.metrics_port()));
+    }
     std::fflush(stdout);
     return server.run();
   } catch (const std::exception& e) {

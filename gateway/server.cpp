@@ -20,7 +20,7 @@ namespace {
 
 constexpr auto kTuple = net::as_tuple(net::use_awaitable);
 
-net::awaitable<void> accept_loop(Worker* w, tcp::acceptor* acceptor) {
+net::awaitable<void> accept_loop(Worker* w, tcp::acceptor* acceptor, Listener listener) {
   for (;;) {
     auto [ec, socket] = co_await acceptor->async_accept(w->io, kTuple);
     if (w->state->stopping.load() || !acceptor->is_open()) co_return;
@@ -31,7 +31,7 @@ net::awaitable<void> accept_loop(Worker* w, tcp::acceptor* acceptor) {
       co_await pause.async_wait(kTuple);
       continue;
     }
-    net::co_spawn(w->io, run_client_session(w, std::move(socket)), net::detached);
+    net::co_spawn(w->io, run_client_session(w, std::move(socket), listener), net::detached);
   }
 }
 
@@ -62,7 +62,9 @@ struct Server::Impl {
   discovery::HealthChecker health;
   std::vector<std::unique_ptr<Worker>> workers;
   std::vector<std::unique_ptr<tcp::acceptor>> acceptors;  // acceptors[i] runs on workers[i]
+  std::unique_ptr<tcp::acceptor> metrics_acceptor;        // metrics.listen, on worker 0
   std::uint16_t bound_port = 0;
+  std::uint16_t metrics_port = 0;
 };
 
 Server::Server(config::Config config, discovery::DiscoveryResult discovered)
@@ -70,19 +72,25 @@ Server::Server(config::Config config, discovery::DiscoveryResult discovered)
 
 Server::~Server() = default;
 
+namespace {
+net::ip::address resolve_listen_address(net::io_context& io, const config::Endpoint& listen, const char* key) {
+  beast::error_code ec;
+  auto address = net::ip::make_address(listen.host, ec);
+  if (!ec) return address;
+  // A host name: resolve it once.
+  tcp::resolver resolver(io);
+  auto results = resolver.resolve(listen.host, std::to_string(listen.port), ec);
+  if (ec || results.empty()) {
+    throw std::runtime_error(std::string(key) + ": cannot resolve '" + listen.host + "': " + ec.message());
+  }
+  return results.begin()->endpoint().address();
+}
+}  // namespace
+
 void Server::bind() {
   const auto& listen = impl_->state.config.listen;
   beast::error_code ec;
-  auto address = net::ip::make_address(listen.host, ec);
-  if (ec) {
-    // A host name: resolve it once.
-    tcp::resolver resolver(impl_->workers.front()->io);
-    auto results = resolver.resolve(listen.host, std::to_string(listen.port), ec);
-    if (ec || results.empty()) {
-      throw std::runtime_error("listen: cannot resolve '" + listen.host + "': " + ec.message());
-    }
-    address = results.begin()->endpoint().address();
-  }
+  auto address = resolve_listen_address(impl_->workers.front()->io, listen, "listen");
   std::uint16_t port = listen.port;
   for (auto& w : impl_->workers) {
     auto acceptor = std::make_unique<tcp::acceptor>(w->io);
@@ -106,7 +114,24 @@ void Server::bind() {
     impl_->acceptors.push_back(std::move(acceptor));
   }
   impl_->bound_port = port;
+
+  if (const auto& metrics = impl_->state.config.metrics_listen) {
+    auto& io = impl_->workers.front()->io;
+    tcp::endpoint endpoint(resolve_listen_address(io, *metrics, "metrics.listen"), metrics->port);
+    auto acceptor = std::make_unique<tcp::acceptor>(io);
+    acceptor->open(endpoint.protocol(), ec);
+    if (!ec) acceptor->set_option(net::socket_base::reuse_address(true), ec);
+    if (!ec) acceptor->bind(endpoint, ec);
+    if (!ec) acceptor->listen(net::socket_base::max_listen_connections, ec);
+    if (ec) {
+      throw std::runtime_error("metrics.listen: cannot listen on " + metrics->to_string() + ": " + ec.message());
+    }
+    impl_->metrics_port = acceptor->local_endpoint().port();
+    impl_->metrics_acceptor = std::move(acceptor);
+  }
 }
+
+std::uint16_t Server::metrics_port() const { return impl_->metrics_port; }
 
 std::uint16_t Server::port() const { return impl_->bound_port; }
 
@@ -116,8 +141,12 @@ int Server::run() {
   impl_->health.start();
   for (std::size_t i = 0; i < impl_->workers.size(); ++i) {
     Worker* w = impl_->workers[i].get();
-    net::co_spawn(w->io, accept_loop(w, impl_->acceptors[i].get()), net::detached);
+    net::co_spawn(w->io, accept_loop(w, impl_->acceptors[i].get(), Listener::kGateway), net::detached);
     net::co_spawn(w->io, sweep_idle_upstreams(w), net::detached);
+  }
+  if (impl_->metrics_acceptor) {
+    Worker* w = impl_->workers.front().get();
+    net::co_spawn(w->io, accept_loop(w, impl_->metrics_acceptor.get(), Listener::kMetricsOnly), net::detached);
   }
 
   net::io_context control;
@@ -160,9 +189,11 @@ int Server::run() {
     state.stopping.store(true);
     for (std::size_t i = 0; i < impl_->workers.size(); ++i) {
       tcp::acceptor* acceptor = impl_->acceptors[i].get();
-      net::post(impl_->workers[i]->io, [acceptor] {
+      tcp::acceptor* metrics = i == 0 ? impl_->metrics_acceptor.get() : nullptr;
+      net::post(impl_->workers[i]->io, [acceptor, metrics] {
         beast::error_code ignored;
         acceptor->close(ignored);
+        if (metrics != nullptr) metrics->close(ignored);
       });
     }
     drain_deadline = std::chrono::steady_clock::now() + state.config.timeouts.shutdown;

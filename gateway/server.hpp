@@ -20,6 +20,7 @@ class Server {
   // Binds the listening sockets; throws std::runtime_error naming the address on failure.
   void bind();
   std::uint16_t port() const;
+  std::uint16_t metrics_port() const;  // 0 unless metrics.listen is set
   // Serves until SIGINT/SIGTERM, then lets in-flight requests finish (timeouts.shutdown);
   // returns the process exit code.
   int run();

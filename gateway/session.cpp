@@ -596,7 +596,7 @@ net::awaitable<void> drain_before_close(beast::tcp_stream* client, beast::flat_b
 
 }  // namespace
 
-net::awaitable<void> run_client_session(Worker* w, tcp::socket socket) {
+net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener listener) {
   GatewayState& state = *w->state;
   const auto& cfg = state.config;
   state.client_connections.fetch_add(1, std::memory_order_relaxed);
@@ -645,8 +645,14 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket) {
       Request req = parser.release();
       InflightGuard inflight(state.inflight_requests);
       bool keep_alive = false;
-      auto decision = route(state, RequestView{req.method_string(), req.target(),
-                                               req[http::field::authorization], req.body()});
+      RouteDecision decision;
+      const auto path = req.target().substr(0, req.target().find('?'));
+      if (listener == Listener::kMetricsOnly && path != "/metrics" && path != "/health") {
+        decision = error_response(404, "this listener (metrics.listen) serves /metrics and /health only");
+      } else {
+        decision = route(state, RequestView{req.method_string(), req.target(),
+                                            req[http::field::authorization], req.body()});
+      }
       if (auto* local = std::get_if<LocalResponse>(&decision)) {
         keep_alive = co_await write_local(&client, std::move(*local), req.version(),
                                           req.keep_alive(), "");

@@ -7,7 +7,10 @@
 
 namespace infergate::gateway {
 
-// Runs until the client closes, a protocol error, or shutdown. Never throws.
-net::awaitable<void> run_client_session(Worker* worker, tcp::socket socket);
+enum class Listener { kGateway, kMetricsOnly };
+
+// Runs until the client closes, a protocol error, or shutdown. Never throws. A metrics-only
+// listener (metrics.listen) answers /metrics and /health and nothing else.
+net::awaitable<void> run_client_session(Worker* worker, tcp::socket socket, Listener listener);
 
 }  // namespace infergate::gateway

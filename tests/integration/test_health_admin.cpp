@@ -281,3 +281,19 @@ TEST(StatusPageTest, HeadlessChromiumSeesOneRowPerBackendAndAnUnhealthyOne) {
   EXPECT_EQ(count_rows(dom, "unhealthy"), 1);
   EXPECT_THAT(dom, HasSubstr("data-id=\"" + mocks[2].id() + "\" data-state=\"unhealthy\""));
 }
+
+TEST(MetricsTest, SeparateMetricsListenerServesOnlyMetrics) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "metrics.listen=127.0.0.1:0"});
+  const int metrics_port =
+      std::stoi(gw.process->wait_for_line(std::regex(R"(infergate metrics on http://127\.0\.0\.1:(\d+)/metrics)")));
+  ASSERT_NE(metrics_port, gw.port);
+  auto scrape = http_request(metrics_port, "GET", "/metrics");
+  EXPECT_EQ(scrape.status, 200);
+  EXPECT_THAT(scrape.body, HasSubstr("infergate_build_info"));
+  EXPECT_EQ(http_request(metrics_port, "GET", "/health").status, 200);
+  auto proxied = http_request(metrics_port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(proxied.status, 404);
+  EXPECT_EQ(http_request(metrics_port, "GET", "/admin/backends").status, 404);
+  EXPECT_EQ(http_request(gw.port, "GET", "/metrics").status, 200);  // still on the gateway port too
+}
