@@ -59,12 +59,18 @@ void setup_logging(const config::Config& cfg) {
 }
 
 // Thousands of concurrent streams need thousands of descriptors: use the hard limit.
+// Two descriptors per proxied stream (client and backend): raise the hard limit too when
+// allowed (root), since 10,000 streams need more than a common 20,000 cap.
 void raise_fd_limit() {
   rlimit limit{};
-  if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
-    limit.rlim_cur = limit.rlim_max;
-    setrlimit(RLIMIT_NOFILE, &limit);
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return;
+  constexpr rlim_t kWanted = 1 << 17;
+  if (limit.rlim_max < kWanted) {
+    rlimit raised{kWanted, kWanted};
+    if (setrlimit(RLIMIT_NOFILE, &raised) == 0) return;
   }
+  limit.rlim_cur = limit.rlim_max;
+  setrlimit(RLIMIT_NOFILE, &limit);
 }
 
 int print_discovery(const discovery::DiscoveryResult& result, bool json) {

@@ -1,0 +1,164 @@
+// infergate-sse-load: opens N concurrent streaming chat requests against a URL and reports how
+// the streams went (time to first event, events relayed, failures) as one JSON line. No Debian
+// load tool holds thousands of slow SSE streams open and times their first byte.
+//
+// usage: infergate-sse-load --port P [--host H] [--streams N] [--tokens T] [--ramp-ms MS]
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+#include <vector>
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = boost::beast::http;
+using tcp = net::ip::tcp;
+using Clock = std::chrono::steady_clock;
+constexpr auto kTuple = net::as_tuple(net::use_awaitable);
+
+namespace {
+
+struct Options {
+  std::string host = "127.0.0.1";
+  int port = 0;
+  int streams = 100;
+  int tokens = 64;
+  int ramp_ms = 1000;  // spread the connection opening over this long
+};
+
+struct Totals {
+  std::vector<double> ttfb_us;  // request sent -> first body byte
+  std::uint64_t events = 0;
+  int ok = 0;
+  int failed = 0;
+  std::string last_error;
+};
+
+net::awaitable<void> one_stream(const Options* o, int index, Totals* totals) {
+  auto ex = co_await net::this_coro::executor;
+  if (o->ramp_ms > 0 && o->streams > 1) {
+    net::steady_timer delay(ex, std::chrono::microseconds(static_cast<std::int64_t>(index) * o->ramp_ms * 1000 / o->streams));
+    co_await delay.async_wait(kTuple);
+  }
+  beast::tcp_stream stream(ex);
+  stream.expires_after(std::chrono::minutes(5));
+  auto [cec] = co_await stream.async_connect(tcp::endpoint(net::ip::make_address(o->host), static_cast<unsigned short>(o->port)), kTuple);
+  if (cec) {
+    ++totals->failed;
+    totals->last_error = "connect: " + cec.message();
+    co_return;
+  }
+  http::request<http::string_body> req{http::verb::post, "/v1/chat/completions", 11};
+  req.set(http::field::host, o->host);
+  req.set(http::field::content_type, "application/json");
+  req.body() = R"({"model":"bench-model","stream":true,"max_tokens":)" + std::to_string(o->tokens) +
+               R"(,"messages":[{"role":"user","content":"hello"}]})";
+  req.prepare_payload();
+  const auto sent = Clock::now();
+  auto [wec, wn] = co_await http::async_write(stream, req, kTuple);
+  if (wec) {
+    ++totals->failed;
+    totals->last_error = "write: " + wec.message();
+    co_return;
+  }
+  beast::flat_buffer buffer;
+  http::response_parser<http::buffer_body> parser;
+  parser.body_limit(boost::none);
+  auto [hec, hn] = co_await http::async_read_header(stream, buffer, parser, kTuple);
+  if (hec || parser.get().result_int() != 200) {
+    ++totals->failed;
+    totals->last_error = hec ? "header: " + hec.message() : "status " + std::to_string(parser.get().result_int());
+    co_return;
+  }
+  char buf[8192];
+  bool first = true;
+  std::uint64_t events = 0;
+  std::string tail;  // to spot "data: " across read boundaries
+  while (!parser.is_done()) {
+    parser.get().body().data = buf;
+    parser.get().body().size = sizeof buf;
+    auto [rec, rn] = co_await http::async_read_some(stream, buffer, parser, kTuple);
+    if (rec == http::error::need_buffer) rec = {};
+    if (rec) {
+      ++totals->failed;
+      totals->last_error = "body: " + rec.message();
+      co_return;
+    }
+    const auto n = sizeof buf - parser.get().body().size;
+    if (n == 0) continue;
+    if (first) {
+      totals->ttfb_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - sent).count());
+      first = false;
+    }
+    std::string text = tail + std::string(buf, n);
+    for (std::size_t pos = 0; (pos = text.find("data: ", pos)) != std::string::npos; pos += 6) {
+      if (pos >= tail.size() || pos + 6 > tail.size()) ++events;
+    }
+    tail = text.substr(text.size() >= 5 ? text.size() - 5 : 0);
+  }
+  totals->events += events;
+  ++totals->ok;
+}
+
+int parse_int(const std::string& flag, const char* v) {
+  char* end = nullptr;
+  long n = std::strtol(v, &end, 10);
+  if (*end != '\0' || n < 0) {
+    std::cerr << "infergate-sse-load: bad value for " << flag << "\n";
+    std::exit(2);
+  }
+  return static_cast<int>(n);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (i + 1 >= argc) {
+      std::cerr << "infergate-sse-load: " << a << " needs a value\n";
+      return 2;
+    }
+    if (a == "--host") o.host = argv[++i];
+    else if (a == "--port") o.port = parse_int(a, argv[++i]);
+    else if (a == "--streams") o.streams = parse_int(a, argv[++i]);
+    else if (a == "--tokens") o.tokens = parse_int(a, argv[++i]);
+    else if (a == "--ramp-ms") o.ramp_ms = parse_int(a, argv[++i]);
+    else {
+      std::cerr << "infergate-sse-load: unknown flag " << a << "\n";
+      return 2;
+    }
+  }
+  if (o.port == 0) {
+    std::cerr << "usage: infergate-sse-load --port P [--host H] [--streams N] [--tokens T] [--ramp-ms MS]\n";
+    return 2;
+  }
+  rlimit limit{};
+  if (getrlimit(RLIMIT_NOFILE, &limit) == 0) {
+    limit.rlim_cur = limit.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &limit);
+  }
+  net::io_context io(1);
+  Totals totals;
+  const auto started = Clock::now();
+  for (int i = 0; i < o.streams; ++i) net::co_spawn(io, one_stream(&o, i, &totals), net::detached);
+  io.run();
+  const double seconds = std::chrono::duration<double>(Clock::now() - started).count();
+  auto& t = totals.ttfb_us;
+  std::sort(t.begin(), t.end());
+  auto pct = [&](double p) { return t.empty() ? 0.0 : t[std::min(t.size() - 1, static_cast<std::size_t>(p * static_cast<double>(t.size())))]; };
+  std::printf(
+      "{\"streams\":%d,\"ok\":%d,\"failed\":%d,\"events\":%llu,\"seconds\":%.3f,\"events_per_s\":%.0f,"
+      "\"ttfb_p50_us\":%.0f,\"ttfb_p99_us\":%.0f,\"last_error\":\"%s\"}\n",
+      o.streams, totals.ok, totals.failed, static_cast<unsigned long long>(totals.events), seconds,
+      static_cast<double>(totals.events) / seconds, pct(0.5), pct(0.99), totals.last_error.c_str());
+  return totals.failed == 0 ? 0 : 1;
+}
