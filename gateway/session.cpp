@@ -178,7 +178,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, beast::tcp_stream* clie
     head_sent = true;
   }
 
-  std::array<char, 16 * 1024> buf;
+  auto& buf = upstream->relay_buffer;
   std::array<char, 24> chunk_size{};
   static constexpr std::string_view kCrlf = "\r\n";
   static constexpr std::string_view kLastChunk = "0\r\n\r\n";

@@ -2,6 +2,7 @@
 // connections per backend, evicted after an idle timeout or when the backend closed them.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstddef>
 #include <memory>
@@ -15,6 +16,9 @@ struct UpstreamConnection {
   explicit UpstreamConnection(net::any_io_executor ex) : stream(std::move(ex)) {}
   beast::tcp_stream stream;
   beast::flat_buffer buffer;
+  // Response body bytes pass through here on their way to the client. It lives with the
+  // connection so that the relay's coroutine frame stays small enough for Asio's frame cache.
+  std::array<char, 16 * 1024> relay_buffer;
   std::chrono::steady_clock::time_point idle_since{};
 };
 

@@ -7,6 +7,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <gtest/gtest.h>
+
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -166,13 +168,35 @@ void Process::kill() {
   reap(true);
 }
 
+std::string gateway_binary() {
+  const char* v = std::getenv("INFERGATE_BIN");
+  return v != nullptr && *v != '\0' ? v : INFERGATE_BIN;
+}
+
+std::string mock_binary() {
+  const char* v = std::getenv("INFERGATE_MOCK_BIN");
+  return v != nullptr && *v != '\0' ? v : INFERGATE_MOCK_BIN;
+}
+
 Mock start_mock(std::vector<std::string> args) {
   std::vector<std::string> all{"--host", "127.0.0.1", "--port", "0"};
   all.insert(all.end(), args.begin(), args.end());
   Mock m;
-  m.process = std::make_unique<Process>(INFERGATE_MOCK_BIN, all);
+  m.process = std::make_unique<Process>(mock_binary(), all);
   m.port = std::stoi(m.process->wait_for_line(std::regex(R"(infergate-mock listening on 127\.0\.0\.1:(\d+))")));
   return m;
+}
+
+Gateway::~Gateway() {
+  if (!process) return;
+  process->stop(10s);
+  const auto errors = process->errors();
+  for (const char* report : {"ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:"}) {
+    if (errors.find(report) != std::string::npos) {
+      ADD_FAILURE() << "the gateway's sanitizer reported a problem:\n" << errors;
+      break;
+    }
+  }
 }
 
 Gateway start_gateway(std::vector<std::string> args, std::vector<std::string> env) {
@@ -182,7 +206,7 @@ Gateway start_gateway(std::vector<std::string> args, std::vector<std::string> en
                                "--set", "retries.backoff_max=20ms"};
   all.insert(all.end(), args.begin(), args.end());
   Gateway g;
-  g.process = std::make_unique<Process>(INFERGATE_BIN, all, std::move(env));
+  g.process = std::make_unique<Process>(gateway_binary(), all, std::move(env));
   g.port = std::stoi(g.process->wait_for_line(std::regex(R"(infergate listening on http://127\.0\.0\.1:(\d+))")));
   return g;
 }

@@ -54,6 +54,11 @@ class Process {
   std::thread reader_;
 };
 
+// The binaries under test: compiled-in paths, overridable with the INFERGATE_BIN and
+// INFERGATE_MOCK_BIN environment variables (CI points INFERGATE_BIN at a sanitized build).
+std::string gateway_binary();
+std::string mock_binary();
+
 struct Mock {
   std::unique_ptr<Process> process;
   int port = 0;
@@ -63,6 +68,12 @@ struct Mock {
 Mock start_mock(std::vector<std::string> args = {});
 
 struct Gateway {
+  Gateway() = default;
+  Gateway(Gateway&&) = default;
+  Gateway& operator=(Gateway&&) = default;
+  // Stops the gateway gracefully and fails the test if a sanitizer reported anything (CI runs
+  // these tests against an ASan+UBSan build).
+  ~Gateway();
   std::unique_ptr<Process> process;
   int port = 0;
 };

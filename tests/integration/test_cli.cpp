@@ -21,7 +21,7 @@ struct Run {
 };
 
 Run run(std::vector<std::string> args, std::vector<std::string> env = {}) {
-  Process p(INFERGATE_BIN, std::move(args), std::move(env));
+  Process p(gateway_binary(), std::move(args), std::move(env));
   Run r;
   r.code = p.wait_exit(10s);
   r.out = p.output();
