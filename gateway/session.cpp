@@ -178,7 +178,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, beast::tcp_stream* clie
     head_sent = true;
   }
 
-  auto& buf = upstream->relay_buffer;
+  const auto buf = upstream->relay_space(streamed ? 4 * 1024 : 16 * 1024);
   std::array<char, 24> chunk_size{};
   static constexpr std::string_view kCrlf = "\r\n";
   static constexpr std::string_view kLastChunk = "0\r\n\r\n";

@@ -2,7 +2,7 @@
 // connections per backend, evicted after an idle timeout or when the backend closed them.
 #pragma once
 
-#include <array>
+#include <span>
 #include <chrono>
 #include <cstddef>
 #include <memory>
@@ -17,8 +17,17 @@ struct UpstreamConnection {
   beast::tcp_stream stream;
   beast::flat_buffer buffer;
   // Response body bytes pass through here on their way to the client. It lives with the
-  // connection so that the relay's coroutine frame stays small enough for Asio's frame cache.
-  std::array<char, 16 * 1024> relay_buffer;
+  // connection (the relay's coroutine frame stays small) and is sized per response: SSE events
+  // are small and 10,000 open streams must not hold 16 KiB each.
+  std::unique_ptr<char[]> relay_buffer;
+  std::size_t relay_size = 0;
+  std::span<char> relay_space(std::size_t size) {
+    if (relay_size != size) {
+      relay_buffer = std::make_unique_for_overwrite<char[]>(size);
+      relay_size = size;
+    }
+    return {relay_buffer.get(), size};
+  }
   std::chrono::steady_clock::time_point idle_since{};
 };
 

@@ -10,7 +10,15 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 build="${BUILD_DIR:-$root/build}"
 smoke=0
-[[ "${1:-}" == "--smoke" ]] && smoke=1
+parts="sse probe startup"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --smoke) smoke=1; shift ;;
+    --only) parts="$2"; shift 2 ;;   # e.g. --only probe
+    *) echo "usage: $0 [--smoke] [--only 'sse probe startup']" >&2; exit 2 ;;
+  esac
+done
+want() { [[ " $parts " == *" $1 "* ]]; }
 
 "$root/deploy/install-deps.sh" --bench
 [[ -x "$build/tests/bench/infergate-sse-load" ]] || "$root/deploy/build.sh" >&2
@@ -65,9 +73,9 @@ if [[ $smoke -eq 1 ]]; then
 else
   cases=("1000 20 64" "10000 500 64")
 fi
-echo "| streams | ms/token | target | ok / failed | TTFB p50 us (added) | events/s | CPU us/event | RSS MiB |"
-echo "|---|---|---|---|---|---|---|---|"
-for c in "${cases[@]}"; do
+want sse && echo "| streams | ms/token | target | ok / failed | TTFB p50 us (added) | events/s | CPU us/event | RSS MiB |"
+want sse && echo "|---|---|---|---|---|---|---|---|"
+want sse && for c in "${cases[@]}"; do
   read -r streams delay tokens <<<"$c"
   mport=$(free_port)
   "$mock" --port "$mport" --tokens "$tokens" --token-delay-ms "$delay" --quiet >/dev/null &
@@ -115,6 +123,7 @@ for c in "${cases[@]}"; do
 done
 
 # ---- 2. Health probing cost: 1,024 backends probed every second
+probe_bench() {
 backends=1024
 [[ $smoke -eq 1 ]] && backends=64
 for ((try = 0; try < 20; try++)); do
@@ -134,7 +143,7 @@ gport=$(free_port)
   --set health.interval=1s --set health.healthy_threshold=1 >/dev/null 2>"$work/probe-ig.err" &
 ig=$!
 pids+=("$ig")
-wait_port "$gport"
+wait_port "$gport" || { cat "$work/probe-ig.err" >&2; exit 1; }
 for ((i = 0; i < 100; i++)); do
   [[ "$(curl -s "http://127.0.0.1:$gport/ready" | grep -o '"healthy":[0-9]*' | cut -d: -f2)" == "$backends" ]] && break
   sleep 0.1
@@ -146,8 +155,11 @@ healthy=$(curl -s "http://127.0.0.1:$gport/ready" | grep -o '"healthy":[0-9]*' |
 echo
 echo "health probing: $backends backends ($healthy healthy) probed every 1s: infergate used ${share}% of one core"
 kill "$ig" "$pm"; wait "$ig" "$pm" 2>/dev/null || true
+}
+want probe && probe_bench
 
 # ---- 3. Start-up: exec to the listening line (the socket is open when it is printed)
+want startup || exit 0
 total=0
 runs=5
 for ((i = 0; i < runs; i++)); do
