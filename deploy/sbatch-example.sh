@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# An example job: node 1 trains, every other node runs 8/INFER_TP vLLM servers on ports
+# 9000, 9001, ..., and infergate on the training node spreads the trainer's requests over them.
+#SBATCH --job-name=rl-train
+#SBATCH --nodes=5
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+set -euo pipefail
+export NUM_TRAINING_NODES=1 INFER_TP=2
+MODEL=${MODEL:-Qwen/Qwen2.5-7B-Instruct}
+mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+trainer=${hosts[0]}
+servers_per_node=$(( ${SLURM_GPUS_ON_NODE:-8} / INFER_TP ))
+
+for host in "${hosts[@]:NUM_TRAINING_NODES}"; do
+  for ((slot = 0; slot < servers_per_node; slot++)); do
+    gpus=$(seq -s, $((slot * INFER_TP)) $((slot * INFER_TP + INFER_TP - 1)))
+    srun --overlap -N1 -n1 -w "$host" --export=ALL,CUDA_VISIBLE_DEVICES="$gpus" \
+      vllm serve "$MODEL" --port $((9000 + slot)) --tensor-parallel-size "$INFER_TP" &
+  done
+done
+
+# The gateway discovers the servers above from the same variables and waits for them to load.
+srun --overlap -N1 -n1 -w "$trainer" infergate --listen 0.0.0.0:8080 &
+until curl -fs "http://$trainer:8080/ready" >/dev/null; do sleep 10; done
+
+srun --overlap -N1 -n1 -w "$trainer" python train.py --base-url "http://$trainer:8080/v1"
