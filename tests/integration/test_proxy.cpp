@@ -3,6 +3,9 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <regex>
@@ -477,4 +480,63 @@ TEST(ProxyTest, OfficialOpenAiClientWorksUnchanged) {
   EXPECT_NO_THROW(all_ok = node.wait_for_line(std::regex("ALL OK"), 60s)) << node.output() << node.errors();
   EXPECT_EQ(all_ok, "ALL OK");
   EXPECT_EQ(node.wait_exit(10s), 0) << node.errors();
+}
+
+namespace {
+// A backend that answered one health probe, then stopped accepting: its listen queue is full,
+// so the kernel drops new connection attempts and a connect can only time out.
+struct StuckListener {
+  net::io_context io;
+  net::ip::tcp::acceptor acceptor{io};
+  net::ip::tcp::socket probe{io};
+  std::vector<int> fillers;
+  int port = 0;
+
+  StuckListener() {
+    acceptor.open(net::ip::tcp::v4());
+    acceptor.bind({net::ip::make_address("127.0.0.1"), 0});
+    acceptor.listen(1);
+    port = acceptor.local_endpoint().port();
+  }
+  // Answers the gateway's first probe on a connection it keeps.
+  void answer_one_probe() {
+    acceptor.accept(probe);
+    beast::flat_buffer buffer;
+    http::request<http::empty_body> req;
+    http::read(probe, buffer, req);
+    http::response<http::empty_body> res{http::status::ok, 11};
+    res.prepare_payload();
+    http::write(probe, res);
+  }
+  void fill_queue() {
+    // Connections nobody accepts fill the queue (its length is the backlog plus one). Plain
+    // non-blocking connects: Asio's synchronous connect would wait for the dropped SYN.
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(static_cast<std::uint16_t>(port));
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    for (int i = 0; i < 4; ++i) {
+      int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+      ::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address);
+      fillers.push_back(fd);
+    }
+  }
+  ~StuckListener() {
+    for (int fd : fillers) ::close(fd);
+  }
+};
+}  // namespace
+
+TEST(ProxyTest, ConnectTimeoutAnswers504) {
+  StuckListener stuck;
+  auto gw = start_gateway({"--backend", "http://127.0.0.1:" + std::to_string(stuck.port), "--threads", "1",
+                           "--set", "health.interval=1h", "--set", "timeouts.connect=300ms", "--set", "retries.max=0"});
+  stuck.answer_one_probe();
+  wait_healthy(gw, 1);
+  stuck.fill_queue();
+  const auto started = Clock::now();
+  auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(r.status, 504) << r.body << r.error;
+  EXPECT_THAT(r.body, HasSubstr("connect timeout"));
+  EXPECT_LT(Clock::now() - started, 3s);
 }
