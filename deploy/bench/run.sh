@@ -43,7 +43,7 @@ port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_port() {
   local p
   while :; do
-    p=$((20000 + RANDOM % 30000))
+    p=$((20000 + RANDOM % 12000))  # below the ephemeral range: no clash with outgoing connections
     port_in_use "$p" || { echo "$p"; return; }
   done
 }
@@ -86,12 +86,17 @@ to_us() {  # wrk latency like 1.23ms / 850.00us / 1.02s -> microseconds
     printf "%.0f", n }'
 }
 
-bp=()
-for i in 0 1 2 3; do bp+=("$(free_port)"); done
-render backend-nginx.conf.in "$work/backend.conf" 2 0
-"$nginx_bin" -p "$work" -c "$work/backend.conf" -g "daemon off;" 2>"$work/backend.stderr" &
-pids+=($!)
-for p in "${bp[@]}"; do wait_port "$p"; done
+started=0
+for ((try = 0; try < 3 && !started; try++)); do
+  bp=()
+  for i in 0 1 2 3; do bp+=("$(free_port)"); done
+  render backend-nginx.conf.in "$work/backend.conf" 2 0
+  "$nginx_bin" -p "$work" -c "$work/backend.conf" -g "daemon off;" 2>"$work/backend.stderr" &
+  pids+=($!)
+  started=1
+  for p in "${bp[@]}"; do wait_port "$p" || { started=0; cat "$work/backend.stderr" >&2; break; }; done
+done
+[[ $started -eq 1 ]] || { echo "bench: the backend nginx did not start" >&2; exit 1; }
 
 results="$work/results.tsv"
 : > "$results"

@@ -41,7 +41,8 @@ trap cleanup EXIT
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_port() {
   local p
-  while :; do p=$((20000 + RANDOM % 30000)); port_in_use "$p" || { echo "$p"; return; }; done
+  # Below the ephemeral range: no clash with outgoing connections' local ports.
+  while :; do p=$((20000 + RANDOM % 12000)); port_in_use "$p" || { echo "$p"; return; }; done
 }
 wait_port() {
   local i
@@ -127,7 +128,7 @@ probe_bench() {
 backends=1024
 [[ $smoke -eq 1 ]] && backends=64
 for ((try = 0; try < 20; try++)); do
-  base=$((30000 + (RANDOM % 300) * 100))
+  base=$((20000 + (RANDOM % 100) * 100))
   "$mock" --port "$base" --port-count "$backends" --quiet >"$work/probe-mock.out" 2>&1 &
   pm=$!
   sleep 0.3
