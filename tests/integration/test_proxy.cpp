@@ -540,3 +540,24 @@ TEST(ProxyTest, ConnectTimeoutAnswers504) {
   EXPECT_THAT(r.body, HasSubstr("connect timeout"));
   EXPECT_LT(Clock::now() - started, 3s);
 }
+
+TEST(ProxyTest, ExpectContinueIsAnsweredSoLargeUploadsDoNotStall) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  std::string body(2 << 20, 'p');  // curl asks for 100-continue above 1 MiB and waits 1 s for it
+  const std::string head = "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nExpect: 100-continue\r\n"
+                           "Connection: close\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n";
+  auto raw = raw_exchange(gw.port, head + body);
+  EXPECT_TRUE(raw.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")) << raw.substr(0, 200);
+  EXPECT_TRUE(raw.ends_with(body));
+  // Not forwarded: the gateway already has the body and the backend must not wait for it.
+  const std::string chat = chat_body(false);
+  auto echoed = raw_exchange(gw.port, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                      "Expect: 100-continue\r\nX-Mock-Echo-Headers: 1\r\nConnection: close\r\n"
+                                      "Content-Length: " + std::to_string(chat.size()) + "\r\n\r\n" + chat);
+  auto received = json::parse(echoed.substr(echoed.rfind("\r\n\r\n") + 4), nullptr, false);
+  ASSERT_TRUE(received.is_object()) << echoed;
+  EXPECT_TRUE(received["received_headers"].contains("X-Mock-Echo-Headers"));
+  EXPECT_FALSE(received["received_headers"].contains("Expect"));
+}
