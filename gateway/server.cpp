@@ -35,13 +35,18 @@ net::awaitable<void> accept_loop(Worker* w, tcp::acceptor* acceptor, Listener li
   }
 }
 
-net::awaitable<void> sweep_idle_upstreams(Worker* w) {
+// Enforces socket deadlines every sweep interval, and closes idle pooled upstream
+// connections about once a second.
+net::awaitable<void> sweep_worker(Worker* w) {
   net::steady_timer timer(w->io);
-  while (!w->state->stopping.load()) {
-    timer.expires_after(std::chrono::seconds(1));
+  unsigned tick = 0;
+  for (;;) {  // also while draining: in-flight requests keep their timeouts
+    timer.expires_after(DeadlineList::kSweepInterval);
     auto [ec] = co_await timer.async_wait(kTuple);
     if (ec) co_return;
-    w->pool.evict_expired(std::chrono::steady_clock::now());
+    const auto now = std::chrono::steady_clock::now();
+    w->deadlines.sweep(now);
+    if (++tick % 10 == 0) w->pool.evict_expired(now);
   }
 }
 
@@ -142,7 +147,7 @@ int Server::run() {
   for (std::size_t i = 0; i < impl_->workers.size(); ++i) {
     Worker* w = impl_->workers[i].get();
     net::co_spawn(w->io, accept_loop(w, impl_->acceptors[i].get(), Listener::kGateway), net::detached);
-    net::co_spawn(w->io, sweep_idle_upstreams(w), net::detached);
+    net::co_spawn(w->io, sweep_worker(w), net::detached);
   }
   if (impl_->metrics_acceptor) {
     Worker* w = impl_->workers.front().get();

@@ -7,11 +7,13 @@
 #include <array>
 #include <chrono>
 #include <cstdio>
-#include <string>
+#include <optional>
 #include <span>
+#include <string>
 #include <variant>
 
 #include "gateway/errors.hpp"
+#include "gateway/http1.hpp"
 #include "gateway/router.hpp"
 #include "gateway/usage_scanner.hpp"
 
@@ -19,26 +21,63 @@ namespace infergate::gateway {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-using Request = http::request<http::string_body>;
+using http1::iequals;
 constexpr auto kTuple = net::as_tuple(net::use_awaitable);
 
-// Header fields that describe one connection, not the message (RFC 9110 section 7.6.1).
-constexpr std::array<http::field, 7> kHopByHop = {
-    http::field::connection,       http::field::keep_alive, http::field::proxy_connection,
-    http::field::te,               http::field::trailer,    http::field::upgrade,
-    http::field::proxy_authorization};
+constexpr std::size_t kClientRead = 2048;       // free space per client read; grows for large prompts
+constexpr std::size_t kUpstreamRead = 4096;     // free space for a response head
+constexpr std::size_t kRelayMax = 64 * 1024;    // a relay read grows up to this while reads fill it
+constexpr std::size_t kStreamRelay = 1024;      // an SSE stream's buffer: events are a few hundred bytes
+constexpr std::size_t kStreamRelayMax = 16 * 1024;
+constexpr std::string_view kCrlf = "\r\n";
 
-template <bool IsRequest, typename Fields>
-void strip_hop_by_hop(http::header<IsRequest, Fields>& h) {
-  // Fields named in Connection are hop-by-hop too.
-  auto connection = h[http::field::connection];
-  if (!connection.empty()) {
-    for (auto token : http::token_list{connection}) {
-      if (!beast::iequals(token, "close") && !beast::iequals(token, "keep-alive")) h.erase(token);
-    }
+// Shared between an attempt and the readiness watch on its client: the watch's completion may
+// run after the attempt ended, so it checks the generation it was started for.
+struct ClientWatch {
+  std::uint64_t generation = 0;
+  bool active = false;
+  bool client_gone = false;
+  UpstreamConnection* connection = nullptr;
+  char byte = 0;
+};
+
+// One client connection's state, kept between its requests so buffers are reused.
+struct ClientConnection {
+  ClientConnection(Worker* w, tcp::socket s) : sock(w->deadlines, std::move(s)) {}
+  TimedSocket sock;
+  http1::ByteBuffer buffer;
+  http1::Head head;             // the current request's head: views into `buffer`
+  std::string_view body;        // the current request's body: in `buffer` or `chunked_body`
+  std::string chunked_body;     // a chunked request body, de-chunked
+  std::size_t request_size = 0; // bytes of `buffer` the current request occupies
+  bool request_released = false;
+  std::string upstream_head;    // the request head as backends get it (kept for retries)
+  std::string response_head;
+  std::string client_ip;
+  std::string_view method;      // for logs; point into `labels` once the request is released
+  std::string_view target;
+  std::string labels;
+  std::shared_ptr<ClientWatch> watch;
+
+  // A streamed response has begun: the request will not be retried, so its bytes can go. An
+  // open SSE stream then holds no request memory (10,000 of them must fit in 64 MiB).
+  void release_request() {
+    if (request_released || buffer.size() != request_size) return;  // pipelined bytes stay
+    labels.reserve(method.size() + target.size());
+    labels.assign(method);
+    labels.append(target);
+    method = std::string_view(labels).substr(0, method.size());
+    target = std::string_view(labels).substr(method.size());
+    buffer.clear();
+    buffer.release();
+    chunked_body = std::string();
+    upstream_head = std::string();
+    head.fields = {};
+    body = {};
+    request_size = 0;
+    request_released = true;
   }
-  for (auto f : kHopByHop) h.erase(f);
-}
+};
 
 std::string make_request_id(Worker& w) {
   std::array<char, 40> buf{};
@@ -48,26 +87,59 @@ std::string make_request_id(Worker& w) {
   return std::string(buf.data(), static_cast<std::size_t>(n));
 }
 
-net::awaitable<bool> write_local(beast::tcp_stream* client, LocalResponse response, unsigned version,
-                                 bool keep_alive, std::string request_id) {
-  http::response<http::string_body> res{static_cast<http::status>(response.status), version};
-  res.set(http::field::server, "infergate");
-  res.set(http::field::content_type, response.content_type);
-  if (!request_id.empty()) res.set("X-Request-ID", request_id);
-  for (auto& [name, value] : response.headers) res.set(name, value);
-  res.body() = std::move(response.body);
-  res.keep_alive(keep_alive);
-  res.prepare_payload();
-  client->expires_after(std::chrono::seconds(30));
-  auto [ec, n] = co_await http::async_write(*client, res, kTuple);
+std::string_view reason_phrase(unsigned status) {
+  return http::obsolete_reason(static_cast<http::status>(status));
+}
+
+void append_status_line(std::string& out, unsigned version_minor, unsigned status, std::string_view reason) {
+  out += version_minor >= 1 ? "HTTP/1.1 " : "HTTP/1.0 ";
+  out += http1::Decimal(status).view();
+  out += ' ';
+  out += reason.empty() ? reason_phrase(status) : reason;
+  out += kCrlf;
+}
+
+void append_field(std::string& out, std::string_view name, std::string_view value) {
+  out += name;
+  out += ": ";
+  out += value;
+  out += kCrlf;
+}
+
+net::awaitable<beast::error_code> write_all(TimedSocket& sock, std::span<const net::const_buffer> pieces,
+                                            std::chrono::milliseconds timeout) {
+  sock.arm(timeout);
+  auto [ec, n] = co_await net::async_write(sock.socket(), pieces, kTuple);
+  co_return sock.settle(ec);
+}
+
+constexpr auto kLocalWriteTimeout = std::chrono::seconds(30);
+
+// Writes an answer the gateway makes itself. Returns whether the connection may carry on.
+net::awaitable<bool> write_local(ClientConnection* c, LocalResponse response, unsigned version_minor,
+                                 bool keep_alive, bool head_only, std::string_view request_id) {
+  auto& out = c->response_head;
+  out.clear();
+  append_status_line(out, version_minor, response.status, {});
+  append_field(out, "Server", "infergate");
+  append_field(out, "Content-Type", response.content_type);
+  if (!request_id.empty()) append_field(out, "X-Request-ID", request_id);
+  for (const auto& [name, value] : response.headers) append_field(out, name, value);
+  append_field(out, "Content-Length", http1::Decimal(response.body.size()).view());
+  if (!keep_alive && version_minor >= 1) append_field(out, "Connection", "close");
+  if (keep_alive && version_minor == 0) append_field(out, "Connection", "keep-alive");
+  out += kCrlf;
+  std::array<net::const_buffer, 2> pieces{net::buffer(out),
+                                          net::buffer(response.body.data(), head_only ? 0 : response.body.size())};
+  auto ec = co_await write_all(c->sock, pieces, kLocalWriteTimeout);
   co_return !ec && keep_alive;
 }
 
-net::awaitable<bool> write_local_counted(GatewayState* state, beast::tcp_stream* client,
-                                         LocalResponse response, unsigned version, bool keep_alive,
-                                         std::string request_id) {
+net::awaitable<bool> write_local_counted(GatewayState* state, ClientConnection* c, LocalResponse response,
+                                         unsigned version_minor, bool keep_alive, bool head_only,
+                                         std::string_view request_id) {
   state->count_response(response.status);
-  co_return co_await write_local(client, std::move(response), version, keep_alive, std::move(request_id));
+  co_return co_await write_local(c, std::move(response), version_minor, keep_alive, head_only, request_id);
 }
 
 // What happened to one attempt at one backend.
@@ -86,26 +158,16 @@ AttemptOutcome client_gone_outcome() {
   return out;
 }
 
-// Shared by an attempt and the client watcher racing it.
-struct AttemptContext {
-  UpstreamConnection* connection = nullptr;
-  bool client_gone = false;
-  bool finished = false;
-};
-
 bool is_reset(const beast::error_code& ec) {
-  return ec == http::error::end_of_stream || ec == net::error::eof ||
-         ec == net::error::connection_reset || ec == net::error::broken_pipe ||
-         ec == http::error::partial_message;
+  return ec == net::error::eof || ec == net::error::connection_reset || ec == net::error::broken_pipe;
 }
 
 net::awaitable<beast::error_code> connect_upstream(Worker* w, const discovery::Backend* backend,
-                                                   UpstreamConnection* c) {
+                                                   TimedSocket& sock) {
   const auto& info = backend->info();
   auto it = w->resolved.find(backend->index());
   if (it == w->resolved.end()) {
     tcp::resolver resolver(w->io);
-    c->stream.expires_after(w->state->config.timeouts.connect);
     auto [rec, results] =
         co_await resolver.async_resolve(info.host, std::to_string(info.port), kTuple);
     if (rec) co_return rec;
@@ -113,255 +175,353 @@ net::awaitable<beast::error_code> connect_upstream(Worker* w, const discovery::B
     for (const auto& r : results) endpoints.push_back(r.endpoint());
     it = w->resolved.emplace(backend->index(), std::move(endpoints)).first;
   }
-  c->stream.expires_after(w->state->config.timeouts.connect);
-  auto [ec, ep] = co_await c->stream.async_connect(it->second, kTuple);
+  sock.arm(w->state->config.timeouts.connect);
+  auto [cec, ep] = co_await net::async_connect(sock.socket(), it->second, kTuple);
+  auto ec = sock.settle(cec);
   if (ec) {
     w->resolved.erase(backend->index());  // the address may have moved; resolve afresh next time
     co_return ec;
   }
   beast::error_code ignored;
-  c->stream.socket().set_option(tcp::no_delay(true), ignored);
+  sock.socket().set_option(tcp::no_delay(true), ignored);
   co_return beast::error_code{};
 }
 
-// Relays the response header and then body bytes as they arrive (SSE events are never held).
-net::awaitable<AttemptOutcome> relay_response(Worker* w, beast::tcp_stream* client,
-                                              UpstreamConnection* upstream,
-                                              http::response_parser<http::buffer_body>* parser,
-                                              unsigned client_version, bool client_keep_alive,
-                                              const std::string* request_id,
-                                              discovery::Backend* backend, Clock::time_point started) {
+// The request as a backend gets it: hop-by-hop fields dropped, X-Request-ID and
+// X-Forwarded-For set, the body re-framed with Content-Length (a chunked body was de-chunked).
+void build_upstream_head(const ClientConnection& c, std::string_view request_id, std::string_view host,
+                         std::string& out) {
+  const auto& h = c.head;
+  out.clear();
+  out += h.method;
+  out += ' ';
+  out += h.target;
+  out += " HTTP/1.1\r\n";
+  std::string_view forwarded;
+  bool has_host = false;
+  for (const auto& f : h.fields) {
+    if (http1::is_hop_by_hop(f.name, h.connection)) continue;
+    switch (f.name.size()) {
+      case 4:
+        if (iequals(f.name, "host")) has_host = true;
+        break;
+      case 6:
+        if (iequals(f.name, "expect")) continue;  // the gateway already has the whole body
+        break;
+      case 12:
+        if (iequals(f.name, "x-request-id")) continue;
+        break;
+      case 14:
+        if (iequals(f.name, "content-length")) continue;
+        break;
+      case 15:
+        if (iequals(f.name, "x-forwarded-for")) {
+          forwarded = f.value;
+          continue;
+        }
+        break;
+      case 17:
+        if (iequals(f.name, "transfer-encoding")) continue;
+        break;
+      default:
+        break;
+    }
+    append_field(out, f.name, f.value);
+  }
+  if (!has_host) append_field(out, "Host", host);  // HTTP/1.1 servers require one
+  append_field(out, "X-Request-ID", request_id);
+  out += "X-Forwarded-For: ";
+  if (!forwarded.empty()) {
+    out += forwarded;
+    out += ", ";
+  }
+  out += c.client_ip;
+  out += kCrlf;
+  if (h.content_length || h.chunked || !c.body.empty()) {
+    append_field(out, "Content-Length", http1::Decimal(c.body.size()).view());
+  }
+  out += kCrlf;
+}
+
+// Relays the response (its head is parsed in `up->head`) and then body bytes as they arrive:
+// SSE events are never held. Bytes pass through unchanged, chunk framing included; only an
+// HTTP/1.0 client gets a chunked body de-chunked.
+net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, UpstreamConnection* up,
+                                              bool head_request, std::string_view request_id,
+                                              discovery::Backend* backend, Clock::time_point started,
+                                              bool* upstream_reusable) {
   AttemptOutcome out;
-  auto& res = parser->get();
-  out.status = res.result_int();
-  const bool streamed = res[http::field::content_type].starts_with("text/event-stream");
-  bool first_body_byte = true;
-  UsageScanner usage;
-  strip_hop_by_hop(res.base());
-  if (res.find("X-Request-ID") == res.end()) res.set("X-Request-ID", *request_id);
-  if (client_version < 11 && res.chunked()) {
-    // An HTTP/1.0 client cannot read chunked: send the body raw and close to end it.
-    res.chunked(false);
-    client_keep_alive = false;
-  }
-  res.version(client_version);
-  res.keep_alive(client_keep_alive);
+  const auto& rh = up->head;
+  const unsigned client_minor = c->head.version_minor >= 1 ? 1 : 0;
+  bool keep_alive = c->head.keep_alive();
+  out.status = rh.status;
 
-  // The response is framed here rather than by Beast's serializer: the head once, then each
-  // piece of body as it arrives, re-chunked when the upstream response was chunked. One gather
-  // write per piece; the head travels with the first piece when the body is already here.
-  const bool chunked = res.chunked();
-  std::string head;
-  head.reserve(512);
-  head += client_version >= 11 ? "HTTP/1.1 " : "HTTP/1.0 ";
-  head += std::to_string(out.status);
-  head += ' ';
-  head += res.reason().empty() ? http::obsolete_reason(res.result()) : res.reason();
-  head += "\r\n";
-  for (const auto& field : res) {
-    head += field.name_string();
-    head += ": ";
-    head += field.value();
-    head += "\r\n";
+  enum class Framing { kNone, kLength, kChunked, kUntilClose } framing;
+  std::uint64_t remaining = 0;
+  if (head_request || rh.status == 204 || rh.status == 304) {
+    framing = Framing::kNone;
+  } else if (rh.chunked) {
+    framing = Framing::kChunked;
+  } else if (rh.content_length) {
+    framing = Framing::kLength;
+    remaining = *rh.content_length;
+  } else {
+    framing = Framing::kUntilClose;  // the body ends when the backend closes; so must the client's
+    keep_alive = false;
   }
-  head += "\r\n";
-  bool head_sent = false;
+  const bool dechunk = framing == Framing::kChunked && client_minor == 0;
+  if (dechunk) keep_alive = false;  // an HTTP/1.0 client gets the body raw, ended by the close
+  const bool streamed = rh.find("content-type").starts_with("text/event-stream");
+  const bool upstream_keep_alive = rh.keep_alive() && framing != Framing::kUntilClose;
+
+  auto& head = c->response_head;
+  head.clear();
+  append_status_line(head, client_minor, rh.status, rh.reason);
+  bool has_id = false;
+  for (const auto& f : rh.fields) {
+    if (http1::is_hop_by_hop(f.name, rh.connection)) continue;
+    if (dechunk && iequals(f.name, "transfer-encoding")) continue;
+    if (!has_id && iequals(f.name, "x-request-id")) has_id = true;
+    append_field(head, f.name, f.value);
+  }
+  if (!has_id) append_field(head, "X-Request-ID", request_id);
+  if (!keep_alive && client_minor >= 1) append_field(head, "Connection", "close");
+  if (keep_alive && client_minor == 0) append_field(head, "Connection", "keep-alive");
+  head += kCrlf;
+  up->buffer.consume(rh.size);  // from here on `rh` must not be used: its views may move
+
   const auto idle = w->state->config.timeouts.idle;
-  if (upstream->buffer.size() == 0 && !parser->is_done()) {
-    // Nothing of the body is here yet (a stream waiting for its first token): send the head now.
-    client->expires_after(idle);
-    auto [hec, hn] = co_await net::async_write(*client, net::buffer(head), kTuple);
-    if (hec) {
-      out.kind = AttemptOutcome::kClientGone;
-      co_return out;
-    }
-    head_sent = true;
+  std::size_t read_room = streamed ? kStreamRelay : kUpstreamRead;
+  const std::size_t read_max = streamed ? kStreamRelayMax : kRelayMax;
+  if (streamed && up->buffer.capacity() > kStreamRelay && up->buffer.size() <= kStreamRelay) {
+    up->buffer.reallocate(kStreamRelay);
   }
-
-  const auto buf = upstream->relay_space(streamed ? 4 * 1024 : 16 * 1024);
-  std::array<char, 24> chunk_size{};
-  static constexpr std::string_view kCrlf = "\r\n";
-  static constexpr std::string_view kLastChunk = "0\r\n\r\n";
+  http1::ChunkedDecoder decoder;
+  std::string decoded;
+  UsageScanner usage;
+  bool head_sent = false;
+  bool first_body_byte = true;
+  bool ended_by_close = false;
   for (;;) {
-    std::size_t n = 0;
-    if (!parser->is_done()) {
-      auto& body = res.body();
-      body.data = buf.data();
-      body.size = buf.size();
-      upstream->stream.expires_after(idle);
-      auto [rec, rn] = co_await http::async_read_some(upstream->stream, upstream->buffer, *parser, kTuple);
-      if (rec == http::error::need_buffer) rec = {};
-      if (rec) {
-        // Bytes already reached the client: no retry is possible. Ending the client connection
-        // (without a last chunk) tells it the response is incomplete.
-        out.kind = AttemptOutcome::kBrokenMidResponse;
-        out.error = rec.message();
-        co_return out;
+    const auto data = up->buffer.data();
+    std::string_view piece;
+    bool last = false;
+    switch (framing) {
+      case Framing::kNone:
+        last = true;
+        break;
+      case Framing::kLength:
+        piece = data.substr(0, static_cast<std::size_t>(std::min<std::uint64_t>(remaining, data.size())));
+        remaining -= piece.size();
+        last = remaining == 0;
+        break;
+      case Framing::kChunked: {
+        auto r = dechunk ? decoder.feed(data, [&](std::string_view d) { decoded.append(d); })
+                         : decoder.feed(data);
+        if (r.bad) {
+          out.kind = AttemptOutcome::kBrokenMidResponse;
+          out.error = "malformed chunked body from the backend";
+          *upstream_reusable = false;
+          co_return out;
+        }
+        piece = data.substr(0, r.consumed);
+        last = r.done;
+        break;
       }
-      n = buf.size() - body.size;
-      if (n == 0 && !parser->is_done()) continue;  // a pass that parsed framing only
+      case Framing::kUntilClose:
+        piece = data;
+        last = ended_by_close;
+        break;
     }
-    const bool last = parser->is_done();
-    std::array<net::const_buffer, 5> pieces;
-    std::size_t count = 0;
-    if (!head_sent) pieces[count++] = net::buffer(head);
-    if (n > 0) {
-      if (chunked) {
-        auto len = std::snprintf(chunk_size.data(), chunk_size.size(), "%zx\r\n", n);
-        pieces[count++] = net::buffer(chunk_size.data(), static_cast<std::size_t>(len));
-      }
-      pieces[count++] = net::buffer(buf.data(), n);
-      if (chunked) pieces[count++] = net::buffer(kCrlf.data(), kCrlf.size());
-      out.bytes += n;
-      usage.feed(std::string_view(buf.data(), n));
-      if (first_body_byte && streamed) backend->stats.ttft.observe(Clock::now() - started);
-      first_body_byte = false;
-    }
-    if (last && chunked) pieces[count++] = net::buffer(kLastChunk.data(), kLastChunk.size());
-    if (count > 0) {
-      client->expires_after(idle);
-      auto [wec, wn] = co_await net::async_write(*client, std::span(pieces.data(), count), kTuple);
+    const std::string_view payload = dechunk ? std::string_view(decoded) : piece;
+    if (!head_sent || !payload.empty()) {
+      std::array<net::const_buffer, 2> pieces;
+      std::size_t count = 0;
+      if (!head_sent) pieces[count++] = net::buffer(head);
+      if (!payload.empty()) pieces[count++] = net::buffer(payload.data(), payload.size());
+      auto wec = co_await write_all(c->sock, std::span(pieces.data(), count), idle);
       if (wec) {
         out.kind = AttemptOutcome::kClientGone;
+        *upstream_reusable = false;
         co_return out;
       }
+      if (!head_sent && streamed) {
+        c->release_request();
+        head = std::string();
+      }
       head_sent = true;
+      if (!payload.empty()) {
+        out.bytes += payload.size();
+        usage.feed(payload);
+        if (first_body_byte && streamed) backend->stats.ttft.observe(Clock::now() - started);
+        first_body_byte = false;
+      }
     }
+    up->buffer.consume(piece.size());
+    decoded.clear();
     if (last) break;
+
+    if (up->buffer.size() == 0 && read_room < read_max && up->buffer.capacity() >= read_room * 2) {
+      read_room = std::min(read_max, up->buffer.capacity());
+    }
+    auto [room_ptr, room] = up->buffer.prepare(read_room);
+    up->sock.arm(idle);
+    auto [rec, n] = co_await up->sock.socket().async_read_some(net::buffer(room_ptr, room), kTuple);
+    rec = up->sock.settle(rec);
+    if (rec == net::error::eof && framing == Framing::kUntilClose) {
+      ended_by_close = true;
+      continue;
+    }
+    if (rec) {
+      // Bytes already reached the client: no retry is possible. Ending the client connection
+      // (without a last chunk) tells it the response is incomplete.
+      out.kind = AttemptOutcome::kBrokenMidResponse;
+      out.error = rec == beast::error::timeout ? "no bytes within timeouts.idle" : rec.message();
+      *upstream_reusable = false;
+      co_return out;
+    }
+    up->buffer.commit(n);
+    if (n == room && read_room < read_max) read_room = std::min(read_max, read_room * 2);  // a burst
   }
   out.kind = AttemptOutcome::kServed;
-  out.keep_alive = client_keep_alive;
+  out.keep_alive = keep_alive;
+  *upstream_reusable = upstream_keep_alive && up->buffer.size() == 0;  // extra bytes: out of step
   if (auto n = usage.prompt_tokens()) backend->stats.prompt_tokens.fetch_add(*n, std::memory_order_relaxed);
   if (auto n = usage.completion_tokens()) backend->stats.completion_tokens.fetch_add(*n, std::memory_order_relaxed);
   co_return out;
 }
 
-void serialize_request_head(const Request& req, std::string& out) {
-  out.reserve(256 + req.target().size());
-  out += req.method_string();
-  out += ' ';
-  out += req.target();
-  out += " HTTP/1.1\r\n";
-  for (const auto& field : req) {
-    out += field.name_string();
-    out += ": ";
-    out += field.value();
-    out += "\r\n";
-  }
-  out += "\r\n";
+AttemptOutcome failed_outcome(std::string error, bool timed_out = false, unsigned status = 0) {
+  AttemptOutcome out;
+  out.error = std::move(error);
+  out.timed_out = timed_out;
+  out.status = status;
+  return out;
 }
 
 // One try at one backend: connection (pooled or new), request out, response back. A pooled
 // connection the backend had closed is replaced by a fresh one once, invisibly.
-net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backend,
-                                           AttemptContext* ctx, beast::tcp_stream* client,
-                                           Request* req, std::string* request_head, bool client_keep_alive,
-                                           const std::string* request_id, Clock::time_point started) {
+net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backend, ClientConnection* c,
+                                           std::string_view request_id, Clock::time_point started) {
   const auto& cfg = w->state->config;
+  auto& watch = *c->watch;
   bool fresh_retry_used = false;
   for (;;) {
     auto conn = w->pool.acquire(backend->index());
     const bool reused = conn != nullptr;
     if (!conn) {
-      conn = std::make_unique<UpstreamConnection>(w->io.get_executor());
-      ctx->connection = conn.get();
-      auto ec = co_await connect_upstream(w, backend, conn.get());
-      ctx->connection = nullptr;
+      conn = std::make_unique<UpstreamConnection>(w->deadlines, w->io.get_executor());
+      watch.connection = conn.get();
+      auto ec = co_await connect_upstream(w, backend, conn->sock);
+      watch.connection = nullptr;
       if (ec) {
-        AttemptOutcome out;
-        out.kind = ctx->client_gone ? AttemptOutcome::kClientGone : AttemptOutcome::kFailed;
-        out.timed_out = ec == beast::error::timeout;
-        out.error = out.timed_out ? "connect timeout" : "connect: " + ec.message();
+        auto out = failed_outcome(ec == beast::error::timeout ? "connect timeout" : "connect: " + ec.message(),
+                                  ec == beast::error::timeout);
+        if (watch.client_gone) out.kind = AttemptOutcome::kClientGone;
         co_return out;
       }
     }
-    ctx->connection = conn.get();
+    watch.connection = conn.get();
 
-    conn->stream.expires_after(cfg.timeouts.idle);
-    // The head is serialized once per request (retries reuse it); head and body go out in one
+    // The head is built once per request (retries reuse it); head and body go out in one
     // gather write.
-    if (request_head->empty()) serialize_request_head(*req, *request_head);
-    std::array<net::const_buffer, 2> request_bytes{net::buffer(*request_head), net::buffer(req->body())};
-    auto [wec, wn] = co_await net::async_write(conn->stream, request_bytes, kTuple);
+    if (c->upstream_head.empty()) build_upstream_head(*c, request_id, backend->info().id, c->upstream_head);
+    std::array<net::const_buffer, 2> request_bytes{net::buffer(c->upstream_head),
+                                                   net::buffer(c->body.data(), c->body.size())};
+    auto wec = co_await write_all(conn->sock, request_bytes, cfg.timeouts.idle);
     if (!wec) {
-      http::response_parser<http::buffer_body> parser;
-      parser.body_limit(boost::none);  // responses are streamed, never held whole
-      parser.header_limit(static_cast<std::uint32_t>(cfg.limits.max_header));
-      if (req->method() == http::verb::head) parser.skip(true);
-      conn->stream.expires_after(cfg.timeouts.first_byte);
-      auto [rec, rn] = co_await http::async_read_header(conn->stream, conn->buffer, parser, kTuple);
-      if (!rec) {
-        const auto status = parser.get().result_int();
-        if (RetryPolicy::is_retryable_status(status)) {
-          ctx->connection = nullptr;
-          AttemptOutcome out;
-          out.error = "HTTP " + std::to_string(status);
-          out.status = status;
-          co_return out;  // the connection closes with `conn`; its body is not worth reading
+      // The whole head must arrive within timeouts.first_byte; interim (1xx) answers are skipped.
+      const auto deadline = Clock::now() + cfg.timeouts.first_byte;
+      for (;;) {
+        auto parsed = http1::parse_response(conn->buffer.data(), cfg.limits.max_header, conn->head);
+        if (parsed == http1::Parse::kComplete && conn->head.status >= 100 && conn->head.status < 200 &&
+            conn->head.status != 101) {
+          conn->buffer.consume(conn->head.size);
+          continue;
         }
-        const bool upstream_keep_alive = parser.get().keep_alive();
-        auto out = co_await relay_response(w, client, conn.get(), &parser, req->version(),
-                                           client_keep_alive, request_id, backend, started);
-        ctx->connection = nullptr;
-        if (out.kind == AttemptOutcome::kServed && upstream_keep_alive && parser.is_done() &&
-            !ctx->client_gone) {
+        if (parsed == http1::Parse::kBad || parsed == http1::Parse::kTooLarge) {
+          watch.connection = nullptr;
+          co_return failed_outcome(parsed == http1::Parse::kBad
+                                       ? "malformed response head: " + std::string(conn->head.error)
+                                       : "response head exceeds limits.max_header");
+        }
+        if (parsed == http1::Parse::kComplete) break;
+        auto [room_ptr, room] = conn->buffer.prepare(kUpstreamRead);
+        conn->sock.arm_at(deadline);
+        auto [rec, n] = co_await conn->sock.socket().async_read_some(net::buffer(room_ptr, room), kTuple);
+        wec = conn->sock.settle(rec);
+        if (wec) break;
+        conn->buffer.commit(n);
+      }
+      if (!wec) {
+        const auto status = conn->head.status;
+        if (status == 101) {
+          watch.connection = nullptr;
+          co_return failed_outcome("the backend switched protocols, which the gateway does not relay", false, 502);
+        }
+        if (RetryPolicy::is_retryable_status(status)) {
+          watch.connection = nullptr;
+          co_return failed_outcome("HTTP " + std::to_string(status), false, status);  // the connection closes
+        }
+        bool reusable = false;
+        auto out = co_await relay_response(w, c, conn.get(), iequals(c->method, "HEAD"), request_id, backend,
+                                           started, &reusable);
+        watch.connection = nullptr;
+        if (out.kind == AttemptOutcome::kServed && reusable && !watch.client_gone) {
           w->pool.release(backend->index(), std::move(conn));
         }
         co_return out;
       }
-      wec = rec;
     }
-    ctx->connection = nullptr;
-    if (ctx->client_gone) co_return client_gone_outcome();
-    if (reused && !fresh_retry_used && is_reset(wec)) {
-      fresh_retry_used = true;  // the backend closed a parked connection: not its fault
+    watch.connection = nullptr;
+    if (watch.client_gone) co_return client_gone_outcome();
+    // A parked connection the backend closed, with nothing of a response read: not its fault.
+    if (reused && !fresh_retry_used && is_reset(wec) && conn->buffer.size() == 0) {
+      fresh_retry_used = true;
       continue;
     }
-    AttemptOutcome out;
-    out.timed_out = wec == beast::error::timeout;
-    out.error = out.timed_out ? "no response within timeouts.first_byte (" +
-                                    std::to_string(cfg.timeouts.first_byte.count()) + "ms)"
-                              : wec.message();
-    co_return out;
+    const bool timed_out = wec == beast::error::timeout;
+    co_return failed_outcome(timed_out ? "no response within timeouts.first_byte (" +
+                                             std::to_string(cfg.timeouts.first_byte.count()) + "ms)"
+                                       : wec.message(),
+                             timed_out);
   }
 }
 
-// Watches the client while an attempt runs, without a read: a readiness wait costs no system
-// call until something happens. If the client went away, the upstream exchange is aborted so
+// Watches the client while an attempt runs: a one-byte peek that costs no system call until
+// the socket becomes readable. If the client went away, the upstream exchange is aborted so
 // the backend stops generating for nobody. Pipelined bytes just end the watch (the client is
 // alive); they stay in the socket for the next request.
-void watch_client(tcp::socket& client, std::shared_ptr<AttemptContext> ctx) {
-  client.async_wait(tcp::socket::wait_read, [&client, ctx](const beast::error_code& ec) {
-    if (ec || ctx->finished) return;  // `client` may be gone once the attempt finished
-    char byte = 0;
-    const auto n = ::recv(client.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n > 0) return;
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
-      watch_client(client, ctx);  // a spurious wake-up
-      return;
-    }
-    ctx->client_gone = true;
-    if (ctx->connection != nullptr) {
-      beast::error_code ignored;
-      ctx->connection->stream.socket().shutdown(tcp::socket::shutdown_both, ignored);
-      ctx->connection->stream.socket().close(ignored);
-    }
-  });
+void watch_client(tcp::socket& client, const std::shared_ptr<ClientWatch>& watch) {
+  const auto generation = watch->generation;
+  client.async_receive(net::buffer(&watch->byte, 1), tcp::socket::message_peek,
+                       [watch, generation](const beast::error_code& ec, std::size_t n) {
+                         if (watch->generation != generation || !watch->active) return;
+                         if (ec == net::error::operation_aborted || (!ec && n > 0)) return;
+                         watch->client_gone = true;
+                         if (watch->connection != nullptr) {
+                           beast::error_code ignored;
+                           auto& s = watch->connection->sock.socket();
+                           s.shutdown(tcp::socket::shutdown_both, ignored);
+                           s.close(ignored);
+                         }
+                       });
 }
 
-net::awaitable<AttemptOutcome> attempt_watched(Worker* w, discovery::Backend* backend,
-                                               beast::tcp_stream* client, Request* req,
-                                               std::string* request_head, bool client_keep_alive,
-                                               const std::string* request_id,
-                                               Clock::time_point started) {
-  auto ctx = std::make_shared<AttemptContext>();
-  watch_client(client->socket(), ctx);
-  auto out = co_await run_attempt(w, backend, ctx.get(), client, req, request_head, client_keep_alive,
-                                  request_id, started);
-  ctx->finished = true;
+net::awaitable<AttemptOutcome> attempt_watched(Worker* w, discovery::Backend* backend, ClientConnection* c,
+                                               std::string_view request_id, Clock::time_point started) {
+  if (!c->watch) c->watch = std::make_shared<ClientWatch>();
+  auto& watch = *c->watch;
+  ++watch.generation;
+  watch.active = true;
+  watch.client_gone = false;
+  watch.connection = nullptr;
+  watch_client(c->sock.socket(), c->watch);
+  auto out = co_await run_attempt(w, backend, c, request_id, started);
+  watch.active = false;
   beast::error_code ignored;
-  client->socket().cancel(ignored);  // ends the readiness wait; nothing else is pending on it
-  if (ctx->client_gone && out.kind == AttemptOutcome::kFailed) out.kind = AttemptOutcome::kClientGone;
+  c->sock.socket().cancel(ignored);  // ends the watch; nothing else is pending on the client
+  if (watch.client_gone && out.kind == AttemptOutcome::kFailed) out.kind = AttemptOutcome::kClientGone;
   co_return out;
 }
 
@@ -407,50 +567,33 @@ void record_attempt(GatewayState& state, discovery::Backend& backend, const Atte
 
 // Proxies one request, retrying on other backends while nothing reached the client.
 // Returns whether the client connection may carry another request.
-net::awaitable<bool> proxy_request(Worker* w, beast::tcp_stream* client, Request* req,
-                                   std::string request_id, std::string client_ip) {
+net::awaitable<bool> proxy_request(Worker* w, ClientConnection* c, std::string request_id) {
   GatewayState& state = *w->state;
   const auto started = Clock::now();
-  const bool client_keep_alive = req->keep_alive();
-  const unsigned version = req->version();
-  const std::string target(req->target());
-  const std::string method(req->method_string());
-
-  // Rewrite the request for the backend in place: no copy of the (possibly large) body.
-  strip_hop_by_hop(req->base());
-  req->erase(http::field::expect);  // the gateway already has the whole body
-  req->set("X-Request-ID", request_id);
-  auto forwarded = req->find("X-Forwarded-For");
-  if (forwarded != req->end()) {
-    req->set("X-Forwarded-For", std::string(forwarded->value()) + ", " + client_ip);
-  } else {
-    req->set("X-Forwarded-For", client_ip);
-  }
-  req->version(11);
-  req->keep_alive(true);
-  req->prepare_payload();
+  const bool client_keep_alive = c->head.keep_alive();
+  const unsigned version_minor = c->head.version_minor;
+  const bool head_only = iequals(c->method, "HEAD");
+  c->upstream_head.clear();
 
   auto set = state.registry.snapshot();
   if (set->routable.empty()) {
     LocalResponse r;
     if (set->all.empty()) {
-      r = error_response(503,
-                         "no inference backends are configured: " + state.discovery_how);
+      r = error_response(503, "no inference backends are configured: " + state.discovery_how);
       r.headers.emplace_back("Retry-After", "5");
     } else {
-      r = error_response(503,
-                         "none of the " + std::to_string(set->all.size()) +
-                             " backends is healthy yet; retry shortly");
+      r = error_response(503, "none of the " + std::to_string(set->all.size()) +
+                                  " backends is healthy yet; retry shortly");
       r.headers.emplace_back("Retry-After", "1");
     }
     if (state.config.log.access) {
-      spdlog::info("{} {} {} -> - 503 no backend", request_id, method, target);
+      spdlog::info("{} {} {} -> - 503 no backend", request_id, c->method, c->target);
     }
-    co_return co_await write_local_counted(&state, client, std::move(r), version, client_keep_alive, request_id);
+    co_return co_await write_local_counted(&state, c, std::move(r), version_minor, client_keep_alive, head_only,
+                                           request_id);
   }
 
   std::vector<const discovery::Backend*> tried;
-  std::string request_head;
   std::string failures;
   bool last_timed_out = false;
   discovery::Backend* previous = nullptr;
@@ -469,8 +612,7 @@ net::awaitable<bool> proxy_request(Worker* w, beast::tcp_stream* client, Request
     AttemptOutcome out;
     {
       InflightGuard backend_inflight(backend->stats.inflight);
-      out = co_await attempt_watched(w, backend, client, req, &request_head,
-                                     client_keep_alive, &request_id, started);
+      out = co_await attempt_watched(w, backend, c, request_id, started);
     }
     record_attempt(state, *backend, out, started);
     const auto& id = backend->info().id;
@@ -478,17 +620,17 @@ net::awaitable<bool> proxy_request(Worker* w, beast::tcp_stream* client, Request
       if (out.status != 0) state.count_response(out.status);
       if (out.kind == AttemptOutcome::kBrokenMidResponse) {
         spdlog::warn("{} {} {}: backend {} broke the response after it started: {}", request_id,
-                     method, target, id, out.error);
+                     c->method, c->target, id, out.error);
       }
       if (state.config.log.access) {
         auto ms = std::chrono::duration<double, std::milli>(Clock::now() - started).count();
-        spdlog::info("{} {} {} -> {} {} {}B {:.1f}ms retries={}{}", request_id, method, target, id,
+        spdlog::info("{} {} {} -> {} {} {}B {:.1f}ms retries={}{}", request_id, c->method, c->target, id,
                      out.status, out.bytes, ms, attempt,
                      out.kind == AttemptOutcome::kClientGone ? " client-gone" : "");
       }
       co_return out.kind == AttemptOutcome::kServed && out.keep_alive;
     }
-    spdlog::warn("{} {} {}: attempt {} on {} failed: {}", request_id, method, target, attempt + 1,
+    spdlog::warn("{} {} {}: attempt {} on {} failed: {}", request_id, c->method, c->target, attempt + 1,
                  id, out.error);
     failures += (failures.empty() ? "" : ", ") + id + " (" + out.error + ")";
     last_timed_out = out.timed_out;
@@ -498,10 +640,10 @@ net::awaitable<bool> proxy_request(Worker* w, beast::tcp_stream* client, Request
   auto message = "no backend could serve the request after " + std::to_string(tried.size()) +
                  " attempt(s): " + failures;
   if (state.config.log.access) {
-    spdlog::info("{} {} {} -> - {} {}", request_id, method, target, status, message);
+    spdlog::info("{} {} {} -> - {} {}", request_id, c->method, c->target, status, message);
   }
-  co_return co_await write_local_counted(&state, client, error_response(status, message), version,
-                                         client_keep_alive, request_id);
+  co_return co_await write_local_counted(&state, c, error_response(status, message), version_minor,
+                                         client_keep_alive, head_only, request_id);
 }
 
 // One broadcast request to one backend on a fresh connection.
@@ -512,27 +654,29 @@ net::awaitable<void> broadcast_one(Worker* w, std::shared_ptr<discovery::Backend
                                    std::shared_ptr<net::steady_timer> done) {
   auto& result = (*results)[slot];
   result.backend = backend->info().id;
-  UpstreamConnection conn(w->io.get_executor());
-  auto ec = co_await connect_upstream(w, backend.get(), &conn);
+  TimedSocket sock(w->deadlines, w->io.get_executor());
+  auto ec = co_await connect_upstream(w, backend.get(), sock);
   if (!ec) {
     http::request<http::string_body> req{http::string_to_verb(request->method), request->path, 11};
     req.set(http::field::host, backend->info().id);
     req.set(http::field::content_type, "application/json");
     req.body() = request->body;
     req.prepare_payload();
-    conn.stream.expires_after(w->state->config.timeouts.first_byte);
-    auto [wec, wn] = co_await http::async_write(conn.stream, req, kTuple);
+    sock.arm(w->state->config.timeouts.first_byte);  // for the whole exchange
+    auto [wec, wn] = co_await http::async_write(sock.socket(), req, kTuple);
     ec = wec;
     if (!ec) {
+      beast::flat_buffer buffer;
       http::response_parser<http::string_body> parser;
       parser.body_limit(8 * 1024 * 1024);
-      auto [rec, rn] = co_await http::async_read(conn.stream, conn.buffer, parser, kTuple);
+      auto [rec, rn] = co_await http::async_read(sock.socket(), buffer, parser, kTuple);
       ec = rec;
       if (!ec) {
         result.status = parser.get().result_int();
         result.body = std::move(parser.get().body());
       }
     }
+    ec = sock.settle(ec);
   }
   if (ec) result.error = ec == beast::error::timeout ? "timeout" : ec.message();
   if (--*remaining == 0) done->cancel();
@@ -561,44 +705,131 @@ net::awaitable<std::vector<BroadcastResult>> run_broadcast(Worker* w, BroadcastR
   co_return *results;
 }
 
-// Maps a request-read failure to the answer the client gets before the connection closes.
-std::optional<LocalResponse> read_error_response(const beast::error_code& ec) {
-  if (ec == http::error::body_limit) {
-    return error_response(413,
-                          "request body exceeds limits.max_body");
-  }
-  if (ec == http::error::header_limit) {
-    return error_response(431,
-                          "request header exceeds limits.max_header");
-  }
-  if (ec == http::error::end_of_stream || ec == http::error::partial_message) return std::nullopt;
-  if (ec.category() == http::make_error_code(http::error::bad_method).category()) {
-    return error_response(400, "malformed HTTP request: " + ec.message());
-  }
-  return std::nullopt;  // a transport error or timeout: nobody to answer
-}
-
 // After an error answer, the client may still be sending (a body over the limit): read and
 // discard for a moment so closing does not reset the connection before it reads the answer.
-net::awaitable<void> drain_before_close(beast::tcp_stream* client, beast::flat_buffer* buffer) {
+net::awaitable<void> drain_before_close(ClientConnection* c) {
   beast::error_code ignored;
-  client->socket().shutdown(tcp::socket::shutdown_send, ignored);
+  c->sock.socket().shutdown(tcp::socket::shutdown_send, ignored);
   const auto deadline = Clock::now() + std::chrono::seconds(2);
   std::size_t drained = 0;
   while (Clock::now() < deadline && drained < 256 * 1024 * 1024) {
-    buffer->clear();
-    client->expires_at(deadline);
-    auto [ec, n] = co_await client->async_read_some(buffer->prepare(64 * 1024), kTuple);
-    if (ec) break;
+    c->buffer.clear();
+    auto [room_ptr, room] = c->buffer.prepare(64 * 1024);
+    c->sock.arm_at(deadline);
+    auto [ec, n] = co_await c->sock.socket().async_read_some(net::buffer(room_ptr, room), kTuple);
+    if (c->sock.settle(ec)) break;
     drained += n;
   }
+}
+
+// How reading a request ended.
+enum class ReadResult { kRequest, kClosed, kAnswered };
+
+net::awaitable<ReadResult> answer_and_close(ClientConnection* c, LocalResponse answer) {
+  co_await write_local(c, std::move(answer), 1, false, false, "");
+  co_await drain_before_close(c);
+  co_return ReadResult::kAnswered;
+}
+
+// Reads more bytes from the client into its buffer, `min_free` bytes of room at least.
+net::awaitable<beast::error_code> read_more(ClientConnection* c, std::size_t min_free,
+                                            Clock::time_point deadline) {
+  auto [room_ptr, room] = c->buffer.prepare(min_free);
+  c->sock.arm_at(deadline);
+  auto [ec, n] = co_await c->sock.socket().async_read_some(net::buffer(room_ptr, room), kTuple);
+  ec = c->sock.settle(ec);
+  if (!ec) c->buffer.commit(n);
+  co_return ec;
+}
+
+// Clients holding back a large body until told to send it (curl does above 1 MiB) get
+// "100 Continue" once, when the gateway first needs the body.
+net::awaitable<bool> send_continue(ClientConnection* c, bool* sent, std::chrono::milliseconds timeout) {
+  if (!c->head.expect_continue || *sent) co_return true;
+  *sent = true;
+  static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+  std::array<net::const_buffer, 1> piece{net::buffer(kContinue.data(), kContinue.size())};
+  co_return !co_await write_all(c->sock, piece, timeout);
+}
+
+// Reads one request: its head into `c->head`, its body into `c->body`. The head's views point
+// into the buffer, so the head is parsed again if reading the body moved the buffer.
+net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
+  const auto& cfg = w->state->config;
+  const std::size_t max_head = cfg.limits.max_header;
+  std::optional<Clock::time_point> header_deadline;
+  http1::Parse parsed;
+  for (;;) {
+    parsed = http1::parse_request(c->buffer.data(), max_head, c->head);
+    if (parsed != http1::Parse::kIncomplete) break;
+    Clock::time_point deadline;
+    if (c->buffer.size() == 0) {
+      deadline = Clock::now() + cfg.timeouts.client_idle;
+    } else {
+      if (!header_deadline) header_deadline = Clock::now() + cfg.timeouts.client_header;
+      deadline = *header_deadline;
+    }
+    if (co_await read_more(c, kClientRead, deadline)) co_return ReadResult::kClosed;  // nobody to answer
+  }
+  if (parsed == http1::Parse::kTooLarge) {
+    co_return co_await answer_and_close(c, error_response(431, "request header exceeds limits.max_header"));
+  }
+  if (parsed == http1::Parse::kBad) {
+    co_return co_await answer_and_close(
+        c, error_response(400, "malformed HTTP request: " + std::string(c->head.error)));
+  }
+
+  auto& h = c->head;
+  const char* const start = c->buffer.data().data();
+  bool continue_sent = false;
+  std::size_t size = h.size;
+  if (h.content_length) {
+    if (*h.content_length > cfg.limits.max_body) {
+      co_return co_await answer_and_close(c, error_response(413, "request body exceeds limits.max_body"));
+    }
+    size = h.size + static_cast<std::size_t>(*h.content_length);
+    if (c->buffer.size() < size) {
+      if (!co_await send_continue(c, &continue_sent, cfg.timeouts.idle)) co_return ReadResult::kClosed;
+      const auto deadline = Clock::now() + cfg.timeouts.idle;
+      while (c->buffer.size() < size) {
+        // Room for the whole body at once: a 32 KiB prompt is one or two reads, not dozens.
+        if (co_await read_more(c, size - c->buffer.size(), deadline)) co_return ReadResult::kClosed;
+      }
+    }
+  } else if (h.chunked) {
+    c->chunked_body.clear();
+    http1::ChunkedDecoder decoder;
+    bool too_big = false;
+    const auto deadline = Clock::now() + cfg.timeouts.idle;
+    for (;;) {
+      auto r = decoder.feed(c->buffer.data().substr(size), [&](std::string_view d) {
+        if (c->chunked_body.size() + d.size() > cfg.limits.max_body) too_big = true;
+        if (!too_big) c->chunked_body.append(d);
+      });
+      size += r.consumed;
+      if (too_big) {
+        co_return co_await answer_and_close(c, error_response(413, "request body exceeds limits.max_body"));
+      }
+      if (r.bad) co_return co_await answer_and_close(c, error_response(400, "malformed chunked request body"));
+      if (r.done) break;
+      if (!co_await send_continue(c, &continue_sent, cfg.timeouts.idle)) co_return ReadResult::kClosed;
+      if (co_await read_more(c, kClientRead, deadline)) co_return ReadResult::kClosed;
+    }
+  }
+  if (c->buffer.data().data() != start) http1::parse_request(c->buffer.data(), max_head, c->head);
+  c->request_size = size;
+  c->request_released = false;
+  c->method = h.method;
+  c->target = h.target;
+  c->body = h.chunked ? std::string_view(c->chunked_body)
+                      : c->buffer.data().substr(h.size, size - h.size);
+  co_return ReadResult::kRequest;
 }
 
 }  // namespace
 
 net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener listener) {
   GatewayState& state = *w->state;
-  const auto& cfg = state.config;
   state.client_connections.fetch_add(1, std::memory_order_relaxed);
   struct ConnectionCount {
     GatewayState& s;
@@ -608,71 +839,46 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
   beast::error_code ec;
   socket.set_option(tcp::no_delay(true), ec);
   auto remote = socket.remote_endpoint(ec);
-  const std::string client_ip = ec ? std::string("unknown") : remote.address().to_string();
-  beast::tcp_stream client(std::move(socket));
-  beast::flat_buffer buffer;
+  ClientConnection c(w, std::move(socket));
+  c.client_ip = ec ? std::string("unknown") : remote.address().to_string();
 
   try {
     for (;;) {
       if (state.stopping.load(std::memory_order_relaxed)) break;
-      http::request_parser<http::string_body> parser;
-      parser.header_limit(static_cast<std::uint32_t>(cfg.limits.max_header));
-      parser.body_limit(cfg.limits.max_body);
-      client.expires_after(buffer.size() == 0 ? cfg.timeouts.client_idle : cfg.timeouts.client_header);
-      auto [hec, hn] = co_await http::async_read_header(client, buffer, parser, kTuple);
-      if (!hec && parser.get()[http::field::expect] == "100-continue" && !parser.is_done()) {
-        // Clients holding back a large body until told to send it (curl does above 1 MiB).
-        http::response<http::empty_body> cont{http::status::continue_, 11};
-        co_await http::async_write(client, cont, kTuple);
-      }
-      if (!hec && !parser.is_done()) {
-        // Room for the whole body up front: otherwise Beast reads it 512 bytes at a time
-        // (a 32 KiB prompt took 64 system calls).
-        const auto expected = parser.content_length().value_or(64 * 1024);
-        buffer.reserve(buffer.size() + static_cast<std::size_t>(std::min<std::uint64_t>(expected, cfg.limits.max_body)));
-        client.expires_after(cfg.timeouts.idle);
-        auto [bec, bn] = co_await http::async_read(client, buffer, parser, kTuple);
-        hec = bec;
-      }
-      if (hec) {
-        if (auto answer = read_error_response(hec)) {
-          co_await write_local(&client, std::move(*answer), 11, false, "");
-          co_await drain_before_close(&client, &buffer);
-        }
-        break;
-      }
+      if (co_await read_request(w, &c) != ReadResult::kRequest) break;
 
-      Request req = parser.release();
       InflightGuard inflight(state.inflight_requests);
       bool keep_alive = false;
+      const auto& h = c.head;
+      const bool head_only = iequals(h.method, "HEAD");
       RouteDecision decision;
-      const auto path = req.target().substr(0, req.target().find('?'));
+      const auto path = h.target.substr(0, h.target.find('?'));
       if (listener == Listener::kMetricsOnly && path != "/metrics" && path != "/health") {
         decision = error_response(404, "this listener (metrics.listen) serves /metrics and /health only");
       } else {
-        decision = route(state, RequestView{req.method_string(), req.target(),
-                                            req[http::field::authorization], req.body()});
+        decision = route(state, RequestView{h.method, h.target, h.find("authorization"), c.body});
       }
       if (auto* local = std::get_if<LocalResponse>(&decision)) {
-        keep_alive = co_await write_local(&client, std::move(*local), req.version(),
-                                          req.keep_alive(), "");
+        keep_alive = co_await write_local(&c, std::move(*local), h.version_minor, h.keep_alive(), head_only, "");
       } else if (auto* broadcast = std::get_if<BroadcastRequest>(&decision)) {
         auto answer = broadcast_response(co_await run_broadcast(w, std::move(*broadcast)));
-        keep_alive = co_await write_local(&client, std::move(answer), req.version(), req.keep_alive(), "");
+        keep_alive = co_await write_local(&c, std::move(answer), h.version_minor, h.keep_alive(), head_only, "");
       } else {
-        auto id = req["X-Request-ID"];
+        auto id = h.find("x-request-id");
         std::string request_id = id.empty() || id.size() > 200 ? make_request_id(*w) : std::string(id);
-        keep_alive = co_await proxy_request(w, &client, &req, std::move(request_id), client_ip);
+        keep_alive = co_await proxy_request(w, &c, std::move(request_id));
       }
       if (!keep_alive) break;
-      if (buffer.size() == 0 && buffer.capacity() > 256 * 1024) buffer.shrink_to_fit();  // after a huge prompt
+      c.buffer.consume(c.request_size);
+      c.request_size = 0;
+      if (c.buffer.size() == 0 && c.buffer.capacity() > 256 * 1024) c.buffer.release();  // after a huge prompt
     }
   } catch (const std::exception& e) {
     spdlog::debug("client session ended: {}", e.what());
   }
   beast::error_code ignored;
-  client.socket().shutdown(tcp::socket::shutdown_send, ignored);
-  client.socket().close(ignored);
+  c.sock.socket().shutdown(tcp::socket::shutdown_send, ignored);
+  c.sock.socket().close(ignored);
 }
 
 }  // namespace infergate::gateway

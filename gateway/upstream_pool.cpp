@@ -12,7 +12,7 @@ constexpr auto kPeekAfter = std::chrono::milliseconds(500);
 // A parked connection the backend has closed (or sent unexpected bytes on) is useless: find
 // out with one non-blocking peek instead of failing the next request on it.
 bool still_open(UpstreamConnection& c) {
-  auto& socket = c.stream.socket();
+  auto& socket = c.sock.socket();
   if (!socket.is_open()) return false;
   char byte = 0;
   ssize_t n = ::recv(socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
@@ -38,12 +38,12 @@ std::unique_ptr<UpstreamConnection> UpstreamPool::acquire(std::size_t backend_in
 }
 
 void UpstreamPool::release(std::size_t backend_index, std::unique_ptr<UpstreamConnection> c) {
-  if (max_idle_ == 0 || !c->stream.socket().is_open()) return;
+  if (max_idle_ == 0 || !c->sock.socket().is_open() || c->sock.timed_out()) return;
   if (backend_index >= idle_.size()) idle_.resize(backend_index + 1);
   auto& list = idle_[backend_index];
   if (list.size() >= max_idle_) return;  // dropping closes it
-  c->stream.expires_never();
   c->buffer.clear();
+  if (c->buffer.capacity() > 16 * 1024) c->buffer.release();  // after a large response
   c->idle_since = std::chrono::steady_clock::now();
   list.push_back(std::move(c));
 }

@@ -2,32 +2,23 @@
 // connections per backend, evicted after an idle timeout or when the backend closed them.
 #pragma once
 
-#include <span>
 #include <chrono>
 #include <cstddef>
 #include <memory>
 #include <vector>
 
+#include "gateway/http1.hpp"
 #include "gateway/net.hpp"
+#include "gateway/timed_socket.hpp"
 
 namespace infergate::gateway {
 
 struct UpstreamConnection {
-  explicit UpstreamConnection(net::any_io_executor ex) : stream(std::move(ex)) {}
-  beast::tcp_stream stream;
-  beast::flat_buffer buffer;
-  // Response body bytes pass through here on their way to the client. It lives with the
-  // connection (the relay's coroutine frame stays small) and is sized per response: SSE events
-  // are small and 10,000 open streams must not hold 16 KiB each.
-  std::unique_ptr<char[]> relay_buffer;
-  std::size_t relay_size = 0;
-  std::span<char> relay_space(std::size_t size) {
-    if (relay_size != size) {
-      relay_buffer = std::make_unique_for_overwrite<char[]>(size);
-      relay_size = size;
-    }
-    return {relay_buffer.get(), size};
-  }
+  UpstreamConnection(DeadlineList& deadlines, const net::any_io_executor& ex) : sock(deadlines, ex) {}
+  TimedSocket sock;
+  // Response bytes: the head is parsed here and body bytes are relayed from here.
+  http1::ByteBuffer buffer;
+  http1::Head head;
   std::chrono::steady_clock::time_point idle_since{};
 };
 

@@ -11,6 +11,7 @@
 
 #include "gateway/gateway_state.hpp"
 #include "gateway/net.hpp"
+#include "gateway/timed_socket.hpp"
 #include "gateway/upstream_pool.hpp"
 
 namespace infergate::gateway {
@@ -26,6 +27,8 @@ struct Worker {
 
   GatewayState* state;
   std::size_t index;
+  // Before `io` and `pool`: the sockets they own unlink themselves from it when destroyed.
+  DeadlineList deadlines;
   net::io_context io;
   UpstreamPool pool;
   std::minstd_rand rng;

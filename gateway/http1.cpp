@@ -1,0 +1,257 @@
+#include "gateway/http1.hpp"
+
+#include <array>
+#include <cstring>
+
+namespace infergate::gateway::http1 {
+namespace {
+
+constexpr std::array<bool, 256> make_token_table() {
+  std::array<bool, 256> t{};
+  for (int c = '0'; c <= '9'; ++c) t[static_cast<std::size_t>(c)] = true;
+  for (int c = 'a'; c <= 'z'; ++c) t[static_cast<std::size_t>(c)] = true;
+  for (int c = 'A'; c <= 'Z'; ++c) t[static_cast<std::size_t>(c)] = true;
+  for (char c : std::string_view("!#$%&'*+-.^_`|~")) t[static_cast<unsigned char>(c)] = true;
+  return t;
+}
+constexpr auto kToken = make_token_table();
+
+bool is_token(std::string_view s) noexcept {
+  if (s.empty()) return false;
+  for (char c : s) {
+    if (!kToken[static_cast<unsigned char>(c)]) return false;
+  }
+  return true;
+}
+
+char lower(char c) noexcept { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c + 32) : c; }
+
+std::string_view trim(std::string_view s) noexcept {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+  return s;
+}
+
+// Calls f(token) for each element of a comma-separated list, trimmed, skipping empty ones.
+template <typename F>
+void for_each_token(std::string_view list, F&& f) {
+  while (!list.empty()) {
+    auto comma = list.find(',');
+    auto token = trim(list.substr(0, comma));
+    if (!token.empty()) f(token);
+    if (comma == std::string_view::npos) break;
+    list.remove_prefix(comma + 1);
+  }
+}
+
+bool parse_version(std::string_view v, unsigned& minor) noexcept {
+  if (v.size() != 8 || v.substr(0, 7) != "HTTP/1." || v[7] < '0' || v[7] > '9') return false;
+  minor = static_cast<unsigned>(v[7] - '0');
+  return true;
+}
+
+Parse bad(Head& out, std::string_view why) {
+  out.error = why;
+  return Parse::kBad;
+}
+
+// Finds the head's end and splits off the start line; the fields follow in `rest`.
+Parse frame_head(std::string_view data, std::size_t max_head, bool skip_leading_crlf, Head& out,
+                 std::string_view& start_line, std::string_view& rest) {
+  std::size_t offset = 0;
+  if (skip_leading_crlf) {
+    // A client may send stray CRLFs between requests (RFC 9112 2.2).
+    while (offset + 1 < data.size() && offset < 8 && data[offset] == '\r' && data[offset + 1] == '\n') {
+      offset += 2;
+    }
+  }
+  const auto window = data.substr(0, std::min(data.size(), max_head));
+  const auto end = window.find("\r\n\r\n", offset);
+  if (end == std::string_view::npos) {
+    return data.size() >= max_head ? Parse::kTooLarge : Parse::kIncomplete;
+  }
+  out.size = end + 4;
+  auto head = data.substr(offset, end + 2 - offset);  // every line, each with its CRLF
+  auto eol = head.find('\n');
+  if (eol == 0 || head[eol - 1] != '\r') return bad(out, "bad line ending");
+  start_line = head.substr(0, eol - 1);
+  rest = head.substr(eol + 1);
+  return Parse::kComplete;
+}
+
+Parse parse_fields(std::string_view rest, Head& out, bool is_request) {
+  while (!rest.empty()) {
+    const auto eol = rest.find('\n');
+    if (eol == 0 || rest[eol - 1] != '\r') return bad(out, "bad line ending in a header field");
+    const auto line = rest.substr(0, eol - 1);
+    rest.remove_prefix(eol + 1);
+    if (line.front() == ' ' || line.front() == '\t') return bad(out, "obsolete line folding in a header field");
+    const auto colon = line.find(':');
+    if (colon == std::string_view::npos) return bad(out, "header field without a colon");
+    const auto name = line.substr(0, colon);
+    if (!is_token(name)) return bad(out, "invalid header field name");
+    const auto value = trim(line.substr(colon + 1));
+    for (char c : value) {
+      if (c == '\r' || c == '\0') return bad(out, "invalid character in a header field value");
+    }
+    out.fields.push_back(Field{name, value});
+
+    switch (lower(name[0])) {
+      case 'c':
+        if (iequals(name, "content-length")) {
+          if (value.empty() || value.size() > 18) return bad(out, "invalid Content-Length");
+          std::uint64_t n = 0;
+          for (char c : value) {
+            if (c < '0' || c > '9') return bad(out, "invalid Content-Length");
+            n = n * 10 + static_cast<std::uint64_t>(c - '0');
+          }
+          if (out.content_length && *out.content_length != n) return bad(out, "conflicting Content-Length fields");
+          out.content_length = n;
+        } else if (iequals(name, "connection")) {
+          out.connection = value;  // several Connection fields: the last wins for hop-by-hop names
+          for_each_token(value, [&](std::string_view t) {
+            if (iequals(t, "close")) out.connection_close = true;
+            else if (iequals(t, "keep-alive")) out.connection_keep_alive = true;
+          });
+        }
+        break;
+      case 't':
+        if (iequals(name, "transfer-encoding")) {
+          std::string_view last;
+          for_each_token(value, [&](std::string_view t) { last = t; });
+          out.chunked = iequals(last, "chunked");
+          out.other_encoding = !out.chunked;
+        }
+        break;
+      case 'e':
+        if (is_request && iequals(name, "expect") && iequals(value, "100-continue")) out.expect_continue = true;
+        break;
+      default:
+        break;
+    }
+  }
+  if (out.chunked || out.other_encoding) {
+    if (is_request && out.content_length) {
+      return bad(out, "both Content-Length and Transfer-Encoding");  // a smuggling attempt
+    }
+    if (is_request && out.other_encoding) return bad(out, "unsupported Transfer-Encoding");
+    out.content_length.reset();  // a response's Transfer-Encoding overrides Content-Length
+  }
+  return Parse::kComplete;
+}
+
+void reset(Head& out) {
+  auto fields = std::move(out.fields);
+  fields.clear();
+  out = Head{};
+  out.fields = std::move(fields);
+}
+
+}  // namespace
+
+bool iequals(std::string_view a, std::string_view b) noexcept {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (lower(a[i]) != lower(b[i])) return false;
+  }
+  return true;
+}
+
+std::string_view Head::find(std::string_view name) const noexcept {
+  for (const auto& f : fields) {
+    if (iequals(f.name, name)) return f.value;
+  }
+  return {};
+}
+
+bool Head::has(std::string_view name) const noexcept {
+  for (const auto& f : fields) {
+    if (iequals(f.name, name)) return true;
+  }
+  return false;
+}
+
+Parse parse_request(std::string_view data, std::size_t max_head, Head& out) {
+  reset(out);
+  std::string_view line, rest;
+  if (auto r = frame_head(data, max_head, true, out, line, rest); r != Parse::kComplete) return r;
+  const auto sp1 = line.find(' ');
+  if (sp1 == std::string_view::npos) return bad(out, "malformed request line");
+  const auto sp2 = line.find(' ', sp1 + 1);
+  if (sp2 == std::string_view::npos) return bad(out, "malformed request line");
+  out.method = line.substr(0, sp1);
+  out.target = line.substr(sp1 + 1, sp2 - sp1 - 1);
+  if (!is_token(out.method)) return bad(out, "invalid request method");
+  if (out.target.empty()) return bad(out, "empty request target");
+  for (char c : out.target) {
+    if (static_cast<unsigned char>(c) <= ' ' || c == 0x7f) return bad(out, "invalid character in the request target");
+  }
+  if (!parse_version(line.substr(sp2 + 1), out.version_minor)) return bad(out, "unsupported HTTP version");
+  return parse_fields(rest, out, true);
+}
+
+Parse parse_response(std::string_view data, std::size_t max_head, Head& out) {
+  reset(out);
+  std::string_view line, rest;
+  if (auto r = frame_head(data, max_head, false, out, line, rest); r != Parse::kComplete) return r;
+  if (line.size() < 12 || !parse_version(line.substr(0, 8), out.version_minor) || line[8] != ' ') {
+    return bad(out, "malformed status line");
+  }
+  unsigned status = 0;
+  for (std::size_t i = 9; i < 12; ++i) {
+    if (line[i] < '0' || line[i] > '9') return bad(out, "malformed status code");
+    status = status * 10 + static_cast<unsigned>(line[i] - '0');
+  }
+  if (status < 100) return bad(out, "malformed status code");
+  if (line.size() > 12 && line[12] != ' ') return bad(out, "malformed status line");
+  out.status = status;
+  out.reason = line.size() > 13 ? line.substr(13) : std::string_view{};
+  return parse_fields(rest, out, false);
+}
+
+bool is_hop_by_hop(std::string_view name, std::string_view connection) noexcept {
+  static constexpr std::array<std::string_view, 7> kHopByHop = {
+      "connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization"};
+  for (auto h : kHopByHop) {
+    if (iequals(name, h)) return true;
+  }
+  bool named = false;
+  if (!connection.empty()) {
+    for_each_token(connection, [&](std::string_view t) {
+      if (iequals(t, name)) named = true;
+    });
+  }
+  return named;
+}
+
+Decimal::Decimal(std::uint64_t v) noexcept : buf{}, start(sizeof(buf)) {
+  do {
+    buf[--start] = static_cast<char>('0' + v % 10);
+    v /= 10;
+  } while (v != 0);
+}
+
+std::pair<char*, std::size_t> ByteBuffer::prepare(std::size_t min_free) {
+  if (capacity_ - end_ < min_free) {
+    if (capacity_ - size() >= min_free && buf_) {
+      std::memmove(buf_.get(), buf_.get() + begin_, size());
+      end_ -= begin_;
+      begin_ = 0;
+    } else {
+      reallocate(std::max(capacity_ * 2, size() + min_free));
+    }
+  }
+  return {buf_.get() + end_, capacity_ - end_};
+}
+
+void ByteBuffer::reallocate(std::size_t capacity) {
+  capacity = std::max(capacity, size());
+  auto fresh = std::make_unique_for_overwrite<char[]>(capacity);
+  if (size() > 0) std::memcpy(fresh.get(), buf_.get() + begin_, size());
+  end_ = size();
+  begin_ = 0;
+  buf_ = std::move(fresh);
+  capacity_ = capacity;
+}
+
+}  // namespace infergate::gateway::http1

@@ -1,0 +1,226 @@
+// HTTP/1.1 message heads and chunked framing for the proxy's hot path: parsed in place (views
+// into the read buffer), no allocation per field, no I/O. The proxy forwards bytes and only
+// needs to know where a message ends and which fields describe the connection.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace infergate::gateway::http1 {
+
+struct Field {
+  std::string_view name;
+  std::string_view value;
+};
+
+enum class Parse {
+  kIncomplete,  // the head's end is not in the data yet
+  kComplete,
+  kBad,         // malformed (400); Head::error says why
+  kTooLarge,    // the head exceeds the limit (431)
+};
+
+struct Head {
+  // Request line.
+  std::string_view method;
+  std::string_view target;
+  // Status line.
+  unsigned status = 0;
+  std::string_view reason;
+
+  unsigned version_minor = 1;  // HTTP/1.<minor>
+  std::size_t size = 0;        // bytes of the head, including the blank line
+  std::vector<Field> fields;   // reused between messages: cleared, capacity kept
+
+  std::optional<std::uint64_t> content_length;
+  bool chunked = false;            // Transfer-Encoding ends in chunked
+  bool other_encoding = false;     // a Transfer-Encoding that does not end in chunked
+  bool connection_close = false;
+  bool connection_keep_alive = false;
+  bool expect_continue = false;
+  std::string_view connection;     // the Connection value (a list), for hop-by-hop names
+  std::string_view error;          // for kBad
+
+  bool keep_alive() const noexcept {
+    return version_minor >= 1 ? !connection_close : connection_keep_alive;
+  }
+  // The first field's value with this name (ASCII case-insensitive), or empty.
+  std::string_view find(std::string_view name) const noexcept;
+  bool has(std::string_view name) const noexcept;
+};
+
+// Parses a request head at the start of `data`. Up to `max_head` bytes may belong to the head.
+Parse parse_request(std::string_view data, std::size_t max_head, Head& out);
+// Parses a response head at the start of `data`.
+Parse parse_response(std::string_view data, std::size_t max_head, Head& out);
+
+bool iequals(std::string_view a, std::string_view b) noexcept;
+
+// True for fields that describe one connection rather than the message (RFC 9110 7.6.1),
+// including those the message's Connection field names.
+bool is_hop_by_hop(std::string_view name, std::string_view connection) noexcept;
+
+// The decimal text of a number, for building heads without allocating.
+struct Decimal {
+  explicit Decimal(std::uint64_t v) noexcept;
+  std::string_view view() const noexcept { return {buf + start, sizeof(buf) - start}; }
+  char buf[20];
+  std::size_t start;
+};
+
+// Follows a chunked body byte by byte through sizes, extensions and trailers, and jumps over
+// chunk data, so a relay knows where the message ends without copying it. Optionally hands
+// out the data bytes (for a request body, or a client that cannot read chunked).
+class ChunkedDecoder {
+ public:
+  struct Result {
+    std::size_t consumed = 0;  // bytes of `in` that belong to this body
+    bool done = false;
+    bool bad = false;
+  };
+  // `on_data(std::string_view)` receives each piece of chunk data in order.
+  template <typename OnData>
+  Result feed(std::string_view in, OnData&& on_data);
+  Result feed(std::string_view in) {
+    return feed(in, [](std::string_view) {});
+  }
+  bool done() const noexcept { return state_ == State::kDone; }
+
+ private:
+  enum class State {
+    kSize, kExtension, kSizeLf, kData, kDataCr, kDataLf, kTrailerStart, kTrailerLine,
+    kTrailerLf, kFinalLf, kDone, kBad
+  };
+  State state_ = State::kSize;
+  std::uint64_t remaining_ = 0;
+  unsigned digits_ = 0;
+  std::size_t trailer_bytes_ = 0;
+};
+
+template <typename OnData>
+ChunkedDecoder::Result ChunkedDecoder::feed(std::string_view in, OnData&& on_data) {
+  constexpr std::size_t kMaxTrailer = 64 * 1024;
+  std::size_t i = 0;
+  while (i < in.size() && state_ != State::kDone && state_ != State::kBad) {
+    const char c = in[i];
+    switch (state_) {
+      case State::kSize: {
+        int v = -1;
+        if (c >= '0' && c <= '9') v = c - '0';
+        else if (c >= 'a' && c <= 'f') v = c - 'a' + 10;
+        else if (c >= 'A' && c <= 'F') v = c - 'A' + 10;
+        if (v >= 0) {
+          if (++digits_ > 15) { state_ = State::kBad; break; }
+          remaining_ = remaining_ * 16 + static_cast<std::uint64_t>(v);
+          ++i;
+        } else if (digits_ > 0 && (c == ';' || c == ' ' || c == '\t')) {
+          state_ = State::kExtension;
+          ++i;
+        } else if (digits_ > 0 && c == '\r') {
+          state_ = State::kSizeLf;
+          ++i;
+        } else {
+          state_ = State::kBad;
+        }
+        break;
+      }
+      case State::kExtension:
+        if (c == '\r') state_ = State::kSizeLf;
+        else if (c == '\n') state_ = State::kBad;
+        ++i;
+        break;
+      case State::kSizeLf:
+        if (c != '\n') { state_ = State::kBad; break; }
+        ++i;
+        digits_ = 0;
+        state_ = remaining_ == 0 ? State::kTrailerStart : State::kData;
+        break;
+      case State::kData: {
+        const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(remaining_, in.size() - i));
+        on_data(in.substr(i, n));
+        i += n;
+        remaining_ -= n;
+        if (remaining_ == 0) state_ = State::kDataCr;
+        break;
+      }
+      case State::kDataCr:
+        if (c != '\r') { state_ = State::kBad; break; }
+        ++i;
+        state_ = State::kDataLf;
+        break;
+      case State::kDataLf:
+        if (c != '\n') { state_ = State::kBad; break; }
+        ++i;
+        state_ = State::kSize;
+        break;
+      case State::kTrailerStart:
+        if (c == '\r') {
+          state_ = State::kFinalLf;
+        } else {
+          state_ = State::kTrailerLine;
+        }
+        ++i;
+        if (++trailer_bytes_ > kMaxTrailer) state_ = State::kBad;
+        break;
+      case State::kTrailerLine:
+        if (c == '\r') state_ = State::kTrailerLf;
+        ++i;
+        if (++trailer_bytes_ > kMaxTrailer) state_ = State::kBad;
+        break;
+      case State::kTrailerLf:
+        if (c != '\n') { state_ = State::kBad; break; }
+        ++i;
+        state_ = State::kTrailerStart;
+        break;
+      case State::kFinalLf:
+        if (c != '\n') { state_ = State::kBad; break; }
+        ++i;
+        state_ = State::kDone;
+        break;
+      case State::kDone:
+      case State::kBad:
+        break;
+    }
+  }
+  return Result{i, state_ == State::kDone, state_ == State::kBad};
+}
+
+// A read buffer: bytes arrive at the back and are consumed from the front; the unread part
+// moves to the front only when room is needed. Grows on demand; never zero-fills.
+class ByteBuffer {
+ public:
+  explicit ByteBuffer(std::size_t initial = 0) { if (initial) reallocate(initial); }
+  std::string_view data() const noexcept { return {buf_.get() + begin_, end_ - begin_}; }
+  std::size_t size() const noexcept { return end_ - begin_; }
+  std::size_t capacity() const noexcept { return capacity_; }
+  // Writable space of at least `min_free` bytes (and of at most what is there).
+  std::pair<char*, std::size_t> prepare(std::size_t min_free);
+  void commit(std::size_t n) noexcept { end_ += n; }
+  void consume(std::size_t n) noexcept {
+    begin_ += n;
+    if (begin_ >= end_) begin_ = end_ = 0;
+  }
+  void clear() noexcept { begin_ = end_ = 0; }
+  // Frees the storage when empty (memory for idle connections), or resizes it.
+  void release() noexcept {
+    if (size() == 0) {
+      buf_.reset();
+      capacity_ = begin_ = end_ = 0;
+    }
+  }
+  void reallocate(std::size_t capacity);
+
+ private:
+  std::unique_ptr<char[]> buf_;
+  std::size_t capacity_ = 0;
+  std::size_t begin_ = 0;
+  std::size_t end_ = 0;
+};
+
+}  // namespace infergate::gateway::http1

@@ -1,0 +1,92 @@
+// Sockets with deadlines enforced by one sweep per worker, instead of a timer per read and
+// write: arming a deadline is a store, and the sweep cancels what overran. Timeouts fire up to
+// one sweep interval late, which no configured timeout is fine-grained enough to notice.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+
+#include "gateway/net.hpp"
+
+namespace infergate::gateway {
+
+class TimedSocket;
+
+// The sockets of one worker thread, for the sweep. Not thread-safe: one per worker.
+class DeadlineList {
+ public:
+  static constexpr auto kSweepInterval = std::chrono::milliseconds(100);
+  DeadlineList() = default;
+  DeadlineList(const DeadlineList&) = delete;
+  DeadlineList& operator=(const DeadlineList&) = delete;
+  // Cancels the pending operations of every socket whose deadline has passed.
+  void sweep(std::chrono::steady_clock::time_point now);
+  std::size_t size() const noexcept { return size_; }
+
+ private:
+  friend class TimedSocket;
+  TimedSocket* head_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+class TimedSocket {
+ public:
+  using Clock = std::chrono::steady_clock;
+  TimedSocket(DeadlineList& list, tcp::socket socket) : socket_(std::move(socket)), list_(&list) { link(); }
+  TimedSocket(DeadlineList& list, const net::any_io_executor& ex) : socket_(ex), list_(&list) { link(); }
+  ~TimedSocket() { unlink(); }
+  TimedSocket(const TimedSocket&) = delete;
+  TimedSocket& operator=(const TimedSocket&) = delete;
+
+  tcp::socket& socket() noexcept { return socket_; }
+
+  // Before an operation: it fails with `timeout` if it has not completed within `d`.
+  template <typename Rep, typename Period>
+  void arm(std::chrono::duration<Rep, Period> d) noexcept {
+    deadline_ = Clock::now() + d;
+  }
+  void arm_at(Clock::time_point t) noexcept { deadline_ = t; }
+  // After an operation: no deadline while nothing is pending; a cancellation by the sweep
+  // becomes a timeout error.
+  beast::error_code settle(beast::error_code ec) noexcept {
+    deadline_ = Clock::time_point::max();
+    if (ec && timed_out_) ec = beast::error::timeout;
+    return ec;
+  }
+  bool timed_out() const noexcept { return timed_out_; }
+
+ private:
+  friend class DeadlineList;
+  void link() noexcept {
+    next_ = list_->head_;
+    if (next_ != nullptr) next_->prev_ = this;
+    list_->head_ = this;
+    ++list_->size_;
+  }
+  void unlink() noexcept {
+    if (prev_ != nullptr) prev_->next_ = next_;
+    else list_->head_ = next_;
+    if (next_ != nullptr) next_->prev_ = prev_;
+    --list_->size_;
+  }
+
+  tcp::socket socket_;
+  DeadlineList* list_;
+  TimedSocket* prev_ = nullptr;
+  TimedSocket* next_ = nullptr;
+  Clock::time_point deadline_ = Clock::time_point::max();
+  bool timed_out_ = false;
+};
+
+inline void DeadlineList::sweep(std::chrono::steady_clock::time_point now) {
+  for (auto* s = head_; s != nullptr; s = s->next_) {
+    if (s->deadline_ <= now) {
+      s->timed_out_ = true;
+      s->deadline_ = std::chrono::steady_clock::time_point::max();
+      beast::error_code ignored;
+      s->socket_.cancel(ignored);
+    }
+  }
+}
+
+}  // namespace infergate::gateway
