@@ -170,6 +170,7 @@ ChunkedDecoder::Result ChunkedDecoder::feed(std::string_view in, OnData&& on_dat
         break;
       case State::kTrailerLine:
         if (c == '\r') state_ = State::kTrailerLf;
+        else if (c == '\n') state_ = State::kBad;
         ++i;
         if (++trailer_bytes_ > kMaxTrailer) state_ = State::kBad;
         break;

@@ -561,3 +561,41 @@ TEST(ProxyTest, ExpectContinueIsAnsweredSoLargeUploadsDoNotStall) {
   EXPECT_TRUE(received["received_headers"].contains("X-Mock-Echo-Headers"));
   EXPECT_FALSE(received["received_headers"].contains("Expect"));
 }
+
+TEST(ProxyTest, ChunkedRequestBodiesAreForwardedWhole) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  auto r = raw_exchange(gw.port,
+                        "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                        "Transfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n");
+  EXPECT_THAT(r, HasSubstr("HTTP/1.1 200"));
+  EXPECT_THAT(r, HasSubstr("\r\n\r\nhello world"));  // the backend got the body de-chunked
+  auto broken = raw_exchange(gw.port,
+                             "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nhello\r\n");
+  EXPECT_THAT(broken, HasSubstr("HTTP/1.1 400"));
+  EXPECT_THAT(broken, HasSubstr("malformed chunked request body"));
+}
+
+TEST(ProxyTest, Http10ClientsGetPlainBodiesAndAHostIsAdded) {
+  auto mocks = start_mocks(1, {"--tokens", "3"});
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  const auto plain = chat_body(false);
+  auto r = raw_exchange(gw.port, "POST /v1/chat/completions HTTP/1.0\r\nX-Mock-Echo-Headers: 1\r\n"
+                                 "Content-Type: application/json\r\nContent-Length: " +
+                                     std::to_string(plain.size()) + "\r\n\r\n" + plain);
+  ASSERT_THAT(r, HasSubstr("HTTP/1.0 200"));
+  auto body = json::parse(r.substr(r.find("\r\n\r\n") + 4));
+  EXPECT_TRUE(body["received_headers"].contains("Host"));  // HTTP/1.1 backends require one
+
+  // A chunked (SSE) answer reaches an HTTP/1.0 client de-chunked and ended by the close.
+  const auto streamed = chat_body(true);
+  auto s = raw_exchange(gw.port, "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                                 "Content-Length: " + std::to_string(streamed.size()) + "\r\n\r\n" + streamed);
+  ASSERT_THAT(s, HasSubstr("HTTP/1.0 200"));
+  const auto head_end = s.find("\r\n\r\n");
+  EXPECT_EQ(s.substr(0, head_end).find("Transfer-Encoding"), std::string::npos);
+  EXPECT_EQ(s.compare(head_end + 4, 6, "data: "), 0) << s;  // no chunk sizes
+  EXPECT_THAT(s, HasSubstr("data: [DONE]"));
+}

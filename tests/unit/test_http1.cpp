@@ -1,0 +1,193 @@
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <string>
+
+#include "gateway/http1.hpp"
+
+namespace {
+
+using namespace infergate::gateway::http1;
+
+TEST(Http1RequestTest, ParsesAPostWithItsFields) {
+  Head h;
+  const std::string data =
+      "POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+      "Content-Length: 17\r\nX-Request-ID:  abc \r\n\r\n{\"model\":\"m\"}xxx";
+  ASSERT_EQ(parse_request(data, 8192, h), Parse::kComplete) << h.error;
+  EXPECT_EQ(h.method, "POST");
+  EXPECT_EQ(h.target, "/v1/chat/completions?x=1");
+  EXPECT_EQ(h.version_minor, 1u);
+  EXPECT_EQ(h.size, data.find("\r\n\r\n") + 4);
+  ASSERT_TRUE(h.content_length.has_value());
+  EXPECT_EQ(*h.content_length, 17u);
+  EXPECT_EQ(h.find("x-request-id"), "abc");  // case-insensitive, whitespace trimmed
+  EXPECT_EQ(h.find("HOST"), "gw");
+  EXPECT_TRUE(h.find("missing").empty());
+  EXPECT_EQ(h.fields.size(), 4u);
+  EXPECT_TRUE(h.keep_alive());
+  EXPECT_FALSE(h.chunked);
+}
+
+TEST(Http1RequestTest, KeepAliveFollowsTheVersionAndConnection) {
+  Head h;
+  ASSERT_EQ(parse_request("GET / HTTP/1.1\r\nConnection: close\r\n\r\n", 8192, h), Parse::kComplete);
+  EXPECT_FALSE(h.keep_alive());
+  ASSERT_EQ(parse_request("GET / HTTP/1.0\r\n\r\n", 8192, h), Parse::kComplete);
+  EXPECT_EQ(h.version_minor, 0u);
+  EXPECT_FALSE(h.keep_alive());
+  ASSERT_EQ(parse_request("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", 8192, h), Parse::kComplete);
+  EXPECT_TRUE(h.keep_alive());
+  ASSERT_EQ(parse_request("GET / HTTP/1.1\r\nConnection: keep-alive, X-Hop\r\n\r\n", 8192, h), Parse::kComplete);
+  EXPECT_TRUE(h.keep_alive());
+  EXPECT_TRUE(is_hop_by_hop("x-hop", h.connection));
+  EXPECT_TRUE(is_hop_by_hop("Keep-Alive", h.connection));
+  EXPECT_TRUE(is_hop_by_hop("Proxy-Authorization", {}));
+  EXPECT_FALSE(is_hop_by_hop("Authorization", h.connection));
+}
+
+TEST(Http1RequestTest, IncompleteUntilTheBlankLineAndTooLargePastTheLimit) {
+  Head h;
+  EXPECT_EQ(parse_request("", 8192, h), Parse::kIncomplete);
+  EXPECT_EQ(parse_request("GET / HTTP/1.1\r\nHost: x\r\n", 8192, h), Parse::kIncomplete);
+  const std::string big = "GET / HTTP/1.1\r\nX-Big: " + std::string(200, 'a');
+  EXPECT_EQ(parse_request(big, 100, h), Parse::kTooLarge);
+  EXPECT_EQ(parse_request(big + "\r\n\r\n", 100, h), Parse::kTooLarge);  // complete, but over the limit
+}
+
+TEST(Http1RequestTest, SkipsStrayLineBreaksBetweenRequests) {
+  Head h;
+  const std::string data = "\r\n\r\nGET /a HTTP/1.1\r\n\r\n";
+  ASSERT_EQ(parse_request(data, 8192, h), Parse::kComplete) << h.error;
+  EXPECT_EQ(h.target, "/a");
+  EXPECT_EQ(h.size, data.size());
+}
+
+TEST(Http1RequestTest, RejectsMalformedHeadsWithAReason) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"GARBAGE\r\n\r\n", "malformed request line"},
+      {"GET /\r\n\r\n", "malformed request line"},
+      {"GET / HTTP/2.0\r\n\r\n", "unsupported HTTP version"},
+      {"G(T / HTTP/1.1\r\n\r\n", "invalid request method"},
+      {"GET  HTTP/1.1\r\n\r\n", "empty request target"},
+      {"GET / HTTP/1.1\r\nHost x\r\n\r\n", "header field without a colon"},
+      {"GET / HTTP/1.1\r\nHo st: x\r\n\r\n", "invalid header field name"},
+      {"GET / HTTP/1.1\r\nHost : x\r\n\r\n", "invalid header field name"},
+      {"GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n", "obsolete line folding in a header field"},
+      {"GET / HTTP/1.1\r\nA: b\nB: c\r\n\r\n", "bad line ending in a header field"},
+      {"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+       "both Content-Length and Transfer-Encoding"},
+      {"POST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n", "conflicting Content-Length fields"},
+      {"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", "invalid Content-Length"},
+      {"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", "invalid Content-Length"},
+      {"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", "unsupported Transfer-Encoding"},
+  };
+  for (const auto& [input, why] : cases) {
+    Head h;
+    EXPECT_EQ(parse_request(input, 8192, h), Parse::kBad) << input;
+    EXPECT_EQ(h.error, why) << input;
+  }
+}
+
+TEST(Http1RequestTest, RepeatedEqualContentLengthsAndExpectAreUnderstood) {
+  Head h;
+  ASSERT_EQ(parse_request("PUT / HTTP/1.1\r\nContent-Length: 4\r\ncontent-length: 4\r\nExpect: 100-Continue\r\n\r\n",
+                          8192, h),
+            Parse::kComplete);
+  EXPECT_EQ(*h.content_length, 4u);
+  EXPECT_TRUE(h.expect_continue);
+  ASSERT_EQ(parse_request("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 8192, h), Parse::kComplete);
+  EXPECT_TRUE(h.chunked);
+}
+
+TEST(Http1ResponseTest, ParsesStatusReasonAndFraming) {
+  Head h;
+  ASSERT_EQ(parse_response("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                           "Content-Length: 10\r\n\r\n",
+                           8192, h),
+            Parse::kComplete)
+      << h.error;
+  EXPECT_EQ(h.status, 200u);
+  EXPECT_EQ(h.reason, "OK");
+  EXPECT_TRUE(h.chunked);
+  EXPECT_FALSE(h.content_length.has_value());  // Transfer-Encoding overrides Content-Length
+  ASSERT_EQ(parse_response("HTTP/1.1 503\r\nContent-Length: 0\r\n\r\n", 8192, h), Parse::kComplete);
+  EXPECT_EQ(h.status, 503u);
+  EXPECT_TRUE(h.reason.empty());
+  ASSERT_EQ(parse_response("HTTP/1.0 404 Not Found\r\n\r\n", 8192, h), Parse::kComplete);
+  EXPECT_FALSE(h.keep_alive());
+  EXPECT_EQ(parse_response("HTTP/1.1 20 OK\r\n\r\n", 8192, h), Parse::kBad);
+  EXPECT_EQ(parse_response("HTTP/1.1 2000 OK\r\n\r\n", 8192, h), Parse::kBad);
+  EXPECT_EQ(parse_response("SSH-2.0-OpenSSH\r\n\r\n", 8192, h), Parse::kBad);
+}
+
+TEST(Http1ChunkedTest, FindsTheEndAndTheDataWhateverTheSplit) {
+  const std::string body = "5;ext=1\r\nhello\r\nB\r\n, world! :)\r\n0\r\nX-Trailer: t\r\n\r\nNEXT";
+  const std::size_t end = body.find("NEXT");
+  for (std::size_t step = 1; step <= body.size(); ++step) {
+    ChunkedDecoder d;
+    std::string data;
+    std::size_t consumed = 0;
+    bool done = false;
+    for (std::size_t i = 0; i < body.size() && !done; i += step) {
+      auto piece = std::string_view(body).substr(i, step);
+      auto r = d.feed(piece, [&](std::string_view s) { data.append(s); });
+      ASSERT_FALSE(r.bad) << "step " << step;
+      consumed += r.consumed;
+      done = r.done;
+      if (!done) {
+        EXPECT_EQ(r.consumed, piece.size());
+      }
+    }
+    EXPECT_TRUE(done) << "step " << step;
+    EXPECT_EQ(consumed, end) << "step " << step;  // stops before the next message
+    EXPECT_EQ(data, "hello, world! :)") << "step " << step;
+  }
+}
+
+TEST(Http1ChunkedTest, RejectsBrokenFraming) {
+  for (const char* input : {"x\r\n", "5\r\nhelloXX", "5\nhello\r\n", "\r\n", "1234567890123456\r\n",
+                            "0\r\nTrailer\n"}) {
+    ChunkedDecoder d;
+    EXPECT_TRUE(d.feed(input).bad) << input;
+  }
+  ChunkedDecoder empty;
+  auto r = empty.feed("0\r\n\r\n");
+  EXPECT_TRUE(r.done);
+  EXPECT_EQ(r.consumed, 5u);
+}
+
+TEST(Http1BufferTest, GrowsCompactsAndReleases) {
+  ByteBuffer b(8);
+  auto [p, room] = b.prepare(4);
+  EXPECT_GE(room, 4u);
+  std::memcpy(p, "abcdefgh", 8);
+  b.commit(8);
+  EXPECT_EQ(b.data(), "abcdefgh");
+  b.consume(6);
+  EXPECT_EQ(b.data(), "gh");
+  auto [p2, room2] = b.prepare(6);  // fits once the unread bytes move to the front
+  EXPECT_EQ(b.capacity(), 8u);
+  EXPECT_EQ(room2, 6u);
+  std::memcpy(p2, "ijklmn", 6);
+  b.commit(6);
+  EXPECT_EQ(b.data(), "ghijklmn");
+  auto [p3, room3] = b.prepare(100);  // grows, keeping the data
+  EXPECT_GE(room3, 100u);
+  (void)p3;
+  EXPECT_EQ(b.data(), "ghijklmn");
+  b.release();  // not empty: kept
+  EXPECT_EQ(b.data(), "ghijklmn");
+  b.consume(8);
+  b.release();
+  EXPECT_EQ(b.capacity(), 0u);
+  EXPECT_EQ(b.size(), 0u);
+}
+
+TEST(Http1DecimalTest, PrintsNumbers) {
+  EXPECT_EQ(Decimal(0).view(), "0");
+  EXPECT_EQ(Decimal(200).view(), "200");
+  EXPECT_EQ(Decimal(18446744073709551615ull).view(), "18446744073709551615");
+}
+
+}  // namespace
