@@ -42,8 +42,9 @@ struct ClientWatch {
 };
 
 // One client connection's state, kept between its requests so buffers are reused.
-struct ClientConnection {
+struct ClientConnection final : SlowHook {
   ClientConnection(Worker* w, tcp::socket s) : sock(w->deadlines, std::move(s)) {}
+  ~ClientConnection() = default;
   TimedSocket sock;
   http1::ByteBuffer buffer;
   http1::Head head;             // the current request's head: views into `buffer`
@@ -58,6 +59,10 @@ struct ClientConnection {
   std::string_view target;
   std::string labels;
   std::shared_ptr<ClientWatch> watch;
+  bool watching = false;
+
+  // An exchange still running at a sweep gets its client watched (see watch_client).
+  void on_slow() override;
 
   // A streamed response has begun: the request will not be retried, so its bytes can go. An
   // open SSE stream then holds no request memory (10,000 of them must fit in 64 MiB).
@@ -488,8 +493,8 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
   }
 }
 
-// Watches the client while an attempt runs: a one-byte peek that costs no system call until
-// the socket becomes readable. If the client went away, the upstream exchange is aborted so
+// Watches the client while an attempt runs: a one-byte peek, pending until the socket becomes
+// readable. If the client went away, the upstream exchange is aborted so
 // the backend stops generating for nobody. Pipelined bytes just end the watch (the client is
 // alive); they stay in the socket for the next request.
 void watch_client(tcp::socket& client, const std::shared_ptr<ClientWatch>& watch) {
@@ -508,6 +513,14 @@ void watch_client(tcp::socket& client, const std::shared_ptr<ClientWatch>& watch
                        });
 }
 
+void ClientConnection::on_slow() {
+  if (!watch || !watch->active || watching) return;
+  watching = true;
+  watch_client(sock.socket(), watch);
+}
+
+// Runs an attempt with the client watched, once the exchange has outlived a deadline sweep:
+// most requests are answered well before, and a speculative peek would cost them a system call.
 net::awaitable<AttemptOutcome> attempt_watched(Worker* w, discovery::Backend* backend, ClientConnection* c,
                                                std::string_view request_id, Clock::time_point started) {
   if (!c->watch) c->watch = std::make_shared<ClientWatch>();
@@ -516,11 +529,16 @@ net::awaitable<AttemptOutcome> attempt_watched(Worker* w, discovery::Backend* ba
   watch.active = true;
   watch.client_gone = false;
   watch.connection = nullptr;
-  watch_client(c->sock.socket(), c->watch);
+  c->watching = false;
+  w->deadlines.add_slow(*c);
   auto out = co_await run_attempt(w, backend, c, request_id, started);
+  w->deadlines.remove_slow(*c);
   watch.active = false;
-  beast::error_code ignored;
-  c->sock.socket().cancel(ignored);  // ends the watch; nothing else is pending on the client
+  if (c->watching) {
+    beast::error_code ignored;
+    c->sock.socket().cancel(ignored);  // ends the watch; nothing else is pending on the client
+    c->watching = false;
+  }
   if (watch.client_gone && out.kind == AttemptOutcome::kFailed) out.kind = AttemptOutcome::kClientGone;
   co_return out;
 }

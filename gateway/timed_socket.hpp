@@ -11,6 +11,7 @@
 namespace infergate::gateway {
 
 class TimedSocket;
+class SlowHook;
 
 // The sockets of one worker thread, for the sweep. Not thread-safe: one per worker.
 class DeadlineList {
@@ -19,15 +20,60 @@ class DeadlineList {
   DeadlineList() = default;
   DeadlineList(const DeadlineList&) = delete;
   DeadlineList& operator=(const DeadlineList&) = delete;
-  // Cancels the pending operations of every socket whose deadline has passed.
+  // Cancels the pending operations of every socket whose deadline has passed, and calls
+  // on_slow() on every hook still waiting.
   void sweep(std::chrono::steady_clock::time_point now);
   std::size_t size() const noexcept { return size_; }
 
+  // The next sweep calls hook.on_slow() unless remove_slow() comes first: work that only long
+  // exchanges need (most requests finish well within one sweep interval).
+  void add_slow(SlowHook& hook) noexcept;
+  void remove_slow(SlowHook& hook) noexcept;
+
  private:
   friend class TimedSocket;
+  friend class SlowHook;
   TimedSocket* head_ = nullptr;
   std::size_t size_ = 0;
+  SlowHook* slow_head_ = nullptr;
 };
+
+class SlowHook {
+ public:
+  SlowHook() = default;
+  SlowHook(const SlowHook&) = delete;
+  SlowHook& operator=(const SlowHook&) = delete;
+  virtual void on_slow() = 0;
+
+ protected:
+  ~SlowHook() {
+    if (list_ != nullptr) list_->remove_slow(*this);
+  }
+
+ private:
+  friend class DeadlineList;
+  DeadlineList* list_ = nullptr;  // set while linked
+  SlowHook* prev_ = nullptr;
+  SlowHook* next_ = nullptr;
+};
+
+inline void DeadlineList::add_slow(SlowHook& hook) noexcept {
+  if (hook.list_ != nullptr) return;
+  hook.list_ = this;
+  hook.prev_ = nullptr;
+  hook.next_ = slow_head_;
+  if (slow_head_ != nullptr) slow_head_->prev_ = &hook;
+  slow_head_ = &hook;
+}
+
+inline void DeadlineList::remove_slow(SlowHook& hook) noexcept {
+  if (hook.list_ != this) return;
+  if (hook.prev_ != nullptr) hook.prev_->next_ = hook.next_;
+  else slow_head_ = hook.next_;
+  if (hook.next_ != nullptr) hook.next_->prev_ = hook.prev_;
+  hook.list_ = nullptr;
+  hook.prev_ = hook.next_ = nullptr;
+}
 
 class TimedSocket {
  public:
@@ -86,6 +132,11 @@ inline void DeadlineList::sweep(std::chrono::steady_clock::time_point now) {
       beast::error_code ignored;
       s->socket_.cancel(ignored);
     }
+  }
+  while (slow_head_ != nullptr) {
+    SlowHook* hook = slow_head_;
+    remove_slow(*hook);
+    hook->on_slow();
   }
 }
 
