@@ -113,7 +113,7 @@ void Registry::republish() {
   publish_locked(set_.load(std::memory_order_acquire)->all);
 }
 
-Backend* Registry::pick(const BackendSet& set, const std::vector<const Backend*>& exclude) {
+Backend* Registry::pick(const BackendSet& set, std::span<const Backend* const> exclude) {
   const auto n = set.routable.size();
   if (n == 0) return nullptr;
   auto start = rr_.fetch_add(1, std::memory_order_relaxed);

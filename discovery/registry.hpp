@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -117,7 +118,7 @@ class Registry {
 
   // Round robin over the routable set, skipping `exclude` (backends a request already tried).
   // One atomic counter: exact rotation across threads. nullptr when nothing is routable.
-  Backend* pick(const BackendSet& set, const std::vector<const Backend*>& exclude = {});
+  Backend* pick(const BackendSet& set, std::span<const Backend* const> exclude = {});
 
  private:
   void publish_locked(std::vector<std::shared_ptr<Backend>> all);

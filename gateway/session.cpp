@@ -12,6 +12,8 @@
 #include <string>
 #include <variant>
 
+#include <boost/container/small_vector.hpp>
+
 #include "gateway/errors.hpp"
 #include "gateway/http1.hpp"
 #include "gateway/router.hpp"
@@ -23,6 +25,9 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using http1::iequals;
 constexpr auto kTuple = net::as_tuple(net::use_awaitable);
+// For the per-request reads and writes: a deferred operation is awaited directly, without the
+// extra coroutine frame use_awaitable allocates for every operation.
+constexpr auto kDirect = net::as_tuple(net::deferred);
 
 constexpr std::size_t kClientRead = 2048;       // free space per client read; grows for large prompts
 constexpr std::size_t kUpstreamRead = 4096;     // free space for a response head
@@ -55,6 +60,7 @@ struct ClientConnection final : SlowHook {
   std::string upstream_head;    // the request head as backends get it (kept for retries)
   std::string response_head;
   std::string client_ip;
+  std::string request_id;       // the current request's X-Request-ID (kept or generated)
   std::string_view method;      // for logs; point into `labels` once the request is released
   std::string_view target;
   std::string labels;
@@ -84,12 +90,24 @@ struct ClientConnection final : SlowHook {
   }
 };
 
-std::string make_request_id(Worker& w) {
-  std::array<char, 40> buf{};
-  auto n = std::snprintf(buf.data(), buf.size(), "ig-%zx-%08x-%llx", w.index,
-                         static_cast<unsigned>(w.rng()),
-                         static_cast<unsigned long long>(++w.request_counter));
-  return std::string(buf.data(), static_cast<std::size_t>(n));
+void append_hex(std::string& out, std::uint64_t v, int min_digits) {
+  char buf[16];
+  int n = 0;
+  do {
+    buf[n++] = "0123456789abcdef"[v & 0xf];
+    v >>= 4;
+  } while (v != 0 || n < min_digits);
+  while (n > 0) out += buf[--n];
+}
+
+// "ig-<worker>-<random>-<counter>": unique across workers and restarts, built without printf.
+void make_request_id(Worker& w, std::string& out) {
+  out.assign("ig-");
+  append_hex(out, w.index, 1);
+  out += '-';
+  append_hex(out, static_cast<std::uint32_t>(w.rng()), 8);
+  out += '-';
+  append_hex(out, ++w.request_counter, 1);
 }
 
 std::string_view reason_phrase(unsigned status) {
@@ -114,7 +132,7 @@ void append_field(std::string& out, std::string_view name, std::string_view valu
 net::awaitable<beast::error_code> write_all(TimedSocket& sock, std::span<const net::const_buffer> pieces,
                                             std::chrono::milliseconds timeout) {
   sock.arm(timeout);
-  auto [ec, n] = co_await net::async_write(sock.socket(), pieces, kTuple);
+  auto [ec, n] = co_await net::async_write(sock.socket(), pieces, kDirect);
   co_return sock.settle(ec);
 }
 
@@ -371,7 +389,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
     }
     auto [room_ptr, room] = up->buffer.prepare(read_room);
     up->sock.arm(idle);
-    auto [rec, n] = co_await up->sock.socket().async_read_some(net::buffer(room_ptr, room), kTuple);
+    auto [rec, n] = co_await up->sock.socket().async_read_some(net::buffer(room_ptr, room), kDirect);
     rec = up->sock.settle(rec);
     if (rec == net::error::eof && framing == Framing::kUntilClose) {
       ended_by_close = true;
@@ -453,7 +471,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
         if (parsed == http1::Parse::kComplete) break;
         auto [room_ptr, room] = conn->buffer.prepare(kUpstreamRead);
         conn->sock.arm_at(deadline);
-        auto [rec, n] = co_await conn->sock.socket().async_read_some(net::buffer(room_ptr, room), kTuple);
+        auto [rec, n] = co_await conn->sock.socket().async_read_some(net::buffer(room_ptr, room), kDirect);
         wec = conn->sock.settle(rec);
         if (wec) break;
         conn->buffer.commit(n);
@@ -519,30 +537,6 @@ void ClientConnection::on_slow() {
   watch_client(sock.socket(), watch);
 }
 
-// Runs an attempt with the client watched, once the exchange has outlived a deadline sweep:
-// most requests are answered well before, and a speculative peek would cost them a system call.
-net::awaitable<AttemptOutcome> attempt_watched(Worker* w, discovery::Backend* backend, ClientConnection* c,
-                                               std::string_view request_id, Clock::time_point started) {
-  if (!c->watch) c->watch = std::make_shared<ClientWatch>();
-  auto& watch = *c->watch;
-  ++watch.generation;
-  watch.active = true;
-  watch.client_gone = false;
-  watch.connection = nullptr;
-  c->watching = false;
-  w->deadlines.add_slow(*c);
-  auto out = co_await run_attempt(w, backend, c, request_id, started);
-  w->deadlines.remove_slow(*c);
-  watch.active = false;
-  if (c->watching) {
-    beast::error_code ignored;
-    c->sock.socket().cancel(ignored);  // ends the watch; nothing else is pending on the client
-    c->watching = false;
-  }
-  if (watch.client_gone && out.kind == AttemptOutcome::kFailed) out.kind = AttemptOutcome::kClientGone;
-  co_return out;
-}
-
 struct InflightGuard {
   explicit InflightGuard(std::atomic<std::int64_t>& c) : counter(c) { counter.fetch_add(1, std::memory_order_relaxed); }
   ~InflightGuard() { counter.fetch_sub(1, std::memory_order_relaxed); }
@@ -585,8 +579,9 @@ void record_attempt(GatewayState& state, discovery::Backend& backend, const Atte
 
 // Proxies one request, retrying on other backends while nothing reached the client.
 // Returns whether the client connection may carry another request.
-net::awaitable<bool> proxy_request(Worker* w, ClientConnection* c, std::string request_id) {
+net::awaitable<bool> proxy_request(Worker* w, ClientConnection* c) {
   GatewayState& state = *w->state;
+  const std::string_view request_id = c->request_id;
   const auto started = Clock::now();
   const bool client_keep_alive = c->head.keep_alive();
   const unsigned version_minor = c->head.version_minor;
@@ -611,7 +606,7 @@ net::awaitable<bool> proxy_request(Worker* w, ClientConnection* c, std::string r
                                            request_id);
   }
 
-  std::vector<const discovery::Backend*> tried;
+  boost::container::small_vector<const discovery::Backend*, 4> tried;
   std::string failures;
   bool last_timed_out = false;
   discovery::Backend* previous = nullptr;
@@ -627,11 +622,29 @@ net::awaitable<bool> proxy_request(Worker* w, ClientConnection* c, std::string r
     }
     tried.push_back(backend);
     previous = backend;
+    // The client is watched once the exchange has outlived a deadline sweep: most requests are
+    // answered well before, and a speculative peek would cost each a system call.
+    if (!c->watch) c->watch = std::make_shared<ClientWatch>();
+    auto& watch = *c->watch;
+    ++watch.generation;
+    watch.active = true;
+    watch.client_gone = false;
+    watch.connection = nullptr;
+    c->watching = false;
+    w->deadlines.add_slow(*c);
     AttemptOutcome out;
     {
       InflightGuard backend_inflight(backend->stats.inflight);
-      out = co_await attempt_watched(w, backend, c, request_id, started);
+      out = co_await run_attempt(w, backend, c, request_id, started);
     }
+    w->deadlines.remove_slow(*c);
+    watch.active = false;
+    if (c->watching) {
+      beast::error_code ignored;
+      c->sock.socket().cancel(ignored);  // ends the watch; nothing else is pending on the client
+      c->watching = false;
+    }
+    if (watch.client_gone && out.kind == AttemptOutcome::kFailed) out.kind = AttemptOutcome::kClientGone;
     record_attempt(state, *backend, out, started);
     const auto& id = backend->info().id;
     if (out.kind != AttemptOutcome::kFailed) {
@@ -754,7 +767,7 @@ net::awaitable<beast::error_code> read_more(ClientConnection* c, std::size_t min
                                             Clock::time_point deadline) {
   auto [room_ptr, room] = c->buffer.prepare(min_free);
   c->sock.arm_at(deadline);
-  auto [ec, n] = co_await c->sock.socket().async_read_some(net::buffer(room_ptr, room), kTuple);
+  auto [ec, n] = co_await c->sock.socket().async_read_some(net::buffer(room_ptr, room), kDirect);
   ec = c->sock.settle(ec);
   if (!ec) c->buffer.commit(n);
   co_return ec;
@@ -883,8 +896,12 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
         keep_alive = co_await write_local(&c, std::move(answer), h.version_minor, h.keep_alive(), head_only, "");
       } else {
         auto id = h.find("x-request-id");
-        std::string request_id = id.empty() || id.size() > 200 ? make_request_id(*w) : std::string(id);
-        keep_alive = co_await proxy_request(w, &c, std::move(request_id));
+        if (id.empty() || id.size() > 200) {
+          make_request_id(*w, c.request_id);
+        } else {
+          c.request_id.assign(id);
+        }
+        keep_alive = co_await proxy_request(w, &c);
       }
       if (!keep_alive) break;
       c.buffer.consume(c.request_size);
