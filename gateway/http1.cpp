@@ -231,6 +231,37 @@ Decimal::Decimal(std::uint64_t v) noexcept : buf{}, start(sizeof(buf)) {
   } while (v != 0);
 }
 
+BodyFramer::Step BodyFramer::step(std::string_view data) {
+  Step out;
+  switch (kind_) {
+    case Kind::kNone:
+      out.last = true;
+      break;
+    case Kind::kLength:
+      out.consumed = static_cast<std::size_t>(std::min<std::uint64_t>(remaining_, data.size()));
+      remaining_ -= out.consumed;
+      out.last = remaining_ == 0;
+      out.payload = data.substr(0, out.consumed);
+      break;
+    case Kind::kChunked: {
+      decoded_.clear();
+      auto r = dechunk_ ? decoder_.feed(data, [this](std::string_view d) { decoded_.append(d); })
+                        : decoder_.feed(data);
+      out.consumed = r.consumed;
+      out.last = r.done;
+      out.bad = r.bad;
+      out.payload = dechunk_ ? std::string_view(decoded_) : data.substr(0, r.consumed);
+      break;
+    }
+    case Kind::kUntilClose:
+      out.consumed = data.size();
+      out.payload = data;
+      out.last = eof_;
+      break;
+  }
+  return out;
+}
+
 std::pair<char*, std::size_t> ByteBuffer::prepare(std::size_t min_free) {
   if (capacity_ - end_ < min_free) {
     if (capacity_ - size() >= min_free && buf_) {

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
@@ -191,6 +192,33 @@ ChunkedDecoder::Result ChunkedDecoder::feed(std::string_view in, OnData&& on_dat
   }
   return Result{i, state_ == State::kDone, state_ == State::kBad};
 }
+
+// Where a response body ends, whatever its framing, and what the client gets of each piece:
+// the bytes unchanged, or the data of a chunked body for a client that cannot read chunked.
+class BodyFramer {
+ public:
+  enum class Kind { kNone, kLength, kChunked, kUntilClose };
+  BodyFramer(Kind kind, std::uint64_t length, bool dechunk) : kind_(kind), remaining_(length), dechunk_(dechunk) {}
+
+  struct Step {
+    std::size_t consumed = 0;  // bytes of the input that belong to this body
+    std::string_view payload;  // what the client gets for them (valid until the next step)
+    bool last = false;         // the body is complete
+    bool bad = false;          // broken chunked framing
+  };
+  Step step(std::string_view data);
+  // The connection closed: the end of a body framed by the close, an error for any other.
+  void end_of_stream() noexcept { eof_ = true; }
+  Kind kind() const noexcept { return kind_; }
+
+ private:
+  Kind kind_;
+  std::uint64_t remaining_;
+  bool dechunk_;
+  bool eof_ = false;
+  ChunkedDecoder decoder_;
+  std::string decoded_;
+};
 
 // A read buffer: bytes arrive at the back and are consumed from the front; the unread part
 // moves to the front only when room is needed. Grows on demand; never zero-fills.
