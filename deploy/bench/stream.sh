@@ -65,6 +65,7 @@ rss_mib() {
   done
   echo $((total / 1024))
 }
+signed() { if (($1 >= 0)); then echo "+$1"; else echo "$1"; fi; }
 json_field() { sed -E "s/.*\"$2\":\"?([^,\"}]*).*/\1/" <<<"$1"; }
 hz=$(getconf CLK_TCK)
 
@@ -101,7 +102,7 @@ want sse && for c in "${cases[@]}"; do
   events=$(json_field "$out" events)
   cpu_us=$(awk -v t=$((after - before)) -v hz="$hz" -v e="$events" 'BEGIN {printf "%.2f", (e > 0 ? t / hz * 1e6 / e : 0)}')
   ttfb=$(json_field "$out" ttfb_p50_us)
-  echo "| $streams | $delay | infergate | $(json_field "$out" ok) / $(json_field "$out" failed) | $ttfb (+$((ttfb - direct_ttfb))) | $(json_field "$out" events_per_s) | $cpu_us | $(rss_mib "$ig") |"
+  echo "| $streams | $delay | infergate | $(json_field "$out" ok) / $(json_field "$out" failed) | $ttfb ($(signed $((ttfb - direct_ttfb)))) | $(json_field "$out" events_per_s) | $cpu_us | $(rss_mib "$ig") |"
   kill "$ig"; wait "$ig" 2>/dev/null || true
 
   nport=$(free_port)
@@ -119,7 +120,7 @@ want sse && for c in "${cases[@]}"; do
   events=$(json_field "$out" events)
   cpu_us=$(awk -v t=$((after - before)) -v hz="$hz" -v e="$events" 'BEGIN {printf "%.2f", (e > 0 ? t / hz * 1e6 / e : 0)}')
   ttfb=$(json_field "$out" ttfb_p50_us)
-  echo "| $streams | $delay | nginx | $(json_field "$out" ok) / $(json_field "$out" failed) | $ttfb (+$((ttfb - direct_ttfb))) | $(json_field "$out" events_per_s) | $cpu_us | $(rss_mib "$ng") |"
+  echo "| $streams | $delay | nginx | $(json_field "$out" ok) / $(json_field "$out" failed) | $ttfb ($(signed $((ttfb - direct_ttfb)))) | $(json_field "$out" events_per_s) | $cpu_us | $(rss_mib "$ng") |"
   kill "$ng" "$mpid"; wait "$ng" "$mpid" 2>/dev/null || true
 done
 
