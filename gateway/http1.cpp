@@ -55,81 +55,99 @@ Parse bad(Head& out, std::string_view why) {
   return Parse::kBad;
 }
 
-// Finds the head's end and splits off the start line; the fields follow in `rest`.
-Parse frame_head(std::string_view data, std::size_t max_head, bool skip_leading_crlf, Head& out,
-                 std::string_view& start_line, std::string_view& rest) {
-  std::size_t offset = 0;
-  if (skip_leading_crlf) {
-    // A client may send stray CRLFs between requests (RFC 9112 2.2).
-    while (offset + 1 < data.size() && offset < 8 && data[offset] == '\r' && data[offset + 1] == '\n') {
-      offset += 2;
-    }
+// Whether a field's value is acceptable: no line breaks or NULs (a bare LF inside a line is a
+// smuggling vector).
+bool valid_value(std::string_view value) noexcept {
+  for (char c : value) {
+    if (c == '\n' || c == '\0' || c == '\r') return false;
   }
-  const auto window = data.substr(0, std::min(data.size(), max_head));
-  const auto end = window.find("\r\n\r\n", offset);
-  if (end == std::string_view::npos) {
-    return data.size() >= max_head ? Parse::kTooLarge : Parse::kIncomplete;
+  return true;
+}
+
+// Understands the fields the proxy acts on.
+Parse note_field(std::string_view name, std::string_view value, Head& out, bool is_request) {
+  switch (lower(name[0])) {
+    case 'c':
+      if (iequals(name, "content-length")) {
+        if (value.empty() || value.size() > 18) return bad(out, "invalid Content-Length");
+        std::uint64_t n = 0;
+        for (char c : value) {
+          if (c < '0' || c > '9') return bad(out, "invalid Content-Length");
+          n = n * 10 + static_cast<std::uint64_t>(c - '0');
+        }
+        if (out.content_length && *out.content_length != n) return bad(out, "conflicting Content-Length fields");
+        out.content_length = n;
+      } else if (iequals(name, "connection")) {
+        out.connection = value;  // several Connection fields: the last wins for hop-by-hop names
+        for_each_token(value, [&](std::string_view t) {
+          if (iequals(t, "close")) out.connection_close = true;
+          else if (iequals(t, "keep-alive")) out.connection_keep_alive = true;
+        });
+      }
+      break;
+    case 't':
+      if (iequals(name, "transfer-encoding")) {
+        std::string_view last;
+        for_each_token(value, [&](std::string_view t) { last = t; });
+        out.chunked = iequals(last, "chunked");
+        out.other_encoding = !out.chunked;
+      }
+      break;
+    case 'e':
+      if (is_request && iequals(name, "expect") && iequals(value, "100-continue")) out.expect_continue = true;
+      break;
+    default:
+      break;
   }
-  out.size = end + 4;
-  auto head = data.substr(offset, end + 2 - offset);  // every line, each with its CRLF
-  auto eol = head.find('\n');
-  if (eol == 0 || head[eol - 1] != '\r') return bad(out, "bad line ending");
-  start_line = head.substr(0, eol - 1);
-  rest = head.substr(eol + 1);
   return Parse::kComplete;
 }
 
-Parse parse_fields(std::string_view rest, Head& out, bool is_request) {
-  while (!rest.empty()) {
-    const auto eol = rest.find('\n');
-    if (eol == 0 || rest[eol - 1] != '\r') return bad(out, "bad line ending in a header field");
-    const auto line = rest.substr(0, eol - 1);
-    rest.remove_prefix(eol + 1);
+// One pass over the head: each line found by its CR, the fields split and checked as they
+// come. `start_line` gets the first line; the caller parses it.
+Parse parse_head(std::string_view data, std::size_t max_head, bool is_request, Head& out,
+                 std::string_view& start_line) {
+  std::size_t pos = 0;
+  if (is_request) {
+    // A client may send stray CRLFs between requests (RFC 9112 2.2).
+    while (pos + 1 < data.size() && pos < 8 && data[pos] == '\r' && data[pos + 1] == '\n') pos += 2;
+  }
+  const std::size_t limit = std::min(data.size(), max_head);
+  const auto incomplete = [&] { return data.size() >= max_head ? Parse::kTooLarge : Parse::kIncomplete; };
+  bool first = true;
+  for (;;) {
+    if (pos >= limit) return incomplete();
+    const void* cr = std::memchr(data.data() + pos, '\r', limit - pos);
+    if (cr == nullptr) return incomplete();
+    const auto eol = static_cast<std::size_t>(static_cast<const char*>(cr) - data.data());
+    if (eol + 1 >= limit) return incomplete();
+    if (data[eol + 1] != '\n') return bad(out, first ? "bad line ending" : "bad line ending in a header field");
+    const auto line = data.substr(pos, eol - pos);
+    pos = eol + 2;
+    if (first) {
+      start_line = line;
+      first = false;
+      continue;
+    }
+    if (line.empty()) break;  // the blank line: the head is complete
     if (line.front() == ' ' || line.front() == '\t') return bad(out, "obsolete line folding in a header field");
-    const auto colon = line.find(':');
-    if (colon == std::string_view::npos) return bad(out, "header field without a colon");
+    std::size_t colon = 0;
+    while (colon < line.size() && kToken[static_cast<unsigned char>(line[colon])]) ++colon;
+    if (colon == line.size() || line[colon] != ':' || colon == 0) {
+      if (line.find('\n') != std::string_view::npos) return bad(out, "bad line ending in a header field");
+      if (line.find(':') == std::string_view::npos) return bad(out, "header field without a colon");
+      return bad(out, "invalid header field name");
+    }
     const auto name = line.substr(0, colon);
-    if (!is_token(name)) return bad(out, "invalid header field name");
     const auto value = trim(line.substr(colon + 1));
-    for (char c : value) {
-      if (c == '\r' || c == '\0') return bad(out, "invalid character in a header field value");
+    if (!valid_value(value)) {
+      return bad(out, value.find('\n') != std::string_view::npos ? "bad line ending in a header field"
+                                                                  : "invalid character in a header field value");
     }
     out.fields.push_back(Field{name, value});
-
-    switch (lower(name[0])) {
-      case 'c':
-        if (iequals(name, "content-length")) {
-          if (value.empty() || value.size() > 18) return bad(out, "invalid Content-Length");
-          std::uint64_t n = 0;
-          for (char c : value) {
-            if (c < '0' || c > '9') return bad(out, "invalid Content-Length");
-            n = n * 10 + static_cast<std::uint64_t>(c - '0');
-          }
-          if (out.content_length && *out.content_length != n) return bad(out, "conflicting Content-Length fields");
-          out.content_length = n;
-        } else if (iequals(name, "connection")) {
-          out.connection = value;  // several Connection fields: the last wins for hop-by-hop names
-          for_each_token(value, [&](std::string_view t) {
-            if (iequals(t, "close")) out.connection_close = true;
-            else if (iequals(t, "keep-alive")) out.connection_keep_alive = true;
-          });
-        }
-        break;
-      case 't':
-        if (iequals(name, "transfer-encoding")) {
-          std::string_view last;
-          for_each_token(value, [&](std::string_view t) { last = t; });
-          out.chunked = iequals(last, "chunked");
-          out.other_encoding = !out.chunked;
-        }
-        break;
-      case 'e':
-        if (is_request && iequals(name, "expect") && iequals(value, "100-continue")) out.expect_continue = true;
-        break;
-      default:
-        break;
-    }
+    if (auto r = note_field(name, value, out, is_request); r != Parse::kComplete) return r;
   }
+  out.size = pos;
+  if (start_line.find('\n') != std::string_view::npos) return bad(out, "bad line ending");
   if (out.chunked || out.other_encoding) {
     if (is_request && out.content_length) {
       return bad(out, "both Content-Length and Transfer-Encoding");  // a smuggling attempt
@@ -173,8 +191,8 @@ bool Head::has(std::string_view name) const noexcept {
 
 Parse parse_request(std::string_view data, std::size_t max_head, Head& out) {
   reset(out);
-  std::string_view line, rest;
-  if (auto r = frame_head(data, max_head, true, out, line, rest); r != Parse::kComplete) return r;
+  std::string_view line;
+  if (auto r = parse_head(data, max_head, true, out, line); r != Parse::kComplete) return r;
   const auto sp1 = line.find(' ');
   if (sp1 == std::string_view::npos) return bad(out, "malformed request line");
   const auto sp2 = line.find(' ', sp1 + 1);
@@ -187,13 +205,13 @@ Parse parse_request(std::string_view data, std::size_t max_head, Head& out) {
     if (static_cast<unsigned char>(c) <= ' ' || c == 0x7f) return bad(out, "invalid character in the request target");
   }
   if (!parse_version(line.substr(sp2 + 1), out.version_minor)) return bad(out, "unsupported HTTP version");
-  return parse_fields(rest, out, true);
+  return Parse::kComplete;
 }
 
 Parse parse_response(std::string_view data, std::size_t max_head, Head& out) {
   reset(out);
-  std::string_view line, rest;
-  if (auto r = frame_head(data, max_head, false, out, line, rest); r != Parse::kComplete) return r;
+  std::string_view line;
+  if (auto r = parse_head(data, max_head, false, out, line); r != Parse::kComplete) return r;
   if (line.size() < 12 || !parse_version(line.substr(0, 8), out.version_minor) || line[8] != ' ') {
     return bad(out, "malformed status line");
   }
@@ -206,7 +224,7 @@ Parse parse_response(std::string_view data, std::size_t max_head, Head& out) {
   if (line.size() > 12 && line[12] != ' ') return bad(out, "malformed status line");
   out.status = status;
   out.reason = line.size() > 13 ? line.substr(13) : std::string_view{};
-  return parse_fields(rest, out, false);
+  return Parse::kComplete;
 }
 
 bool is_hop_by_hop(std::string_view name, std::string_view connection) noexcept {

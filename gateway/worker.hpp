@@ -20,7 +20,8 @@ struct Worker {
   Worker(GatewayState& shared, std::size_t worker_index)
       : state(&shared),
         index(worker_index),
-        io(1),
+        // Every socket of a worker is used on its thread only: no locking around socket I/O.
+        io(BOOST_ASIO_CONCURRENCY_HINT_UNSAFE_IO),
         pool(static_cast<std::size_t>(shared.config.limits.upstream_idle_per_backend),
              shared.config.limits.upstream_idle_timeout),
         rng(std::random_device{}() + static_cast<unsigned>(worker_index)) {}
