@@ -1,10 +1,13 @@
 #include "discovery/health_checker.hpp"
 
+#include "discovery/http1.hpp"
+#include "discovery/timed_socket.hpp"
+
 #include <spdlog/spdlog.h>
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
+#include <boost/beast/http/error.hpp>
 #include <future>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -27,55 +30,121 @@ struct ProbeResult {
   std::string body;
 };
 
+// A kept-alive connection for one kind of probe of one backend. The request bytes are built
+// once; a probe is then one write and usually one read, with one timer for its deadline.
+struct ProbeConnection {
+  ProbeConnection(DeadlineList& deadlines, const net::any_io_executor& ex) : sock(deadlines, ex) {}
+  TimedSocket sock;
+  http1::ByteBuffer buffer;
+  http1::Head head;
+  std::string request;
+  Clock::time_point deadline;  // of the current exchange
+};
+
+constexpr std::size_t kProbeBodyLimit = 4 * 1024 * 1024;
+
+void close_probe_connection(ProbeConnection& c) {
+  beast::error_code ignored;
+  c.sock.socket().close(ignored);
+  c.buffer.clear();
+}
+
+net::awaitable<beast::error_code> connect_probe(ProbeConnection& c, const BackendInfo& info) {
+  tcp::resolver resolver(c.sock.socket().get_executor());
+  auto [rec, endpoints] = co_await resolver.async_resolve(info.host, std::to_string(info.port), kTuple);
+  if (rec) co_return rec;
+  c.sock.arm_at(c.deadline);
+  auto [cec, ep] = co_await net::async_connect(c.sock.socket(), endpoints, kTuple);
+  co_return c.sock.settle(cec);
+}
+
+// Reads one response into `c.head` (and its body into `body` when wanted). Returns whether the
+// connection can carry the next probe.
+net::awaitable<beast::error_code> read_probe_response(ProbeConnection& c, std::string* body, bool* keep_alive) {
+  for (;;) {
+    const auto parsed = http1::parse_response(c.buffer.data(), 64 * 1024, c.head);
+    if (parsed == http1::Parse::kComplete && (c.head.status < 100 || c.head.status >= 200)) break;
+    if (parsed == http1::Parse::kComplete) {  // an interim answer
+      c.buffer.consume(c.head.size);
+      continue;
+    }
+    if (parsed != http1::Parse::kIncomplete) co_return beast::http::error::bad_value;
+    auto [room_ptr, room] = c.buffer.prepare(512);
+    c.sock.arm_at(c.deadline);
+    auto [rec, n] = co_await c.sock.socket().async_read_some(net::buffer(room_ptr, room), kTuple);
+    if (auto ec = c.sock.settle(rec)) co_return ec;
+    c.buffer.commit(n);
+  }
+  using Kind = http1::BodyFramer::Kind;
+  const Kind kind = c.head.status == 204 || c.head.status == 304 ? Kind::kNone
+                    : c.head.chunked                             ? Kind::kChunked
+                    : c.head.content_length                      ? Kind::kLength
+                                                                 : Kind::kUntilClose;
+  *keep_alive = c.head.keep_alive() && kind != Kind::kUntilClose;
+  http1::BodyFramer framer(kind, c.head.content_length.value_or(0), true);
+  c.buffer.consume(c.head.size);  // the head's views are not used from here on
+  for (;;) {
+    const auto step = framer.step(c.buffer.data());
+    if (step.bad) co_return beast::http::error::bad_chunk;
+    if (body != nullptr) {
+      if (body->size() + step.payload.size() > kProbeBodyLimit) co_return beast::http::error::body_limit;
+      body->append(step.payload);
+    }
+    c.buffer.consume(step.consumed);
+    if (step.last) break;
+    auto [room_ptr, room] = c.buffer.prepare(body != nullptr ? 16 * 1024 : 512);
+    c.sock.arm_at(c.deadline);
+    auto [rec, n] = co_await c.sock.socket().async_read_some(net::buffer(room_ptr, room), kTuple);
+    const auto ec = c.sock.settle(rec);
+    if (ec == net::error::eof && kind == Kind::kUntilClose) {
+      framer.end_of_stream();
+      continue;
+    }
+    if (ec) co_return ec;
+    c.buffer.commit(n);
+  }
+  if (c.buffer.size() != 0) *keep_alive = false;  // bytes nobody asked for: out of step
+  co_return beast::error_code{};
+}
+
 // One GET over a kept-alive connection (reconnecting when needed), bounded by `timeout`.
-net::awaitable<ProbeResult> http_get(std::unique_ptr<beast::tcp_stream>* conn, const BackendInfo* info,
-                                     std::string target, std::chrono::milliseconds timeout) {
+net::awaitable<ProbeResult> http_get(ProbeConnection* c, const BackendInfo* info, std::string_view target,
+                                     std::chrono::milliseconds timeout, bool want_body) {
   ProbeResult result;
-  auto executor = co_await net::this_coro::executor;
-  const auto deadline = Clock::now() + timeout;
+  if (c->request.empty()) {
+    c->request.reserve(96 + target.size() + info->id.size());
+    c->request.append("GET ").append(target).append(" HTTP/1.1\r\nHost: ").append(info->id);
+    c->request.append("\r\nUser-Agent: infergate-health\r\n\r\n");
+  }
+  c->deadline = Clock::now() + timeout;
   for (int tries = 0; tries < 2; ++tries) {
-    const bool reused = *conn != nullptr;
-    if (!*conn) {
-      *conn = std::make_unique<beast::tcp_stream>(executor);
-      tcp::resolver resolver(executor);
-      (*conn)->expires_at(deadline);
-      auto [rec, endpoints] = co_await resolver.async_resolve(info->host, std::to_string(info->port), kTuple);
-      if (rec) {
-        conn->reset();
-        result.detail = "resolve: " + rec.message();
-        co_return result;
-      }
-      auto [cec, ep] = co_await (*conn)->async_connect(endpoints, kTuple);
-      if (cec) {
-        conn->reset();
-        result.detail = cec == beast::error::timeout ? "timeout" : cec.message();
+    const bool reused = c->sock.socket().is_open();
+    if (!reused) {
+      c->buffer.clear();
+      if (auto ec = co_await connect_probe(*c, *info)) {
+        close_probe_connection(*c);
+        result.detail = ec == beast::error::timeout ? "timeout" : "connect: " + ec.message();
         co_return result;
       }
     }
-    http::request<http::empty_body> req{http::verb::get, target, 11};
-    req.set(http::field::host, info->id);
-    req.set(http::field::user_agent, "infergate-health");
-    (*conn)->expires_at(deadline);
-    auto [wec, wn] = co_await http::async_write(**conn, req, kTuple);
-    beast::flat_buffer buffer;
-    http::response_parser<http::string_body> parser;
-    parser.body_limit(4 * 1024 * 1024);
-    beast::error_code ec = wec;
-    if (!ec) {
-      auto [rec, rn] = co_await http::async_read(**conn, buffer, parser, kTuple);
-      ec = rec;
-    }
+    c->sock.arm_at(c->deadline);
+    auto [wec, wn] = co_await net::async_write(c->sock.socket(), net::buffer(c->request), kTuple);
+    beast::error_code ec = c->sock.settle(wec);
+    bool keep_alive = false;
+    if (!ec) ec = co_await read_probe_response(*c, want_body ? &result.body : nullptr, &keep_alive);
     if (ec) {
-      conn->reset();
+      close_probe_connection(*c);
+      result.body.clear();
       if (reused && ec != beast::error::timeout) continue;  // the backend closed the idle probe connection
       result.detail = ec == beast::error::timeout ? "timeout" : ec.message();
       co_return result;
     }
-    auto& res = parser.get();
-    result.ok = res.result_int() >= 200 && res.result_int() < 300;
-    result.detail = "HTTP " + std::to_string(res.result_int());
-    result.body = std::move(res.body());
-    if (!res.keep_alive()) conn->reset();
+    const auto status = c->head.status;
+    result.ok = status >= 200 && status < 300;
+    result.detail = "HTTP ";
+    result.detail += std::to_string(status);
+    if (!keep_alive) close_probe_connection(*c);
+    if (want_body) c->buffer.release();  // a models list can be large; it comes every 30 s
     co_return result;
   }
   co_return result;
@@ -104,6 +173,7 @@ struct HealthChecker::Impl {
   const config::Config& config;
   Registry& registry;
   HealthPolicy policy;
+  DeadlineList deadlines;  // before `io`: probe sockets unlink themselves when destroyed
   net::io_context io{1};
   net::executor_work_guard<net::io_context::executor_type> work;
   std::thread thread;
@@ -148,10 +218,21 @@ Clock::time_point quantized(Clock::time_point t) {
   return rem == Clock::duration::zero() ? t : t + (kSlot - rem);
 }
 
+// Enforces probe deadlines: one timer for all probes instead of one per probe.
+net::awaitable<void> sweep_deadlines(HealthChecker::Impl* impl) {
+  net::steady_timer timer(impl->io);
+  while (!impl->stopping) {
+    timer.expires_after(DeadlineList::kSweepInterval);
+    auto [ec] = co_await timer.async_wait(kTuple);
+    if (ec) co_return;
+    impl->deadlines.sweep(Clock::now());
+  }
+}
+
 net::awaitable<void> probe_loop(HealthChecker::Impl* impl, std::shared_ptr<Backend> backend) {
   net::steady_timer timer(impl->io);
-  std::unique_ptr<beast::tcp_stream> conn;
-  std::unique_ptr<beast::tcp_stream> models_conn;
+  ProbeConnection conn(impl->deadlines, impl->io.get_executor());
+  ProbeConnection models_conn(impl->deadlines, impl->io.get_executor());
   Clock::time_point models_fetched{};
   const auto interval = impl->config.health.interval;
   // The first probe goes out quickly, spread over a short window.
@@ -161,7 +242,8 @@ net::awaitable<void> probe_loop(HealthChecker::Impl* impl, std::shared_ptr<Backe
     auto [tec] = co_await timer.async_wait(kTuple);
     if (tec || impl->stopping || backend->state() == BackendState::kRemoved) co_return;
     const auto started = Clock::now();
-    auto result = co_await http_get(&conn, &backend->info(), impl->config.health.path, impl->config.health.timeout);
+    auto result =
+        co_await http_get(&conn, &backend->info(), impl->config.health.path, impl->config.health.timeout, false);
     const auto finished = Clock::now();
     if (impl->stopping || backend->state() == BackendState::kRemoved) co_return;
     backend->stats.probe_duration.observe(finished - started);
@@ -172,7 +254,7 @@ net::awaitable<void> probe_loop(HealthChecker::Impl* impl, std::shared_ptr<Backe
     const auto state = backend->state();
     const bool serving = state == BackendState::kHealthy || state == BackendState::kDraining;
     if (serving && (models_fetched == Clock::time_point{} || finished - models_fetched >= kModelsRefresh)) {
-      auto models = co_await http_get(&models_conn, &backend->info(), "/v1/models", impl->config.health.timeout);
+      auto models = co_await http_get(&models_conn, &backend->info(), "/v1/models", impl->config.health.timeout, true);
       if (models.ok) {
         backend->set_models(parse_models(models.body));
         models_fetched = Clock::now();
@@ -192,6 +274,7 @@ HealthChecker::HealthChecker(const config::Config& config, Registry& registry)
 HealthChecker::~HealthChecker() { stop(); }
 
 void HealthChecker::start() {
+  net::co_spawn(impl_->io, sweep_deadlines(impl_.get()), net::detached);
   for (const auto& b : impl_->registry.snapshot()->all) {
     net::co_spawn(impl_->io, probe_loop(impl_.get(), b), net::detached);
   }

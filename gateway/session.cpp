@@ -14,8 +14,8 @@
 
 #include <boost/container/small_vector.hpp>
 
+#include "discovery/http1.hpp"
 #include "gateway/errors.hpp"
-#include "gateway/http1.hpp"
 #include "gateway/router.hpp"
 #include "gateway/usage_scanner.hpp"
 

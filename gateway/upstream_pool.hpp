@@ -7,9 +7,9 @@
 #include <memory>
 #include <vector>
 
-#include "gateway/http1.hpp"
+#include "discovery/http1.hpp"
+#include "discovery/timed_socket.hpp"
 #include "gateway/net.hpp"
-#include "gateway/timed_socket.hpp"
 
 namespace infergate::gateway {
 

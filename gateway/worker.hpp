@@ -9,9 +9,9 @@
 #include <unordered_map>
 #include <vector>
 
+#include "discovery/timed_socket.hpp"
 #include "gateway/gateway_state.hpp"
 #include "gateway/net.hpp"
-#include "gateway/timed_socket.hpp"
 #include "gateway/upstream_pool.hpp"
 
 namespace infergate::gateway {

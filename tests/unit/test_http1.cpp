@@ -3,11 +3,11 @@
 #include <cstring>
 #include <string>
 
-#include "gateway/http1.hpp"
+#include "discovery/http1.hpp"
 
 namespace {
 
-using namespace infergate::gateway::http1;
+using namespace infergate::http1;
 
 TEST(Http1RequestTest, ParsesAPostWithItsFields) {
   Head h;

@@ -1,6 +1,7 @@
-// HTTP/1.1 message heads and chunked framing for the proxy's hot path: parsed in place (views
-// into the read buffer), no allocation per field, no I/O. The proxy forwards bytes and only
-// needs to know where a message ends and which fields describe the connection.
+// HTTP/1.1 message heads and chunked framing for the proxy's hot path and the health prober:
+// parsed in place (views into the read buffer), no allocation per field, no I/O. The proxy
+// forwards bytes and only needs to know where a message ends and which fields describe the
+// connection.
 #pragma once
 
 #include <algorithm>
@@ -13,7 +14,7 @@
 #include <utility>
 #include <vector>
 
-namespace infergate::gateway::http1 {
+namespace infergate::http1 {
 
 struct Field {
   std::string_view name;
@@ -252,4 +253,4 @@ class ByteBuffer {
   std::size_t end_ = 0;
 };
 
-}  // namespace infergate::gateway::http1
+}  // namespace infergate::http1

@@ -1,5 +1,6 @@
-// Sockets with deadlines enforced by one sweep per worker, instead of a timer per read and
-// write: arming a deadline is a store, and the sweep cancels what overran. Timeouts fire up to
+// Sockets with deadlines enforced by one sweep per thread (a gateway worker, the health
+// checker), instead of a timer per read and write: arming a deadline is a store, and the sweep
+// cancels what overran. Timeouts fire up to
 // one sweep interval late, which no configured timeout is fine-grained enough to notice.
 #pragma once
 
@@ -8,9 +9,14 @@
 #include <chrono>
 #include <cstddef>
 
-#include "gateway/net.hpp"
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core/error.hpp>
 
-namespace infergate::gateway {
+namespace infergate {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+using tcp = boost::asio::ip::tcp;
 
 class TimedSocket;
 class SlowHook;
@@ -30,7 +36,7 @@ class DeadlineList {
   DeadlineList() = default;
   DeadlineList(const DeadlineList&) = delete;
   DeadlineList& operator=(const DeadlineList&) = delete;
-  // Cancels the pending operations of every socket whose deadline has passed, and calls
+  // Cancels the pending operation of every socket whose deadline has passed, and calls
   // on_slow() on every hook still waiting.
   void sweep(std::chrono::steady_clock::time_point now);
   std::size_t size() const noexcept { return size_; }
@@ -88,8 +94,8 @@ inline void DeadlineList::remove_slow(SlowHook& hook) noexcept {
 class TimedSocket {
  public:
   using Clock = std::chrono::steady_clock;
-  TimedSocket(DeadlineList& list, tcp::socket socket) : socket_(std::move(socket)), list_(&list) { link(); }
-  TimedSocket(DeadlineList& list, const net::any_io_executor& ex) : socket_(ex), list_(&list) { link(); }
+  TimedSocket(DeadlineList& list, tcp::socket socket) : socket_(std::move(socket)), list_(&list) {}
+  TimedSocket(DeadlineList& list, const net::any_io_executor& ex) : socket_(ex), list_(&list) {}
   ~TimedSocket() { unlink(); }
   TimedSocket(const TimedSocket&) = delete;
   TimedSocket& operator=(const TimedSocket&) = delete;
@@ -97,15 +103,21 @@ class TimedSocket {
   tcp::socket& socket() noexcept { return socket_; }
 
   // Before an operation: it fails with `timeout` if it has not completed within `d`.
+  // Only sockets with an operation under way are on the sweep's list: an idle keep-alive or
+  // pooled connection costs the sweep nothing.
   template <typename Rep, typename Period>
   void arm(std::chrono::duration<Rep, Period> d) noexcept {
-    deadline_ = coarse_now() + std::chrono::duration_cast<Clock::duration>(d);
+    arm_at(coarse_now() + std::chrono::duration_cast<Clock::duration>(d));
   }
-  void arm_at(Clock::time_point t) noexcept { deadline_ = t; }
+  void arm_at(Clock::time_point t) noexcept {
+    deadline_ = t;
+    link();
+  }
   // After an operation: no deadline while nothing is pending; a cancellation by the sweep
   // becomes a timeout error.
   beast::error_code settle(beast::error_code ec) noexcept {
     deadline_ = Clock::time_point::max();
+    unlink();
     if (ec && timed_out_) ec = beast::error::timeout;
     return ec;
   }
@@ -114,15 +126,21 @@ class TimedSocket {
  private:
   friend class DeadlineList;
   void link() noexcept {
+    if (linked_) return;
+    linked_ = true;
+    prev_ = nullptr;
     next_ = list_->head_;
     if (next_ != nullptr) next_->prev_ = this;
     list_->head_ = this;
     ++list_->size_;
   }
   void unlink() noexcept {
+    if (!linked_) return;
+    linked_ = false;
     if (prev_ != nullptr) prev_->next_ = next_;
     else list_->head_ = next_;
     if (next_ != nullptr) next_->prev_ = prev_;
+    prev_ = next_ = nullptr;
     --list_->size_;
   }
 
@@ -132,16 +150,20 @@ class TimedSocket {
   TimedSocket* next_ = nullptr;
   Clock::time_point deadline_ = Clock::time_point::max();
   bool timed_out_ = false;
+  bool linked_ = false;
 };
 
 inline void DeadlineList::sweep(std::chrono::steady_clock::time_point now) {
-  for (auto* s = head_; s != nullptr; s = s->next_) {
+  for (auto* s = head_; s != nullptr;) {
+    auto* next = s->next_;
     if (s->deadline_ <= now) {
       s->timed_out_ = true;
       s->deadline_ = std::chrono::steady_clock::time_point::max();
+      s->unlink();
       beast::error_code ignored;
       s->socket_.cancel(ignored);
     }
+    s = next;
   }
   while (slow_head_ != nullptr) {
     SlowHook* hook = slow_head_;
@@ -150,4 +172,4 @@ inline void DeadlineList::sweep(std::chrono::steady_clock::time_point now) {
   }
 }
 
-}  // namespace infergate::gateway
+}  // namespace infergate

@@ -1,9 +1,9 @@
-#include "gateway/http1.hpp"
+#include "discovery/http1.hpp"
 
 #include <array>
 #include <cstring>
 
-namespace infergate::gateway::http1 {
+namespace infergate::http1 {
 namespace {
 
 constexpr std::array<bool, 256> make_token_table() {
@@ -303,4 +303,4 @@ void ByteBuffer::reallocate(std::size_t capacity) {
   capacity_ = capacity;
 }
 
-}  // namespace infergate::gateway::http1
+}  // namespace infergate::http1
