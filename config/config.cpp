@@ -310,6 +310,10 @@ const std::vector<KeySpec>& specs() {
     add("limits.upstream_idle_per_backend", Kind::kInt, "idle keep-alive connections kept per backend per thread",
         make_int([](Config& c) -> int& { return c.limits.upstream_idle_per_backend; }, 0, 100000),
         [](const Config& c) { return std::to_string(c.limits.upstream_idle_per_backend); });
+    add("limits.max_client_connections", Kind::kInt,
+        "client connections held at once; more wait in the listen backlog (0: from the open-file limit)",
+        make_int([](Config& c) -> int& { return c.limits.max_client_connections; }, 0, 10000000),
+        [](const Config& c) { return std::to_string(c.limits.max_client_connections); });
     add("limits.upstream_idle_timeout", Kind::kDuration, "idle upstream connections are closed after",
         make_positive_duration([](Config& c) -> milliseconds& { return c.limits.upstream_idle_timeout; }),
         [](const Config& c) { return format_duration(c.limits.upstream_idle_timeout); });

@@ -78,6 +78,9 @@ struct LimitSettings {
   std::uint64_t max_body = 64ULL * 1024 * 1024;
   std::uint64_t max_header = 64ULL * 1024;
   int upstream_idle_per_backend = 64;
+  // Open client connections the gateway holds at once; further clients wait in the listen
+  // backlog. 0: derived from the open-file limit (two descriptors per proxied request).
+  int max_client_connections = 0;
   milliseconds upstream_idle_timeout{60000};
 };
 

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "config/config.hpp"
 #include "discovery/health_checker.hpp"
@@ -14,6 +15,42 @@
 #include "gateway/retry_policy.hpp"
 
 namespace infergate::gateway {
+
+// One of the limits.max_client_connections places. An acceptor takes it before it accepts (so
+// N worker threads never accept past the limit together); it then follows the client's socket
+// (session, stream relay, the next session) and is given back when that connection closes.
+class ConnectionSlot {
+ public:
+  ConnectionSlot() = default;  // holds none: the metrics listener is not limited
+  // A slot if fewer than `limit` are taken (limit <= 0: no limit), else one that holds none.
+  static ConnectionSlot try_take(std::atomic<std::int64_t>& taken, std::int64_t limit) noexcept {
+    auto n = taken.load(std::memory_order_relaxed);
+    do {
+      if (limit > 0 && n >= limit) return {};
+    } while (!taken.compare_exchange_weak(n, n + 1, std::memory_order_relaxed));
+    return ConnectionSlot(&taken);
+  }
+  ConnectionSlot(ConnectionSlot&& other) noexcept : taken_(std::exchange(other.taken_, nullptr)) {}
+  ConnectionSlot& operator=(ConnectionSlot&& other) noexcept {
+    if (this != &other) {
+      release();
+      taken_ = std::exchange(other.taken_, nullptr);
+    }
+    return *this;
+  }
+  ConnectionSlot(const ConnectionSlot&) = delete;
+  ConnectionSlot& operator=(const ConnectionSlot&) = delete;
+  ~ConnectionSlot() { release(); }
+  explicit operator bool() const noexcept { return taken_ != nullptr; }
+
+ private:
+  explicit ConnectionSlot(std::atomic<std::int64_t>* taken) noexcept : taken_(taken) {}
+  void release() noexcept {
+    if (taken_ != nullptr) taken_->fetch_sub(1, std::memory_order_relaxed);
+    taken_ = nullptr;
+  }
+  std::atomic<std::int64_t>* taken_ = nullptr;
+};
 
 struct GatewayState {
   explicit GatewayState(config::Config cfg, std::string how)
@@ -36,6 +73,11 @@ struct GatewayState {
 
   std::atomic<std::int64_t> inflight_requests{0};
   std::atomic<std::int64_t> client_connections{0};
+  // The effective limits.max_client_connections, set before serving, and the slots taken of
+  // it (see ConnectionSlot): when none is left the acceptors wait and new clients queue in the
+  // listen backlog.
+  std::int64_t max_client_connections = 0;
+  std::atomic<std::int64_t> connection_slots{0};
   std::atomic<bool> stopping{false};
   const std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
 };

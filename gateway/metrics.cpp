@@ -112,8 +112,13 @@ std::string render_metrics(const GatewayState& state) {
     gw_requests.metric.push_back(value_metric({{"code", classes[i]}},
                                               static_cast<double>(state.requests_by_class[i].load()), MetricType::Counter));
   }
-  auto connections = family("infergate_client_connections", "Open client connections", MetricType::Gauge);
+  auto connections = family("infergate_client_connections", "Open client connections on the gateway port (metrics.listen scrapers not counted)", MetricType::Gauge);
   connections.metric.push_back(value_metric({}, static_cast<double>(state.client_connections.load()), MetricType::Gauge));
+  auto connection_limit = family("infergate_client_connections_limit",
+                                 "Client connections held at once (limits.max_client_connections); more wait to be accepted",
+                                 MetricType::Gauge);
+  connection_limit.metric.push_back(
+      value_metric({}, static_cast<double>(state.max_client_connections), MetricType::Gauge));
   auto inflight_all = family("infergate_inflight_requests", "Requests in flight through the gateway", MetricType::Gauge);
   inflight_all.metric.push_back(value_metric({}, static_cast<double>(state.inflight_requests.load()), MetricType::Gauge));
   auto healthy = family("infergate_healthy_backends", "Backends receiving traffic", MetricType::Gauge);
@@ -122,7 +127,7 @@ std::string render_metrics(const GatewayState& state) {
   build.metric.push_back(value_metric({{"version", INFERGATE_VERSION}}, 1, MetricType::Gauge));
 
   for (auto* f : {&up, &states, &inflight, &requests, &duration, &ttft, &retries, &ejections, &tokens,
-                  &probes, &gw_requests, &connections, &inflight_all, &healthy, &build}) {
+                  &probes, &gw_requests, &connections, &connection_limit, &inflight_all, &healthy, &build}) {
     families.push_back(std::move(*f));
   }
   return prometheus::TextSerializer().Serialize(families);

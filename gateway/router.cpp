@@ -179,6 +179,7 @@ std::string backends_json(const GatewayState& state) {
         {"total", set->all.size()},
         {"inflight", state.inflight_requests.load()},
         {"client_connections", state.client_connections.load()},
+        {"client_connections_limit", state.max_client_connections},
         {"requests", {{"2xx", by_class[0]}, {"4xx", by_class[1]}, {"5xx", by_class[2]}}},
         {"uptime_seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - state.started).count()}}},
   };

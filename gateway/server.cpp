@@ -1,7 +1,9 @@
 #include "gateway/server.hpp"
 
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -20,18 +22,60 @@ namespace {
 
 constexpr auto kTuple = net::as_tuple(net::use_awaitable);
 
+// Checked this often while the gateway holds limits.max_client_connections: a closed
+// connection's place is taken within this long, at no cost while below the limit.
+constexpr auto kConnectionRoomPoll = std::chrono::milliseconds(5);
+constexpr auto kLimitWarningEvery = std::chrono::seconds(10);
+
+// Takes a connection slot, waiting while none is free (or until shutdown: then it holds none).
+// Clients that arrive meanwhile wait in the listen backlog, with nothing lost.
+net::awaitable<ConnectionSlot> take_connection_slot(Worker* w, std::chrono::steady_clock::time_point* last_warning) {
+  auto& state = *w->state;
+  auto slot = ConnectionSlot::try_take(state.connection_slots, state.max_client_connections);
+  if (slot) co_return slot;
+  const auto now = std::chrono::steady_clock::now();
+  if (now - *last_warning >= kLimitWarningEvery) {
+    *last_warning = now;
+    spdlog::warn("all {} client connection slots are taken (limits.max_client_connections): new clients wait "
+                 "in the listen backlog until a connection closes",
+                 state.max_client_connections);
+  }
+  net::steady_timer pause(w->io);
+  while (!slot && !state.stopping.load(std::memory_order_relaxed)) {
+    pause.expires_after(kConnectionRoomPoll);
+    co_await pause.async_wait(kTuple);
+    slot = ConnectionSlot::try_take(state.connection_slots, state.max_client_connections);
+  }
+  co_return slot;
+}
+
 net::awaitable<void> accept_loop(Worker* w, tcp::acceptor* acceptor, Listener listener) {
+  std::chrono::steady_clock::time_point last_warning{};
+  beast::error_code ec;
+  acceptor->non_blocking(true, ec);
   for (;;) {
-    auto [ec, socket] = co_await acceptor->async_accept(w->io, kTuple);
+    // Each worker has its own SO_REUSEPORT queue, so a slot is taken only once this worker has
+    // a client waiting: a worker idle in accept must not sit on a slot that another worker's
+    // queued client needs.
+    auto [wait_ec] = co_await acceptor->async_wait(tcp::acceptor::wait_read, kTuple);
     if (w->state->stopping.load() || !acceptor->is_open()) co_return;
-    if (ec) {
+    // The metrics listener is never held back: operators must see a saturated gateway.
+    ConnectionSlot slot;
+    if (listener == Listener::kGateway) slot = co_await take_connection_slot(w, &last_warning);
+    if (w->state->stopping.load() || !acceptor->is_open()) co_return;
+    tcp::socket socket(w->io);
+    if (!wait_ec) acceptor->accept(socket, ec);
+    if (!wait_ec && (ec == net::error::would_block || ec == net::error::try_again || ec == net::error::connection_aborted)) {
+      continue;  // another worker or the client itself took it back
+    }
+    if (wait_ec || ec) {
       // Out of descriptors or a transient error: keep listening, a moment later.
-      spdlog::warn("accept failed: {}; retrying", ec.message());
+      spdlog::warn("accept failed: {}; retrying", (wait_ec ? wait_ec : ec).message());
       net::steady_timer pause(w->io, std::chrono::milliseconds(50));
       co_await pause.async_wait(kTuple);
       continue;
     }
-    net::co_spawn(w->io, run_client_session(w, std::move(socket), listener), net::detached);
+    net::co_spawn(w->io, run_client_session(w, std::move(socket), listener, std::move(slot)), net::detached);
   }
 }
 
@@ -52,11 +96,29 @@ net::awaitable<void> sweep_worker(Worker* w) {
 
 }  // namespace
 
+std::int64_t client_connection_limit(int configured, std::uint64_t open_file_limit, std::size_t backends) {
+  if (configured > 0) return configured;
+  constexpr std::uint64_t kReserve = 64;  // listeners, epoll, eventfds, logs, resolver
+  const std::uint64_t reserved = kReserve + 2 * static_cast<std::uint64_t>(backends);
+  if (open_file_limit <= reserved + 2) return 1;
+  return static_cast<std::int64_t>(std::min<std::uint64_t>((open_file_limit - reserved) / 2, 1ULL << 40));
+}
+
 struct Server::Impl {
   Impl(config::Config config, discovery::DiscoveryResult discovered)
       : state(std::move(config), std::move(discovered.how)), health(state.config, state.registry) {
+    const auto backend_count = discovered.backends.size();
     for (auto& b : discovered.backends) state.registry.add(std::move(b));
     state.health = &health;
+    rlimit files{};
+    const std::uint64_t open_files = getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur != RLIM_INFINITY
+                                         ? static_cast<std::uint64_t>(files.rlim_cur)
+                                         : std::uint64_t{1} << 20;
+    state.max_client_connections =
+        client_connection_limit(state.config.limits.max_client_connections, open_files, backend_count);
+    spdlog::info("holding up to {} client connections at once (limits.max_client_connections{}; open-file limit {})",
+                 state.max_client_connections, state.config.limits.max_client_connections == 0 ? ": automatic" : "",
+                 open_files);
     const int n = state.config.effective_threads();
     for (int i = 0; i < n; ++i) {
       workers.push_back(std::make_unique<Worker>(state, static_cast<std::size_t>(i)));

@@ -10,6 +10,13 @@
 
 namespace infergate::gateway {
 
+// The effective limits.max_client_connections. Every proxied request holds two descriptors
+// (client and backend), so the automatic limit (configured == 0) is half of what the open-file
+// limit leaves after a reserve for listeners, logs and the health probes (two per backend).
+// A client the gateway cannot pair with a backend connection would only get an error; past
+// the limit it waits in the listen backlog instead and is served when a connection closes.
+std::int64_t client_connection_limit(int configured, std::uint64_t open_file_limit, std::size_t backends);
+
 class Server {
  public:
   Server(config::Config config, discovery::DiscoveryResult discovered);

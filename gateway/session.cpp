@@ -190,6 +190,10 @@ bool is_reset(const beast::error_code& ec) {
   return ec == net::error::eof || ec == net::error::connection_reset || ec == net::error::broken_pipe;
 }
 
+bool is_out_of_descriptors(const beast::error_code& ec) {
+  return ec == net::error::no_descriptors || ec == boost::system::errc::too_many_files_open_in_system;
+}
+
 net::awaitable<beast::error_code> connect_upstream(Worker* w, const discovery::Backend* backend,
                                                    TimedSocket& sock) {
   const auto& info = backend->info();
@@ -206,6 +210,16 @@ net::awaitable<beast::error_code> connect_upstream(Worker* w, const discovery::B
   sock.arm(w->state->config.timeouts.connect);
   auto [cec, ep] = co_await net::async_connect(sock.socket(), it->second, kTuple);
   auto ec = sock.settle(cec);
+  if (is_out_of_descriptors(ec) && w->pool.idle_count() > 0) {
+    // Idle pooled connections are the descriptors this request can have: close them and try
+    // once more rather than fail a request the gateway can serve.
+    spdlog::debug("out of descriptors connecting to {}; closing {} idle pooled connection(s)", info.id,
+                  w->pool.idle_count());
+    w->pool.clear();
+    sock.arm(w->state->config.timeouts.connect);
+    auto [again, ep2] = co_await net::async_connect(sock.socket(), it->second, kTuple);
+    ec = sock.settle(again);
+  }
   if (ec) {
     w->resolved.erase(backend->index());  // the address may have moved; resolve afresh next time
     co_return ec;
@@ -498,8 +512,9 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
     up_->head.fields = {};  // the head is out; an idle stream keeps no copy of its fields
   }
 
-  void start(tcp::socket client) {
+  void start(tcp::socket client, ConnectionSlot slot) {
     client_.emplace(w_->deadlines, std::move(client));
+    slot_ = std::move(slot);
     watch_client();
     relay_buffered();
   }
@@ -596,6 +611,7 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
   std::string labels_;  // method then target, for the access log
   std::size_t method_size_;
   std::optional<TimedSocket> client_;
+  ConnectionSlot slot_;  // the client connection's; passed on to the next session
   std::unique_ptr<UpstreamConnection> up_;
   std::size_t pending_consume_ = 0;
   std::size_t read_room_;
@@ -636,7 +652,8 @@ void StreamRelay::finish(AttemptOutcome::Kind kind, std::string error) {
   beast::error_code ignored;
   client_->socket().cancel(ignored);  // ends the watch
   if (out_.keep_alive && !state.stopping.load(std::memory_order_relaxed)) {
-    net::co_spawn(w_->io, run_client_session(w_, std::move(client_->socket()), Listener::kGateway), net::detached);
+    net::co_spawn(w_->io, run_client_session(w_, std::move(client_->socket()), Listener::kGateway, std::move(slot_)),
+                  net::detached);
   } else {
     client_->socket().shutdown(tcp::socket::shutdown_send, ignored);
     client_->socket().close(ignored);
@@ -1059,13 +1076,16 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
 
 }  // namespace
 
-net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener listener) {
+net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener listener, ConnectionSlot slot) {
   GatewayState& state = *w->state;
-  state.client_connections.fetch_add(1, std::memory_order_relaxed);
+  // infergate_client_connections counts the gateway port's clients, not metrics.listen scrapers.
   struct ConnectionCount {
-    GatewayState& s;
-    ~ConnectionCount() { s.client_connections.fetch_sub(1, std::memory_order_relaxed); }
-  } connection_count{state};
+    std::atomic<std::int64_t>* count;
+    ~ConnectionCount() {
+      if (count != nullptr) count->fetch_sub(1, std::memory_order_relaxed);
+    }
+  } connection_count{listener == Listener::kGateway ? &state.client_connections : nullptr};
+  if (connection_count.count != nullptr) connection_count.count->fetch_add(1, std::memory_order_relaxed);
 
   beast::error_code ec;
   socket.set_option(tcp::no_delay(true), ec);
@@ -1105,7 +1125,7 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
         if (next == Next::kHandedOff) {
           // The stream's relay owns the connection now (and starts a new session after it).
           auto relay = std::move(c.handoff);
-          relay->start(std::move(c.sock.socket()));
+          relay->start(std::move(c.sock.socket()), std::move(slot));
           co_return;
         }
         keep_alive = next == Next::kKeepAlive;

@@ -10,7 +10,8 @@ namespace infergate::gateway {
 enum class Listener { kGateway, kMetricsOnly };
 
 // Runs until the client closes, a protocol error, or shutdown. Never throws. A metrics-only
-// listener (metrics.listen) answers /metrics and /health and nothing else.
-net::awaitable<void> run_client_session(Worker* worker, tcp::socket socket, Listener listener);
+// listener (metrics.listen) answers /metrics and /health and nothing else. `slot` is the
+// connection's place among limits.max_client_connections (none for the metrics listener).
+net::awaitable<void> run_client_session(Worker* worker, tcp::socket socket, Listener listener, ConnectionSlot slot);
 
 }  // namespace infergate::gateway

@@ -4,7 +4,24 @@
 # machine, with wrk. Prints a Markdown table with ratios, since absolute numbers are noisy.
 #
 # Usage: deploy/bench/run.sh [--smoke] [--duration SECONDS] [--threads "1 2"] [--conns "1 64 256"]
-#   --smoke: 1 s per case, c=64, 1 thread; fails if any proxy returns errors (used by CI).
+#                            [--rounds N]
+#   --duration: seconds per wrk run (default 5).
+#   --rounds: interleaved rounds per case (default 3). For each thread count the three proxies are
+#     started once and stay up together; for each case (conns x body) every round runs direct,
+#     then the three proxies back to back, the proxies' order rotated by one each round (round 1:
+#     infergate, nginx, haproxy; round 2: nginx, haproxy, infergate; ...), so slow drift in the
+#     machine's speed hits all of them alike instead of showing up as a ratio.
+#   --smoke: 1 s per case, c=64, 1 thread, 1 round; fails if any proxy served nothing or infergate
+#     returned non-2xx or socket errors (used by CI).
+#
+# Each figure in the table is for the median round: req/s is the median over the rounds, and
+# p50/p99 latency and CPU per 1k requests are those of the round whose req/s is that median (for
+# an even number of rounds, the lower of the two middle rounds, so all figures come from one real
+# run). Direct runs once per case per round of every thread count and its median is over all of
+# them; "p50 added over direct" is infergate's median-round p50 minus direct's median-round p50
+# for that case. CPU is the user+system ticks of the proxy's process tree during each wrk run;
+# peak RSS (VmHWM) is read once per proxy and thread count after all cases, so it is the high-water
+# mark over the whole run. "errors (ig)" sums infergate's non-2xx and socket errors over the rounds.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -12,17 +29,20 @@ build="${BUILD_DIR:-$root/build}"
 duration=5
 threads_list="1 2"
 conns_list="1 64 256"
+rounds=3
 large_body=32768
 smoke=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --smoke) smoke=1; duration=1; threads_list="1"; conns_list="64"; shift ;;
+    --smoke) smoke=1; duration=1; threads_list="1"; conns_list="64"; rounds=1; shift ;;
     --duration) duration="$2"; shift 2 ;;
     --threads) threads_list="$2"; shift 2 ;;
     --conns) conns_list="$2"; shift 2 ;;
+    --rounds) rounds="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
+[[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds needs a positive integer, not '$rounds'" >&2; exit 2; }
 
 "$root/deploy/install-deps.sh" --bench
 [[ -x "$build/gateway/infergate" ]] || "$root/deploy/build.sh" >&2
@@ -38,6 +58,15 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM HUP  # run the EXIT trap (and so the cleanup) on these too
+# stop PID: end one process started here and forget it, so the cleanup does not signal a reused pid.
+stop() {
+  local pid keep=()
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+  for pid in "${pids[@]}"; do [[ "$pid" == "$1" ]] || keep+=("$pid"); done
+  pids=("${keep[@]}")
+}
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_port() {
@@ -98,13 +127,15 @@ for ((try = 0; try < 3 && !started; try++)); do
 done
 [[ $started -eq 1 ]] || { echo "bench: the backend nginx did not start" >&2; exit 1; }
 
-results="$work/results.tsv"
+results="$work/results.tsv"  # target threads conns body round req/s p50 p99 cpu/1k non2xx errors
+rss_file="$work/rss.tsv"     # target threads peak-RSS-MiB
 : > "$results"
-# run_case NAME PID PORT CONNS BODY_BYTES THREADS
+: > "$rss_file"
+hz=$(getconf CLK_TCK)
+# run_case NAME PID PORT CONNS BODY_BYTES THREADS ROUND
 run_case() {
-  local name="$1" pid="$2" port="$3" conns="$4" body="$5" threads="$6"
-  local before after out rps p50 p99 non2xx reqs ticks cpu_per_k rss hz
-  hz=$(getconf CLK_TCK)
+  local name="$1" pid="$2" port="$3" conns="$4" body="$5" threads="$6" round="$7"
+  local before after out rps p50 p99 non2xx errors reqs cpu_per_k
   before=$( [[ "$pid" == - ]] && echo 0 || cpu_ticks "$pid")
   out=$(BODY_BYTES="$body" wrk -t1 -c"$conns" -d"${duration}s" --latency -s "$here/chat.lua" \
         "http://127.0.0.1:$port" 2>&1)
@@ -117,98 +148,117 @@ run_case() {
   errors=$(awk '/Socket errors/ {gsub(",", ""); print $4 + $6 + $8 + $10}' <<<"$out")
   if [[ "$pid" == - || -z "$reqs" || "$reqs" == 0 ]]; then
     cpu_per_k="-"
-    rss="-"
   else
     cpu_per_k=$(awk -v t=$((after - before)) -v hz="$hz" -v n="$reqs" 'BEGIN {printf "%.3f", t / hz / n * 1000}')
-    rss=$(( $(peak_rss_kib "$pid") / 1024 ))
   fi
-  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$name" "$threads" "$conns" "$body" \
-    "${rps:-0}" "${p50:-0}" "${p99:-0}" "$cpu_per_k" "$rss" "${non2xx:-0}" "${errors:-0}" >> "$results"
-  echo "  $name threads=$threads c=$conns body=$body: ${rps:-0} req/s, p50 ${p50:-?}us, p99 ${p99:-?}us, non-2xx ${non2xx:-0}" >&2
+  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$name" "$threads" "$conns" "$body" "$round" \
+    "${rps:-0}" "${p50:-0}" "${p99:-0}" "$cpu_per_k" "${non2xx:-0}" "${errors:-0}" >> "$results"
+  echo "  round $round $name threads=$threads c=$conns body=$body: ${rps:-0} req/s, p50 ${p50:-?}us, p99 ${p99:-?}us, non-2xx ${non2xx:-0}" >&2
 }
 
 bodies=(0)
 [[ $smoke -eq 0 ]] && bodies+=("$large_body")
 
-echo "== direct" >&2
-for body in "${bodies[@]}"; do
-  for c in $conns_list; do run_case direct - "${bp[0]}" "$c" "$body" -; done
-done
-
 for threads in $threads_list; do
+  # All three proxies stay up together for this thread count (an idle one costs next to nothing).
   # infergate
-  port=$(free_port)
-  "$infergate" --no-slurm --listen "127.0.0.1:$port" --threads "$threads" --log-level warn \
+  ig_port=$(free_port)
+  "$infergate" --no-slurm --listen "127.0.0.1:$ig_port" --threads "$threads" --log-level warn \
     --set log.access=false --set health.healthy_threshold=1 --set health.interval=1s \
     $(for p in "${bp[@]}"; do echo --backend "http://127.0.0.1:$p"; done) >"$work/ig.out" 2>"$work/ig.err" &
   ig=$!
   pids+=("$ig")
-  wait_port "$port"
+  wait_port "$ig_port" || { cat "$work/ig.err" >&2; exit 1; }
   for ((i = 0; i < 100; i++)); do
-    curl -fs "http://127.0.0.1:$port/ready" >/dev/null 2>&1 && [[ $(curl -s "http://127.0.0.1:$port/ready" | grep -o '"healthy":[0-9]*' | cut -d: -f2) == 4 ]] && break
+    [[ $(curl -fs "http://127.0.0.1:$ig_port/ready" 2>/dev/null | grep -o '"healthy":[0-9]*' | cut -d: -f2) == 4 ]] && break
     sleep 0.1
   done
-  echo "== infergate threads=$threads" >&2
-  for body in "${bodies[@]}"; do
-    for c in $conns_list; do run_case infergate "$ig" "$port" "$c" "$body" "$threads"; done
-  done
-  kill "$ig"; wait "$ig" 2>/dev/null || true
 
   # nginx
-  port=$(free_port)
-  render proxy-nginx.conf.in "$work/proxy-nginx.conf" "$threads" "$port"
+  ng_port=$(free_port)
+  render proxy-nginx.conf.in "$work/proxy-nginx.conf" "$threads" "$ng_port"
   "$nginx_bin" -p "$work" -c "$work/proxy-nginx.conf" -g "daemon off;" 2>"$work/proxy-nginx.stderr" &
   ng=$!
   pids+=("$ng")
-  wait_port "$port"
-  echo "== nginx threads=$threads" >&2
-  for body in "${bodies[@]}"; do
-    for c in $conns_list; do run_case nginx "$ng" "$port" "$c" "$body" "$threads"; done
-  done
-  kill "$ng"; wait "$ng" 2>/dev/null || true
+  wait_port "$ng_port" || { cat "$work/proxy-nginx.stderr" >&2; exit 1; }
 
   # HAProxy
-  port=$(free_port)
-  render haproxy.cfg.in "$work/haproxy.cfg" "$threads" "$port"
+  hp_port=$(free_port)
+  render haproxy.cfg.in "$work/haproxy.cfg" "$threads" "$hp_port"
   "$haproxy_bin" -f "$work/haproxy.cfg" -db >"$work/haproxy.out" 2>&1 &
   hp=$!
   pids+=("$hp")
-  wait_port "$port"
-  echo "== haproxy threads=$threads" >&2
+  wait_port "$hp_port" || { cat "$work/haproxy.out" >&2; exit 1; }
+
+  proxies=("infergate $ig $ig_port" "nginx $ng $ng_port" "haproxy $hp $hp_port")
   for body in "${bodies[@]}"; do
-    for c in $conns_list; do run_case haproxy "$hp" "$port" "$c" "$body" "$threads"; done
+    for c in $conns_list; do
+      echo "== threads=$threads c=$c body=$body" >&2
+      for ((r = 0; r < rounds; r++)); do
+        run_case direct - "${bp[0]}" "$c" "$body" - $((r + 1))
+        for ((j = 0; j < ${#proxies[@]}; j++)); do
+          read -r name pid port <<<"${proxies[(r + j) % ${#proxies[@]}]}"
+          run_case "$name" "$pid" "$port" "$c" "$body" "$threads" $((r + 1))
+        done
+      done
+    done
   done
-  kill "$hp"; wait "$hp" 2>/dev/null || true
+
+  # Peak RSS is a high-water mark: read it once, after every case of this thread count.
+  printf "infergate\t%s\t%s\nnginx\t%s\t%s\nhaproxy\t%s\t%s\n" \
+    "$threads" $(( $(peak_rss_kib "$ig") / 1024 )) "$threads" $(( $(peak_rss_kib "$ng") / 1024 )) \
+    "$threads" $(( $(peak_rss_kib "$hp") / 1024 )) >> "$rss_file"
+  stop "$ig"; stop "$ng"; stop "$hp"
 done
 
-# The table: one row per infergate case, with the peers' figures for the same case.
-awk -F'\t' '
-  { key = $2 "/" $3 "/" $4; rps[$1 "/" key] = $5; p50[$1 "/" key] = $6; p99[$1 "/" key] = $7;
-    cpu[$1 "/" key] = $8; rss[$1 "/" key] = $9; bad[$1 "/" key] = $10 + $11
-    if ($1 == "direct") { drps[$3 "/" $4] = $5; dp50[$3 "/" $4] = $6 }
-    if ($1 == "infergate") keys[++n] = key }
+# The table: one row per infergate case, with the peers' figures for the same case. Each (target,
+# case) takes its median round by req/s (the lower middle one for an even count of rounds).
+awk -F'\t' -v rounds="$rounds" -v duration="$duration" '
+  FILENAME == ARGV[1] { rss[$1 "/" $2] = $3; next }
+  { key = ($1 == "direct" ? $3 "/" $4 : $2 "/" $3 "/" $4); t = $1 "/" key
+    m = ++cnt[t]; rps[t, m] = $6; p50[t, m] = $7; p99[t, m] = $8; cpu[t, m] = $9; bad[t] += $10 + $11
+    if ($1 == "direct" && !(key in dseen)) { dseen[key] = 1; dkeys[++nd] = key }
+    if ($1 == "infergate" && !(key in seen)) { seen[key] = 1; keys[++n] = key } }
+  # med(t): the index of the median round of target/case t, by req/s.
+  function med(t,    i, j, k, n, idx) {
+    n = cnt[t]
+    if (n == 0) return 0
+    for (i = 1; i <= n; i++) idx[i] = i
+    for (i = 2; i <= n; i++)
+      for (j = i; j > 1 && rps[t, idx[j - 1]] + 0 > rps[t, idx[j]] + 0; j--) { k = idx[j]; idx[j] = idx[j - 1]; idx[j - 1] = k }
+    return idx[int((n + 1) / 2)]
+  }
+  function get(a, t, m) { return m ? a[t, m] : "-" }
   END {
-    print "| threads | conns | body | infergate req/s | vs HAProxy | vs nginx | p50 / p99 us | p50 added over direct us | CPU s / 1k req (ig, nginx, haproxy) | peak RSS MiB (ig, nginx, haproxy) | errors (ig) |"
+    print "| threads | conns | body | infergate req/s | vs HAProxy | vs nginx | p50 / p99 us | p50 added over direct us | CPU s / 1k req (ig, nginx, haproxy) | peak RSS MiB over the run (ig, nginx, haproxy) | errors (ig) |"
     print "|---|---|---|---|---|---|---|---|---|---|---|"
     for (i = 1; i <= n; i++) {
       k = keys[i]; split(k, f, "/"); d = f[2] "/" f[3]
-      hr = rps["haproxy/" k] > 0 ? sprintf("%.2fx", rps["infergate/" k] / rps["haproxy/" k]) : "-"
-      nr = rps["nginx/" k] > 0 ? sprintf("%.2fx", rps["infergate/" k] / rps["nginx/" k]) : "-"
-      added = (d in dp50) ? p50["infergate/" k] - dp50[d] : "-"
+      ti = "infergate/" k; tn = "nginx/" k; th = "haproxy/" k; td = "direct/" d
+      mi = med(ti); mn = med(tn); mh = med(th); md = med(td)
+      ri = rps[ti, mi] + 0; rn = mn ? rps[tn, mn] + 0 : 0; rh = mh ? rps[th, mh] + 0 : 0
+      hr = rh > 0 ? sprintf("%.2fx", ri / rh) : "-"
+      nr = rn > 0 ? sprintf("%.2fx", ri / rn) : "-"
+      added = md ? p50[ti, mi] - p50[td, md] : "-"
       printf "| %s | %s | %s | %.0f | %s | %s | %s / %s | %s | %s, %s, %s | %s, %s, %s | %d |\n",
-        f[1], f[2], (f[3] == 0 ? "small" : f[3] " B"), rps["infergate/" k], hr, nr,
-        p50["infergate/" k], p99["infergate/" k], added,
-        cpu["infergate/" k], cpu["nginx/" k], cpu["haproxy/" k],
-        rss["infergate/" k], rss["nginx/" k], rss["haproxy/" k], bad["infergate/" k]
+        f[1], f[2], (f[3] == 0 ? "small" : f[3] " B"), ri, hr, nr,
+        p50[ti, mi], p99[ti, mi], added,
+        cpu[ti, mi], get(cpu, tn, mn), get(cpu, th, mh),
+        rss["infergate/" f[1]], rss["nginx/" f[1]], rss["haproxy/" f[1]], bad[ti]
     }
+    printf "\nmedian of %d interleaved round%s, %s s each\n", rounds, (rounds == 1 ? "" : "s"), duration
     print ""
     print "direct (no proxy), req/s by conns/body: "
-    for (d in drps) printf "  %s: %.0f req/s, p50 %s us\n", d, drps[d], dp50[d]
-  }' "$results"
+    for (i = 1; i <= nd; i++) {
+      d = dkeys[i]; td = "direct/" d; md = med(td)
+      printf "  %s: %.0f req/s, p50 %s us\n", d, rps[td, md], p50[td, md]
+    }
+  }' "$rss_file" "$results"
 
 if [[ $smoke -eq 1 ]]; then
-  # The smoke fails when a proxy could not serve the load at all or infergate returned errors.
-  awk -F'\t' '$1 != "direct" && ($5 + 0 == 0) { print "bench smoke: " $1 " served nothing" > "/dev/stderr"; bad = 1 }
+  # The smoke fails when a proxy could not serve the load at all (in any round) or infergate
+  # returned errors.
+  awk -F'\t' '$1 != "direct" && ($6 + 0 == 0) { print "bench smoke: " $1 " served nothing (round " $5 ")" > "/dev/stderr"; bad = 1 }
               $1 == "infergate" && ($10 + $11 > 0) { print "bench smoke: infergate errors: " $10 " non-2xx, " $11 " socket errors" > "/dev/stderr"; bad = 1 }
               END { exit bad }' "$results"
   echo "bench smoke: ok"

@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <poll.h>
 #include <unistd.h>
 
 #include <regex>
@@ -598,4 +599,73 @@ TEST(ProxyTest, Http10ClientsGetPlainBodiesAndAHostIsAdded) {
   EXPECT_EQ(s.substr(0, head_end).find("Transfer-Encoding"), std::string::npos);
   EXPECT_EQ(s.compare(head_end + 4, 6, "data: "), 0) << s;  // no chunk sizes
   EXPECT_THAT(s, HasSubstr("data: [DONE]"));
+}
+
+namespace {
+// A client connection with a receive timeout, so a broken gateway fails the test instead of hanging it.
+std::unique_ptr<net::ip::tcp::socket> connect_client(net::io_context& io, int port) {
+  auto sock = std::make_unique<net::ip::tcp::socket>(io);
+  sock->connect({net::ip::make_address("127.0.0.1"), static_cast<unsigned short>(port)});
+  timeval timeout{10, 0};
+  ::setsockopt(sock->native_handle(), SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+  return sock;
+}
+
+void send_chat(net::ip::tcp::socket& sock) {
+  http::request<http::string_body> req{http::verb::post, "/v1/chat/completions", 11};
+  req.set(http::field::host, "gateway");
+  req.set(http::field::content_type, "application/json");
+  req.body() = chat_body(false);
+  req.prepare_payload();
+  http::write(sock, req);
+}
+
+unsigned read_status(net::ip::tcp::socket& sock) {
+  beast::flat_buffer buffer;
+  http::response<http::string_body> res;
+  beast::error_code ec;
+  http::read(sock, buffer, res, ec);
+  return ec ? 0 : res.result_int();
+}
+}  // namespace
+
+TEST(ProxyTest, ClientsPastMaxClientConnectionsWaitInTheBacklogAndAreServed) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "limits.max_client_connections=2", "--set",
+                           "metrics.listen=127.0.0.1:0"});
+  const int metrics_port =
+      std::stoi(gw.process->wait_for_line(std::regex(R"(infergate metrics on http://127\.0\.0\.1:(\d+)/metrics)")));
+  wait_healthy(gw, 1);
+  auto gauge = [&](const std::string& name) {
+    auto scrape = http_request(metrics_port, "GET", "/metrics");
+    std::smatch m;
+    const std::regex line("\n" + name + " ([0-9.e+]+)");
+    return std::regex_search(scrape.body, m, line) ? std::stod(m[1]) : -1.0;
+  };
+  EXPECT_EQ(gauge("infergate_client_connections_limit"), 2);
+  // Probe connections of wait_healthy are gone before the two held ones are counted.
+  ASSERT_TRUE(poll_until([&] { return gauge("infergate_client_connections") == 0; }, 5s));
+
+  net::io_context io;
+  auto first = connect_client(io, gw.port);
+  send_chat(*first);
+  ASSERT_EQ(read_status(*first), 200u);
+  auto second = connect_client(io, gw.port);
+  send_chat(*second);
+  ASSERT_EQ(read_status(*second), 200u);
+  EXPECT_EQ(gauge("infergate_client_connections"), 2);
+
+  // A third client connects (the kernel queues it) and sends its request: not yet answered.
+  auto third = connect_client(io, gw.port);
+  send_chat(*third);
+  pollfd pending{third->native_handle(), POLLIN, 0};
+  EXPECT_EQ(::poll(&pending, 1, 300), 0) << "the gateway took a third connection past the limit of 2";
+  EXPECT_EQ(gauge("infergate_client_connections"), 2);
+  EXPECT_THAT(gw.process->errors(), HasSubstr("limits.max_client_connections"));
+
+  // One held client leaves: the waiting one is accepted and served, nothing lost.
+  first->close();
+  EXPECT_EQ(read_status(*third), 200u);
+  send_chat(*second);  // the held connection still works
+  EXPECT_EQ(read_status(*second), 200u);
 }

@@ -5,6 +5,8 @@
 #include "gateway/cli.hpp"
 #include "gateway/errors.hpp"
 #include "gateway/retry_policy.hpp"
+#include "gateway/gateway_state.hpp"
+#include "gateway/server.hpp"
 
 using namespace infergate::gateway;
 using namespace std::chrono_literals;
@@ -113,4 +115,39 @@ TEST(UsageScannerTest, IgnoresMalformedNumbers) {
   s.feed(R"({"usage":{"prompt_tokens":null,"completion_tokens":"x"}})");
   EXPECT_FALSE(s.prompt_tokens());
   EXPECT_FALSE(s.completion_tokens());
+}
+
+TEST(ConnectionLimitTest, AutomaticLimitLeavesTwoDescriptorsPerRequestAndAReserve) {
+  // 20,000 descriptors, one backend: 64 reserved plus two probe connections, then half.
+  EXPECT_EQ(client_connection_limit(0, 20000, 1), (20000 - 64 - 2) / 2);
+  // Health probes of many backends come out of the same budget.
+  EXPECT_EQ(client_connection_limit(0, 20000, 1024), (20000 - 64 - 2048) / 2);
+  EXPECT_LT(client_connection_limit(0, 1024, 0), 1024 / 2);
+}
+
+TEST(ConnectionLimitTest, ConfiguredLimitWinsAndTinyLimitsStillServe) {
+  EXPECT_EQ(client_connection_limit(5, 20000, 1), 5);
+  EXPECT_EQ(client_connection_limit(50000, 1024, 1), 50000);  // the operator's choice
+  EXPECT_EQ(client_connection_limit(0, 10, 100), 1);          // never zero: one client at a time
+}
+
+TEST(ConnectionLimitTest, SlotsAreTakenUpToTheLimitAndFollowTheirOwner) {
+  std::atomic<std::int64_t> taken{0};
+  auto a = ConnectionSlot::try_take(taken, 2);
+  auto b = ConnectionSlot::try_take(taken, 2);
+  EXPECT_TRUE(a);
+  EXPECT_TRUE(b);
+  EXPECT_FALSE(ConnectionSlot::try_take(taken, 2));  // a third waits
+  EXPECT_EQ(taken.load(), 2);
+  {
+    ConnectionSlot moved = std::move(a);  // a session hands its slot to a stream relay
+    EXPECT_FALSE(a);
+    EXPECT_EQ(taken.load(), 2);
+  }
+  EXPECT_EQ(taken.load(), 1);  // the connection closed
+  auto c = ConnectionSlot::try_take(taken, 2);
+  EXPECT_TRUE(c);
+  c = ConnectionSlot();  // assigning over a slot gives it back
+  EXPECT_EQ(taken.load(), 1);
+  EXPECT_TRUE(ConnectionSlot::try_take(taken, 0));  // no limit
 }
