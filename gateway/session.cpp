@@ -794,6 +794,42 @@ enum class Next { kClose, kKeepAlive, kHandedOff };
 
 Next next_after(bool keep_alive) { return keep_alive ? Next::kKeepAlive : Next::kClose; }
 
+// The rarer answers of proxy_request live in coroutines of their own: a coroutine frame keeps
+// a slot for every temporary of every co_await in it, and proxy_request's is allocated for every
+// request (Asio recycles frames only up to about 1 KiB).
+net::awaitable<Next> answer_no_backend(Worker* w, ClientConnection* c, const discovery::BackendSet& set) {
+  GatewayState& state = *w->state;
+  LocalResponse r;
+  if (set.all.empty()) {
+    r = error_response(503, "no inference backends are configured: " + state.discovery_how);
+    r.headers.emplace_back("Retry-After", "5");
+  } else {
+    r = error_response(503, "none of the " + std::to_string(set.all.size()) + " backends is healthy yet; retry shortly");
+    r.headers.emplace_back("Retry-After", "1");
+  }
+  if (state.config.log.access) spdlog::info("{} {} {} -> - 503 no backend", c->request_id, c->method, c->target);
+  co_return next_after(co_await write_local_counted(&state, c, std::move(r), c->head.version_minor,
+                                                    c->head.keep_alive(), iequals(c->method, "HEAD"), c->request_id));
+}
+
+net::awaitable<Next> answer_all_failed(Worker* w, ClientConnection* c, unsigned status, std::size_t attempts,
+                                       const std::string& failures, unsigned version_minor, bool keep_alive,
+                                       bool head_only) {
+  GatewayState& state = *w->state;
+  auto message = "no backend could serve the request after " + std::to_string(attempts) + " attempt(s): " + failures;
+  if (state.config.log.access) {
+    spdlog::info("{} {} {} -> - {} {}", c->request_id, c->method, c->target, status, message);
+  }
+  co_return next_after(co_await write_local_counted(&state, c, error_response(status, message), version_minor,
+                                                    keep_alive, head_only, c->request_id));
+}
+
+net::awaitable<void> retry_pause(Worker* w, int attempt) {
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  net::steady_timer pause(w->io, w->state->retry.backoff(attempt, unit(w->rng)));
+  co_await pause.async_wait(kTuple);
+}
+
 // Proxies one request, retrying on other backends while nothing reached the client.
 net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
   GatewayState& state = *w->state;
@@ -805,22 +841,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
   c->upstream_head.clear();
 
   auto set = state.registry.snapshot();
-  if (set->routable.empty()) {
-    LocalResponse r;
-    if (set->all.empty()) {
-      r = error_response(503, "no inference backends are configured: " + state.discovery_how);
-      r.headers.emplace_back("Retry-After", "5");
-    } else {
-      r = error_response(503, "none of the " + std::to_string(set->all.size()) +
-                                  " backends is healthy yet; retry shortly");
-      r.headers.emplace_back("Retry-After", "1");
-    }
-    if (state.config.log.access) {
-      spdlog::info("{} {} {} -> - 503 no backend", request_id, c->method, c->target);
-    }
-    co_return next_after(co_await write_local_counted(&state, c, std::move(r), version_minor, client_keep_alive,
-                                                      head_only, request_id));
-  }
+  if (set->routable.empty()) co_return co_await answer_no_backend(w, c, *set);
 
   boost::container::small_vector<const discovery::Backend*, 4> tried;
   std::string failures;
@@ -832,9 +853,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     if (backend == nullptr) break;
     if (attempt > 0) {
       previous->stats.retries.fetch_add(1, std::memory_order_relaxed);
-      std::uniform_real_distribution<double> unit(0.0, 1.0);
-      net::steady_timer pause(w->io, state.retry.backoff(attempt, unit(w->rng)));
-      co_await pause.async_wait(kTuple);
+      co_await retry_pause(w, attempt);
     }
     tried.push_back(backend);
     previous = backend;
@@ -884,14 +903,8 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     last_timed_out = out.timed_out;
   }
 
-  const unsigned status = last_timed_out ? 504 : 502;
-  auto message = "no backend could serve the request after " + std::to_string(tried.size()) +
-                 " attempt(s): " + failures;
-  if (state.config.log.access) {
-    spdlog::info("{} {} {} -> - {} {}", request_id, c->method, c->target, status, message);
-  }
-  co_return next_after(co_await write_local_counted(&state, c, error_response(status, message), version_minor,
-                                                    client_keep_alive, head_only, request_id));
+  co_return co_await answer_all_failed(w, c, last_timed_out ? 504 : 502, tried.size(), failures, version_minor,
+                                       client_keep_alive, head_only);
 }
 
 // One broadcast request to one backend on a fresh connection.
@@ -973,8 +986,13 @@ net::awaitable<void> drain_before_close(ClientConnection* c) {
 // How reading a request ended.
 enum class ReadResult { kRequest, kClosed, kAnswered };
 
-net::awaitable<ReadResult> answer_and_close(ClientConnection* c, LocalResponse answer) {
-  co_await write_local(c, std::move(answer), 1, false, false, "");
+// The answer is built here, not by the caller: a coroutine frame keeps a slot for every
+// temporary of every co_await in it, and read_request runs for every request.
+net::awaitable<ReadResult> answer_and_close(ClientConnection* c, unsigned status, std::string_view message,
+                                            std::string_view detail = {}) {
+  std::string text(message);
+  text += detail;
+  co_await write_local(c, error_response(status, text), 1, false, false, "");
   co_await drain_before_close(c);
   co_return ReadResult::kAnswered;
 }
@@ -1020,11 +1038,10 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     if (co_await read_more(c, kClientRead, deadline)) co_return ReadResult::kClosed;  // nobody to answer
   }
   if (parsed == http1::Parse::kTooLarge) {
-    co_return co_await answer_and_close(c, error_response(431, "request header exceeds limits.max_header"));
+    co_return co_await answer_and_close(c, 431, "request header exceeds limits.max_header");
   }
   if (parsed == http1::Parse::kBad) {
-    co_return co_await answer_and_close(
-        c, error_response(400, "malformed HTTP request: " + std::string(c->head.error)));
+    co_return co_await answer_and_close(c, 400, "malformed HTTP request: ", c->head.error);
   }
 
   auto& h = c->head;
@@ -1033,7 +1050,7 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
   std::size_t size = h.size;
   if (h.content_length) {
     if (*h.content_length > cfg.limits.max_body) {
-      co_return co_await answer_and_close(c, error_response(413, "request body exceeds limits.max_body"));
+      co_return co_await answer_and_close(c, 413, "request body exceeds limits.max_body");
     }
     size = h.size + static_cast<std::size_t>(*h.content_length);
     if (c->buffer.size() < size) {
@@ -1056,9 +1073,9 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
       });
       size += r.consumed;
       if (too_big) {
-        co_return co_await answer_and_close(c, error_response(413, "request body exceeds limits.max_body"));
+        co_return co_await answer_and_close(c, 413, "request body exceeds limits.max_body");
       }
-      if (r.bad) co_return co_await answer_and_close(c, error_response(400, "malformed chunked request body"));
+      if (r.bad) co_return co_await answer_and_close(c, 400, "malformed chunked request body");
       if (r.done) break;
       if (!co_await send_continue(c, &continue_sent, cfg.timeouts.idle)) co_return ReadResult::kClosed;
       if (co_await read_more(c, kClientRead, deadline)) co_return ReadResult::kClosed;
