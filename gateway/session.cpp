@@ -348,7 +348,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
     auto wec = co_await write_all(conn->sock, request_bytes, cfg.timeouts.idle);
     if (!wec) {
       // The whole head must arrive within timeouts.first_byte; interim (1xx) answers are skipped.
-      const auto deadline = Clock::now() + cfg.timeouts.first_byte;
+      const auto deadline = coarse_now() + cfg.timeouts.first_byte;
       for (;;) {
         auto parsed = http1::parse_response(conn->buffer.data(), cfg.limits.max_header, conn->head);
         if (parsed == http1::Parse::kComplete && conn->head.status >= 100 && conn->head.status < 200 &&
@@ -1030,9 +1030,9 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     if (parsed != http1::Parse::kIncomplete) break;
     Clock::time_point deadline;
     if (c->buffer.size() == 0) {
-      deadline = Clock::now() + cfg.timeouts.client_idle;
+      deadline = coarse_now() + cfg.timeouts.client_idle;
     } else {
-      if (!header_deadline) header_deadline = Clock::now() + cfg.timeouts.client_header;
+      if (!header_deadline) header_deadline = coarse_now() + cfg.timeouts.client_header;
       deadline = *header_deadline;
     }
     if (co_await read_more(c, kClientRead, deadline)) co_return ReadResult::kClosed;  // nobody to answer
@@ -1055,7 +1055,7 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     size = h.size + static_cast<std::size_t>(*h.content_length);
     if (c->buffer.size() < size) {
       if (!co_await send_continue(c, &continue_sent, cfg.timeouts.idle)) co_return ReadResult::kClosed;
-      const auto deadline = Clock::now() + cfg.timeouts.idle;
+      const auto deadline = coarse_now() + cfg.timeouts.idle;
       while (c->buffer.size() < size) {
         // Room for the whole body at once: a 32 KiB prompt is one or two reads, not dozens.
         if (co_await read_more(c, size - c->buffer.size(), deadline)) co_return ReadResult::kClosed;
@@ -1065,7 +1065,7 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     c->chunked_body.clear();
     http1::ChunkedDecoder decoder;
     bool too_big = false;
-    const auto deadline = Clock::now() + cfg.timeouts.idle;
+    const auto deadline = coarse_now() + cfg.timeouts.idle;
     for (;;) {
       auto r = decoder.feed(c->buffer.data().substr(size), [&](std::string_view d) {
         if (c->chunked_body.size() + d.size() > cfg.limits.max_body) too_big = true;
