@@ -226,8 +226,11 @@ TEST(MetricsTest, LiveScrapePassesPromtool) {
                     "infergate_client_connections", "infergate_build_info"}) {
     EXPECT_THAT(scrape.body, HasSubstr(name));
   }
-  // Tokens from `usage` (mock: 2 prompt words, 16 completion tokens per response).
-  EXPECT_EQ(metric(gw.port, "infergate_backend_tokens_total", labels_for(mock) + ",kind=\"completion\""), 32);
+  // Tokens from `usage` (mock: 2 prompt words, 16 completion tokens per response). An exchange
+  // is counted once its last byte is out, so the client may scrape a moment before that.
+  const auto completion = labels_for(mock) + ",kind=\"completion\"";
+  poll_until([&] { return metric(gw.port, "infergate_backend_tokens_total", completion) == 32; }, 5s);
+  EXPECT_EQ(metric(gw.port, "infergate_backend_tokens_total", completion), 32);
   EXPECT_EQ(metric(gw.port, "infergate_backend_ttft_seconds_count", labels_for(mock)), 1);
 
   if (access("/usr/bin/promtool", X_OK) != 0) GTEST_SKIP() << "promtool (Debian package prometheus) is not installed";
