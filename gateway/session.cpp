@@ -60,7 +60,9 @@ struct ClientConnection final : SlowHook {
   std::string chunked_body;     // a chunked request body, de-chunked
   std::size_t request_size = 0; // bytes of `buffer` the current request occupies
   bool request_released = false;
-  std::string upstream_head;    // the request head as backends get it (kept for retries)
+  std::string upstream_head;    // the request head as backends get it (kept for retries), and a
+                                // small body copied behind it (see kCoalesceMax)
+  std::size_t upstream_head_size = 0;  // of the head alone
   std::string response_head;
   std::string client_ip;
   std::string request_id;       // the current request's X-Request-ID (kept or generated)
@@ -133,6 +135,18 @@ void append_field(std::string& out, std::string_view name, std::string_view valu
   out += kCrlf;
 }
 
+// Bytes up to this size are copied behind a head so that head and body leave in one buffer:
+// Asio sends a single buffer with send(2), several with sendmsg(2), which costs the kernel more
+// per call than the copy (perf: sendmsg 62% of the gateway's CPU against HAProxy's sendto 58%).
+constexpr std::size_t kCoalesceMax = 16 * 1024;
+
+net::awaitable<beast::error_code> write_all(TimedSocket& sock, net::const_buffer bytes,
+                                            std::chrono::milliseconds timeout) {
+  sock.arm(timeout);
+  auto [ec, n] = co_await net::async_write(sock.socket(), bytes, kDirect);
+  co_return sock.settle(ec);
+}
+
 net::awaitable<beast::error_code> write_all(TimedSocket& sock, std::span<const net::const_buffer> pieces,
                                             std::chrono::milliseconds timeout) {
   sock.arm(timeout);
@@ -156,9 +170,8 @@ net::awaitable<bool> write_local(ClientConnection* c, LocalResponse response, un
   if (!keep_alive && version_minor >= 1) append_field(out, "Connection", "close");
   if (keep_alive && version_minor == 0) append_field(out, "Connection", "keep-alive");
   out += kCrlf;
-  std::array<net::const_buffer, 2> pieces{net::buffer(out),
-                                          net::buffer(response.body.data(), head_only ? 0 : response.body.size())};
-  auto ec = co_await write_all(c->sock, pieces, kLocalWriteTimeout);
+  if (!head_only) out += response.body;  // the gateway's own answers are small
+  auto ec = co_await write_all(c->sock, net::buffer(out), kLocalWriteTimeout);
   co_return !ec && keep_alive;
 }
 
@@ -342,10 +355,16 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
 
     // The head is built once per request (retries reuse it); head and body go out in one
     // gather write.
-    if (c->upstream_head.empty()) build_upstream_head(*c, request_id, backend->info().id, c->upstream_head);
+    if (c->upstream_head.empty()) {
+      build_upstream_head(*c, request_id, backend->info().id, c->upstream_head);
+      c->upstream_head_size = c->upstream_head.size();
+      if (c->body.size() <= kCoalesceMax) c->upstream_head += c->body;  // one buffer, one send(2)
+    }
+    const bool coalesced = c->upstream_head.size() != c->upstream_head_size || c->body.empty();
     std::array<net::const_buffer, 2> request_bytes{net::buffer(c->upstream_head),
-                                                   net::buffer(c->body.data(), c->body.size())};
-    auto wec = co_await write_all(conn->sock, request_bytes, cfg.timeouts.idle);
+                                                   net::buffer(c->body.data(), coalesced ? 0 : c->body.size())};
+    auto wec = coalesced ? co_await write_all(conn->sock, request_bytes[0], cfg.timeouts.idle)
+                         : co_await write_all(conn->sock, request_bytes, cfg.timeouts.idle);
     if (!wec) {
       // The whole head must arrive within timeouts.first_byte; interim (1xx) answers are skipped.
       const auto deadline = coarse_now() + cfg.timeouts.first_byte;
@@ -726,13 +745,25 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
       co_return out;
     }
     if (!head_sent || !step.payload.empty()) {
+      // One buffer where possible (see kCoalesceMax): the head with a small first piece behind it.
       std::array<net::const_buffer, 2> pieces;
       std::size_t count = 0;
-      if (!head_sent) pieces[count++] = net::buffer(head);
-      if (!step.payload.empty()) pieces[count++] = net::buffer(step.payload.data(), step.payload.size());
-      c->sock.arm(idle);
-      auto [wec, wn] = co_await net::async_write(c->sock.socket(), std::span(pieces.data(), count), kDirect);
-      if (c->sock.settle(wec)) {
+      if (!head_sent && step.payload.size() <= kCoalesceMax) {
+        head += step.payload;
+        pieces[count++] = net::buffer(head);
+      } else {
+        if (!head_sent) pieces[count++] = net::buffer(head);
+        pieces[count++] = net::buffer(step.payload.data(), step.payload.size());
+      }
+      beast::error_code wec;
+      if (count == 1) {  // awaited directly: no coroutine frame for the common case
+        c->sock.arm(idle);
+        auto [ec, n] = co_await net::async_write(c->sock.socket(), pieces[0], kDirect);
+        wec = c->sock.settle(ec);
+      } else {
+        wec = co_await write_all(c->sock, std::span<const net::const_buffer>(pieces.data(), count), idle);
+      }
+      if (wec) {
         out.kind = AttemptOutcome::kClientGone;
         *upstream_reusable = false;
         co_return out;
@@ -1014,8 +1045,7 @@ net::awaitable<bool> send_continue(ClientConnection* c, bool* sent, std::chrono:
   if (!c->head.expect_continue || *sent) co_return true;
   *sent = true;
   static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
-  std::array<net::const_buffer, 1> piece{net::buffer(kContinue.data(), kContinue.size())};
-  co_return !co_await write_all(c->sock, piece, timeout);
+  co_return !co_await write_all(c->sock, net::buffer(kContinue.data(), kContinue.size()), timeout);
 }
 
 // Reads one request: its head into `c->head`, its body into `c->body`. The head's views point
