@@ -11,30 +11,32 @@ namespace infergate::gateway {
 
 class UsageScanner {
  public:
+  // One search per piece, for the suffix both keys share; what precedes it tells them apart.
   void feed(std::string_view chunk) noexcept {
-    if (chunk.find("_tokens\"") == std::string_view::npos) return;  // the common case: one scan
-    scan(chunk, "\"prompt_tokens\"", prompt_);
-    scan(chunk, "\"completion_tokens\"", completion_);
+    static constexpr std::string_view kSuffix = "_tokens\"";
+    for (auto pos = chunk.find(kSuffix); pos != std::string_view::npos; pos = chunk.find(kSuffix, pos + 1)) {
+      const auto before = chunk.substr(0, pos);
+      if (before.ends_with("\"prompt")) {
+        read_value(chunk, pos + kSuffix.size(), prompt_);
+      } else if (before.ends_with("\"completion")) {
+        read_value(chunk, pos + kSuffix.size(), completion_);
+      }
+    }
   }
   std::optional<std::uint64_t> prompt_tokens() const noexcept { return prompt_; }
   std::optional<std::uint64_t> completion_tokens() const noexcept { return completion_; }
 
  private:
-  static void scan(std::string_view chunk, std::string_view key, std::optional<std::uint64_t>& out) noexcept {
-    std::size_t pos = 0;
-    while ((pos = chunk.find(key, pos)) != std::string_view::npos) {
-      pos += key.size();
-      std::size_t i = pos;
-      while (i < chunk.size() && (chunk[i] == ' ' || chunk[i] == ':')) ++i;
-      std::uint64_t value = 0;
-      std::size_t digits = 0;
-      while (i < chunk.size() && chunk[i] >= '0' && chunk[i] <= '9' && digits < 18) {
-        value = value * 10 + static_cast<std::uint64_t>(chunk[i] - '0');
-        ++i;
-        ++digits;
-      }
-      if (digits > 0) out = value;
+  static void read_value(std::string_view chunk, std::size_t i, std::optional<std::uint64_t>& out) noexcept {
+    while (i < chunk.size() && (chunk[i] == ' ' || chunk[i] == ':')) ++i;
+    std::uint64_t value = 0;
+    std::size_t digits = 0;
+    while (i < chunk.size() && chunk[i] >= '0' && chunk[i] <= '9' && digits < 18) {
+      value = value * 10 + static_cast<std::uint64_t>(chunk[i] - '0');
+      ++i;
+      ++digits;
     }
+    if (digits > 0) out = value;
   }
 
   std::optional<std::uint64_t> prompt_;

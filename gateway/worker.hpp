@@ -30,7 +30,9 @@ struct Worker {
   std::size_t index;
   // Before `io` and `pool`: the sockets they own unlink themselves from it when destroyed.
   DeadlineList deadlines;
-  net::io_context io;
+  // Run by this worker's thread alone (other threads only post to it): the hint lets Asio queue
+  // this thread's own completions without taking the scheduler's lock.
+  net::io_context io{1};
   UpstreamPool pool;
   std::minstd_rand rng;
   // Resolved addresses per backend index; dropped when a connect to them fails.

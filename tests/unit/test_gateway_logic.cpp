@@ -110,6 +110,17 @@ TEST(UsageScannerTest, StreamKeepsTheLastValues) {
   EXPECT_EQ(s.completion_tokens(), 7u);
 }
 
+TEST(UsageScannerTest, OtherTokenCountsAreNotTakenForPromptOrCompletion) {
+  UsageScanner s;
+  s.feed(R"({"usage":{"total_tokens":30,"prompt_tokens_details":{"cached_tokens":7},)"
+         R"("completion_tokens_details":{"reasoning_tokens":4},"xprompt_tokens":99}})");
+  EXPECT_FALSE(s.prompt_tokens());
+  EXPECT_FALSE(s.completion_tokens());
+  s.feed(R"({"usage":{"prompt_tokens": 12,"total_tokens":30,"completion_tokens" : 18}})");
+  EXPECT_EQ(s.prompt_tokens(), 12u);
+  EXPECT_EQ(s.completion_tokens(), 18u);
+}
+
 TEST(UsageScannerTest, IgnoresMalformedNumbers) {
   UsageScanner s;
   s.feed(R"({"usage":{"prompt_tokens":null,"completion_tokens":"x"}})");
