@@ -30,9 +30,14 @@ inline std::chrono::steady_clock::time_point coarse_now() noexcept {
 }
 
 // The sockets of one worker thread, for the sweep. Not thread-safe: one per worker.
+// Deadlines at least kFarSweepInterval away (a stream's idle timeout, typically a minute) wait on
+// a second list that is walked only that often, and move to the near list once due within it: an
+// open SSE stream re-arms its deadline for every event, and 10,000 of them would otherwise be
+// walked ten times a second for deadlines a minute away. No deadline is enforced later for it.
 class DeadlineList {
  public:
   static constexpr auto kSweepInterval = std::chrono::milliseconds(100);
+  static constexpr auto kFarSweepInterval = std::chrono::seconds(1);
   DeadlineList() = default;
   DeadlineList(const DeadlineList&) = delete;
   DeadlineList& operator=(const DeadlineList&) = delete;
@@ -49,7 +54,9 @@ class DeadlineList {
  private:
   friend class TimedSocket;
   friend class SlowHook;
-  TimedSocket* head_ = nullptr;
+  TimedSocket* head_ = nullptr;      // due within kFarSweepInterval (or armed that way)
+  TimedSocket* far_head_ = nullptr;  // due later
+  std::chrono::steady_clock::time_point next_far_sweep_{};
   std::size_t size_ = 0;
   SlowHook* slow_head_ = nullptr;
 };
@@ -111,7 +118,9 @@ class TimedSocket {
   }
   void arm_at(Clock::time_point t) noexcept {
     deadline_ = t;
-    link();
+    const bool far = t - coarse_now() >= DeadlineList::kFarSweepInterval;
+    if (linked_ && far_ && !far) unlink();  // now due sooner than the far list is walked
+    link(far);
   }
   // After an operation: no deadline while nothing is pending; a cancellation by the sweep
   // becomes a timeout error.
@@ -125,23 +134,32 @@ class TimedSocket {
 
  private:
   friend class DeadlineList;
-  void link() noexcept {
-    if (linked_) return;
+  void link(bool far) noexcept {
+    if (linked_) return;  // a near socket stays near: checked more often than it needs
     linked_ = true;
+    far_ = far;
+    TimedSocket*& head = far ? list_->far_head_ : list_->head_;
     prev_ = nullptr;
-    next_ = list_->head_;
+    next_ = head;
     if (next_ != nullptr) next_->prev_ = this;
-    list_->head_ = this;
+    head = this;
     ++list_->size_;
   }
   void unlink() noexcept {
     if (!linked_) return;
     linked_ = false;
     if (prev_ != nullptr) prev_->next_ = next_;
-    else list_->head_ = next_;
+    else (far_ ? list_->far_head_ : list_->head_) = next_;
     if (next_ != nullptr) next_->prev_ = prev_;
     prev_ = next_ = nullptr;
     --list_->size_;
+  }
+  void expire() noexcept {
+    timed_out_ = true;
+    deadline_ = Clock::time_point::max();
+    unlink();
+    beast::error_code ignored;
+    socket_.cancel(ignored);
   }
 
   tcp::socket socket_;
@@ -151,18 +169,26 @@ class TimedSocket {
   Clock::time_point deadline_ = Clock::time_point::max();
   bool timed_out_ = false;
   bool linked_ = false;
+  bool far_ = false;  // on the far list (while linked)
 };
 
 inline void DeadlineList::sweep(std::chrono::steady_clock::time_point now) {
+  if (now >= next_far_sweep_) {
+    // Runs at least every kFarSweepInterval, so a deadline moved here is never missed: it is
+    // due after this walk and within the next one, and the near list is walked every sweep.
+    next_far_sweep_ = now + kFarSweepInterval;
+    for (auto* s = far_head_; s != nullptr;) {
+      auto* next = s->next_;
+      if (s->deadline_ <= now + kFarSweepInterval) {
+        s->unlink();
+        s->link(false);
+      }
+      s = next;
+    }
+  }
   for (auto* s = head_; s != nullptr;) {
     auto* next = s->next_;
-    if (s->deadline_ <= now) {
-      s->timed_out_ = true;
-      s->deadline_ = std::chrono::steady_clock::time_point::max();
-      s->unlink();
-      beast::error_code ignored;
-      s->socket_.cancel(ignored);
-    }
+    if (s->deadline_ <= now) s->expire();
     s = next;
   }
   while (slow_head_ != nullptr) {

@@ -1,0 +1,86 @@
+// The deadline sweep that replaces a timer per socket operation, driven with chosen times
+// (the sockets are never opened: cancelling one is all a sweep does to it).
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <optional>
+
+#include "discovery/timed_socket.hpp"
+
+using namespace std::chrono_literals;
+using infergate::DeadlineList;
+using infergate::TimedSocket;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// Sweeps every kSweepInterval from `from` until the socket times out or `until`; returns when.
+std::optional<Clock::time_point> sweep_until_timeout(DeadlineList& list, TimedSocket& sock, Clock::time_point from,
+                                                     Clock::time_point until) {
+  for (auto now = from; now <= until; now += DeadlineList::kSweepInterval) {
+    list.sweep(now);
+    if (sock.timed_out()) return now;
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+TEST(DeadlineListTest, NearDeadlineExpiresAtTheFirstSweepAfterIt) {
+  boost::asio::io_context io;
+  DeadlineList list;
+  TimedSocket sock(list, io.get_executor());
+  const auto base = infergate::coarse_now();
+  sock.arm_at(base + 300ms);
+  EXPECT_EQ(list.size(), 1u);
+  auto when = sweep_until_timeout(list, sock, base, base + 2s);
+  ASSERT_TRUE(when);
+  EXPECT_GE(*when, base + 300ms);
+  EXPECT_LT(*when, base + 300ms + DeadlineList::kSweepInterval);
+  EXPECT_EQ(list.size(), 0u);
+  EXPECT_EQ(sock.settle(boost::asio::error::operation_aborted), boost::beast::error::timeout);
+}
+
+TEST(DeadlineListTest, FarDeadlineIsEnforcedNoLaterThanANearOne) {
+  boost::asio::io_context io;
+  DeadlineList list;
+  TimedSocket sock(list, io.get_executor());
+  const auto base = infergate::coarse_now();
+  const auto deadline = base + 60s;  // a stream's idle timeout: on the far list
+  sock.arm_at(deadline);
+  auto when = sweep_until_timeout(list, sock, base, base + 70s);
+  ASSERT_TRUE(when);
+  EXPECT_GE(*when, deadline);
+  EXPECT_LT(*when, deadline + 2 * DeadlineList::kSweepInterval);
+}
+
+TEST(DeadlineListTest, ReArmingSoonerMovesAFarSocketToTheNearList) {
+  boost::asio::io_context io;
+  DeadlineList list;
+  TimedSocket sock(list, io.get_executor());
+  const auto base = infergate::coarse_now();
+  sock.arm_at(base + 60s);
+  list.sweep(base);  // the far walk runs now, not again for a second
+  sock.arm_at(base + 200ms);
+  EXPECT_EQ(list.size(), 1u);
+  auto when = sweep_until_timeout(list, sock, base + 100ms, base + 1s);
+  ASSERT_TRUE(when);
+  EXPECT_LT(*when, base + 200ms + DeadlineList::kSweepInterval);
+}
+
+TEST(DeadlineListTest, SettledSocketsLeaveTheListAndNeverTimeOut) {
+  boost::asio::io_context io;
+  DeadlineList list;
+  TimedSocket near(list, io.get_executor());
+  TimedSocket far(list, io.get_executor());
+  const auto base = infergate::coarse_now();
+  near.arm_at(base + 100ms);
+  far.arm_at(base + 30s);
+  EXPECT_EQ(list.size(), 2u);
+  EXPECT_FALSE(near.settle({}));
+  EXPECT_FALSE(far.settle({}));
+  EXPECT_EQ(list.size(), 0u);
+  for (auto now = base; now <= base + 40s; now += DeadlineList::kSweepInterval) list.sweep(now);
+  EXPECT_FALSE(near.timed_out());
+  EXPECT_FALSE(far.timed_out());
+}
