@@ -244,7 +244,10 @@ TEST(MetricsTest, LiveScrapePassesPromtool) {
 TEST(StatusPageTest, HeadlessChromiumSeesOneRowPerBackendAndAnUnhealthyOne) {
   std::vector<Mock> mocks;
   for (int i = 0; i < 3; ++i) mocks.push_back(start_mock());
-  auto gw = start_gateway(plus(backends_of(mocks), {"--set", "health.interval=200ms"}));
+  // Three failed probes in a row before a backend turns unhealthy: one probe slowed down by a
+  // loaded machine must not flip a row while the page is read.
+  auto gw = start_gateway(
+      plus(backends_of(mocks), {"--set", "health.interval=200ms", "--set", "health.unhealthy_threshold=3"}));
   ASSERT_TRUE(poll_until([&] { return admin_backends(gw.port)["gateway"]["healthy"] == 3; }, 10s));
   auto page = http_request(gw.port, "GET", "/");
   ASSERT_EQ(page.status, 200);
