@@ -59,23 +59,29 @@ net::awaitable<void> accept_loop(Worker* w, tcp::acceptor* acceptor, Listener li
     // queued client needs.
     auto [wait_ec] = co_await acceptor->async_wait(tcp::acceptor::wait_read, kTuple);
     if (w->state->stopping.load() || !acceptor->is_open()) co_return;
-    // The metrics listener is never held back: operators must see a saturated gateway.
-    ConnectionSlot slot;
-    if (listener == Listener::kGateway) slot = co_await take_connection_slot(w, &last_warning);
-    if (w->state->stopping.load() || !acceptor->is_open()) co_return;
-    tcp::socket socket(w->io);
-    if (!wait_ec) acceptor->accept(socket, ec);
-    if (!wait_ec && (ec == net::error::would_block || ec == net::error::try_again || ec == net::error::connection_aborted)) {
-      continue;  // another worker or the client itself took it back
+    // Every client queued by now is taken in this turn (a trainer opens hundreds at once); each
+    // session runs up to its first wait before the next is accepted.
+    while (!wait_ec) {
+      // The metrics listener is never held back: operators must see a saturated gateway.
+      ConnectionSlot slot;
+      if (listener == Listener::kGateway) slot = co_await take_connection_slot(w, &last_warning);
+      if (w->state->stopping.load() || !acceptor->is_open()) co_return;
+      tcp::socket socket(w->io);
+      acceptor->accept(socket, ec);
+      if (ec == net::error::would_block || ec == net::error::try_again) break;  // the queue is empty
+      if (ec == net::error::connection_aborted) continue;                      // the client took it back
+      if (ec) {
+        wait_ec = ec;
+        break;
+      }
+      net::co_spawn(w->io, run_client_session(w, std::move(socket), listener, std::move(slot)), net::detached);
     }
-    if (wait_ec || ec) {
+    if (wait_ec) {
       // Out of descriptors or a transient error: keep listening, a moment later.
-      spdlog::warn("accept failed: {}; retrying", (wait_ec ? wait_ec : ec).message());
+      spdlog::warn("accept failed: {}; retrying", wait_ec.message());
       net::steady_timer pause(w->io, std::chrono::milliseconds(50));
       co_await pause.async_wait(kTuple);
-      continue;
     }
-    net::co_spawn(w->io, run_client_session(w, std::move(socket), listener, std::move(slot)), net::detached);
   }
 }
 

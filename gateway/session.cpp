@@ -71,6 +71,9 @@ struct ClientConnection final : SlowHook {
   std::string labels;
   std::shared_ptr<ClientWatch> watch;
   bool watching = false;
+  // The next read tries the socket before waiting on the reactor: a new client's request has
+  // usually arrived by the time the connection is accepted.
+  bool read_directly = true;
   std::shared_ptr<StreamRelay> handoff;  // set when a StreamRelay took the stream over
 
   // An exchange still running at a sweep gets its client watched (see watch_client).
@@ -139,6 +142,20 @@ void append_field(std::string& out, std::string_view name, std::string_view valu
 // Asio sends a single buffer with send(2), several with sendmsg(2), which costs the kernel more
 // per call than the copy (perf: sendmsg 62% of the gateway's CPU against HAProxy's sendto 58%).
 constexpr std::size_t kCoalesceMax = 16 * 1024;
+
+// Sends what a non-blocking socket takes at once and returns what is left; `ec` is set by a real
+// error only. It spares the thread the completion that Asio queues even for a write that
+// finished at once. Only where nothing is read right after: that queued turn gives the peer time
+// to answer, and a read straight after a request or a response mostly finds nothing yet (tried at
+// 64 connections: failed receives went from 0.6 to 1.9 per request).
+net::const_buffer send_now(tcp::socket& socket, net::const_buffer bytes, beast::error_code& ec) {
+  const std::size_t sent = socket.write_some(bytes, ec);
+  if (ec == net::error::would_block || ec == net::error::try_again) {
+    ec = {};
+    return bytes;
+  }
+  return ec ? bytes : bytes + sent;
+}
 
 net::awaitable<beast::error_code> write_all(TimedSocket& sock, net::const_buffer bytes,
                                             std::chrono::milliseconds timeout) {
@@ -533,8 +550,6 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
 
   void start(tcp::socket client, ConnectionSlot slot) {
     client_.emplace(w_->deadlines, std::move(client));
-    beast::error_code ignored;
-    client_->socket().non_blocking(true, ignored);  // see relay_buffered
     slot_ = std::move(slot);
     watch_client();
     relay_buffered();
@@ -586,13 +601,13 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
     // An event is a few hundred bytes and the client's socket buffer almost always has room:
     // send it now, without a queued completion, so each event costs the thread one turn
     // through Asio's handler queue instead of two. A full buffer falls back to an async write.
+    // (The session made the socket non-blocking.)
     beast::error_code ec;
-    const std::size_t sent = client_->socket().write_some(net::buffer(step.payload.data(), step.payload.size()), ec);
-    if (!ec && sent == step.payload.size()) return after_write();
-    if (ec && ec != net::error::would_block && ec != net::error::try_again) return finish(AttemptOutcome::kClientGone);
-    const auto rest = step.payload.substr(ec ? 0 : sent);
+    const auto rest = send_now(client_->socket(), net::buffer(step.payload.data(), step.payload.size()), ec);
+    if (ec) return finish(AttemptOutcome::kClientGone);
+    if (rest.size() == 0) return after_write();
     client_->arm(w_->state->config.timeouts.idle);
-    net::async_write(client_->socket(), net::buffer(rest.data(), rest.size()),
+    net::async_write(client_->socket(), rest,
                      [self = shared_from_this()](beast::error_code wec, std::size_t) {
                        if (self->client_->settle(wec)) return self->finish(AttemptOutcome::kClientGone);
                        self->after_write();
@@ -1042,6 +1057,13 @@ net::awaitable<ReadResult> answer_and_close(ClientConnection* c, unsigned status
 net::awaitable<beast::error_code> read_more(ClientConnection* c, std::size_t min_free,
                                             Clock::time_point deadline) {
   auto [room_ptr, room] = c->buffer.prepare(min_free);
+  if (c->read_directly) {
+    c->read_directly = false;
+    beast::error_code ec;
+    const std::size_t n = c->sock.socket().read_some(net::buffer(room_ptr, room), ec);  // non-blocking
+    if (!ec) c->buffer.commit(n);
+    if (ec != net::error::would_block && ec != net::error::try_again) co_return ec;
+  }
   c->sock.arm_at(deadline);
   auto [ec, n] = co_await c->sock.socket().async_read_some(net::buffer(room_ptr, room), kDirect);
   ec = c->sock.settle(ec);
@@ -1146,6 +1168,7 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
 
   beast::error_code ec;
   socket.set_option(tcp::no_delay(true), ec);
+  socket.non_blocking(true, ec);  // for read_directly and send_now
   auto remote = socket.remote_endpoint(ec);
   ClientConnection c(w, std::move(socket));
   c.client_ip = ec ? std::string("unknown") : remote.address().to_string();

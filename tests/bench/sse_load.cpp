@@ -3,6 +3,7 @@
 // load tool holds thousands of slow SSE streams open and times their first byte.
 //
 // usage: infergate-sse-load --port P [--host H] [--streams N] [--tokens T] [--ramp-ms MS]
+//                            [--ttfb-log FILE]   (one line per stream: index, sent at us, ttfb us)
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -31,10 +32,18 @@ struct Options {
   int streams = 100;
   int tokens = 64;
   int ramp_ms = 1000;  // spread the connection opening over this long
+  std::string ttfb_log;
 };
 
 struct Totals {
   std::vector<double> ttfb_us;  // request sent -> first body byte
+  struct Trace {
+    int index;
+    double sent_us;  // since the run started
+    double ttfb_us;
+  };
+  std::vector<Trace> trace;
+  Clock::time_point started = Clock::now();
   std::uint64_t events = 0;
   int ok = 0;
   int failed = 0;
@@ -94,7 +103,9 @@ net::awaitable<void> one_stream(const Options* o, int index, Totals* totals) {
     const auto n = sizeof buf - parser.get().body().size;
     if (n == 0) continue;
     if (first) {
-      totals->ttfb_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - sent).count());
+      const double ttfb = std::chrono::duration<double, std::micro>(Clock::now() - sent).count();
+      totals->ttfb_us.push_back(ttfb);
+      totals->trace.push_back({index, std::chrono::duration<double, std::micro>(sent - totals->started).count(), ttfb});
       first = false;
     }
     std::string text = tail + std::string(buf, n);
@@ -132,13 +143,14 @@ int main(int argc, char** argv) {
     else if (a == "--streams") o.streams = parse_int(a, argv[++i]);
     else if (a == "--tokens") o.tokens = parse_int(a, argv[++i]);
     else if (a == "--ramp-ms") o.ramp_ms = parse_int(a, argv[++i]);
+    else if (a == "--ttfb-log") o.ttfb_log = argv[++i];
     else {
       std::cerr << "infergate-sse-load: unknown flag " << a << "\n";
       return 2;
     }
   }
   if (o.port == 0) {
-    std::cerr << "usage: infergate-sse-load --port P [--host H] [--streams N] [--tokens T] [--ramp-ms MS]\n";
+    std::cerr << "usage: infergate-sse-load --port P [--host H] [--streams N] [--tokens T] [--ramp-ms MS] [--ttfb-log FILE]\n";
     return 2;
   }
   rlimit limit{};
@@ -148,10 +160,18 @@ int main(int argc, char** argv) {
   }
   net::io_context io(1);
   Totals totals;
-  const auto started = Clock::now();
+  const auto started = totals.started;
   for (int i = 0; i < o.streams; ++i) net::co_spawn(io, one_stream(&o, i, &totals), net::detached);
   io.run();
   const double seconds = std::chrono::duration<double>(Clock::now() - started).count();
+  if (!o.ttfb_log.empty()) {
+    if (std::FILE* f = std::fopen(o.ttfb_log.c_str(), "w")) {
+      for (const auto& r : totals.trace) std::fprintf(f, "%d %.0f %.0f\n", r.index, r.sent_us, r.ttfb_us);
+      std::fclose(f);
+    } else {
+      std::cerr << "infergate-sse-load: cannot write " << o.ttfb_log << "\n";
+    }
+  }
   auto& t = totals.ttfb_us;
   std::sort(t.begin(), t.end());
   auto pct = [&](double p) { return t.empty() ? 0.0 : t[std::min(t.size() - 1, static_cast<std::size_t>(p * static_cast<double>(t.size())))]; };

@@ -438,6 +438,10 @@ net::awaitable<void> accept_loop(Server* server, tcp::acceptor* acceptor) {
       co_await sleep_for(std::chrono::milliseconds(20));  // out of descriptors: try again shortly
       continue;
     }
+    // Like vLLM and SGLang (uvicorn sets it on every connection): a small SSE event goes out at
+    // once instead of waiting, under Nagle's algorithm, for the ACK of the one before.
+    beast::error_code ignored;
+    socket.set_option(tcp::no_delay(true), ignored);
     net::co_spawn(acceptor->get_executor(), session(server, std::move(socket)), net::detached);
   }
 }
