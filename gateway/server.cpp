@@ -61,10 +61,19 @@ net::awaitable<void> accept_loop(Worker* w, tcp::acceptor* acceptor, Listener li
     if (w->state->stopping.load() || !acceptor->is_open()) co_return;
     // Every client queued by now is taken in this turn (a trainer opens hundreds at once); each
     // session runs up to its first wait before the next is accepted.
-    while (!wait_ec) {
+    for (bool first = true; !wait_ec; first = false) {
       // The metrics listener is never held back: operators must see a saturated gateway.
       ConnectionSlot slot;
-      if (listener == Listener::kGateway) slot = co_await take_connection_slot(w, &last_warning);
+      if (listener == Listener::kGateway) {
+        if (first) {
+          slot = co_await take_connection_slot(w, &last_warning);
+        } else {
+          // Past the first client the queue may be empty: wait for room only once it is known
+          // not to be (the next turn), so this worker holds no slot another one's client needs.
+          slot = ConnectionSlot::try_take(w->state->connection_slots, w->state->max_client_connections);
+          if (!slot) break;
+        }
+      }
       if (w->state->stopping.load() || !acceptor->is_open()) co_return;
       tcp::socket socket(w->io);
       acceptor->accept(socket, ec);

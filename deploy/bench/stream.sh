@@ -2,20 +2,24 @@
 # Streaming, health-probing and start-up benchmark, each measured against a peer in the same run:
 #  1. SSE: infergate-mock streaming 64 tokens; N concurrent streams direct, through infergate and
 #     through nginx (proxy_buffering off). Time to first byte added, events/s, CPU per event, RSS.
+#     The three take turns for --rounds rounds (all of them up throughout); each figure is the
+#     median over the rounds, RSS the peak.
 #  2. Health probing: one mock process listening on 1,024 ports, probed every second.
 #  3. Start-up: exec to the listening line.
-# Usage: deploy/bench/stream.sh [--smoke]
+# Usage: deploy/bench/stream.sh [--smoke] [--rounds N] [--only 'sse probe startup']
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 build="${BUILD_DIR:-$root/build}"
 smoke=0
+rounds=3
 parts="sse probe startup"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --smoke) smoke=1; shift ;;
     --only) parts="$2"; shift 2 ;;   # e.g. --only probe
-    *) echo "usage: $0 [--smoke] [--only 'sse probe startup']" >&2; exit 2 ;;
+    --rounds) rounds="$2"; shift 2 ;;
+    *) echo "usage: $0 [--smoke] [--rounds N] [--only 'sse probe startup']" >&2; exit 2 ;;
   esac
 done
 want() { [[ " $parts " == *" $1 "* ]]; }
@@ -72,22 +76,51 @@ hz=$(getconf CLK_TCK)
 # ---- 1. SSE
 if [[ $smoke -eq 1 ]]; then
   cases=("100 20 8")
+  rounds=1
 else
   cases=("1000 20 64" "10000 500 64")
 fi
-want sse && echo "| streams | ms/token | target | ok / failed | TTFB p50 us (added) | events/s | CPU us/event | RSS MiB |"
-want sse && echo "|---|---|---|---|---|---|---|---|"
+median() { sort -n | awk '{a[NR] = $1} END {print (NR ? a[int((NR + 1) / 2)] : 0)}'; }
+# One run of the load client against one target; appends a line to $work/sse.txt:
+# target round ttfb_p50 ttfb_p99 events/s cpu_us_per_event ok failed
+sse_run() {
+  local name=$1 round=$2 port=$3 pid=$4 before=0 after=0 out events
+  [[ -n $pid ]] && before=$(cpu_ticks "$pid")
+  out=$("$load" --port "$port" --streams "$streams" --tokens "$tokens" --ramp-ms "$ramp" || true)
+  [[ -n $pid ]] && after=$(cpu_ticks "$pid")
+  events=$(json_field "$out" events)
+  echo "$name $round $(json_field "$out" ttfb_p50_us) $(json_field "$out" ttfb_p99_us) $(json_field "$out" events_per_s)" \
+    "$(awk -v t=$((after - before)) -v hz="$hz" -v e="${events:-0}" 'BEGIN {printf "%.2f", (e > 0 ? t / hz * 1e6 / e : 0)}')" \
+    "$(json_field "$out" ok) $(json_field "$out" failed)" >>"$work/sse.txt"
+}
+# column K of target NAME's lines, one per round
+sse_col() { awk -v n="$1" -v k="$2" '$1 == n {print $k}' "$work/sse.txt"; }
+sse_row() {
+  local name=$1 rss=$2 ok failed added=""
+  ok=$(sse_col "$name" 7 | awk '{s += $1} END {print s + 0}')
+  failed=$(sse_col "$name" 8 | awk '{s += $1} END {print s + 0}')
+  if [[ $name != direct ]]; then
+    # the first byte's extra time, round by round, against the direct run of the same round
+    local diff
+    diff=$(paste -d ' ' <(sse_col "$name" 3) <(sse_col direct 3) | awk '{print $1 - $2}' | median)
+    added=" ($(signed "$diff"))"
+  fi
+  local cpu="-"
+  [[ $name != direct ]] && cpu=$(sse_col "$name" 6 | median)
+  echo "| $streams | $delay | $name | $ok / $failed | $(sse_col "$name" 3 | median)$added | $(sse_col "$name" 4 | median) |" \
+    "$(sse_col "$name" 5 | median) | $cpu | $rss |"
+}
+want sse && echo "| streams | ms/token | target | ok / failed (all rounds) | TTFB p50 us (added) | TTFB p99 us | events/s | CPU us/event | RSS MiB |"
+want sse && echo "|---|---|---|---|---|---|---|---|---|"
 want sse && for c in "${cases[@]}"; do
   read -r streams delay tokens <<<"$c"
+  ramp=$((streams / 2))  # ms: connections open at ~2 per ms
+  : >"$work/sse.txt"
   mport=$(free_port)
   "$mock" --port "$mport" --tokens "$tokens" --token-delay-ms "$delay" --quiet >/dev/null &
   mpid=$!
   pids+=("$mpid")
   wait_port "$mport"
-  ramp=$((streams / 2))  # ms: connections open at ~2 per ms
-  direct=$("$load" --port "$mport" --streams "$streams" --tokens "$tokens" --ramp-ms "$ramp" || true)
-  direct_ttfb=$(json_field "$direct" ttfb_p50_us)
-  echo "| $streams | $delay | direct | $(json_field "$direct" ok) / $(json_field "$direct" failed) | $direct_ttfb | $(json_field "$direct" events_per_s) | - | - |"
 
   gport=$(free_port)
   "$infergate" --no-slurm --listen "127.0.0.1:$gport" --threads 1 --log-level warn --set log.access=false \
@@ -96,14 +129,6 @@ want sse && for c in "${cases[@]}"; do
   pids+=("$ig")
   wait_port "$gport"
   for ((i = 0; i < 50; i++)); do curl -fs "http://127.0.0.1:$gport/ready" >/dev/null 2>&1 && break; sleep 0.1; done
-  before=$(cpu_ticks "$ig")
-  out=$("$load" --port "$gport" --streams "$streams" --tokens "$tokens" --ramp-ms "$ramp" || true)
-  after=$(cpu_ticks "$ig")
-  events=$(json_field "$out" events)
-  cpu_us=$(awk -v t=$((after - before)) -v hz="$hz" -v e="$events" 'BEGIN {printf "%.2f", (e > 0 ? t / hz * 1e6 / e : 0)}')
-  ttfb=$(json_field "$out" ttfb_p50_us)
-  echo "| $streams | $delay | infergate | $(json_field "$out" ok) / $(json_field "$out" failed) | $ttfb ($(signed $((ttfb - direct_ttfb)))) | $(json_field "$out" events_per_s) | $cpu_us | $(rss_mib "$ig") |"
-  kill "$ig"; wait "$ig" 2>/dev/null || true
 
   nport=$(free_port)
   sed -e "s|@DIR@|$work|g" -e "s|@THREADS@|1|g" -e "s|@PORT@|$nport|g" \
@@ -114,14 +139,16 @@ want sse && for c in "${cases[@]}"; do
   ng=$!
   pids+=("$ng")
   wait_port "$nport"
-  before=$(cpu_ticks "$ng")
-  out=$("$load" --port "$nport" --streams "$streams" --tokens "$tokens" --ramp-ms "$ramp" || true)
-  after=$(cpu_ticks "$ng")
-  events=$(json_field "$out" events)
-  cpu_us=$(awk -v t=$((after - before)) -v hz="$hz" -v e="$events" 'BEGIN {printf "%.2f", (e > 0 ? t / hz * 1e6 / e : 0)}')
-  ttfb=$(json_field "$out" ttfb_p50_us)
-  echo "| $streams | $delay | nginx | $(json_field "$out" ok) / $(json_field "$out" failed) | $ttfb ($(signed $((ttfb - direct_ttfb)))) | $(json_field "$out" events_per_s) | $cpu_us | $(rss_mib "$ng") |"
-  kill "$ng" "$mpid"; wait "$ng" "$mpid" 2>/dev/null || true
+
+  for ((r = 0; r < rounds; r++)); do
+    sse_run direct "$r" "$mport" ""
+    sse_run infergate "$r" "$gport" "$ig"
+    sse_run nginx "$r" "$nport" "$ng"
+  done
+  sse_row direct -
+  sse_row infergate "$(rss_mib "$ig")"
+  sse_row nginx "$(rss_mib "$ng")"
+  kill "$ig" "$ng" "$mpid"; wait "$ig" "$ng" "$mpid" 2>/dev/null || true
 done
 
 # ---- 2. Health probing cost: 1,024 backends probed every second
