@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Fuzzes infergate's parsers (HTTP/1.1 heads and bodies, hostlists, usage scanning) with
+# libFuzzer, ASan and UBSan for a while, starting from the checked-in corpus.
+# Usage: tests/fuzz/run.sh [seconds (default 60)] [extra libFuzzer flags]
+# A crash leaves crash-* in the current directory: copy it into tests/fuzz/corpus once fixed,
+# and the ctest replay keeps it fixed.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+seconds="${1:-60}"
+shift || true
+build="${FUZZ_BUILD_DIR:-$root/build-fuzz}"
+"$root/deploy/install-deps.sh" --test
+command -v clang++ >/dev/null || apt-get install -y --no-install-recommends clang >/dev/null
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
+  -DINFERGATE_FUZZ=ON >/dev/null
+cmake --build "$build" --target infergate-fuzz
+work="$(mktemp -d /tmp/infergate-fuzz.XXXXXX)"
+cp "$root"/tests/fuzz/corpus/* "$work/"
+"$build/tests/fuzz/infergate-fuzz" -max_total_time="$seconds" -max_len=4096 -timeout=10 "$@" "$work"
+echo "fuzzed for ${seconds}s; corpus grew to $(ls "$work" | wc -l) inputs in $work"
