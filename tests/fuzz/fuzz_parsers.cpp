@@ -1,17 +1,20 @@
 // Fuzz target for everything infergate parses from the outside: HTTP/1.1 request and response
-// heads, chunked and length-framed bodies in arbitrary pieces, Slurm hostlists, and the token
-// usage scanner. Built for libFuzzer with clang (tests/fuzz/run.sh); with any compiler the same
+// heads, chunked and length-framed bodies in arbitrary pieces, Slurm hostlists, the token usage
+// scanner, configuration values (durations, sizes, addresses) and configuration files. Built for libFuzzer with clang (tests/fuzz/run.sh); with any compiler the same
 // function runs over the checked-in corpus as a ctest (replay_main.cpp).
 //
 // The first input byte picks what is fuzzed and how the rest is cut into pieces; the checks are
 // the invariants the gateway relies on: views stay inside the input, a body never consumes more
-// than it was given, and nothing throws except HostlistError.
+// than it was given, and nothing throws but HostlistError and ConfigError (a configuration
+// error must name the key and the file, not surface as a YAML library exception).
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <string_view>
 
+#include "config/config.hpp"
+#include "config/units.hpp"
 #include "discovery/http1.hpp"
 #include "gateway/usage_scanner.hpp"
 #include "slurm/hostlist.hpp"
@@ -74,8 +77,8 @@ http1::BodyFramer framer_for(const http1::Head& h, bool dechunk) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* bytes, std::size_t size) {
   if (size == 0) return 0;
-  const unsigned mode = bytes[0] % 5;
-  const std::size_t cut = 1 + bytes[0] / 5 % 64;  // piece size for bodies and the scanner
+  const unsigned mode = bytes[0] % 7;
+  const std::size_t cut = 1 + bytes[0] / 7 % 32;  // piece size for bodies and the scanner
   const std::string copy(reinterpret_cast<const char*>(bytes + 1), size - 1);
   const std::string_view data = copy;
   const std::size_t max_head = 64 + data.size() / 2;  // some inputs hit the limit, some do not
@@ -120,6 +123,27 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* bytes, std::size_t siz
     case 4: {
       gateway::UsageScanner scanner;
       for (std::size_t at = 0; at < data.size(); at += cut) scanner.feed(data.substr(at, cut));
+      break;
+    }
+    case 5: {
+      // What is accepted prints back to text that parses to the same value (dump_config and
+      // the error messages print values this way).
+      if (const auto d = config::parse_duration(data)) {
+        require(d->count() >= 0);
+        require(config::parse_duration(config::format_duration(*d)) == d);
+      }
+      if (const auto n = config::parse_size(data)) require(config::parse_size(config::format_size(*n)) == n);
+      if (const auto e = config::parse_endpoint(data)) {
+        const auto again = config::parse_endpoint(e->to_string());
+        require(again && again->host == e->host && again->port == e->port);
+      }
+      break;
+    }
+    case 6: {
+      try {
+        (void)config::parse_yaml_text(data, "fuzz.yaml");
+      } catch (const config::ConfigError&) {
+      }
       break;
     }
   }
