@@ -59,9 +59,12 @@ net::awaitable<void> accept_loop(Worker* w, tcp::acceptor* acceptor, Listener li
     // queued client needs.
     auto [wait_ec] = co_await acceptor->async_wait(tcp::acceptor::wait_read, kTuple);
     if (w->state->stopping.load() || !acceptor->is_open()) co_return;
-    // Every client queued by now is taken in this turn (a trainer opens hundreds at once); each
-    // session runs up to its first wait before the next is accepted.
-    for (bool first = true; !wait_ec; first = false) {
+    // The clients queued by now are taken in this turn (a trainer opens hundreds at once), up
+    // to a batch, so that a flood of connections cannot keep open streams waiting; each session
+    // runs up to its first wait before the next is accepted.
+    constexpr int kAcceptBatch = 64;
+    for (int taken = 0; !wait_ec && taken < kAcceptBatch; ++taken) {
+      const bool first = taken == 0;
       // The metrics listener is never held back: operators must see a saturated gateway.
       ConnectionSlot slot;
       if (listener == Listener::kGateway) {
