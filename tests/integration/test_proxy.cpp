@@ -658,6 +658,45 @@ TEST(ProxyTest, ABurstOfQueuedClientsLargerThanOneAcceptBatchIsServed) {
   EXPECT_EQ(ok, kClients);
 }
 
+// A burst larger than limits.max_client_connections, all queued at once: each client is served
+// once an earlier one has had its answer and left (served in whatever order the slots allow).
+TEST(ProxyTest, AQueuedBurstPastTheConnectionLimitIsServedAsClientsLeave) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "limits.max_client_connections=8"});
+  wait_healthy(gw, 1);
+  net::io_context io;
+  constexpr std::size_t kClients = 40;
+  ASSERT_EQ(::kill(gw.process->pid(), SIGSTOP), 0);
+  std::vector<std::unique_ptr<net::ip::tcp::socket>> clients;
+  for (std::size_t i = 0; i < kClients; ++i) {
+    clients.push_back(connect_client(io, gw.port));
+    send_chat(*clients.back());
+  }
+  ASSERT_EQ(::kill(gw.process->pid(), SIGCONT), 0);
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  std::size_t served = 0;
+  std::vector<bool> done(kClients, false);
+  while (served < kClients && std::chrono::steady_clock::now() < deadline) {
+    std::vector<pollfd> waiting;
+    std::vector<std::size_t> index;
+    for (std::size_t i = 0; i < kClients; ++i) {
+      if (done[i]) continue;
+      waiting.push_back({clients[i]->native_handle(), POLLIN, 0});
+      index.push_back(i);
+    }
+    if (::poll(waiting.data(), waiting.size(), 1000) <= 0) continue;
+    for (std::size_t k = 0; k < waiting.size(); ++k) {
+      if ((waiting[k].revents & POLLIN) == 0) continue;
+      const auto i = index[k];
+      ASSERT_EQ(read_status(*clients[i], deadline), 200u) << "client " << i;
+      clients[i]->close();  // its slot goes to a queued client
+      done[i] = true;
+      ++served;
+    }
+  }
+  EXPECT_EQ(served, kClients);
+}
+
 TEST(ProxyTest, ClientsPastMaxClientConnectionsWaitInTheBacklogAndAreServed) {
   auto mock = start_mock();
   auto gw = start_gateway({"--backend", mock.url(), "--set", "limits.max_client_connections=2", "--set",
