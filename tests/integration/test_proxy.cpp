@@ -636,6 +636,14 @@ unsigned read_status(net::ip::tcp::socket& sock,
 }
 }  // namespace
 
+namespace {
+// Continues a process stopped with SIGSTOP when the test leaves its scope.
+struct ResumeOnExit {
+  int pid;
+  ~ResumeOnExit() { ::kill(pid, SIGCONT); }
+};
+}  // namespace
+
 // The accept loop takes queued clients in batches of 64 per turn: with 200 waiting at once (the
 // gateway is stopped while they connect and send), every batch after the first must follow.
 TEST(ProxyTest, ABurstOfQueuedClientsLargerThanOneAcceptBatchIsServed) {
@@ -645,6 +653,7 @@ TEST(ProxyTest, ABurstOfQueuedClientsLargerThanOneAcceptBatchIsServed) {
   net::io_context io;
   constexpr int kClients = 200;
   ASSERT_EQ(::kill(gw.process->pid(), SIGSTOP), 0);
+  const ResumeOnExit resume{gw.process->pid()};  // also when a step below fails
   std::vector<std::unique_ptr<net::ip::tcp::socket>> clients;
   for (int i = 0; i < kClients; ++i) {
     clients.push_back(connect_client(io, gw.port));  // the kernel completes the handshake
@@ -667,6 +676,7 @@ TEST(ProxyTest, AQueuedBurstPastTheConnectionLimitIsServedAsClientsLeave) {
   net::io_context io;
   constexpr std::size_t kClients = 40;
   ASSERT_EQ(::kill(gw.process->pid(), SIGSTOP), 0);
+  const ResumeOnExit resume{gw.process->pid()};  // also when a step below fails
   std::vector<std::unique_ptr<net::ip::tcp::socket>> clients;
   for (std::size_t i = 0; i < kClients; ++i) {
     clients.push_back(connect_client(io, gw.port));
