@@ -35,6 +35,10 @@ constexpr std::size_t kRelayMax = 64 * 1024;    // a relay read grows up to this
 constexpr std::size_t kStreamRelay = 1024;      // an SSE stream's buffer: events are a few hundred bytes
 constexpr std::size_t kStreamRelayMax = 16 * 1024;
 constexpr std::string_view kCrlf = "\r\n";
+// How soon after the request a reused connection must fail to count as one the backend had
+// already closed while it was parked (the close is then on its way or there): a round trip on a
+// busy network, well below the time any model takes to fail a request it accepted.
+constexpr auto kStaleConnectionWindow = std::chrono::milliseconds(250);
 
 class StreamRelay;
 void adopt_upstream(StreamRelay& relay, std::unique_ptr<UpstreamConnection> up);
@@ -382,9 +386,10 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
                                                    net::buffer(c->body.data(), coalesced ? 0 : c->body.size())};
     auto wec = coalesced ? co_await write_all(conn->sock, request_bytes[0], cfg.timeouts.idle)
                          : co_await write_all(conn->sock, request_bytes, cfg.timeouts.idle);
+    const auto sent_at = coarse_now();
     if (!wec) {
       // The whole head must arrive within timeouts.first_byte; interim (1xx) answers are skipped.
-      const auto deadline = coarse_now() + cfg.timeouts.first_byte;
+      const auto deadline = sent_at + cfg.timeouts.first_byte;
       for (;;) {
         auto parsed = http1::parse_response(conn->buffer.data(), cfg.limits.max_header, conn->head);
         if (parsed == http1::Parse::kComplete && conn->head.status >= 100 && conn->head.status < 200 &&
@@ -432,8 +437,12 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
     }
     watch.connection = nullptr;
     if (watch.client_gone) co_return client_gone_outcome();
-    // A parked connection the backend closed, with nothing of a response read: not its fault.
-    if (reused && !fresh_retry_used && is_reset(wec) && conn->buffer.size() == 0) {
+    // A parked connection the backend had closed fails at once, with nothing of a response
+    // read: not the backend's fault, so it is tried again on a fresh connection. A close that
+    // comes later means the backend took the request and died on it (a crash mid-generation):
+    // that is an ordinary failed attempt, counted and retried elsewhere, never a silent re-send.
+    if (reused && !fresh_retry_used && is_reset(wec) && conn->buffer.size() == 0 &&
+        coarse_now() - sent_at < kStaleConnectionWindow) {
       fresh_retry_used = true;
       continue;
     }
@@ -743,6 +752,9 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   for (const auto& f : rh.fields) {
     if (http1::is_hop_by_hop(f.name, rh.connection)) continue;
     if (dechunk && iequals(f.name, "transfer-encoding")) continue;
+    // Chunked framing wins over a Content-Length sent alongside (RFC 9112 6.3), and a message
+    // must not carry both: the client would frame the body by whichever it trusts.
+    if (kind == Kind::kChunked && iequals(f.name, "content-length")) continue;
     if (!has_id && iequals(f.name, "x-request-id")) has_id = true;
     append_field(head, f.name, f.value);
   }
@@ -764,7 +776,8 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   for (;;) {
     const auto step = plan.framer.step(up->buffer.data());
     if (step.bad) {
-      out.kind = AttemptOutcome::kBrokenMidResponse;
+      // Nothing reached the client yet: an ordinary failed attempt, retried or answered 502.
+      out.kind = head_sent ? AttemptOutcome::kBrokenMidResponse : AttemptOutcome::kFailed;
       out.error = "malformed chunked body from the backend";
       *upstream_reusable = false;
       co_return out;
@@ -935,7 +948,11 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
       c->sock.socket().cancel(ignored);  // ends the watch; nothing else is pending on the client
       c->watching = false;
     }
-    if (watch.client_gone && out.kind == AttemptOutcome::kFailed) out.kind = AttemptOutcome::kClientGone;
+    // Once the client left, the watch closed the upstream socket: whatever broke after that is
+    // not the backend's fault and must not count towards its ejection.
+    if (watch.client_gone && out.kind != AttemptOutcome::kServed && out.kind != AttemptOutcome::kHandedOff) {
+      out.kind = AttemptOutcome::kClientGone;
+    }
     if (out.kind == AttemptOutcome::kHandedOff) co_return Next::kHandedOff;  // it reports the exchange
     record_attempt(state, *backend, out, started);
     const auto& id = backend->info().id;

@@ -7,8 +7,6 @@
 namespace infergate::gateway {
 namespace {
 
-constexpr auto kPeekAfter = std::chrono::milliseconds(500);
-
 // A parked connection the backend has closed (or sent unexpected bytes on) is useless: find
 // out with one non-blocking peek instead of failing the next request on it.
 bool still_open(UpstreamConnection& c) {
@@ -30,9 +28,10 @@ std::unique_ptr<UpstreamConnection> UpstreamPool::acquire(std::size_t backend_in
     auto c = std::move(list.back());
     list.pop_back();
     if (now - c->idle_since >= idle_timeout_) continue;
-    // Under load a connection comes back within milliseconds: skip the system call then. A
-    // stale one that slips through is retried on a fresh connection by the proxy.
-    if (now - c->idle_since < kPeekAfter || still_open(*c)) return c;
+    // Peeked every time, however short the wait: a backend that sent more than it framed (a body
+    // after HEAD, bytes past Content-Length) may have done so in a later segment, and those bytes
+    // would be read as the next request's response.
+    if (still_open(*c)) return c;
   }
   return nullptr;
 }

@@ -408,6 +408,103 @@ TEST(ProxyTest, StalePooledConnectionsAreReplacedInvisibly) {
   }
 }
 
+// A backend that writes bytes past the response it framed (here: a second "response", 20 ms
+// later) has put its connection out of step: it must never carry another request, however soon.
+TEST(ProxyTest, AConnectionWithStrayBytesIsNeverReused) {
+  auto liar = start_mocks(1, {"--lie", "extra-bytes"});
+  auto gw = start_gateway(concat(backend_args(liar), {"--threads", "1"}));
+  wait_healthy(gw, 1);
+  auto stats = [&] { return json::parse(http_request(liar[0].port, "GET", "/mock/stats").body); };
+  for (int i = 0; i < 3; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    ASSERT_EQ(r.status, 200) << r.body << r.error;
+    auto j = json::parse(r.body, nullptr, false);
+    ASSERT_TRUE(j.is_object() && j.contains("choices")) << "request " << i << " got: " << r.body;
+    // The stray bytes are in the gateway's socket before the next request goes out.
+    ASSERT_TRUE(poll_until([&] { return stats()["lies"].get<int>() == i + 1; }, 5s));
+  }
+  EXPECT_EQ(stats()["requests"], 3);
+}
+
+// Content-Length beside chunked framing: the chunks frame the body (RFC 9112), and the client
+// must not get both (an HTTP/1.0 client, which gets the body de-chunked, would get a wrong length).
+TEST(ProxyTest, AContentLengthBesideChunkedFramingIsDropped) {
+  auto liar = start_mocks(1, {"--lie", "cl-and-te"});
+  auto gw = start_gateway(backend_args(liar));
+  wait_healthy(gw, 1);
+  const std::string body = chat_body(false);
+  const std::string request = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              "Connection: close\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  auto http11 = raw_exchange(gw.port, request);
+  EXPECT_THAT(http11, HasSubstr("HTTP/1.1 200"));
+  EXPECT_THAT(http11, HasSubstr("Transfer-Encoding: chunked"));
+  EXPECT_THAT(http11, ::testing::Not(HasSubstr("Content-Length")));
+  EXPECT_THAT(http11, HasSubstr("\r\n0\r\n\r\n"));
+
+  std::string request10 = request;
+  request10.replace(request10.find("HTTP/1.1"), 8, "HTTP/1.0");
+  auto http10 = raw_exchange(gw.port, request10);
+  ASSERT_THAT(http10, HasSubstr("HTTP/1.0 200"));
+  EXPECT_THAT(http10, ::testing::Not(HasSubstr("Content-Length")));
+  auto j = json::parse(http10.substr(http10.find("\r\n\r\n") + 4), nullptr, false);
+  EXPECT_TRUE(j.is_object() && j.contains("choices")) << http10;
+}
+
+// A malformed chunk before any byte reached the client is an ordinary failed attempt: retried on
+// another backend, or answered with a 502 and an error body, never an empty reply.
+TEST(ProxyTest, AMalformedChunkBeforeAnyByteIsRetriedOrAnswered502) {
+  auto liar = start_mocks(1, {"--lie", "bad-chunk"});
+  auto good = start_mocks(1);
+  auto gw = start_gateway(concat(backend_args(liar), concat(backend_args(good), {"--set", "passive.failures=1000"})));
+  wait_healthy(gw, 2);
+  for (int i = 0; i < 4; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    ASSERT_EQ(r.status, 200) << r.body << r.error;
+    EXPECT_EQ(r.header("X-Backend"), good[0].id());
+  }
+  auto alone = start_gateway(backend_args(liar));
+  wait_healthy(alone, 1);
+  auto r = http_request(alone.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(r.status, 502) << r.error;
+  auto j = json::parse(r.body, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.body;
+  EXPECT_THAT(j["error"]["message"].get<std::string>(), HasSubstr("malformed chunked body"));
+}
+
+// A client that leaves in the middle of a body is nobody's failure but its own: the backend's
+// failure count stays at zero and it is never ejected for it.
+TEST(ProxyTest, AClientLeavingMidBodyIsNotChargedToTheBackend) {
+  auto slow = start_mocks(1, {"--hang-after-header"});
+  auto gw = start_gateway(concat(backend_args(slow), {"--set", "passive.failures=2"}));
+  wait_healthy(gw, 1);
+  auto backend = [&] {
+    auto j = json::parse(http_request(gw.port, "GET", "/admin/backends").body);
+    return j["backends"][0];
+  };
+  for (int i = 0; i < 3; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {}, 300ms);
+    EXPECT_FALSE(r.error.empty()) << "the head came, the body never does";
+    // The gateway notices the client is gone and ends the exchange.
+    ASSERT_TRUE(poll_until([&] { return backend()["inflight"] == 0; }, 5s));
+  }
+  auto b = backend();
+  EXPECT_EQ(b["failures"], 0) << b.dump();
+  EXPECT_EQ(b["state"], "healthy") << b.dump();
+}
+
+// A backend that takes a request and closes the connection later (it crashed mid-generation) is
+// not a stale pooled connection: the request is not sent to it again behind the client's back.
+TEST(ProxyTest, AConnectionClosedLateIsAFailedAttemptNotASilentResend) {
+  auto dying = start_mocks(1, {"--drop-request", "--drop-delay-ms", "400"});
+  auto gw = start_gateway(concat(backend_args(dying), {"--threads", "1", "--set", "retries.max=0"}));
+  wait_healthy(gw, 1);
+  // Park a connection: /echo is proxied and answered normally.
+  ASSERT_EQ(http_request(gw.port, "POST", "/echo", "{}", {{"Content-Type", "application/json"}}).status, 200);
+  auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(r.status, 502) << r.body;
+  EXPECT_EQ(json::parse(http_request(dying[0].port, "GET", "/mock/stats").body)["requests"], 1);
+}
+
 TEST(ProxyTest, HeadersForwardedAsAProxyShould) {
   auto mocks = start_mocks(1);
   auto gw = start_gateway(backend_args(mocks));

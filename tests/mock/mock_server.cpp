@@ -42,7 +42,12 @@ struct Options {
   bool hang_after_header = false;
   bool drop_mid_stream = false;
   bool drop_request = false;  // close the connection on a completion request without answering
+  int drop_delay_ms = 0;      // ... this long after reading it (a crash mid-generation)
   int close_after = 0;  // close each connection silently after N requests (0: never)
+  // A backend that lies about framing, on non-streamed completions: "extra-bytes" (bytes past
+  // the promised body, in a later write), "cl-and-te" (Content-Length and chunked at once),
+  // "bad-chunk" (a malformed chunk size before any body byte).
+  std::string lie;
   bool quiet = false;
 };
 
@@ -50,6 +55,7 @@ struct Stats {
   std::uint64_t requests = 0;  // completion-like requests
   std::int64_t open_connections = 0;
   std::uint64_t cancelled = 0;  // streams whose client went away before the end
+  std::uint64_t lies = 0;       // --lie extra-bytes: stray bytes written after a response
 };
 
 struct Server {
@@ -64,8 +70,8 @@ struct Server {
   std::cerr << "infergate-mock: " << message << "\n"
             << "usage: infergate-mock [--host H] [--port P] [--port-count K] [--model M] [--tokens N]\n"
                "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE]\n"
-               "  [--seed S] [--hang] [--hang-after-header] [--drop-mid-stream] [--drop-request] [--close-after N]\n"
-               "  [--quiet]\n";
+               "  [--seed S] [--hang] [--hang-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
+               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk] [--quiet]\n";
   std::exit(2);
 }
 
@@ -102,8 +108,14 @@ Options parse_options(int argc, char** argv) {
     else if (a == "--hang-after-header") o.hang_after_header = true;
     else if (a == "--drop-mid-stream") o.drop_mid_stream = true;
     else if (a == "--drop-request") o.drop_request = true;
+    else if (a == "--drop-delay-ms") o.drop_delay_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
     else if (a == "--close-after") o.close_after = static_cast<int>(parse_long(a, value(), 1, 1000000000));
-    else if (a == "--quiet") o.quiet = true;
+    else if (a == "--lie") {
+      o.lie = value();
+      if (o.lie != "extra-bytes" && o.lie != "cl-and-te" && o.lie != "bad-chunk") {
+        usage_error("--lie: expected extra-bytes, cl-and-te or bad-chunk");
+      }
+    } else if (a == "--quiet") o.quiet = true;
     else usage_error("unknown flag '" + a + "'");
   }
   return o;
@@ -309,6 +321,34 @@ net::awaitable<bool> stream_completion(Server* server, tcp::socket* socket, Comp
 
 using Response = http::response<http::string_body>;
 
+// --lie: answers `body` with broken framing. Returns whether the connection stays usable.
+net::awaitable<bool> tell_lie(Server* server, tcp::socket& socket, const std::string& body) {
+  const auto& lie = server->options.lie;
+  std::string out = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n";
+  if (lie == "bad-chunk") {
+    out += "Transfer-Encoding: chunked\r\n\r\nzz\r\n";
+    co_await net::async_write(socket, net::buffer(out), kTuple);
+    co_return false;
+  }
+  if (lie == "cl-and-te") {
+    char size[32];
+    std::snprintf(size, sizeof size, "%zx", body.size());
+    out += "Content-Length: " + std::to_string(body.size() + 100) + "\r\nTransfer-Encoding: chunked\r\n\r\n" + size +
+           "\r\n" + body + "\r\n0\r\n\r\n";
+    auto [ec, n] = co_await net::async_write(socket, net::buffer(out), kTuple);
+    co_return !ec;
+  }
+  // extra-bytes: a correct response, then a second "response" nobody asked for, a moment later.
+  out += "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  auto [ec, n] = co_await net::async_write(socket, net::buffer(out), kTuple);
+  if (ec) co_return false;
+  co_await sleep_for(std::chrono::milliseconds(20));
+  const std::string stray = "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED";
+  auto [sec, sn] = co_await net::async_write(socket, net::buffer(stray), kTuple);
+  if (!sec) ++server->stats.lies;
+  co_return !sec;
+}
+
 Response make_response(http::status status, std::string body, const std::string& content_type = "application/json") {
   Response res{status, 11};
   res.set(http::field::server, "infergate-mock");
@@ -335,7 +375,10 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
     const std::string request_id(req["X-Request-ID"]);
     const bool completion_like = path == "/v1/chat/completions" || path == "/v1/completions" || path == "/generate";
     if (completion_like) ++server->stats.requests;
-    if (completion_like && o.drop_request) break;
+    if (completion_like && o.drop_request) {
+      if (o.drop_delay_ms > 0) co_await sleep_for(std::chrono::milliseconds(o.drop_delay_ms));
+      break;
+    }
     static std::uint64_t counter = 0;
     const std::string completion_id =
         "cmpl-" + (request_id.empty() ? "mock-" + std::to_string(++counter) : request_id);
@@ -353,7 +396,8 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
     } else if (path == "/mock/stats") {
       res = make_response(http::status::ok, json{{"requests", server->stats.requests},
                                                  {"open_connections", server->stats.open_connections},
-                                                 {"cancelled", server->stats.cancelled}}
+                                                 {"cancelled", server->stats.cancelled},
+                                                 {"lies", server->stats.lies}}
                                                 .dump());
     } else if (starting) {
       res = make_response(http::status::service_unavailable, openai_error("server is starting", "ServiceUnavailable", 503));
@@ -402,6 +446,12 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
           break;
         }
         res = make_response(http::status::ok, full_completion(c, completion_id));
+        if (!o.lie.empty()) {
+          keep_open = co_await tell_lie(server, socket, res.body()) && req.keep_alive();
+          ++served;
+          if (!keep_open) break;
+          continue;
+        }
         if (req["X-Mock-Echo-Headers"] == "1") {
           auto j = json::parse(res.body());
           json headers = json::object();
