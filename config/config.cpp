@@ -1,16 +1,23 @@
 #include "config/config.hpp"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <array>
+#include <cerrno>
 #include <charconv>
 #include <cstdlib>
-#include <fstream>
+#include <cstring>
 #include <set>
 #include <sstream>
 #include <thread>
 
 #include "config/units.hpp"
+
+extern char** environ;
 
 namespace infergate::config {
 namespace {
@@ -75,7 +82,7 @@ template <typename Field>
 Setter make_duration(Field field) {
   return [field](Config& c, std::string_view v) -> std::string {
     auto d = parse_duration(v);
-    if (!d) return "invalid duration '" + std::string(v) + "' (expected e.g. 250ms, 2s, 5m, 1h)";
+    if (!d) return duration_error(v);
     field(c) = *d;
     return {};
   };
@@ -85,7 +92,7 @@ template <typename Field>
 Setter make_positive_duration(Field field) {
   return [field](Config& c, std::string_view v) -> std::string {
     auto d = parse_duration(v);
-    if (!d) return "invalid duration '" + std::string(v) + "' (expected e.g. 250ms, 2s, 5m, 1h)";
+    if (!d) return duration_error(v);
     if (d->count() <= 0) return "must be greater than zero, got '" + std::string(v) + "'";
     field(c) = *d;
     return {};
@@ -231,8 +238,10 @@ const std::vector<KeySpec>& specs() {
     add("slurm.infer_tp", Kind::kInt, "GPUs per inference server (else INFER_TP, else 1)",
         make_optional_int([](Config& c) -> std::optional<int>& { return c.slurm.infer_tp; }, 1, 1024),
         [](const Config& c) { return optional_text(c.slurm.infer_tp); });
-    add("slurm.gpus_per_node", Kind::kInt, "GPUs per node (else SLURM_GPUS_ON_NODE, else 8)",
-        make_optional_int([](Config& c) -> std::optional<int>& { return c.slurm.gpus_per_node; }, 1, 1024),
+    add("slurm.gpus_per_node", Kind::kInt,
+        "GPUs per inference node (else SLURM_GPUS_PER_NODE, else SLURM_GPUS_ON_NODE, else 8)",
+        make_optional_int([](Config& c) -> std::optional<int>& { return c.slurm.gpus_per_node; }, 1,
+                          1024),
         [](const Config& c) { return optional_text(c.slurm.gpus_per_node); });
     add("slurm.base_port", Kind::kInt, "port of the first inference server on each node",
         make_int([](Config& c) -> int& { return c.slurm.base_port; }, 1, 65535),
@@ -488,6 +497,73 @@ std::optional<std::string> process_env(std::string_view name) {
   return std::string(v);
 }
 
+std::vector<std::string> process_env_names() {
+  std::vector<std::string> names;
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    std::string_view entry(*e);
+    names.emplace_back(entry.substr(0, entry.find('=')));
+  }
+  return names;
+}
+
+constexpr std::string_view kEnvPrefix = "INFERGATE_";
+
+// INFERGATE_* variables that are not configuration keys yet legitimately reach the gateway's
+// environment: the scripts and test harness around it set them (deploy/demo.sh,
+// tests/integration/harness.cpp, .ci/run), so warning about them would be noise.
+constexpr std::array<std::string_view, 3> kNonKeyVariables{"INFERGATE_DEMO_PORT", "INFERGATE_BIN",
+                                                           "INFERGATE_MOCK_BIN"};
+
+// An INFERGATE_* variable the configuration does not read is most likely a typo whose setting
+// silently does nothing, so each one becomes a warning for the caller to log.
+std::vector<std::string> unknown_env_warnings(const std::vector<std::string>& names) {
+  std::set<std::string> unknown;  // sorted and once each, whatever the environment's order
+  for (const auto& name : names) {
+    if (name.rfind(kEnvPrefix, 0) != 0 || name == "INFERGATE_CONFIG") continue;
+    if (std::find(kNonKeyVariables.begin(), kNonKeyVariables.end(), name) != kNonKeyVariables.end())
+      continue;
+    const bool known = std::any_of(specs().begin(), specs().end(),
+                                   [&](const KeySpec& spec) { return env_name(spec.key) == name; });
+    if (!known) unknown.insert(name);
+  }
+  std::vector<std::string> warnings;
+  for (const auto& name : unknown) {
+    std::string msg = "environment " + name + ": unknown variable, ignored";
+    auto near = closest_env_name(name);
+    if (!near.empty()) msg += " (did you mean " + near + "?)";
+    warnings.push_back(std::move(msg));
+  }
+  return warnings;
+}
+
+// Reads the whole file with POSIX calls: std::ifstream opens a directory and reads it as empty,
+// which would silently mean "all defaults", and it loses errno, which says why a file failed.
+// Pipes still work (`--config <(generate-config)`).
+std::string read_config_file(const std::string& path) {
+  auto fail = [&path](int error) {
+    return ConfigError("cannot read config file '" + path + "': " + std::strerror(error));
+  };
+  struct Fd {
+    int fd;
+    ~Fd() {
+      if (fd >= 0) ::close(fd);
+    }
+  } file{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  if (file.fd < 0) throw fail(errno);
+  struct stat st {};
+  if (::fstat(file.fd, &st) == 0 && S_ISDIR(st.st_mode)) throw fail(EISDIR);
+  std::string text;
+  std::array<char, 8192> buf{};
+  for (;;) {
+    const auto n = ::read(file.fd, buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw fail(errno);
+    if (n == 0) break;
+    text.append(buf.data(), static_cast<std::size_t>(n));
+  }
+  return text;
+}
+
 }  // namespace
 
 std::string_view to_string(Source source) {
@@ -552,21 +628,53 @@ const std::vector<KeyInfo>& known_keys() {
   return keys;
 }
 
-std::string closest_key(std::string_view key) {
+namespace {
+
+// The candidate key nearest to `query` when both are spelt by `spell` (the identity for YAML
+// keys; upper case with underscores for environment variables), or empty when nothing is close.
+template <typename Spell>
+std::string nearest_key(std::string_view query, const std::vector<std::string>& candidates,
+                        Spell spell) {
   std::string best;
   std::size_t best_distance = std::string::npos;
-  for (const auto& spec : specs()) {
-    auto d = edit_distance(key, spec.key);
+  for (const auto& key : candidates) {
+    auto d = edit_distance(query, spell(key));
     // Also compare against the last component, so "interval" suggests "health.interval".
-    auto dot = spec.key.rfind('.');
-    if (dot != std::string::npos) d = std::min(d, edit_distance(key, spec.key.substr(dot + 1)) + 1);
+    auto dot = key.rfind('.');
+    if (dot != std::string::npos)
+      d = std::min(d, edit_distance(query, spell(key.substr(dot + 1))) + 1);
     if (d < best_distance) {
       best_distance = d;
-      best = spec.key;
+      best = key;
     }
   }
-  if (best_distance > std::max<std::size_t>(3, key.size() / 3)) return {};
+  if (best_distance > std::max<std::size_t>(3, query.size() / 3)) return {};
   return best;
+}
+
+std::vector<std::string> spec_keys() {
+  std::vector<std::string> keys;
+  for (const auto& spec : specs()) keys.push_back(spec.key);
+  return keys;
+}
+
+}  // namespace
+
+std::string closest_key(std::string_view key) {
+  return nearest_key(key, spec_keys(), [](const std::string& k) { return k; });
+}
+
+std::string closest_env_name(std::string_view name) {
+  std::string query(name.substr(0, kEnvPrefix.size()) == kEnvPrefix ? name.substr(kEnvPrefix.size())
+                                                                    : name);
+  // Case-insensitive, so "INFERGATE_health_interval" still finds its key.
+  for (auto& ch : query) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  auto candidates = spec_keys();
+  candidates.emplace_back("config");  // INFERGATE_CONFIG names the file; it is no key
+  auto best = nearest_key(query, candidates, [](const std::string& k) {
+    return env_name(k).substr(kEnvPrefix.size());
+  });
+  return best.empty() ? std::string() : env_name(best);
 }
 
 Config parse_yaml_text(std::string_view yaml, std::string_view file_name) {
@@ -587,11 +695,7 @@ LoadResult load_config(const LoadOptions& options) {
     if (from_env && !from_env->empty()) file = *from_env;
   }
   if (file) {
-    std::ifstream in(*file);
-    if (!in) throw ConfigError("cannot read config file '" + *file + "'");
-    std::stringstream text;
-    text << in.rdbuf();
-    parse_yaml_into(c, text.str(), *file);
+    parse_yaml_into(c, read_config_file(*file), *file);
     c.config_file = *file;
   }
 
@@ -616,6 +720,10 @@ LoadResult load_config(const LoadOptions& options) {
   }
 
   validate(c);
+
+  EnvNames names = options.env_names;
+  if (!names && !options.env) names = process_env_names;
+  if (names) result.warnings = unknown_env_warnings(names());
   return result;
 }
 

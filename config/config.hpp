@@ -127,15 +127,24 @@ struct FlagValue {
 
 using EnvLookup = std::function<std::optional<std::string>(std::string_view)>;
 
+// The names of all environment variables, to find misspelt INFERGATE_* ones.
+using EnvNames = std::function<std::vector<std::string>()>;
+
 struct LoadOptions {
   std::optional<std::string> config_file;  // --config; else INFERGATE_CONFIG
   std::vector<FlagValue> flags;
   EnvLookup env;                           // defaults to the process environment when empty
+  // Defaults to the process environment's names when `env` is empty too; with a custom `env`
+  // and no `env_names`, unknown variables are not looked for.
+  EnvNames env_names;
 };
 
 struct LoadResult {
   Config config;
-  std::vector<std::string> warnings;  // e.g. unknown INFERGATE_* variables
+  // One line each, for the caller to log: every INFERGATE_* environment variable that is not a
+  // configuration key (nor INFERGATE_CONFIG or one of the scripts' variables), with the nearest
+  // known name when one is close.
+  std::vector<std::string> warnings;
 };
 
 // Throws ConfigError.
@@ -157,5 +166,9 @@ const std::vector<KeyInfo>& known_keys();
 
 // The known key closest to `key` (edit distance), or empty when nothing is close.
 std::string closest_key(std::string_view key);
+
+// The known INFERGATE_* variable closest to `name` (e.g. INFERGATE_HEALTH_INTERVL ->
+// INFERGATE_HEALTH_INTERVAL), or empty when nothing is close.
+std::string closest_env_name(std::string_view name);
 
 }  // namespace infergate::config

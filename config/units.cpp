@@ -31,9 +31,14 @@ std::optional<std::pair<double, std::string_view>> split_number(std::string_view
 
 }  // namespace
 
-std::optional<std::chrono::milliseconds> parse_duration(std::string_view text) {
+namespace {
+
+enum class DurationCheck { kOk, kInvalid, kTooLong };
+
+// Shared by parse_duration and duration_error so the two can never disagree.
+DurationCheck check_duration(std::string_view text, std::chrono::milliseconds& out) {
   auto parsed = split_number(text);
-  if (!parsed) return std::nullopt;
+  if (!parsed) return DurationCheck::kInvalid;
   auto [value, unit] = *parsed;
   double ms_per_unit = 0;
   if (unit.empty() || unit == "s") {
@@ -45,11 +50,35 @@ std::optional<std::chrono::milliseconds> parse_duration(std::string_view text) {
   } else if (unit == "h") {
     ms_per_unit = 3'600'000;
   } else {
-    return std::nullopt;
+    return DurationCheck::kInvalid;
   }
-  double ms = value * ms_per_unit;
-  if (ms > static_cast<double>(std::numeric_limits<std::int64_t>::max() / 2)) return std::nullopt;
-  return std::chrono::milliseconds{static_cast<std::int64_t>(std::llround(ms))};
+  double ms = std::round(value * ms_per_unit);
+  // Compared as a double before converting: the product may not fit an int64 at all.
+  if (ms > static_cast<double>(kMaxDuration.count())) return DurationCheck::kTooLong;
+  out = std::chrono::milliseconds{static_cast<std::int64_t>(ms)};
+  return DurationCheck::kOk;
+}
+
+}  // namespace
+
+std::optional<std::chrono::milliseconds> parse_duration(std::string_view text) {
+  std::chrono::milliseconds d{};
+  if (check_duration(text, d) != DurationCheck::kOk) return std::nullopt;
+  return d;
+}
+
+std::string duration_error(std::string_view text) {
+  std::chrono::milliseconds d{};
+  switch (check_duration(text, d)) {
+    case DurationCheck::kOk:
+      return {};
+    case DurationCheck::kInvalid:
+      return "invalid duration '" + std::string(text) + "' (expected e.g. 250ms, 2s, 5m, 1h)";
+    case DurationCheck::kTooLong:
+      return "duration '" + std::string(text) + "' is longer than the maximum of " +
+             format_duration(kMaxDuration) + " (10 years)";
+  }
+  return {};
 }
 
 std::optional<std::uint64_t> parse_size(std::string_view text) {

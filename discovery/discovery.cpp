@@ -61,8 +61,14 @@ DiscoveryResult discover(const config::Config& config, const config::EnvLookup& 
         result.notes.push_back("NUM_TRAINING_NODES is not set: treating the first host (" +
                                layout->training_hosts.front() + ") as the only training node");
       }
+      if (layout->gpus_per_node_defaulted) {
+        result.notes.push_back(
+            "neither slurm.gpus_per_node, SLURM_GPUS_PER_NODE nor SLURM_GPUS_ON_NODE is set: assuming 8 GPUs "
+            "per inference node");
+      }
       result.notes.push_back(how + " (INFER_TP=" + std::to_string(layout->infer_tp) +
-                             ", " + std::to_string(layout->gpus_per_node) + " GPUs per node)");
+                             ", " + std::to_string(layout->gpus_per_node) + " GPUs per node from " +
+                             layout->gpus_per_node_source + ")");
       for (const auto& server : layout->servers) {
         BackendInfo b;
         b.host = server.host;

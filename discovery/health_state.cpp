@@ -8,6 +8,11 @@ std::optional<Transition> HealthTracker::move_to(BackendState to, std::string re
   if (to == state_) return std::nullopt;
   Transition t{state_, to, std::move(reason)};
   state_ = to;
+  // Passive ejection counts consecutive failures *while healthy*. Failures from before a state
+  // change (in-flight requests that failed while the backend was starting, unhealthy, ejected
+  // or draining) say nothing about the backend that just came back, and must not make one
+  // failure after a recovery eject it.
+  request_failures_ = 0;
   return t;
 }
 
@@ -29,13 +34,17 @@ std::optional<Transition> HealthTracker::on_probe(bool passed, Clock::time_point
       return std::nullopt;
     case BackendState::kHealthy:
       if (probe_failures_ >= policy_.unhealthy_threshold) {
-        request_failures_ = 0;
         return move_to(BackendState::kUnhealthy,
                        "failed " + std::to_string(probe_failures_) + " probes" +
                            (detail.empty() ? "" : ": " + detail));
       }
       return std::nullopt;
     case BackendState::kUnhealthy:
+      // The ejection backoff (ejections_) is kept here on purpose: passing probes show that
+      // the health endpoint answers, not that requests succeed, and a backend whose requests
+      // keep failing (a crash loop: ejected, down, restarted, healthy, failing again) must see
+      // its ejections grow as the design asks. The first request it serves successfully
+      // resets the backoff (on_request), exactly as after an ejection that ended by probe.
       if (probe_passes_ >= policy_.healthy_threshold) {
         return move_to(BackendState::kHealthy, "passed " + std::to_string(probe_passes_) + " probes");
       }
@@ -47,7 +56,6 @@ std::optional<Transition> HealthTracker::on_probe(bool passed, Clock::time_point
                            (detail.empty() ? "" : ": " + detail));
       }
       if (passed && now >= ejected_until_) {
-        request_failures_ = 0;
         return move_to(BackendState::kHealthy, "ejection over and probe passed");
       }
       return std::nullopt;
@@ -74,7 +82,6 @@ std::optional<Transition> HealthTracker::on_request(bool failed, Clock::time_poi
   ++ejections_;
   ejected_until_ = now + backoff;
   const int failures = request_failures_;
-  request_failures_ = 0;
   return move_to(BackendState::kEjected, std::to_string(failures) + " consecutive request failures; ejected for " +
                                              std::to_string(backoff.count()) + "ms");
 }

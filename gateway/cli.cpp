@@ -191,6 +191,10 @@ int run_cli(int argc, char** argv) {
     return 2;
   }
   const auto& cfg = loaded.config;
+  if (cli.command == Command::kConfig || cli.command == Command::kDiscover) {
+    // These commands print and exit before logging is set up: say the warnings on stderr.
+    for (const auto& w : loaded.warnings) std::cerr << "infergate: warning: " << w << "\n";
+  }
   if (cli.command == Command::kConfig) {
     std::cout << config::dump_config(cfg);
     return 0;
@@ -203,7 +207,10 @@ int run_cli(int argc, char** argv) {
     std::cerr << "infergate: " << e.what() << "\n";
     return 2;
   }
-  if (cli.command == Command::kDiscover) return print_discovery(discovered, cli.json);
+  if (cli.command == Command::kDiscover) {
+    for (const auto& note : discovered.notes) std::cerr << "infergate: " << note << "\n";  // stdout stays parseable
+    return print_discovery(discovered, cli.json);
+  }
 
   setup_logging(cfg);
   raise_fd_limit();

@@ -387,6 +387,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
     auto wec = coalesced ? co_await write_all(conn->sock, request_bytes[0], cfg.timeouts.idle)
                          : co_await write_all(conn->sock, request_bytes, cfg.timeouts.idle);
     const auto sent_at = coarse_now();
+    const bool request_sent = !wec;
     if (!wec) {
       // The whole head must arrive within timeouts.first_byte; interim (1xx) answers are skipped.
       const auto deadline = sent_at + cfg.timeouts.first_byte;
@@ -447,10 +448,13 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
       continue;
     }
     const bool timed_out = wec == beast::error::timeout;
-    co_return failed_outcome(timed_out ? "no response within timeouts.first_byte (" +
-                                             std::to_string(cfg.timeouts.first_byte.count()) + "ms)"
-                                       : wec.message(),
-                             timed_out);
+    std::string why = wec.message();
+    if (timed_out) {
+      why = request_sent ? "no response within timeouts.first_byte (" + std::to_string(cfg.timeouts.first_byte.count()) + "ms)"
+                         : "the backend took no request bytes within timeouts.idle (" +
+                               std::to_string(cfg.timeouts.idle.count()) + "ms)";
+    }
+    co_return failed_outcome(std::move(why), timed_out);
   }
 }
 

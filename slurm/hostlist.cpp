@@ -7,8 +7,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <limits>
 
 extern char** environ;
 
@@ -24,10 +26,22 @@ struct Range {
 
 struct Group {
   std::vector<Range> ranges;
+  // Saturates at the uint64 maximum instead of wrapping: only "more than max_hosts" matters.
   std::uint64_t count() const {
+    constexpr auto kMax = std::numeric_limits<std::uint64_t>::max();
     std::uint64_t n = 0;
-    for (const auto& r : ranges) n += r.high - r.low + 1;
+    for (const auto& r : ranges) {
+      const std::uint64_t values = r.high - r.low;  // one less than the range's size
+      if (values >= kMax - n) return kMax;
+      n += values + 1;
+    }
     return n;
+  }
+  // The longest text one value of the group can take, padding included.
+  std::size_t max_width() const {
+    std::size_t width = 0;
+    for (const auto& r : ranges) width = std::max({width, r.width, std::to_string(r.high).size()});
+    return width;
   }
 };
 
@@ -38,6 +52,13 @@ struct Pattern {
 };
 
 constexpr std::uint64_t kMaxNumber = 999'999'999'999ULL;
+
+// Slurm's own hostlists have at most a few bracket groups per host (one per dimension, and
+// Slurm knows at most 5); the expansion recurses once per group, so a hostile
+// "a[1][1][1]..." must not be allowed to exhaust the stack.
+constexpr std::size_t kMaxGroupsPerHost = 16;
+// The longest host name DNS can resolve (RFC 1035: 255 octets for a whole name).
+constexpr std::size_t kMaxHostNameLength = 255;
 
 std::uint64_t parse_number(std::string_view list, std::size_t pos, std::string_view digits) {
   if (digits.empty()) throw HostlistError(list, pos, "expected a number");
@@ -137,15 +158,28 @@ std::vector<std::string> expand_hostlist(std::string_view input, std::size_t max
     if (current.groups.empty() && current.literals.front().empty()) {
       throw HostlistError(list, pos, "empty host name");
     }
+    std::size_t name_length = 0;
+    for (const auto& literal : current.literals) name_length += literal.size();
+    for (const auto& g : current.groups) name_length += g.max_width();
+    if (name_length > kMaxHostNameLength) {
+      throw HostlistError(list, item_start,
+                          "host name too long: up to " + std::to_string(name_length) +
+                              " characters, the limit is " + std::to_string(kMaxHostNameLength));
+    }
+    const auto too_many = [&] {
+      return HostlistError(list, item_start,
+                           "expands to more than " + std::to_string(max_hosts) + " hosts");
+    };
+    // Each product is checked before it is formed, so it cannot wrap around (2^16 * 2^48 is 0
+    // in uint64) and slip under the limit.
     std::uint64_t n = 1;
     for (const auto& g : current.groups) {
-      n *= g.count();
-      if (n > max_hosts) break;
+      const std::uint64_t count = g.count();
+      if (count > max_hosts / n) throw too_many();
+      n *= count;
     }
+    if (n > max_hosts - total) throw too_many();
     total += n;
-    if (total > max_hosts) {
-      throw HostlistError(list, item_start, "expands to more than " + std::to_string(max_hosts) + " hosts");
-    }
     patterns.push_back(std::move(current));
     current = Pattern{};
     current.literals.emplace_back();
@@ -161,6 +195,11 @@ std::vector<std::string> expand_hostlist(std::string_view input, std::size_t max
       if (close == std::string_view::npos) throw HostlistError(list, pos, "unbalanced '[': no closing ']'");
       if (next_open != std::string_view::npos && next_open < close) {
         throw HostlistError(list, next_open, "nested '['");
+      }
+      if (current.groups.size() == kMaxGroupsPerHost) {
+        throw HostlistError(
+            list, pos,
+            "more than " + std::to_string(kMaxGroupsPerHost) + " bracket groups in one host name");
       }
       current.groups.push_back(parse_group(list, pos + 1, close));
       current.literals.emplace_back();

@@ -35,6 +35,33 @@ int resolve_int(const std::optional<int>& option, std::string_view option_key, c
   return parse_positive_int(*value, std::string(var) + "=" + quoted(*value));
 }
 
+// GPUs per inference node. SLURM_GPUS_ON_NODE describes the node the gateway itself runs on,
+// which may be a CPU or training node, so the job-wide SLURM_GPUS_PER_NODE (set by
+// --gpus-per-node) comes first.
+void resolve_gpus_per_node(const JobOptions& options, const EnvLookup& env, JobLayout& layout) {
+  if (options.gpus_per_node) {
+    if (*options.gpus_per_node < 1) {
+      throw JobError("slurm.gpus_per_node=" + std::to_string(*options.gpus_per_node) +
+                     " must be a positive integer");
+    }
+    layout.gpus_per_node = *options.gpus_per_node;
+    layout.gpus_per_node_source = "slurm.gpus_per_node";
+  } else if (auto per_node = env("SLURM_GPUS_PER_NODE")) {
+    layout.gpus_per_node =
+        parse_gpus_per_node(*per_node, "SLURM_GPUS_PER_NODE=" + quoted(*per_node));
+    layout.gpus_per_node_source = "SLURM_GPUS_PER_NODE=" + quoted(*per_node);
+  } else {
+    layout.gpus_per_node =
+        resolve_int(std::nullopt, "slurm.gpus_per_node", env, "SLURM_GPUS_ON_NODE", 8, false,
+                    &layout.gpus_per_node_defaulted);
+    layout.gpus_per_node_source =
+        layout.gpus_per_node_defaulted
+            ? "the default: none of slurm.gpus_per_node, SLURM_GPUS_PER_NODE, SLURM_GPUS_ON_NODE "
+              "is set"
+            : "SLURM_GPUS_ON_NODE=" + std::to_string(layout.gpus_per_node);
+  }
+}
+
 }  // namespace
 
 EnvLookup process_env() {
@@ -54,6 +81,39 @@ int parse_positive_int(std::string_view text, std::string_view what) {
   }
   if (value <= 0) throw JobError(std::string(what) + " is not a positive integer");
   return value;
+}
+
+int parse_gpus_per_node(std::string_view text, std::string_view what) {
+  const auto bad = [&] {
+    return JobError(
+        std::string(what) +
+        " is not a GPU count (expected N, gpu:N, gpu:TYPE:N, TYPE:N or a comma list of those)");
+  };
+  long long total = 0;
+  std::string_view rest = text;
+  for (;;) {
+    const auto comma = rest.find(',');
+    const auto item = rest.substr(0, comma);
+    std::vector<std::string_view> fields;
+    for (std::size_t start = 0;;) {
+      const auto colon = item.find(':', start);
+      fields.push_back(item.substr(start, colon == std::string_view::npos ? colon : colon - start));
+      if (colon == std::string_view::npos) break;
+      start = colon + 1;
+    }
+    // "N", "gpu:N" or "TYPE:N", "gpu:TYPE:N": the count is always last.
+    const bool shape_ok = fields.size() == 1 || (fields.size() == 2 && !fields[0].empty()) ||
+                          (fields.size() == 3 && fields[0] == "gpu" && !fields[1].empty());
+    if (!shape_ok || fields.back().empty() ||
+        fields.back().find_first_not_of("0123456789") != std::string_view::npos) {
+      throw bad();
+    }
+    total += parse_positive_int(fields.back(), what);
+    if (total > 999'999'999) throw JobError(std::string(what) + " is too large");
+    if (comma == std::string_view::npos) break;
+    rest.remove_prefix(comma + 1);
+  }
+  return static_cast<int>(total);
 }
 
 std::optional<JobLayout> read_job_layout(const JobOptions& options, const EnvLookup& env) {
@@ -95,11 +155,11 @@ std::optional<JobLayout> read_job_layout(const JobOptions& options, const EnvLoo
   layout.training_nodes = resolve_int(options.training_nodes, "slurm.training_nodes", env,
                                       "NUM_TRAINING_NODES", 1, true, &layout.training_nodes_defaulted);
   layout.infer_tp = resolve_int(options.infer_tp, "slurm.infer_tp", env, "INFER_TP", 1, false, nullptr);
-  layout.gpus_per_node = resolve_int(options.gpus_per_node, "slurm.gpus_per_node", env,
-                                     "SLURM_GPUS_ON_NODE", 8, false, nullptr);
+  resolve_gpus_per_node(options, env, layout);
   if (layout.gpus_per_node % layout.infer_tp != 0) {
     throw JobError("INFER_TP=" + std::to_string(layout.infer_tp) + " does not divide the " +
-                   std::to_string(layout.gpus_per_node) + " GPUs per node");
+                   std::to_string(layout.gpus_per_node) + " GPUs per node (from " +
+                   layout.gpus_per_node_source + ")");
   }
   if (static_cast<std::size_t>(layout.training_nodes) >= hosts.size()) {
     throw JobError("NUM_TRAINING_NODES=" + std::to_string(layout.training_nodes) + " but the nodelist " +

@@ -1,5 +1,5 @@
 // The Slurm job's layout: which hosts train, which serve inference, on which ports.
-// Reads SLURM_JOB_NODELIST, NUM_TRAINING_NODES, INFER_TP, SLURM_GPUS_ON_NODE.
+// Reads SLURM_JOB_NODELIST, NUM_TRAINING_NODES, INFER_TP, SLURM_GPUS_PER_NODE, SLURM_GPUS_ON_NODE.
 #pragma once
 
 #include <chrono>
@@ -27,7 +27,7 @@ struct JobOptions {
   std::optional<std::string> nodelist;     // else SLURM_JOB_NODELIST, else SLURM_NODELIST
   std::optional<int> training_nodes;       // else NUM_TRAINING_NODES, else 1
   std::optional<int> infer_tp;             // else INFER_TP, else 1
-  std::optional<int> gpus_per_node;        // else SLURM_GPUS_ON_NODE, else 8
+  std::optional<int> gpus_per_node;        // else SLURM_GPUS_PER_NODE, SLURM_GPUS_ON_NODE, 8
   int base_port = 9000;
   std::string host_suffix;                 // appended to each host name, e.g. "-ib"
   std::string domain;                      // appended after the suffix, e.g. ".cluster.local"
@@ -52,12 +52,21 @@ struct JobLayout {
   bool training_nodes_defaulted = false;  // NUM_TRAINING_NODES was unset: callers log it
   int infer_tp = 1;
   int gpus_per_node = 8;
+  // Where gpus_per_node came from, for logs and errors: "slurm.gpus_per_node",
+  // "SLURM_GPUS_PER_NODE='gpu:a100:4'", "SLURM_GPUS_ON_NODE=4" or "the default: ...".
+  std::string gpus_per_node_source;
+  bool gpus_per_node_defaulted = false;  // no setting nor variable gave it: callers log it
   int servers_per_node = 8;
   std::vector<InferenceServer> servers;  // node-major order: node0 slot0, node0 slot1, ...
 };
 
 // Parses a strictly positive decimal integer; throws JobError naming `what` otherwise.
 int parse_positive_int(std::string_view text, std::string_view what);
+
+// The GPU count in a SLURM_GPUS_PER_NODE value: "4", "gpu:4", "gpu:a100:4", "a100:4", or a comma
+// list of those ("gpu:a100:4,gpu:v100:2"), which is summed: each node has all of them. Throws
+// JobError naming `what` otherwise.
+int parse_gpus_per_node(std::string_view text, std::string_view what);
 
 // nullopt when no nodelist is known (not inside a Slurm job). Throws JobError or HostlistError.
 std::optional<JobLayout> read_job_layout(const JobOptions& options, const EnvLookup& env);

@@ -56,6 +56,25 @@ TEST(CliTest, DiscoverJson) {
   EXPECT_EQ(j[2]["source"], "static");
 }
 
+TEST(CliTest, DiscoverTakesGpusPerNodeFromSlurmAndSaysWhereFrom) {
+  auto r = run({"discover"}, {"SLURM_JOB_NODELIST=n[1-3]", "NUM_TRAINING_NODES=1", "INFER_TP=2",
+                              "SLURM_GPUS_PER_NODE=gpu:a100:4"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "http://n2:9000\nhttp://n2:9001\nhttp://n3:9000\nhttp://n3:9001\n");
+  EXPECT_THAT(r.err, HasSubstr("4 GPUs per node from SLURM_GPUS_PER_NODE"));
+
+  auto defaulted = run({"discover"}, {"SLURM_JOB_NODELIST=n[1-2]", "NUM_TRAINING_NODES=1", "INFER_TP=8"});
+  ASSERT_EQ(defaulted.code, 0) << defaulted.err;
+  EXPECT_THAT(defaulted.err, HasSubstr("assuming 8 GPUs per inference node"));
+}
+
+TEST(CliTest, UnknownInfergateVariablesAreWarnedAbout) {
+  auto r = run({"config"}, {"INFERGATE_HEALTH_INTERVL=7s"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("INFERGATE_HEALTH_INTERVL"));
+  EXPECT_THAT(r.err, HasSubstr("INFERGATE_HEALTH_INTERVAL"));
+}
+
 TEST(CliTest, BadInputExitsTwoWithOneLine) {
   struct Case {
     std::vector<std::string> args;

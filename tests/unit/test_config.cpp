@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -73,6 +74,24 @@ TEST(UnitsTest, Durations) {
   EXPECT_FALSE(parse_duration("1e400h"));
 }
 
+// Deadlines are steady_clock nanoseconds: a longer duration would wrap into the past.
+TEST(UnitsTest, DurationsAboveTenYearsAreRejected) {
+  EXPECT_EQ(kMaxDuration, 87600h);
+  EXPECT_EQ(parse_duration("87600h"), kMaxDuration);
+  EXPECT_EQ(parse_duration(std::to_string(kMaxDuration.count()) + "ms"), kMaxDuration);
+  EXPECT_FALSE(parse_duration(std::to_string(kMaxDuration.count() + 1) + "ms"));
+  EXPECT_FALSE(parse_duration("87601h"));
+  EXPECT_FALSE(parse_duration("9999999999"));  // seconds: 317 years
+  EXPECT_FALSE(parse_duration("99999999999999999999999999999h"));
+  EXPECT_EQ(duration_error("2s"), "");
+  EXPECT_EQ(duration_error("9999999999"),
+            "duration '9999999999' is longer than the maximum of 87600h (10 years)");
+  EXPECT_THAT(duration_error("soon"), HasSubstr("invalid duration 'soon'"));
+  // The wrap the limit prevents: the largest accepted value still fits a nanosecond deadline.
+  const auto now = std::chrono::steady_clock::now();
+  EXPECT_GT(now + kMaxDuration * 2, now);
+}
+
 TEST(UnitsTest, Sizes) {
   EXPECT_EQ(parse_size("64KiB"), 65536u);
   EXPECT_EQ(parse_size("64MiB"), 64u * 1024 * 1024);
@@ -110,7 +129,7 @@ TEST(EndpointTest, Parses) {
 }
 
 TEST(ConfigTest, DefaultsMatchTheDocumentation) {
-  auto c = load_config(LoadOptions{{}, {}, env_of({})}).config;
+  auto c = load_config(LoadOptions{{}, {}, env_of({}), {}}).config;
   EXPECT_EQ(c.listen.to_string(), "0.0.0.0:8080");
   EXPECT_EQ(c.threads, 0);
   EXPECT_GE(c.effective_threads(), 1);
@@ -181,7 +200,7 @@ TEST(ConfigTest, PrecedenceFlagsOverEnvOverFileOverDefaults) {
 
 TEST(ConfigTest, ConfigFileFromEnvironment) {
   TempFile file("threads: 7\n");
-  auto c = load_config(LoadOptions{{}, {}, env_of({{"INFERGATE_CONFIG", file.path()}})}).config;
+  auto c = load_config(LoadOptions{{}, {}, env_of({{"INFERGATE_CONFIG", file.path()}}), {}}).config;
   EXPECT_EQ(c.threads, 7);
 }
 
@@ -233,6 +252,99 @@ TEST(ConfigTest, InvalidValuesNameKeyFileAndLine) {
   EXPECT_EQ(yaml_error(""), "no error");  // an empty file means defaults
 }
 
+TEST(ConfigTest, TooLongDurationsNameKeyOriginAndMaximum) {
+  EXPECT_THAT(
+      yaml_error("timeouts:\n  idle: 9999999999\n"),
+      HasSubstr(
+          "gw.yaml:2: timeouts.idle: duration '9999999999' is longer than the maximum of 87600h"));
+  EXPECT_THAT(yaml_error("timeouts:\n  shutdown: 100000h\n"),
+              HasSubstr("timeouts.shutdown: duration '100000h'"));
+  EXPECT_THAT(yaml_error("retries:\n  backoff_max: 87601h\n"),
+              HasSubstr("retries.backoff_max: duration"));
+
+  LoadOptions env_bad;
+  env_bad.env = env_of({{"INFERGATE_TIMEOUTS_IDLE", "9999999999"}});
+  EXPECT_THAT(
+      load_error(env_bad),
+      HasSubstr(
+          "environment INFERGATE_TIMEOUTS_IDLE: timeouts.idle: duration '9999999999' is longer"));
+
+  LoadOptions flag_bad;
+  flag_bad.env = env_of({});
+  flag_bad.flags.push_back({"passive.ejection_max", "1000000h", "--set passive.ejection_max"});
+  EXPECT_THAT(load_error(flag_bad),
+              HasSubstr("--set passive.ejection_max: passive.ejection_max: duration '1000000h'"));
+
+  EXPECT_EQ(yaml_error("timeouts:\n  idle: 87600h\n"), "no error");
+}
+
+TEST(ConfigTest, ConfigFileThatIsADirectoryOrMissingSaysWhy) {
+  LoadOptions dir;
+  dir.env = env_of({});
+  dir.config_file = std::filesystem::temp_directory_path().string();
+  EXPECT_EQ(load_error(dir), "cannot read config file '" + *dir.config_file + "': Is a directory");
+
+  LoadOptions dir_from_env;
+  dir_from_env.env = env_of({{"INFERGATE_CONFIG", *dir.config_file}});
+  EXPECT_THAT(load_error(dir_from_env), HasSubstr("Is a directory"));
+
+  LoadOptions missing;
+  missing.env = env_of({});
+  missing.config_file = "/nonexistent/infergate.yaml";
+  EXPECT_EQ(load_error(missing),
+            "cannot read config file '/nonexistent/infergate.yaml': No such file or directory");
+}
+
+TEST(ConfigTest, UnknownInfergateVariablesBecomeWarnings) {
+  LoadOptions options;
+  options.env = env_of({{"INFERGATE_THREADS", "2"}});
+  options.env_names = [] {
+    return std::vector<std::string>{"PATH",
+                                    "INFERGATE_THREADS",    // a key
+                                    "INFERGATE_CONFIG",     // the file
+                                    "INFERGATE_DEMO_PORT",  // deploy/demo.sh
+                                    "INFERGATE_BIN",        // the integration tests
+                                    "INFERGATE_MOCK_BIN",
+                                    "INFERGATE_HEALTH_INTERVL",  // typos
+                                    "INFERGATE_TIMEOUT_IDLE",
+                                    "INFERGATE_ZZZZZZZZZZZZZZZZZ",
+                                    "INFERGATE_HEALTH_INTERVL",  // once, not twice
+                                    "NOT_INFERGATE_THING",
+                                    "infergate_threads"};
+  };
+  auto result = load_config(options);
+  EXPECT_EQ(result.config.threads, 2);
+  EXPECT_THAT(result.warnings,
+              ::testing::ElementsAre(
+                  "environment INFERGATE_HEALTH_INTERVL: unknown variable, ignored (did you mean "
+                  "INFERGATE_HEALTH_INTERVAL?)",
+                  "environment INFERGATE_TIMEOUT_IDLE: unknown variable, ignored (did you mean "
+                  "INFERGATE_TIMEOUTS_IDLE?)",
+                  "environment INFERGATE_ZZZZZZZZZZZZZZZZZ: unknown variable, ignored"));
+
+  // Without a list of names a custom lookup is not scanned (tests stay independent of the
+  // process environment).
+  LoadOptions lookup_only;
+  lookup_only.env = env_of({{"INFERGATE_BOGUS", "1"}});
+  EXPECT_TRUE(load_config(lookup_only).warnings.empty());
+}
+
+TEST(ConfigTest, UnknownInfergateVariablesInTheProcessEnvironment) {
+  ::setenv("INFERGATE_UNIT_TEST_BOGUS_VARIABLE", "1", 1);
+  auto warnings = load_config(LoadOptions{}).warnings;
+  ::unsetenv("INFERGATE_UNIT_TEST_BOGUS_VARIABLE");
+  EXPECT_THAT(warnings, ::testing::Contains(
+                            HasSubstr("environment INFERGATE_UNIT_TEST_BOGUS_VARIABLE: unknown")));
+}
+
+TEST(ConfigTest, ClosestEnvName) {
+  EXPECT_EQ(closest_env_name("INFERGATE_HEALTH_INTERVL"), "INFERGATE_HEALTH_INTERVAL");
+  EXPECT_EQ(closest_env_name("INFERGATE_health_interval"), "INFERGATE_HEALTH_INTERVAL");
+  EXPECT_EQ(closest_env_name("INFERGATE_INTERVAL"), "INFERGATE_HEALTH_INTERVAL");
+  EXPECT_EQ(closest_env_name("INFERGATE_CONFG"), "INFERGATE_CONFIG");
+  EXPECT_EQ(closest_env_name("INFERGATE_QQQQQQQQQQQQQQQQQQQQ"), "");
+}
+
 TEST(ConfigTest, EnvAndFlagErrorsNameTheirOrigin) {
   LoadOptions env_bad;
   env_bad.env = env_of({{"INFERGATE_HEALTH_INTERVAL", "often"}});
@@ -251,7 +363,8 @@ TEST(ConfigTest, EnvAndFlagErrorsNameTheirOrigin) {
   LoadOptions missing_file;
   missing_file.env = env_of({});
   missing_file.config_file = "/nonexistent/infergate.yaml";
-  EXPECT_THAT(load_error(missing_file), HasSubstr("cannot read config file '/nonexistent/infergate.yaml'"));
+  EXPECT_THAT(load_error(missing_file),
+              HasSubstr("cannot read config file '/nonexistent/infergate.yaml': "));
 }
 
 TEST(ConfigTest, DumpNamesEachSource) {

@@ -134,3 +134,81 @@ TEST(HealthStateTest, PassiveFailuresDoNotEjectStartingOrUnhealthy) {
   for (int i = 0; i < 10; ++i) EXPECT_FALSE(t.on_request(true, now));
   EXPECT_EQ(t.state(), BackendState::kStarting);
 }
+
+// Passive ejection counts consecutive failures while healthy: failures of in-flight requests
+// before a recovery must not make the first failure after it eject the backend.
+TEST(HealthStateTest, RecoveryFromUnhealthyForgetsEarlierRequestFailures) {
+  HealthTracker t(policy(), BackendState::kHealthy);
+  auto now = Clock::now();
+  for (int i = 0; i < 3; ++i) t.on_probe(false, now);
+  ASSERT_EQ(t.state(), BackendState::kUnhealthy);
+  EXPECT_FALSE(t.on_request(true, now));
+  EXPECT_FALSE(t.on_request(true, now));
+  t.on_probe(true, now);
+  ASSERT_TRUE(t.on_probe(true, now));
+  ASSERT_EQ(t.state(), BackendState::kHealthy);
+  EXPECT_FALSE(t.on_request(true, now));
+  EXPECT_FALSE(t.on_request(true, now));
+  EXPECT_EQ(t.state(), BackendState::kHealthy);
+  ASSERT_TRUE(t.on_request(true, now));  // the third failure since the recovery ejects
+  EXPECT_EQ(t.state(), BackendState::kEjected);
+}
+
+TEST(HealthStateTest, EjectedThroughUnhealthyToHealthyForgetsRequestFailures) {
+  HealthTracker t(policy(), BackendState::kHealthy);
+  auto now = Clock::now();
+  for (int i = 0; i < 3; ++i) t.on_request(true, now);
+  ASSERT_EQ(t.state(), BackendState::kEjected);
+  t.on_request(true, now);  // in-flight requests failing while ejected
+  t.on_request(true, now);
+  for (int i = 0; i < 3; ++i) t.on_probe(false, now);
+  ASSERT_EQ(t.state(), BackendState::kUnhealthy);
+  t.on_request(true, now);
+  t.on_probe(true, now + 5s);
+  ASSERT_TRUE(t.on_probe(true, now + 5s));
+  EXPECT_FALSE(t.on_request(true, now + 5s));
+  EXPECT_EQ(t.state(), BackendState::kHealthy);
+}
+
+TEST(HealthStateTest, StartingAndUndrainedBackendsStartWithoutRequestFailures) {
+  HealthTracker starting(policy());
+  auto now = Clock::now();
+  starting.on_request(true, now);
+  starting.on_request(true, now);
+  starting.on_probe(true, now);
+  ASSERT_TRUE(starting.on_probe(true, now));
+  EXPECT_FALSE(starting.on_request(true, now));
+  EXPECT_EQ(starting.state(), BackendState::kHealthy);
+
+  HealthTracker drained(policy(), BackendState::kHealthy);
+  drained.on_request(true, now);
+  ASSERT_TRUE(drained.drain());
+  drained.on_request(true, now);  // requests still finishing while it drains
+  ASSERT_TRUE(drained.undrain());
+  EXPECT_FALSE(drained.on_request(true, now));
+  EXPECT_EQ(drained.state(), BackendState::kHealthy);
+}
+
+// Passing probes after an outage prove the health endpoint answers, not that requests succeed:
+// the ejection backoff keeps growing until a request succeeds.
+TEST(HealthStateTest, BackoffSurvivesRecoveryThroughUnhealthyUntilARequestSucceeds) {
+  HealthTracker t(policy(), BackendState::kHealthy);
+  auto now = Clock::now();
+  for (int i = 0; i < 3; ++i) t.on_request(true, now);
+  ASSERT_EQ(t.ejected_until(), now + 1000ms);
+  for (int i = 0; i < 3; ++i) t.on_probe(false, now);
+  ASSERT_EQ(t.state(), BackendState::kUnhealthy);
+  t.on_probe(true, now + 10s);
+  ASSERT_TRUE(t.on_probe(true, now + 10s));
+  ASSERT_EQ(t.state(), BackendState::kHealthy);
+  for (int i = 0; i < 3; ++i) t.on_request(true, now + 10s);
+  ASSERT_EQ(t.state(), BackendState::kEjected);
+  EXPECT_EQ(t.ejected_until(), now + 10s + 2000ms);  // doubled, not back to the base
+  EXPECT_EQ(t.ejections(), 2);
+  // Back through an ejection that ends by probe; one success then resets the backoff.
+  ASSERT_TRUE(t.on_probe(true, now + 20s));
+  t.on_request(false, now + 20s);
+  EXPECT_EQ(t.ejections(), 0);
+  for (int i = 0; i < 3; ++i) t.on_request(true, now + 30s);
+  EXPECT_EQ(t.ejected_until(), now + 30s + 1000ms);
+}

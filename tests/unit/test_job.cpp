@@ -57,6 +57,8 @@ TEST(JobLayoutTest, DefaultsAndFallbackVariables) {
   EXPECT_EQ(layout->training_nodes, 1);
   EXPECT_EQ(layout->infer_tp, 1);
   EXPECT_EQ(layout->gpus_per_node, 8);
+  EXPECT_TRUE(layout->gpus_per_node_defaulted);
+  EXPECT_THAT(layout->gpus_per_node_source, HasSubstr("default"));
   EXPECT_EQ(layout->servers.size(), 8u);
   // SLURM_JOB_NODELIST wins over SLURM_NODELIST.
   auto both = read_job_layout({}, env_of({{"SLURM_JOB_NODELIST", "t,j1"}, {"SLURM_NODELIST", "t,i1"}}));
@@ -75,6 +77,53 @@ TEST(JobLayoutTest, GpusFromSlurmAndOptionsOverrideEnvironment) {
   ASSERT_EQ(overridden->servers.size(), 6u);  // 3 hosts (none trains) x 2 servers
   EXPECT_EQ(overridden->servers.front().host, "t");
   EXPECT_EQ(overridden->servers[1].port, 8001);
+}
+
+// SLURM_GPUS_ON_NODE describes the gateway's own node (often a CPU or training node); the
+// job-wide SLURM_GPUS_PER_NODE describes every node and comes first.
+TEST(JobLayoutTest, GpusPerNodePrecedence) {
+  const std::map<std::string, std::string> env{{"SLURM_JOB_NODELIST", "t,i1"},
+                                               {"SLURM_GPUS_PER_NODE", "gpu:a100:4"},
+                                               {"SLURM_GPUS_ON_NODE", "2"}};
+  JobOptions configured;
+  configured.gpus_per_node = 6;
+  auto from_config = read_job_layout(configured, env_of(env));
+  EXPECT_EQ(from_config->gpus_per_node, 6);
+  EXPECT_EQ(from_config->gpus_per_node_source, "slurm.gpus_per_node");
+  EXPECT_FALSE(from_config->gpus_per_node_defaulted);
+
+  auto per_node = read_job_layout({}, env_of(env));
+  EXPECT_EQ(per_node->gpus_per_node, 4);
+  EXPECT_EQ(per_node->servers.size(), 4u);
+  EXPECT_EQ(per_node->gpus_per_node_source, "SLURM_GPUS_PER_NODE='gpu:a100:4'");
+  EXPECT_FALSE(per_node->gpus_per_node_defaulted);
+
+  auto on_node_env = env;
+  on_node_env.erase("SLURM_GPUS_PER_NODE");
+  auto on_node = read_job_layout({}, env_of(on_node_env));
+  EXPECT_EQ(on_node->gpus_per_node, 2);
+  EXPECT_EQ(on_node->gpus_per_node_source, "SLURM_GPUS_ON_NODE=2");
+  EXPECT_FALSE(on_node->gpus_per_node_defaulted);
+}
+
+TEST(JobLayoutTest, ParseGpusPerNode) {
+  EXPECT_EQ(parse_gpus_per_node("4", "X"), 4);
+  EXPECT_EQ(parse_gpus_per_node("gpu:4", "X"), 4);
+  EXPECT_EQ(parse_gpus_per_node("gpu:a100:4", "X"), 4);
+  EXPECT_EQ(parse_gpus_per_node("a100:4", "X"), 4);
+  EXPECT_EQ(parse_gpus_per_node("gpu:a100:4,gpu:v100:2", "X"), 6);  // summed: each node has both
+  EXPECT_EQ(parse_gpus_per_node("a100:4,2", "X"), 6);
+  for (const char* bad :
+       {"", "gpu", "gpu:", "gpu:a100", ":4", "gpu::4", "nic:a100:4", "gpu:a100:4:1", "gpu:0",
+        "gpu:-1", "gpu:+4", "gpu:4,", ",gpu:4", "gpu:4(S:0-1)", "4 ", "gpu:4x"}) {
+    try {
+      parse_gpus_per_node(bad, "SLURM_GPUS_PER_NODE='v'");
+      ADD_FAILURE() << "accepted '" << bad << "'";
+    } catch (const JobError& e) {
+      EXPECT_THAT(e.what(), HasSubstr("SLURM_GPUS_PER_NODE='v'")) << bad;
+    }
+  }
+  EXPECT_THROW(parse_gpus_per_node("999999999,1", "X"), JobError);
 }
 
 TEST(JobLayoutTest, SuffixAndDomainAreAppendedToHosts) {
@@ -114,6 +163,16 @@ TEST(JobLayoutTest, EveryBadValueIsAOneLineErrorNamingTheVariable) {
   EXPECT_THAT(error_of({}, with("INFER_TP", "two")), HasSubstr("INFER_TP='two' is not a positive integer"));
   EXPECT_THAT(error_of({}, with("INFER_TP", "")), HasSubstr("INFER_TP='' is not a positive integer"));
   EXPECT_THAT(error_of({}, with("INFER_TP", "3")), HasSubstr("INFER_TP=3 does not divide the 8 GPUs per node"));
+  EXPECT_THAT(error_of({}, with("INFER_TP", "3")),
+              HasSubstr("(from the default: none of slurm.gpus_per_node"));
+  EXPECT_THAT(
+      error_of({}, with("SLURM_GPUS_PER_NODE", "gpu:lots")),
+      HasSubstr(
+          "SLURM_GPUS_PER_NODE='gpu:lots' is not a GPU count (expected N, gpu:N, gpu:TYPE:N"));
+  JobOptions zero_gpus;
+  zero_gpus.gpus_per_node = 0;
+  EXPECT_THAT(error_of(zero_gpus, base),
+              HasSubstr("slurm.gpus_per_node=0 must be a positive integer"));
   EXPECT_THAT(error_of({}, with("INFER_TP", "16")), HasSubstr("INFER_TP=16 does not divide"));
   EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "x")), HasSubstr("NUM_TRAINING_NODES='x' is not a positive integer"));
   EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "-1")), HasSubstr("NUM_TRAINING_NODES='-1'"));
