@@ -301,6 +301,9 @@ const std::vector<KeySpec>& specs() {
     add("timeouts.idle", Kind::kDuration, "longest gap between upstream body reads",
         make_positive_duration([](Config& c) -> milliseconds& { return c.timeouts.idle; }),
         [](const Config& c) { return format_duration(c.timeouts.idle); });
+    add("timeouts.total", Kind::kDuration, "whole request, retries included, to the last byte (0: no limit)",
+        make_duration([](Config& c) -> milliseconds& { return c.timeouts.total; }),
+        [](const Config& c) { return format_duration(c.timeouts.total); });
     add("timeouts.client_header", Kind::kDuration, "time a client has to send a request's header",
         make_positive_duration([](Config& c) -> milliseconds& { return c.timeouts.client_header; }),
         [](const Config& c) { return format_duration(c.timeouts.client_header); });

@@ -69,6 +69,9 @@ struct TimeoutSettings {
   milliseconds connect{5000};
   milliseconds first_byte{600000};
   milliseconds idle{300000};
+  // Whole exchange, retries included, from the request's arrival to the response's last byte;
+  // 0: no limit (a long generation is legitimate; the idle and first-byte timeouts catch hangs).
+  milliseconds total{0};
   milliseconds client_header{30000};
   milliseconds client_idle{120000};
   milliseconds shutdown{30000};

@@ -6,6 +6,7 @@
 
 #include <time.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 
@@ -117,6 +118,7 @@ class TimedSocket {
     arm_at(coarse_now() + std::chrono::duration_cast<Clock::duration>(d));
   }
   void arm_at(Clock::time_point t) noexcept {
+    t = std::min(t, cap_);
     deadline_ = t;
     const bool far = t - coarse_now() >= DeadlineList::kFarSweepInterval;
     if (linked_ && far_ && !far) unlink();  // now due sooner than the far list is walked
@@ -131,6 +133,12 @@ class TimedSocket {
     return ec;
   }
   bool timed_out() const noexcept { return timed_out_; }
+  // No operation's deadline goes past `t` (a whole exchange's limit); max() lifts the cap.
+  void cap_at(Clock::time_point t) noexcept { cap_ = t; }
+  // Whether the cap is what ran out: a timeout at or past it is the exchange's, not the step's.
+  bool past_cap(Clock::time_point now = coarse_now()) const noexcept {
+    return cap_ != Clock::time_point::max() && now >= cap_;
+  }
 
  private:
   friend class DeadlineList;
@@ -167,6 +175,7 @@ class TimedSocket {
   TimedSocket* prev_ = nullptr;
   TimedSocket* next_ = nullptr;
   Clock::time_point deadline_ = Clock::time_point::max();
+  Clock::time_point cap_ = Clock::time_point::max();
   bool timed_out_ = false;
   bool linked_ = false;
   bool far_ = false;  // on the far list (while linked)

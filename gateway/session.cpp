@@ -79,6 +79,8 @@ struct ClientConnection final : SlowHook {
   // usually arrived by the time the connection is accepted.
   bool read_directly = true;
   std::shared_ptr<StreamRelay> handoff;  // set when a StreamRelay took the stream over
+  // timeouts.total for the current request: no socket operation of its exchange waits past it.
+  Clock::time_point total_deadline = Clock::time_point::max();
 
   // An exchange still running at a sweep gets its client watched (see watch_client).
   void on_slow() override;
@@ -210,6 +212,7 @@ struct AttemptOutcome {
   bool keep_alive = false;     // kServed: the client connection may serve another request
   bool timed_out = false;      // kFailed: a timeout (504 if it was the last try)
   std::string error;           // kFailed: why, for the final error message and logs
+  bool over_total = false;     // ended by timeouts.total: no further try, nothing against the backend
   unsigned status = 0;
   std::uint64_t bytes = 0;
 };
@@ -217,6 +220,14 @@ struct AttemptOutcome {
 AttemptOutcome client_gone_outcome() {
   AttemptOutcome out;
   out.kind = AttemptOutcome::kClientGone;
+  return out;
+}
+
+AttemptOutcome over_total_outcome(const config::Config& cfg) {
+  AttemptOutcome out;
+  out.error = "no complete response within timeouts.total (" + std::to_string(cfg.timeouts.total.count()) + "ms)";
+  out.timed_out = true;
+  out.over_total = true;
   return out;
 }
 
@@ -362,16 +373,19 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
     const bool reused = conn != nullptr;
     if (!conn) {
       conn = std::make_unique<UpstreamConnection>(w->deadlines, w->io.get_executor());
+      conn->sock.cap_at(c->total_deadline);
       watch.connection = conn.get();
       auto ec = co_await connect_upstream(w, backend, conn->sock);
       watch.connection = nullptr;
       if (ec) {
+        if (ec == beast::error::timeout && conn->sock.past_cap()) co_return over_total_outcome(cfg);
         auto out = failed_outcome(ec == beast::error::timeout ? "connect timeout" : "connect: " + ec.message(),
                                   ec == beast::error::timeout);
         if (watch.client_gone) out.kind = AttemptOutcome::kClientGone;
         co_return out;
       }
     }
+    conn->sock.cap_at(c->total_deadline);
     watch.connection = conn.get();
 
     // The head is built once per request (retries reuse it); head and body go out in one
@@ -448,6 +462,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
       continue;
     }
     const bool timed_out = wec == beast::error::timeout;
+    if (timed_out && conn->sock.past_cap()) co_return over_total_outcome(cfg);
     std::string why = wec.message();
     if (timed_out) {
       why = request_sent ? "no response within timeouts.first_byte (" + std::to_string(cfg.timeouts.first_byte.count()) + "ms)"
@@ -495,6 +510,7 @@ struct InflightGuard {
 // Per-backend counters and passive health for one attempt's outcome.
 void record_attempt(GatewayState& state, discovery::Backend& backend, const AttemptOutcome& out,
                     Clock::time_point started) {
+  if (out.over_total) return;  // cut by the gateway's own limit: says nothing about the backend
   auto& st = backend.stats;
   bool failed = false;
   switch (out.kind) {
@@ -541,6 +557,7 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
         started_(started),
         out_(std::move(progress)),
         request_id_(c.request_id),
+        total_deadline_(c.total_deadline),
         labels_(c.method),
         method_size_(c.method.size()),
         read_room_(read_room),
@@ -558,11 +575,13 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
 
   void adopt(std::unique_ptr<UpstreamConnection> up) {
     up_ = std::move(up);
+    up_->sock.cap_at(total_deadline_);
     up_->head.fields = {};  // the head is out; an idle stream keeps no copy of its fields
   }
 
   void start(tcp::socket client, ConnectionSlot slot) {
     client_.emplace(w_->deadlines, std::move(client));
+    client_->cap_at(total_deadline_);
     slot_ = std::move(slot);
     watch_client();
     relay_buffered();
@@ -588,6 +607,10 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
     if (ec == net::error::eof && plan_.framer.kind() == http1::BodyFramer::Kind::kUntilClose) {
       plan_.framer.end_of_stream();
       return relay_buffered();
+    }
+    if (ec == beast::error::timeout && up_->sock.past_cap()) {
+      out_.over_total = true;
+      return finish(AttemptOutcome::kBrokenMidResponse, "the stream outlasted timeouts.total");
     }
     if (ec) {
       return finish(AttemptOutcome::kBrokenMidResponse,
@@ -665,6 +688,7 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
   Clock::time_point started_;
   AttemptOutcome out_;
   std::string request_id_;
+  Clock::time_point total_deadline_;
   std::string labels_;  // method then target, for the access log
   std::size_t method_size_;
   std::optional<TimedSocket> client_;
@@ -692,7 +716,9 @@ void StreamRelay::finish(AttemptOutcome::Kind kind, std::string error) {
   state.count_response(out_.status);
   const std::string_view method = std::string_view(labels_).substr(0, method_size_);
   const std::string_view target = std::string_view(labels_).substr(method_size_);
-  if (kind == AttemptOutcome::kBrokenMidResponse) {
+  if (kind == AttemptOutcome::kBrokenMidResponse && out_.over_total) {
+    spdlog::warn("{} {} {}: cut on backend {}: {}", request_id_, method, target, backend_->info().id, out_.error);
+  } else if (kind == AttemptOutcome::kBrokenMidResponse) {
     spdlog::warn("{} {} {}: backend {} broke the response after it started: {}", request_id_, method, target,
                  backend_->info().id, out_.error);
   }
@@ -849,6 +875,10 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
       // (without a last chunk) tells it the response is incomplete.
       out.kind = AttemptOutcome::kBrokenMidResponse;
       out.error = rec == beast::error::timeout ? "no bytes within timeouts.idle" : rec.message();
+      if (rec == beast::error::timeout && up->sock.past_cap()) {
+        out.over_total = true;
+        out.error = "the response outlasted timeouts.total";
+      }
       *upstream_reusable = false;
       co_return out;
     }
@@ -912,6 +942,9 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
   const unsigned version_minor = c->head.version_minor;
   const bool head_only = iequals(c->method, "HEAD");
   c->upstream_head.clear();
+  const auto total = state.config.timeouts.total;
+  c->total_deadline = total.count() > 0 ? coarse_now() + total : Clock::time_point::max();
+  c->sock.cap_at(c->total_deadline);
 
   auto set = state.registry.snapshot();
   if (set->routable.empty()) co_return co_await answer_no_backend(w, c, *set);
@@ -927,6 +960,11 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     if (attempt > 0) {
       previous->stats.retries.fetch_add(1, std::memory_order_relaxed);
       co_await retry_pause(w, attempt);
+      if (coarse_now() >= c->total_deadline) {
+        failures += ", then timeouts.total (" + std::to_string(total.count()) + "ms) ran out";
+        last_timed_out = true;
+        break;
+      }
     }
     tried.push_back(backend);
     previous = backend;
@@ -962,7 +1000,9 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     const auto& id = backend->info().id;
     if (out.kind != AttemptOutcome::kFailed) {
       if (out.status != 0) state.count_response(out.status);
-      if (out.kind == AttemptOutcome::kBrokenMidResponse) {
+      if (out.kind == AttemptOutcome::kBrokenMidResponse && out.over_total) {
+        spdlog::warn("{} {} {}: cut on backend {}: {}", request_id, c->method, c->target, id, out.error);
+      } else if (out.kind == AttemptOutcome::kBrokenMidResponse) {
         spdlog::warn("{} {} {}: backend {} broke the response after it started: {}", request_id,
                      c->method, c->target, id, out.error);
       }
@@ -978,6 +1018,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
                  id, out.error);
     failures += (failures.empty() ? "" : ", ") + id + " (" + out.error + ")";
     last_timed_out = out.timed_out;
+    if (out.over_total) break;
   }
 
   co_return co_await answer_all_failed(w, c, last_timed_out ? 504 : 502, tried.size(), failures, version_minor,
@@ -1197,6 +1238,7 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
   try {
     for (;;) {
       if (state.stopping.load(std::memory_order_relaxed)) break;
+      c.sock.cap_at(Clock::time_point::max());  // the previous request's timeouts.total is done with
       if (co_await read_request(w, &c) != ReadResult::kRequest) break;
 
       InflightGuard inflight(state.inflight_requests);

@@ -505,6 +505,47 @@ TEST(ProxyTest, AConnectionClosedLateIsAFailedAttemptNotASilentResend) {
   EXPECT_EQ(json::parse(http_request(dying[0].port, "GET", "/mock/stats").body)["requests"], 1);
 }
 
+// timeouts.total ends an exchange that keeps going (a stream, or a body that never ends) without
+// counting it against the backend: a long generation is the limit's business, not a fault.
+TEST(ProxyTest, TotalTimeoutCutsLongResponsesWithoutBlamingTheBackend) {
+  auto streaming = start_mocks(1, {"--tokens", "1000", "--token-delay-ms", "50"});
+  auto stalled = start_mocks(1, {"--hang-after-header"});
+  auto gw = start_gateway(concat(backend_args(streaming), concat(backend_args(stalled),
+                                 {"--set", "timeouts.total=600ms", "--set", "passive.failures=1"})));
+  wait_healthy(gw, 2);
+  auto backends = [&] { return json::parse(http_request(gw.port, "GET", "/admin/backends").body)["backends"]; };
+  for (int i = 0; i < 2; ++i) {  // round robin: one request to each
+    const auto t0 = Clock::now();
+    auto r = http_stream(gw.port, "POST", "/v1/chat/completions", chat_body(true), 10s);
+    const auto took = Clock::now() - t0;
+    EXPECT_EQ(r.status, 200);
+    EXPECT_FALSE(r.complete);
+    EXPECT_GE(took, 550ms);
+    EXPECT_LT(took, 3s);
+  }
+  ASSERT_TRUE(poll_until([&] { return backends()[0]["inflight"] == 0 && backends()[1]["inflight"] == 0; }, 5s));
+  for (const auto& b : backends()) {
+    EXPECT_EQ(b["failures"], 0) << b.dump();
+    EXPECT_EQ(b["state"], "healthy") << b.dump();
+  }
+}
+
+// With backends that never answer, timeouts.total bounds the retries: 504 naming the limit, long
+// before (retries.max + 1) x timeouts.first_byte.
+TEST(ProxyTest, TotalTimeoutBoundsRetriesOnHangingBackends) {
+  auto hanging = start_mocks(2, {"--drop-request", "--drop-delay-ms", "60000"});  // /health still answers
+  auto gw = start_gateway(concat(backend_args(hanging), {"--set", "timeouts.first_byte=10s", "--set", "retries.max=3",
+                                                         "--set", "timeouts.total=700ms"}));
+  wait_healthy(gw, 2);
+  const auto t0 = Clock::now();
+  auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {}, 15s);
+  EXPECT_LT(Clock::now() - t0, 3s);
+  EXPECT_EQ(r.status, 504) << r.body << r.error;
+  auto j = json::parse(r.body, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.body;
+  EXPECT_THAT(j["error"]["message"].get<std::string>(), HasSubstr("timeouts.total"));
+}
+
 TEST(ProxyTest, HeadersForwardedAsAProxyShould) {
   auto mocks = start_mocks(1);
   auto gw = start_gateway(backend_args(mocks));
@@ -843,4 +884,19 @@ TEST(ProxyTest, ClientsPastMaxClientConnectionsWaitInTheBacklogAndAreServed) {
   EXPECT_EQ(read_status(*third), 200u);
   send_chat(*second);  // the held connection still works
   EXPECT_EQ(read_status(*second), 200u);
+}
+
+// timeouts.total limits each request, not the connection: a keep-alive client idle past the
+// first request's limit is served again.
+TEST(ProxyTest, TotalTimeoutIsPerRequestOnAKeepAliveConnection) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "timeouts.total=300ms"});
+  wait_healthy(gw, 1);
+  net::io_context io;
+  auto client = connect_client(io, gw.port);
+  send_chat(*client);
+  ASSERT_EQ(read_status(*client), 200u);
+  std::this_thread::sleep_for(500ms);  // the time that must pass: beyond the first request's limit
+  send_chat(*client);
+  EXPECT_EQ(read_status(*client), 200u);
 }

@@ -84,3 +84,24 @@ TEST(DeadlineListTest, SettledSocketsLeaveTheListAndNeverTimeOut) {
   EXPECT_FALSE(near.timed_out());
   EXPECT_FALSE(far.timed_out());
 }
+
+TEST(DeadlineListTest, ACapBoundsEveryDeadlineUntilLifted) {
+  boost::asio::io_context io;
+  DeadlineList list;
+  TimedSocket sock(list, io.get_executor());
+  const auto base = infergate::coarse_now();
+  sock.cap_at(base + 300ms);  // a request's timeouts.total
+  sock.arm_at(base + 60s);    // a step's own timeout, far longer
+  auto when = sweep_until_timeout(list, sock, base, base + 2s);
+  ASSERT_TRUE(when);
+  EXPECT_LT(*when, base + 300ms + DeadlineList::kSweepInterval);
+  EXPECT_TRUE(sock.past_cap(*when));
+  EXPECT_FALSE(sock.past_cap(base));
+
+  TimedSocket lifted(list, io.get_executor());
+  lifted.cap_at(base - 1s);
+  lifted.cap_at(Clock::time_point::max());
+  lifted.arm_at(base + 60s);
+  EXPECT_FALSE(sweep_until_timeout(list, lifted, base, base + 2s));
+  EXPECT_FALSE(lifted.past_cap(base + 2s));
+}
