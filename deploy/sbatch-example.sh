@@ -21,7 +21,15 @@ for host in "${hosts[@]:NUM_TRAINING_NODES}"; do
 done
 
 # The gateway discovers the servers above from the same variables and waits for them to load.
+# If the gateway exits (bad input is a one-line error and exit code 2), the job ends instead of
+# waiting for its time limit; so does a model that never loads within READY_TIMEOUT seconds.
 srun --overlap -N1 -n1 -w "$trainer" infergate --listen 0.0.0.0:8080 &
-until curl -fs "http://$trainer:8080/ready" >/dev/null; do sleep 10; done
+gateway=$!
+deadline=$((SECONDS + ${READY_TIMEOUT:-3600}))
+until curl -fs "http://$trainer:8080/ready" >/dev/null; do
+  kill -0 "$gateway" 2>/dev/null || { echo "infergate exited before it was ready" >&2; exit 1; }
+  ((SECONDS < deadline)) || { echo "inference servers not ready after ${READY_TIMEOUT:-3600}s" >&2; exit 1; }
+  sleep 10
+done
 
 srun --overlap -N1 -n1 -w "$trainer" python train.py --base-url "http://$trainer:8080/v1"

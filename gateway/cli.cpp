@@ -36,7 +36,7 @@ constexpr FlagSpec kFlags[] = {
     {"--log-format", "log.format", "FORMAT", "text or json"},
     {"--set", nullptr, "KEY=VALUE", "set any configuration key (see `infergate config`)"},
     {"--json", nullptr, nullptr, "discover: print JSON objects instead of URLs"},
-    {"--help", nullptr, nullptr, "print this help and exit"},
+    {"--help", nullptr, nullptr, "print this help and exit (also -h)"},
     {"--version", nullptr, nullptr, "print the version and exit"},
 };
 
@@ -107,7 +107,7 @@ CliArgs parse_args(const std::vector<std::string>& args) {
     i = 1;
   }
   for (; i < args.size(); ++i) {
-    std::string name = args[i];
+    std::string name = args[i] == "-h" ? std::string("--help") : args[i];
     std::optional<std::string> inline_value;
     if (auto eq = name.find('='); eq != std::string::npos && name.rfind("--", 0) == 0) {
       inline_value = name.substr(eq + 1);
@@ -209,6 +209,7 @@ int run_cli(int argc, char** argv) {
   }
   if (cli.command == Command::kDiscover) {
     for (const auto& note : discovered.notes) std::cerr << "infergate: " << note << "\n";  // stdout stays parseable
+    if (discovered.backends.empty()) std::cerr << "infergate: no backends found (" << discovered.how << ")\n";
     return print_discovery(discovered, cli.json);
   }
 

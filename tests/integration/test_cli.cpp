@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
+#include <cstdlib>
 #include <fstream>
 #include <regex>
 #include <sstream>
@@ -68,6 +69,17 @@ TEST(CliTest, DiscoverTakesGpusPerNodeFromSlurmAndSaysWhereFrom) {
   EXPECT_THAT(defaulted.err, HasSubstr("assuming 8 GPUs per inference node"));
 }
 
+TEST(CliTest, DiscoverWithoutSlurmSaysWhyNothingWasFound) {
+  if (std::getenv("SLURM_JOB_NODELIST") != nullptr || std::getenv("SLURM_NODELIST") != nullptr) {
+    GTEST_SKIP() << "the tests run inside a Slurm job";
+  }
+  auto r = run({"discover"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "");
+  EXPECT_THAT(r.err, HasSubstr("no backends found"));
+  EXPECT_THAT(r.err, HasSubstr("SLURM_JOB_NODELIST"));
+}
+
 TEST(CliTest, UnknownInfergateVariablesAreWarnedAbout) {
   auto r = run({"config"}, {"INFERGATE_HEALTH_INTERVL=7s"});
   ASSERT_EQ(r.code, 0) << r.err;
@@ -112,6 +124,9 @@ TEST(CliTest, VersionHelpAndConfig) {
   auto help = run({"--help"});
   EXPECT_EQ(help.code, 0);
   EXPECT_THAT(help.out, HasSubstr("--no-slurm"));
+  auto short_help = run({"-h"});
+  EXPECT_EQ(short_help.code, 0) << short_help.err;
+  EXPECT_EQ(short_help.out, help.out);
   auto config = run({"config", "--threads", "3"}, {"INFERGATE_HEALTH_INTERVAL=5s"});
   EXPECT_EQ(config.code, 0) << config.err;
   EXPECT_THAT(config.out, HasSubstr("threads: 3  # flag"));
