@@ -67,8 +67,8 @@ std::string render_metrics(const GatewayState& state) {
   auto states = family("infergate_backend_state", "Backend state, one-hot", MetricType::Gauge);
   auto inflight = family("infergate_backend_inflight", "Requests in flight to the backend", MetricType::Gauge);
   auto requests = family("infergate_backend_requests_total", "Requests by outcome: status class or error (no response)", MetricType::Counter);
-  auto duration = family("infergate_backend_request_duration_seconds", "Time from request start to the end of the response", MetricType::Histogram);
-  auto ttft = family("infergate_backend_ttft_seconds", "Time to the first response body byte of streamed responses", MetricType::Histogram);
+  auto duration = family("infergate_backend_request_duration_seconds", "Time from the start of the attempt on this backend to the end of the response", MetricType::Histogram);
+  auto ttft = family("infergate_backend_ttft_seconds", "Time from the start of the attempt on this backend to the first body byte of a streamed response", MetricType::Histogram);
   auto retries = family("infergate_backend_retries_total", "Failed attempts on the backend that were retried on another", MetricType::Counter);
   auto ejections = family("infergate_backend_ejections_total", "Passive ejections after consecutive failures", MetricType::Counter);
   auto tokens = family("infergate_backend_tokens_total", "Tokens reported in responses' usage", MetricType::Counter);

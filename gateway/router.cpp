@@ -76,7 +76,19 @@ std::optional<json> parse_json_object(std::string_view body, LocalResponse* erro
   return j;
 }
 
+RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::string_view path);
+
+// A JSON value of the wrong type that a handler did not foresee is the client's error, never a
+// dropped connection.
 RouteDecision admin(GatewayState& state, const RequestView& req, std::string_view path) {
+  try {
+    return admin_routes(state, req, path);
+  } catch (const json::exception& e) {
+    return error_response(400, std::string("unexpected JSON in the request: ") + e.what());
+  }
+}
+
+RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::string_view path) {
   if (!authorized(state, req.authorization)) {
     auto r = error_response(401, "admin API requires 'Authorization: Bearer <admin.token>'");
     r.headers.emplace_back("WWW-Authenticate", "Bearer");
@@ -112,6 +124,9 @@ RouteDecision admin(GatewayState& state, const RequestView& req, std::string_vie
     auto body = parse_json_object(req.body, &error);
     if (!body) return error;
     BroadcastRequest b;
+    if (body->contains("method") && !(*body)["method"].is_string()) {
+      return error_response(400, "method must be a string: GET, POST, PUT or DELETE");
+    }
     b.method = body->value("method", "POST");
     if (!body->contains("path") || !(*body)["path"].is_string()) {
       return error_response(400, "expected {\"method\": ..., \"path\": \"/...\", \"body\": ...}");

@@ -235,7 +235,9 @@ int Server::run() {
   }
 
   net::io_context control;
-  net::signal_set signals(control, SIGINT, SIGTERM);
+  // SIGHUP too: by default it would end the process and every stream with it, which a lost
+  // terminal (an `srun --pty` session) must not do. Reloading on it is not built yet.
+  net::signal_set signals(control, SIGINT, SIGTERM, SIGHUP);
   net::steady_timer drain_timer(control);
   std::atomic<bool> drain_started{false};
   std::chrono::steady_clock::time_point drain_deadline;
@@ -263,6 +265,11 @@ int Server::run() {
   std::function<void(beast::error_code, int)> on_signal;
   on_signal = [&](beast::error_code ec, int signo) {
     if (ec) return;
+    if (signo == SIGHUP) {
+      spdlog::warn("SIGHUP: ignored (the configuration is not reloaded; restart to change it)");
+      signals.async_wait(on_signal);
+      return;
+    }
     if (drain_started.exchange(true)) {
       spdlog::warn("second signal ({}): exiting now", signo);
       stop_workers();

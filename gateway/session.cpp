@@ -81,6 +81,7 @@ struct ClientConnection final : SlowHook {
   std::shared_ptr<StreamRelay> handoff;  // set when a StreamRelay took the stream over
   // timeouts.total for the current request: no socket operation of its exchange waits past it.
   Clock::time_point total_deadline = Clock::time_point::max();
+  Clock::time_point request_started;  // for the access log; backend metrics time each attempt
 
   // An exchange still running at a sweep gets its client watched (see watch_client).
   void on_slow() override;
@@ -558,6 +559,7 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
         out_(std::move(progress)),
         request_id_(c.request_id),
         total_deadline_(c.total_deadline),
+        request_started_(c.request_started),
         labels_(c.method),
         method_size_(c.method.size()),
         read_room_(read_room),
@@ -689,6 +691,7 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
   AttemptOutcome out_;
   std::string request_id_;
   Clock::time_point total_deadline_;
+  Clock::time_point request_started_;
   std::string labels_;  // method then target, for the access log
   std::size_t method_size_;
   std::optional<TimedSocket> client_;
@@ -723,7 +726,7 @@ void StreamRelay::finish(AttemptOutcome::Kind kind, std::string error) {
                  backend_->info().id, out_.error);
   }
   if (state.config.log.access) {
-    auto ms = std::chrono::duration<double, std::milli>(Clock::now() - started_).count();
+    auto ms = std::chrono::duration<double, std::milli>(Clock::now() - request_started_).count();
     spdlog::info("{} {} {} -> {} {} {}B {:.1f}ms{}", request_id_, method, target, backend_->info().id, out_.status,
                  out_.bytes, ms, kind == AttemptOutcome::kClientGone ? " client-gone" : "");
   }
@@ -938,6 +941,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
   GatewayState& state = *w->state;
   const std::string_view request_id = c->request_id;
   const auto started = Clock::now();
+  c->request_started = started;
   const bool client_keep_alive = c->head.keep_alive();
   const unsigned version_minor = c->head.version_minor;
   const bool head_only = iequals(c->method, "HEAD");
@@ -979,9 +983,12 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     c->watching = false;
     w->deadlines.add_slow(*c);
     AttemptOutcome out;
+    // The backend's latency and time to first token count from its own attempt: earlier
+    // attempts on other backends are not its doing.
+    const auto attempt_started = Clock::now();
     {
       InflightGuard backend_inflight(backend->stats.inflight);
-      out = co_await run_attempt(w, backend, c, request_id, started, &c->handoff);
+      out = co_await run_attempt(w, backend, c, request_id, attempt_started, &c->handoff);
     }
     w->deadlines.remove_slow(*c);
     watch.active = false;
@@ -996,7 +1003,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
       out.kind = AttemptOutcome::kClientGone;
     }
     if (out.kind == AttemptOutcome::kHandedOff) co_return Next::kHandedOff;  // it reports the exchange
-    record_attempt(state, *backend, out, started);
+    record_attempt(state, *backend, out, attempt_started);
     const auto& id = backend->info().id;
     if (out.kind != AttemptOutcome::kFailed) {
       if (out.status != 0) state.count_response(out.status);

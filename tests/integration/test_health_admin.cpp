@@ -1,6 +1,8 @@
 // Health checks, readiness, metrics, the admin API and the status page, end to end.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <csignal>
 #include <unistd.h>
 
 #include <filesystem>
@@ -207,6 +209,36 @@ TEST(AdminTest, BroadcastReachesEveryHealthyBackend) {
   EXPECT_EQ(reached.size(), 4u);
   for (const auto& m : mocks) EXPECT_EQ(posted_to(m), 1);
   EXPECT_EQ(http_request(gw.port, "POST", "/admin/broadcast", R"({"method":"POST"})").status, 400);
+  // A value of the wrong type is a 400 with an error body, not a dropped connection.
+  auto typed = http_request(gw.port, "POST", "/admin/broadcast", R"({"method":5,"path":"/x"})");
+  EXPECT_EQ(typed.status, 400) << typed.error;
+  EXPECT_TRUE(json::parse(typed.body, nullptr, false).contains("error")) << typed.body;
+}
+
+// A retried request's time to first token belongs to the backend that answered, from its own
+// attempt: the seconds lost on a failing backend first are not the healthy one's.
+TEST(MetricsTest, BackendLatencyCountsFromItsOwnAttempt) {
+  auto dying = start_mock({"--drop-request", "--drop-delay-ms", "800"});
+  auto good = start_mock();
+  auto gw = start_gateway({"--backend", dying.url(), "--backend", good.url(), "--set", "passive.failures=1000"});
+  ASSERT_TRUE(poll_until([&] { return admin_backends(gw.port)["gateway"]["healthy"] == 2; }, 10s));
+  for (int i = 0; i < 2; ++i) {  // round robin: at least one starts on the dying backend
+    auto r = http_stream(gw.port, "POST", "/v1/chat/completions", chat_body(true), 10s);
+    ASSERT_EQ(r.status, 200);
+    EXPECT_EQ(r.headers["x-backend"], good.id());
+  }
+  EXPECT_EQ(metric(gw.port, "infergate_backend_ttft_seconds_count", labels_for(good)), 2);
+  EXPECT_LT(metric(gw.port, "infergate_backend_ttft_seconds_sum", labels_for(good)), 0.5);
+}
+
+// SIGHUP (a lost terminal) must not end the gateway and its streams.
+TEST(ShutdownTest, SighupIsIgnoredAndServingGoesOn) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url()});
+  ASSERT_EQ(::kill(gw.process->pid(), SIGHUP), 0);
+  EXPECT_TRUE(poll_until([&] { return gw.process->errors().find("SIGHUP: ignored") != std::string::npos; }, 5s));
+  EXPECT_TRUE(gw.process->running());
+  EXPECT_EQ(http_request(gw.port, "GET", "/health").status, 200);
 }
 
 TEST(MetricsTest, LiveScrapePassesPromtool) {
