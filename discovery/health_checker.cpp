@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <unordered_map>
+#include <unordered_set>
 
 namespace infergate::discovery {
 namespace {
@@ -178,6 +179,9 @@ struct HealthChecker::Impl {
   net::executor_work_guard<net::io_context::executor_type> work;
   std::thread thread;
   std::unordered_map<std::size_t, HealthTracker> trackers;  // by backend index; checker thread only
+  // Backends waiting to be removed once idle; an undrain or a re-add takes one out again.
+  // Checker thread only.
+  std::unordered_set<std::size_t> pending_removal;
   std::minstd_rand rng{std::random_device{}()};
   bool stopping = false;
 
@@ -339,6 +343,9 @@ bool HealthChecker::drain(const std::shared_ptr<Backend>& backend) {
 
 bool HealthChecker::undrain(const std::shared_ptr<Backend>& backend) {
   return run_on(impl_->io, [impl = impl_.get(), backend] {
+    if (impl->pending_removal.erase(backend->index()) > 0) {
+      spdlog::info("backend {}: removal cancelled", backend->info().id);
+    }
     auto t = impl->tracker(*backend).undrain();
     impl->apply(*backend, t);
     return t.has_value();
@@ -349,10 +356,12 @@ namespace {
 net::awaitable<void> remove_after_drain(HealthChecker::Impl* impl, std::shared_ptr<Backend> backend,
                                         Clock::time_point deadline) {
   net::steady_timer timer(impl->io);
-  while (backend->stats.inflight.load() > 0 && Clock::now() < deadline) {
+  while (backend->stats.inflight.load() > 0 && Clock::now() < deadline &&
+         impl->pending_removal.contains(backend->index())) {
     timer.expires_after(std::chrono::milliseconds(50));
     co_await timer.async_wait(kTuple);
   }
+  if (impl->pending_removal.erase(backend->index()) == 0) co_return;  // undrained or added again meanwhile
   impl->tracker(*backend).remove();
   impl->registry.remove(backend->info().id);
   impl->trackers.erase(backend->index());
@@ -361,9 +370,17 @@ net::awaitable<void> remove_after_drain(HealthChecker::Impl* impl, std::shared_p
 }  // namespace
 
 void HealthChecker::remove_when_idle(std::shared_ptr<Backend> backend, std::chrono::milliseconds deadline) {
+  const bool first = run_on(impl_->io, [impl = impl_.get(), &backend] {
+    return impl->pending_removal.insert(backend->index()).second;
+  });
   drain(backend);
+  if (!first) return;  // already on its way out
   net::co_spawn(impl_->io, remove_after_drain(impl_.get(), std::move(backend), Clock::now() + deadline),
                 net::detached);
+}
+
+bool HealthChecker::removal_pending(const std::shared_ptr<Backend>& backend) {
+  return run_on(impl_->io, [impl = impl_.get(), &backend] { return impl->pending_removal.contains(backend->index()); });
 }
 
 }  // namespace infergate::discovery

@@ -35,8 +35,10 @@ class HealthChecker {
   // Operator actions; thread-safe, return once applied. False when the action did not apply.
   bool drain(const std::shared_ptr<Backend>& backend);
   bool undrain(const std::shared_ptr<Backend>& backend);
-  // Drains, waits for in-flight requests to finish (bounded), then removes from the registry.
+  // Drains, waits for in-flight requests to finish (bounded), then removes from the registry,
+  // unless an undrain (or adding the backend again) cancels the removal first.
   void remove_when_idle(std::shared_ptr<Backend> backend, std::chrono::milliseconds deadline);
+  bool removal_pending(const std::shared_ptr<Backend>& backend);
 
   struct Impl;  // public so the checker's coroutines (free functions) can name it
 

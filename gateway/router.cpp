@@ -112,6 +112,8 @@ RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::str
       return error_response(400, e.what());
     }
     if (auto existing = registry.find(info.id)) {
+      // Adding a backend that is being removed keeps it: the removal is cancelled.
+      if (state.health->removal_pending(existing)) state.health->undrain(existing);
       return json_response(200, backend_json(*existing));
     }
     auto added = registry.add(std::move(info));

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <csignal>
+#include <thread>
 #include <unistd.h>
 
 #include <filesystem>
@@ -239,6 +240,25 @@ TEST(ShutdownTest, SighupIsIgnoredAndServingGoesOn) {
   EXPECT_TRUE(poll_until([&] { return gw.process->errors().find("SIGHUP: ignored") != std::string::npos; }, 5s));
   EXPECT_TRUE(gw.process->running());
   EXPECT_EQ(http_request(gw.port, "GET", "/health").status, 200);
+}
+
+// A removal waits for the backend's in-flight requests; adding the backend again (or undraining
+// it) meanwhile keeps it, instead of the operator's add being undone a moment later.
+TEST(AdminTest, AddingABackendBackDuringItsRemovalKeepsIt) {
+  auto slow = start_mock({"--tokens", "20", "--token-delay-ms", "50"});
+  auto gw = start_gateway({"--backend", slow.url()});
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, slow.id()) == "healthy"; }, 10s));
+  std::thread stream([&] { http_stream(gw.port, "POST", "/v1/chat/completions", chat_body(true), 10s); });
+  ASSERT_TRUE(poll_until([&] { return admin_backends(gw.port)["backends"][0]["inflight"] == 1; }, 5s));
+  EXPECT_EQ(http_request(gw.port, "DELETE", "/admin/backends/" + slow.id()).status, 202);
+  auto again = http_request(gw.port, "POST", "/admin/backends", json{{"url", slow.url()}}.dump());
+  EXPECT_EQ(again.status, 200) << again.body;
+  EXPECT_TRUE(poll_until([&] { return gw.process->errors().find("removal cancelled") != std::string::npos; }, 5s));
+  stream.join();
+  ASSERT_TRUE(poll_until([&] { return admin_backends(gw.port)["backends"][0]["inflight"] == 0; }, 5s));
+  std::this_thread::sleep_for(300ms);  // deliberate: several turns of the removal's 50 ms check
+  EXPECT_EQ(state_of(gw.port, slow.id()), "healthy");
+  EXPECT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false)).status, 200);
 }
 
 TEST(MetricsTest, LiveScrapePassesPromtool) {
