@@ -136,8 +136,10 @@ class TimedSocket {
   // No operation's deadline goes past `t` (a whole exchange's limit); max() lifts the cap.
   void cap_at(Clock::time_point t) noexcept { cap_ = t; }
   // Whether the cap is what ran out: a timeout at or past it is the exchange's, not the step's.
+  // The sweep records whether an expiry was the cap's: its clock can run a few ms ahead of
+  // coarse_now(), so a check of the time alone could miss a cap that just ran out.
   bool past_cap(Clock::time_point now = coarse_now()) const noexcept {
-    return cap_ != Clock::time_point::max() && now >= cap_;
+    return expired_at_cap_ || (cap_ != Clock::time_point::max() && now >= cap_);
   }
 
  private:
@@ -164,6 +166,7 @@ class TimedSocket {
   }
   void expire() noexcept {
     timed_out_ = true;
+    expired_at_cap_ = deadline_ == cap_;
     deadline_ = Clock::time_point::max();
     unlink();
     beast::error_code ignored;
@@ -177,6 +180,7 @@ class TimedSocket {
   Clock::time_point deadline_ = Clock::time_point::max();
   Clock::time_point cap_ = Clock::time_point::max();
   bool timed_out_ = false;
+  bool expired_at_cap_ = false;
   bool linked_ = false;
   bool far_ = false;  // on the far list (while linked)
 };
