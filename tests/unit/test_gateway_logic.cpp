@@ -162,3 +162,31 @@ TEST(ConnectionLimitTest, SlotsAreTakenUpToTheLimitAndFollowTheirOwner) {
   EXPECT_EQ(taken.load(), 1);
   EXPECT_TRUE(ConnectionSlot::try_take(taken, 0));  // no limit
 }
+
+// A backlogged stream is read in whatever sizes the socket gives: every split of a usage object
+// between two reads, and the same object fed one byte at a time, must count the same.
+TEST(UsageScannerTest, ReadsUsageSplitAtAnyByte) {
+  const std::string body =
+      "data: {\"choices\":[],\"usage\":{\"prompt_tokens\": 1234,\n  \"total_tokens\":1801,"
+      "\"completion_tokens\" :\t567}}\n\ndata: [DONE]\n\n";
+  for (std::size_t cut = 0; cut <= body.size(); ++cut) {
+    UsageScanner s;
+    s.feed(std::string_view(body).substr(0, cut));
+    s.feed(std::string_view(body).substr(cut));
+    EXPECT_EQ(s.prompt_tokens(), 1234u) << "split at " << cut;
+    EXPECT_EQ(s.completion_tokens(), 567u) << "split at " << cut;
+  }
+  UsageScanner bytewise;
+  for (char c : body) bytewise.feed(std::string_view(&c, 1));
+  EXPECT_EQ(bytewise.prompt_tokens(), 1234u);
+  EXPECT_EQ(bytewise.completion_tokens(), 567u);
+}
+
+TEST(UsageScannerTest, ALaterSplitUsageStillWinsOverAnEarlierOne) {
+  UsageScanner s;
+  s.feed("data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\ndata: {\"usage\":{\"prompt_tok");
+  s.feed("ens\":5,\"completion_tokens\":4");
+  s.feed("2}}\n\n");
+  EXPECT_EQ(s.prompt_tokens(), 5u);
+  EXPECT_EQ(s.completion_tokens(), 42u);
+}
