@@ -25,4 +25,16 @@ std::chrono::milliseconds RetryPolicy::backoff(int retry_number, double unit_ran
   return std::chrono::milliseconds{half + static_cast<std::int64_t>(static_cast<double>(exp - half) * unit_random)};
 }
 
+std::chrono::seconds RetryPolicy::retry_after(std::string_view value) noexcept {
+  while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
+  while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
+  if (value.empty()) return std::chrono::seconds{0};
+  std::int64_t seconds = 0;
+  for (char ch : value) {
+    if (ch < '0' || ch > '9') return std::chrono::seconds{0};
+    seconds = std::min<std::int64_t>(seconds * 10 + (ch - '0'), kMaxRetryAfter.count());
+  }
+  return std::chrono::seconds{seconds};
+}
+
 }  // namespace infergate::gateway

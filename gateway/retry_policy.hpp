@@ -32,6 +32,11 @@ class RetryPolicy {
 
   static bool is_retryable_status(unsigned status) noexcept { return status == 502 || status == 503; }
 
+  // A backend's Retry-After in delta-seconds, at most kMaxRetryAfter; 0 when absent, malformed
+  // or an HTTP date (which would need the backend's clock to be right).
+  static constexpr std::chrono::seconds kMaxRetryAfter{3600};
+  static std::chrono::seconds retry_after(std::string_view value) noexcept;
+
  private:
   int max_retries_;
   std::chrono::milliseconds backoff_base_;

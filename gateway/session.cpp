@@ -216,6 +216,7 @@ struct AttemptOutcome {
   bool over_total = false;     // ended by timeouts.total: no further try, nothing against the backend
   unsigned status = 0;
   std::uint64_t bytes = 0;
+  std::chrono::seconds retry_after{0};  // kFailed on a 503: the backend's Retry-After, if it sent one
 };
 
 AttemptOutcome client_gone_outcome() {
@@ -435,7 +436,9 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
         }
         if (RetryPolicy::is_retryable_status(status)) {
           watch.connection = nullptr;
-          co_return failed_outcome("HTTP " + std::to_string(status), false, status);  // the connection closes
+          auto out = failed_outcome("HTTP " + std::to_string(status), false, status);  // the connection closes
+          out.retry_after = RetryPolicy::retry_after(conn->head.find("Retry-After"));
+          co_return out;
         }
         bool reusable = false;
         auto out = co_await relay_response(w, c, conn.get(), iequals(c->method, "HEAD"), request_id, backend,
@@ -918,16 +921,21 @@ net::awaitable<Next> answer_no_backend(Worker* w, ClientConnection* c, const dis
                                                     c->head.keep_alive(), iequals(c->method, "HEAD"), c->request_id));
 }
 
+// `retry_after` is set when every backend tried answered 503: the client gets a 503 too, with
+// the longest Retry-After they asked for (1 s when none did), so that clients that honour it
+// (OpenAI's SDKs do) back off instead of taking a 502 for a gateway fault.
 net::awaitable<Next> answer_all_failed(Worker* w, ClientConnection* c, unsigned status, std::size_t attempts,
                                        const std::string& failures, unsigned version_minor, bool keep_alive,
-                                       bool head_only) {
+                                       bool head_only, std::optional<std::chrono::seconds> retry_after) {
   GatewayState& state = *w->state;
   auto message = "no backend could serve the request after " + std::to_string(attempts) + " attempt(s): " + failures;
   if (state.config.log.access) {
     spdlog::info("{} {} {} -> - {} {}", c->request_id, c->method, c->target, status, message);
   }
-  co_return next_after(co_await write_local_counted(&state, c, error_response(status, message), version_minor,
-                                                    keep_alive, head_only, c->request_id));
+  auto response = error_response(status, message);
+  if (retry_after) response.headers.emplace_back("Retry-After", std::to_string(retry_after->count()));
+  co_return next_after(co_await write_local_counted(&state, c, std::move(response), version_minor, keep_alive,
+                                                    head_only, c->request_id));
 }
 
 net::awaitable<void> retry_pause(Worker* w, int attempt) {
@@ -956,6 +964,8 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
   boost::container::small_vector<const discovery::Backend*, 4> tried;
   std::string failures;
   bool last_timed_out = false;
+  bool all_unavailable = true;  // every failed attempt was a 503
+  std::chrono::seconds retry_after{1};
   discovery::Backend* previous = nullptr;
   const int max_attempts = state.config.retries.max + 1;
   for (int attempt = 0; attempt < max_attempts; ++attempt) {
@@ -1025,11 +1035,15 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
                  id, out.error);
     failures += (failures.empty() ? "" : ", ") + id + " (" + out.error + ")";
     last_timed_out = out.timed_out;
+    all_unavailable = all_unavailable && out.status == 503;
+    retry_after = std::max(retry_after, out.retry_after);
     if (out.over_total) break;
   }
 
-  co_return co_await answer_all_failed(w, c, last_timed_out ? 504 : 502, tried.size(), failures, version_minor,
-                                       client_keep_alive, head_only);
+  const bool unavailable = all_unavailable && !tried.empty() && !last_timed_out;
+  co_return co_await answer_all_failed(w, c, last_timed_out ? 504 : unavailable ? 503 : 502, tried.size(), failures,
+                                       version_minor, client_keep_alive, head_only,
+                                       unavailable ? std::optional(retry_after) : std::nullopt);
 }
 
 // One broadcast request to one backend on a fresh connection.

@@ -234,10 +234,13 @@ TEST(ProxyTest, RetriesOnAnotherBackendWhenConnectIsRefused) {
   }
 }
 
-TEST(ProxyTest, RetriesOn503AndReportsEveryBackendTriedOn502) {
-  auto failing = start_mocks(2, {"--fail-rate", "1", "--fail-status", "503"});
+TEST(ProxyTest, RetriesOn503AndAnswers503WithRetryAfterWhenEveryBackendIsUnavailable) {
+  auto failing = start_mocks(1, {"--fail-rate", "1", "--fail-status", "503", "--retry-after", "7"});
+  auto failing_quiet = start_mocks(1, {"--fail-rate", "1", "--fail-status", "503"});
   auto good = start_mocks(1);
-  auto gw = start_gateway(concat(backend_args(failing), concat(backend_args(good), {"--set", "passive.failures=1000"})));
+  const std::vector<std::string> keep{"--set", "passive.failures=1000"};
+  auto gw = start_gateway(concat(backend_args(failing), concat(backend_args(failing_quiet),
+                                                               concat(backend_args(good), keep))));
   wait_healthy(gw, 3);
   for (int i = 0; i < 6; ++i) {
     auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
@@ -245,14 +248,37 @@ TEST(ProxyTest, RetriesOn503AndReportsEveryBackendTriedOn502) {
     EXPECT_EQ(r.header("X-Backend"), good[0].id());
   }
   good[0].process->kill();
-  auto gw2 = start_gateway(concat(backend_args(failing), {"--set", "passive.failures=1000"}));
+  // Every backend says "unavailable": so does the gateway, with the longest Retry-After asked.
+  auto gw2 = start_gateway(concat(backend_args(failing), concat(backend_args(failing_quiet), keep)));
   wait_healthy(gw2, 2);
   auto r = http_request(gw2.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(r.status, 503);
+  EXPECT_EQ(r.header("Retry-After"), "7");
+  auto j = json::parse(r.body);
+  EXPECT_EQ(j["error"]["code"], 503);
+  EXPECT_THAT(j["error"]["message"].get<std::string>(), HasSubstr(failing[0].id()));
+  EXPECT_THAT(j["error"]["message"].get<std::string>(), HasSubstr(failing_quiet[0].id()));
+  // None gives a Retry-After: the client still gets one.
+  auto gw3 = start_gateway(concat(backend_args(failing_quiet), keep));
+  wait_healthy(gw3, 1);
+  r = http_request(gw3.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(r.status, 503);
+  EXPECT_EQ(r.header("Retry-After"), "1");
+}
+
+TEST(ProxyTest, AnswersBadGatewayNamingEveryBackendTriedWhenOneWasNotJustUnavailable) {
+  auto unavailable = start_mocks(1, {"--fail-rate", "1", "--fail-status", "503", "--retry-after", "7"});
+  auto bad_gateway = start_mocks(1, {"--fail-rate", "1", "--fail-status", "502"});
+  auto gw = start_gateway(concat(backend_args(unavailable),
+                                 concat(backend_args(bad_gateway), {"--set", "passive.failures=1000"})));
+  wait_healthy(gw, 2);
+  auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
   EXPECT_EQ(r.status, 502);
+  EXPECT_EQ(r.header("Retry-After"), "");
   auto j = json::parse(r.body);
   EXPECT_EQ(j["error"]["code"], 502);
-  EXPECT_THAT(j["error"]["message"].get<std::string>(), HasSubstr(failing[0].id()));
-  EXPECT_THAT(j["error"]["message"].get<std::string>(), HasSubstr(failing[1].id()));
+  EXPECT_THAT(j["error"]["message"].get<std::string>(), HasSubstr(unavailable[0].id()));
+  EXPECT_THAT(j["error"]["message"].get<std::string>(), HasSubstr(bad_gateway[0].id()));
 }
 
 TEST(ProxyTest, RetriesAfterResetBeforeAnyResponseByte) {

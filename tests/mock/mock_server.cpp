@@ -37,6 +37,7 @@ struct Options {
   int startup_delay_ms = 0;
   double fail_rate = 0;
   int fail_status = 500;
+  long retry_after = -1;  // seconds; -1 = no Retry-After on injected failures
   unsigned seed = 1;
   bool hang = false;
   bool hang_after_header = false;
@@ -69,7 +70,7 @@ struct Server {
 [[noreturn]] void usage_error(const std::string& message) {
   std::cerr << "infergate-mock: " << message << "\n"
             << "usage: infergate-mock [--host H] [--port P] [--port-count K] [--model M] [--tokens N]\n"
-               "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE]\n"
+               "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE] [--retry-after S]\n"
                "  [--seed S] [--hang] [--hang-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
                "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk] [--quiet]\n";
   std::exit(2);
@@ -103,6 +104,7 @@ Options parse_options(int argc, char** argv) {
       o.fail_rate = std::strtod(v.c_str(), &end);
       if (v.empty() || *end != '\0' || o.fail_rate < 0 || o.fail_rate > 1) usage_error("--fail-rate: expected 0..1");
     } else if (a == "--fail-status") o.fail_status = static_cast<int>(parse_long(a, value(), 100, 599));
+    else if (a == "--retry-after") o.retry_after = parse_long(a, value(), 0, 1000000);
     else if (a == "--seed") o.seed = static_cast<unsigned>(parse_long(a, value(), 0, 1L << 30));
     else if (a == "--hang") o.hang = true;
     else if (a == "--hang-after-header") o.hang_after_header = true;
@@ -431,6 +433,7 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
       } else if (o.fail_rate > 0 && server->unit(server->rng) < o.fail_rate) {
         res = make_response(static_cast<http::status>(o.fail_status),
                             openai_error("injected failure", "InternalServerError", o.fail_status));
+        if (o.retry_after >= 0) res.set(http::field::retry_after, std::to_string(o.retry_after));
       } else if (path == "/generate" && !c.stream) {
         std::string text;
         for (int i = 0; i < c.max_tokens; ++i) text += token_text(i);

@@ -35,6 +35,16 @@ TEST(RetryPolicyTest, BoundedAttempts) {
   EXPECT_FALSE(RetryPolicy::is_retryable_status(429));
 }
 
+TEST(RetryPolicyTest, RetryAfterTakesDeltaSecondsOnly) {
+  EXPECT_EQ(RetryPolicy::retry_after("7"), std::chrono::seconds{7});
+  EXPECT_EQ(RetryPolicy::retry_after(" 120 "), std::chrono::seconds{120});
+  EXPECT_EQ(RetryPolicy::retry_after(""), std::chrono::seconds{0});
+  EXPECT_EQ(RetryPolicy::retry_after("-3"), std::chrono::seconds{0});
+  EXPECT_EQ(RetryPolicy::retry_after("1.5"), std::chrono::seconds{0});
+  EXPECT_EQ(RetryPolicy::retry_after("Wed, 21 Oct 2026 07:28:00 GMT"), std::chrono::seconds{0});
+  EXPECT_EQ(RetryPolicy::retry_after("99999999999999999999999"), RetryPolicy::kMaxRetryAfter);
+}
+
 TEST(RetryPolicyTest, ExponentialBackoffWithJitterAndCap) {
   RetryPolicy p(10, 100ms, 1000ms);
   EXPECT_EQ(p.backoff(0, 0.5), 0ms);
