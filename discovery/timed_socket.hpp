@@ -4,9 +4,11 @@
 // one sweep interval late, which no configured timeout is fine-grained enough to notice.
 #pragma once
 
+#include <sys/socket.h>
 #include <time.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstddef>
 
@@ -46,6 +48,11 @@ class DeadlineList {
   // on_slow() on every hook still waiting.
   void sweep(std::chrono::steady_clock::time_point now);
   std::size_t size() const noexcept { return size_; }
+  // For a graceful shutdown: ends every wait for a next request (see TimedSocket::
+  // waiting_between_requests) on a connection whose client has sent nothing yet, so idle
+  // keep-alive clients see the close at once instead of when the process exits. A connection
+  // with bytes already in its socket buffer is left to read and serve them.
+  void end_waits_between_requests() noexcept;
 
   // The next sweep calls hook.on_slow() unless remove_slow() comes first: work that only long
   // exchanges need (most requests finish well within one sweep interval).
@@ -128,11 +135,15 @@ class TimedSocket {
   // becomes a timeout error.
   beast::error_code settle(beast::error_code ec) noexcept {
     deadline_ = Clock::time_point::max();
+    between_requests_ = false;
     unlink();
     if (ec && timed_out_) ec = beast::error::timeout;
     return ec;
   }
   bool timed_out() const noexcept { return timed_out_; }
+  // Marks the armed wait as one for a next request on a kept-alive connection (cleared by
+  // settle()), which a graceful shutdown may end early.
+  void waiting_between_requests() noexcept { between_requests_ = true; }
   // No operation's deadline goes past `t` (a whole exchange's limit); max() lifts the cap.
   void cap_at(Clock::time_point t) noexcept { cap_ = t; }
   // Whether the cap is what ran out: a timeout at or past it is the exchange's, not the step's.
@@ -183,6 +194,7 @@ class TimedSocket {
   bool expired_at_cap_ = false;
   bool linked_ = false;
   bool far_ = false;  // on the far list (while linked)
+  bool between_requests_ = false;
 };
 
 inline void DeadlineList::sweep(std::chrono::steady_clock::time_point now) {
@@ -208,6 +220,20 @@ inline void DeadlineList::sweep(std::chrono::steady_clock::time_point now) {
     SlowHook* hook = slow_head_;
     remove_slow(*hook);
     hook->on_slow();
+  }
+}
+
+inline void DeadlineList::end_waits_between_requests() noexcept {
+  for (auto* head : {head_, far_head_}) {
+    for (auto* s = head; s != nullptr;) {
+      auto* next = s->next_;
+      char byte = 0;
+      if (s->between_requests_ &&
+          ::recv(s->socket_.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN) {
+        s->expire();
+      }
+      s = next;
+    }
   }
 }
 

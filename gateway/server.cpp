@@ -282,10 +282,14 @@ int Server::run() {
     for (std::size_t i = 0; i < impl_->workers.size(); ++i) {
       tcp::acceptor* acceptor = impl_->acceptors[i].get();
       tcp::acceptor* metrics = i == 0 ? impl_->metrics_acceptor.get() : nullptr;
-      net::post(impl_->workers[i]->io, [acceptor, metrics] {
+      Worker* worker = impl_->workers[i].get();
+      net::post(worker->io, [acceptor, metrics, worker] {
         beast::error_code ignored;
         acceptor->close(ignored);
         if (metrics != nullptr) metrics->close(ignored);
+        // Idle keep-alive clients are told now, by the close, not when the process exits;
+        // requests in flight end with `Connection: close`.
+        worker->deadlines.end_waits_between_requests();
       });
     }
     drain_deadline = std::chrono::steady_clock::now() + state.config.timeouts.shutdown;

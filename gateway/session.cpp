@@ -55,9 +55,13 @@ struct ClientWatch {
 
 // One client connection's state, kept between its requests so buffers are reused.
 struct ClientConnection final : SlowHook {
-  ClientConnection(Worker* w, tcp::socket s) : sock(w->deadlines, std::move(s)) {}
+  ClientConnection(Worker* w, tcp::socket s) : sock(w->deadlines, std::move(s)), stopping(&w->state->stopping) {}
   ~ClientConnection() = default;
+  // Whether the answer to the current request may keep the connection open: the client asked
+  // for it and the gateway is not shutting down (then the answer says `Connection: close`).
+  bool keep_alive() const noexcept { return head.keep_alive() && !stopping->load(std::memory_order_relaxed); }
   TimedSocket sock;
+  const std::atomic<bool>* stopping;
   http1::ByteBuffer buffer;
   http1::Head head;             // the current request's head: views into `buffer`
   std::string_view body;        // the current request's body: in `buffer` or `chunked_body`
@@ -183,6 +187,7 @@ constexpr auto kLocalWriteTimeout = std::chrono::seconds(30);
 // Writes an answer the gateway makes itself. Returns whether the connection may carry on.
 net::awaitable<bool> write_local(ClientConnection* c, LocalResponse response, unsigned version_minor,
                                  bool keep_alive, bool head_only, std::string_view request_id) {
+  keep_alive = keep_alive && !c->stopping->load(std::memory_order_relaxed);
   auto& out = c->response_head;
   out.clear();
   append_status_line(out, version_minor, response.status, {});
@@ -760,7 +765,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   const auto& rh = up->head;
   const unsigned client_minor = c->head.version_minor >= 1 ? 1 : 0;
   RelayPlan plan;
-  plan.keep_alive = c->head.keep_alive();
+  plan.keep_alive = c->keep_alive();
   out.status = rh.status;
 
   using Kind = http1::BodyFramer::Kind;
@@ -1137,8 +1142,9 @@ net::awaitable<ReadResult> answer_and_close(ClientConnection* c, unsigned status
 }
 
 // Reads more bytes from the client into its buffer, `min_free` bytes of room at least.
+// `between_requests`: the wait is for a next request, which a graceful shutdown may end.
 net::awaitable<beast::error_code> read_more(ClientConnection* c, std::size_t min_free,
-                                            Clock::time_point deadline) {
+                                            Clock::time_point deadline, bool between_requests = false) {
   auto [room_ptr, room] = c->buffer.prepare(min_free);
   if (c->read_directly) {
     c->read_directly = false;
@@ -1148,6 +1154,7 @@ net::awaitable<beast::error_code> read_more(ClientConnection* c, std::size_t min
     if (ec != net::error::would_block && ec != net::error::try_again) co_return ec;
   }
   c->sock.arm_at(deadline);
+  if (between_requests) c->sock.waiting_between_requests();
   auto [ec, n] = co_await c->sock.socket().async_read_some(net::buffer(room_ptr, room), kDirect);
   ec = c->sock.settle(ec);
   if (!ec) c->buffer.commit(n);
@@ -1174,13 +1181,16 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     parsed = http1::parse_request(c->buffer.data(), max_head, c->head);
     if (parsed != http1::Parse::kIncomplete) break;
     Clock::time_point deadline;
-    if (c->buffer.size() == 0) {
+    const bool between_requests = c->buffer.size() == 0;
+    if (between_requests) {
       deadline = coarse_now() + cfg.timeouts.client_idle;
     } else {
       if (!header_deadline) header_deadline = coarse_now() + cfg.timeouts.client_header;
       deadline = *header_deadline;
     }
-    if (co_await read_more(c, kClientRead, deadline)) co_return ReadResult::kClosed;  // nobody to answer
+    if (co_await read_more(c, kClientRead, deadline, between_requests)) {
+      co_return ReadResult::kClosed;  // nobody to answer
+    }
   }
   if (parsed == http1::Parse::kTooLarge) {
     co_return co_await answer_and_close(c, 431, "request header exceeds limits.max_header");

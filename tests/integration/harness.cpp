@@ -9,6 +9,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cctype>
+
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -356,6 +359,63 @@ std::string raw_exchange(int port, const std::string& bytes, std::chrono::millis
     if (ec) break;
   }
   return out;
+}
+
+struct RawConnection::Impl {
+  net::io_context io;
+  beast::tcp_stream stream{io};
+};
+
+RawConnection::RawConnection(int port) : impl_(std::make_unique<Impl>()) {
+  beast::error_code ec;
+  impl_->stream.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), static_cast<unsigned short>(port)), ec);
+  closed_ = static_cast<bool>(ec);
+}
+
+RawConnection::~RawConnection() = default;
+
+bool RawConnection::send(const std::string& bytes) {
+  beast::error_code ec;
+  net::write(impl_->stream.socket(), net::buffer(bytes), ec);
+  return !ec;
+}
+
+bool RawConnection::read_until(const std::function<bool(const std::string&)>& done, std::chrono::milliseconds timeout) {
+  const auto until = Clock::now() + timeout;
+  char buf[16 * 1024];
+  while (!done(received_) && !closed_ && Clock::now() < until) {
+    bool finished = false;
+    beast::error_code ec;
+    std::size_t got = 0;
+    impl_->stream.expires_at(until);
+    impl_->stream.async_read_some(net::buffer(buf), [&](beast::error_code e, std::size_t n) {
+      ec = e;
+      got = n;
+      finished = true;
+    });
+    impl_->io.run();
+    impl_->io.restart();
+    if (!finished) break;
+    received_.append(buf, got);
+    if (ec == beast::error::timeout) break;
+    if (ec) closed_ = true;  // EOF or reset
+  }
+  return done(received_);
+}
+
+bool RawConnection::wait_closed(std::chrono::milliseconds timeout) {
+  read_until([](const std::string&) { return false; }, timeout);
+  return closed_;
+}
+
+bool has_whole_response(const std::string& bytes) {
+  const auto end = bytes.find("\r\n\r\n");
+  if (end == std::string::npos) return false;
+  std::string head = bytes.substr(0, end);
+  std::transform(head.begin(), head.end(), head.begin(), [](unsigned char ch) { return std::tolower(ch); });
+  const auto at = head.find("\r\ncontent-length:");
+  if (at == std::string::npos) return true;  // no body
+  return bytes.size() >= end + 4 + std::stoul(head.substr(at + 17));
 }
 
 bool poll_until(const std::function<bool()>& condition, std::chrono::milliseconds deadline,

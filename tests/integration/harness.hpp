@@ -114,6 +114,32 @@ StreamResult http_stream(int port, const std::string& method, const std::string&
 // Sends raw bytes and returns everything read until the server closes or the timeout passes.
 std::string raw_exchange(int port, const std::string& bytes, std::chrono::milliseconds timeout = 5s);
 
+// A client connection kept open across exchanges, for keep-alive behaviour.
+class RawConnection {
+ public:
+  explicit RawConnection(int port);
+  ~RawConnection();
+  RawConnection(const RawConnection&) = delete;
+  RawConnection& operator=(const RawConnection&) = delete;
+  bool send(const std::string& bytes);
+  // Reads until `done(everything received so far)` holds, the peer closes, or the timeout
+  // passes; returns whether `done` held.
+  bool read_until(const std::function<bool(const std::string&)>& done, std::chrono::milliseconds timeout = 5s);
+  // Reads until the peer closes; returns whether it did within the timeout.
+  bool wait_closed(std::chrono::milliseconds timeout = 5s);
+  const std::string& received() const { return received_; }
+  bool closed() const { return closed_; }
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::string received_;
+  bool closed_ = false;
+};
+
+// Whether `bytes` hold one whole response with a Content-Length body.
+bool has_whole_response(const std::string& bytes);
+
 bool poll_until(const std::function<bool()>& condition, std::chrono::milliseconds deadline,
                 std::chrono::milliseconds every = 20ms);
 

@@ -20,6 +20,8 @@
 
 using namespace infergate::test;
 using ::testing::HasSubstr;
+using ::testing::Not;
+using ::testing::StartsWith;
 using json = nlohmann::json;
 
 namespace {
@@ -609,6 +611,36 @@ TEST(ProxyTest, SigtermLetsInFlightRequestsFinishAndExitsZero) {
   client.join();
   EXPECT_TRUE(r.complete) << r.error;
   EXPECT_THAT(r.body(), HasSubstr("[DONE]"));
+}
+
+// A graceful shutdown tells idle keep-alive clients at once (the gateway closes their
+// connections when the signal comes, not when it exits), and an answer still in flight says
+// `Connection: close`, so its client does not send another request into a closing gateway.
+TEST(ProxyTest, SigtermClosesIdleKeepAliveConnectionsAtOnceAndInFlightAnswersSayClose) {
+  auto mocks = start_mocks(1, {"--tokens", "20", "--token-delay-ms", "100"});
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  RawConnection idle(gw.port);
+  ASSERT_TRUE(idle.send("GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+  ASSERT_TRUE(idle.read_until(has_whole_response)) << idle.received();
+  ASSERT_THAT(idle.received(), Not(HasSubstr("Connection: close")));
+
+  RawConnection busy(gw.port);  // a non-streamed answer that takes 2 s to generate
+  const auto body = chat_body(false);
+  ASSERT_TRUE(busy.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body));
+  ASSERT_TRUE(poll_until(
+      [&] { return json::parse(http_request(mocks[0].port, "GET", "/mock/stats").body)["requests"] == 1; }, 5s));
+
+  ASSERT_EQ(::kill(gw.process->pid(), SIGTERM), 0);
+  EXPECT_TRUE(idle.wait_closed(1500ms)) << "the idle keep-alive connection stayed open";
+  EXPECT_TRUE(gw.process->running()) << "closed only when the gateway exited, not when the drain began";
+
+  ASSERT_TRUE(busy.read_until(has_whole_response, 10s)) << busy.received();
+  EXPECT_THAT(busy.received(), StartsWith("HTTP/1.1 200 OK\r\n"));
+  EXPECT_THAT(busy.received(), HasSubstr("\r\nConnection: close\r\n"));
+  EXPECT_TRUE(busy.wait_closed(5s));
+  EXPECT_EQ(gw.process->wait_exit(10s), 0);
 }
 
 TEST(ProxyTest, KeepAliveConnectionCarriesRequestsAfterAStream) {

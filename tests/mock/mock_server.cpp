@@ -448,6 +448,14 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
           co_await hang_forever();
           break;
         }
+        // Like vLLM, a non-streamed answer comes when the last token is generated.
+        if (o.token_delay_ms > 0 && c.max_tokens > 1) {
+          co_await sleep_for(std::chrono::milliseconds(o.token_delay_ms) * (c.max_tokens - 1));
+          if (peer_closed(socket)) {
+            ++server->stats.cancelled;
+            break;
+          }
+        }
         res = make_response(http::status::ok, full_completion(c, completion_id));
         if (!o.lie.empty()) {
           keep_open = co_await tell_lie(server, socket, res.body()) && req.keep_alive();
