@@ -106,7 +106,7 @@ std::string render_metrics(const GatewayState& state) {
     probes.metric.push_back(histogram_metric(labels, st.probe_duration));
   }
 
-  auto gw_requests = family("infergate_requests_total", "Requests answered by the gateway, by status class", MetricType::Counter);
+  auto gw_requests = family("infergate_requests_total", "Requests the gateway answered, proxied or refused itself, by status class (not scrapes, probes, the status page or admin calls)", MetricType::Counter);
   const char* classes[] = {"2xx", "4xx", "5xx"};
   for (std::size_t i = 0; i < 3; ++i) {
     gw_requests.metric.push_back(value_metric({{"code", classes[i]}},
@@ -119,7 +119,7 @@ std::string render_metrics(const GatewayState& state) {
                                  MetricType::Gauge);
   connection_limit.metric.push_back(
       value_metric({}, static_cast<double>(state.max_client_connections), MetricType::Gauge));
-  auto inflight_all = family("infergate_inflight_requests", "Requests in flight through the gateway", MetricType::Gauge);
+  auto inflight_all = family("infergate_inflight_requests", "Requests in flight through the gateway, admin calls included (not scrapes, probes or the status page)", MetricType::Gauge);
   inflight_all.metric.push_back(value_metric({}, static_cast<double>(state.inflight_requests.load()), MetricType::Gauge));
   auto healthy = family("infergate_healthy_backends", "Backends receiving traffic", MetricType::Gauge);
   healthy.metric.push_back(value_metric({}, static_cast<double>(set->routable.size()), MetricType::Gauge));

@@ -1132,11 +1132,11 @@ enum class ReadResult { kRequest, kClosed, kAnswered };
 
 // The answer is built here, not by the caller: a coroutine frame keeps a slot for every
 // temporary of every co_await in it, and read_request runs for every request.
-net::awaitable<ReadResult> answer_and_close(ClientConnection* c, unsigned status, std::string_view message,
-                                            std::string_view detail = {}) {
+net::awaitable<ReadResult> answer_and_close(GatewayState* state, ClientConnection* c, unsigned status,
+                                            std::string_view message, std::string_view detail = {}) {
   std::string text(message);
   text += detail;
-  co_await write_local(c, error_response(status, text), 1, false, false, "");
+  co_await write_local_counted(state, c, error_response(status, text), 1, false, false, "");
   co_await drain_before_close(c);
   co_return ReadResult::kAnswered;
 }
@@ -1193,10 +1193,10 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     }
   }
   if (parsed == http1::Parse::kTooLarge) {
-    co_return co_await answer_and_close(c, 431, "request header exceeds limits.max_header");
+    co_return co_await answer_and_close(w->state, c, 431, "request header exceeds limits.max_header");
   }
   if (parsed == http1::Parse::kBad) {
-    co_return co_await answer_and_close(c, 400, "malformed HTTP request: ", c->head.error);
+    co_return co_await answer_and_close(w->state, c, 400, "malformed HTTP request: ", c->head.error);
   }
 
   auto& h = c->head;
@@ -1205,7 +1205,7 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
   std::size_t size = h.size;
   if (h.content_length) {
     if (*h.content_length > cfg.limits.max_body) {
-      co_return co_await answer_and_close(c, 413, "request body exceeds limits.max_body");
+      co_return co_await answer_and_close(w->state, c, 413, "request body exceeds limits.max_body");
     }
     size = h.size + static_cast<std::size_t>(*h.content_length);
     if (c->buffer.size() < size) {
@@ -1228,9 +1228,9 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
       });
       size += r.consumed;
       if (too_big) {
-        co_return co_await answer_and_close(c, 413, "request body exceeds limits.max_body");
+        co_return co_await answer_and_close(w->state, c, 413, "request body exceeds limits.max_body");
       }
-      if (r.bad) co_return co_await answer_and_close(c, 400, "malformed chunked request body");
+      if (r.bad) co_return co_await answer_and_close(w->state, c, 400, "malformed chunked request body");
       if (r.done) break;
       if (!co_await send_continue(c, &continue_sent, cfg.timeouts.idle)) co_return ReadResult::kClosed;
       if (co_await read_more(c, kClientRead, deadline)) co_return ReadResult::kClosed;
@@ -1244,6 +1244,16 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
   c->body = h.chunked ? std::string_view(c->chunked_body)
                       : c->buffer.data().substr(h.size, size - h.size);
   co_return ReadResult::kRequest;
+}
+
+// Scrapes, probes and the status page: read-only looks at the gateway.
+bool is_monitoring(std::string_view path) noexcept {
+  return path == "/metrics" || path == "/health" || path == "/ready" || path == "/" || path == "/status";
+}
+
+// The gateway's own endpoints: monitoring and the admin API.
+bool is_control_plane(std::string_view path) noexcept {
+  return is_monitoring(path) || path == "/admin" || path.starts_with("/admin/");
 }
 
 }  // namespace
@@ -1272,18 +1282,24 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
       c.sock.cap_at(Clock::time_point::max());  // the previous request's timeouts.total is done with
       if (co_await read_request(w, &c) != ReadResult::kRequest) break;
 
-      InflightGuard inflight(state.inflight_requests);
-      bool keep_alive = false;
       const auto& h = c.head;
+      const auto path = h.target.substr(0, h.target.find('?'));
+      // Scrapes, probes, the status page and admin calls are not traffic: they do not count in
+      // infergate_requests_total, and monitoring does not count in flight either (a scrape would
+      // see itself). Admin calls do, so that a shutdown lets a broadcast finish.
+      const bool control = is_control_plane(path);
+      std::optional<InflightGuard> inflight;
+      if (!is_monitoring(path)) inflight.emplace(state.inflight_requests);
+      bool keep_alive = false;
       const bool head_only = iequals(h.method, "HEAD");
       RouteDecision decision;
-      const auto path = h.target.substr(0, h.target.find('?'));
       if (listener == Listener::kMetricsOnly && path != "/metrics" && path != "/health") {
         decision = error_response(404, "this listener (metrics.listen) serves /metrics and /health only");
       } else {
         decision = route(state, RequestView{h.method, h.target, h.find("authorization"), c.body});
       }
       if (auto* local = std::get_if<LocalResponse>(&decision)) {
+        if (!control) state.count_response(local->status);
         keep_alive = co_await write_local(&c, std::move(*local), h.version_minor, h.keep_alive(), head_only, "");
       } else if (auto* broadcast = std::get_if<BroadcastRequest>(&decision)) {
         auto answer = broadcast_response(co_await run_broadcast(w, std::move(*broadcast)));

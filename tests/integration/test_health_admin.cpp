@@ -16,6 +16,7 @@
 
 using namespace infergate::test;
 using ::testing::HasSubstr;
+using ::testing::StartsWith;
 using json = nlohmann::json;
 
 namespace {
@@ -291,6 +292,31 @@ TEST(MetricsTest, LiveScrapePassesPromtool) {
   Process promtool("/bin/sh", {"-c", "promtool check metrics < " + path.string() + " && echo PROMTOOL_OK"});
   EXPECT_NO_THROW(promtool.wait_for_line(std::regex("PROMTOOL_OK"), 20s)) << promtool.errors();
   std::filesystem::remove(path);
+}
+
+// infergate_requests_total counts what the gateway refuses itself (malformed HTTP, oversized
+// bodies, unknown paths), and neither it nor infergate_inflight_requests counts scrapes and probes
+// (a scrape used to see itself in flight).
+TEST(MetricsTest, RequestsTotalCountsTheGatewaysOwnRefusalsAndNotScrapes) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "limits.max_body=1KiB"});
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "healthy"; }, 10s));
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(http_request(gw.port, "GET", "/health").status, 200);
+    EXPECT_EQ(http_request(gw.port, "GET", "/ready").status, 200);
+  }
+  const auto scrape = http_request(gw.port, "GET", "/metrics").body;
+  EXPECT_THAT(scrape, HasSubstr("\ninfergate_inflight_requests 0\n"));
+  EXPECT_EQ(metric(gw.port, "infergate_requests_total", "code=\"2xx\""), 0);
+  EXPECT_EQ(metric(gw.port, "infergate_requests_total", "code=\"4xx\""), 0);
+
+  EXPECT_THAT(raw_exchange(gw.port, "NOT HTTP AT ALL\r\n\r\n"), StartsWith("HTTP/1.1 400 "));
+  EXPECT_THAT(raw_exchange(gw.port, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n"),
+              StartsWith("HTTP/1.1 413 "));
+  EXPECT_EQ(http_request(gw.port, "GET", "/no/such/path").status, 404);
+  EXPECT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false)).status, 200);
+  EXPECT_EQ(metric(gw.port, "infergate_requests_total", "code=\"4xx\""), 3);
+  EXPECT_EQ(metric(gw.port, "infergate_requests_total", "code=\"2xx\""), 1);
 }
 
 TEST(StatusPageTest, HeadlessChromiumSeesOneRowPerBackendAndAnUnhealthyOne) {
