@@ -1,6 +1,7 @@
 #include "discovery/health_checker.hpp"
 
 #include "discovery/http1.hpp"
+#include "discovery/resolve.hpp"
 #include "discovery/timed_socket.hpp"
 
 #include <spdlog/spdlog.h>
@@ -40,6 +41,9 @@ struct ProbeConnection {
   http1::Head head;
   std::string request;
   Clock::time_point deadline;  // of the current exchange
+  // The backend's addresses, looked up once and again only after a connect fails: a name
+  // server that stops answering then costs nothing while the backend is reachable.
+  std::vector<tcp::endpoint> endpoints;
 };
 
 constexpr std::size_t kProbeBodyLimit = 4 * 1024 * 1024;
@@ -51,12 +55,17 @@ void close_probe_connection(ProbeConnection& c) {
 }
 
 net::awaitable<beast::error_code> connect_probe(ProbeConnection& c, const BackendInfo& info) {
-  tcp::resolver resolver(c.sock.socket().get_executor());
-  auto [rec, endpoints] = co_await resolver.async_resolve(info.host, std::to_string(info.port), kTuple);
-  if (rec) co_return rec;
+  if (c.endpoints.empty()) {
+    auto [rec, results] =
+        co_await resolve_by(c.sock.socket().get_executor(), info.host, std::to_string(info.port), c.deadline);
+    if (rec) co_return rec;
+    for (const auto& r : results) c.endpoints.push_back(r.endpoint());
+  }
   c.sock.arm_at(c.deadline);
-  auto [cec, ep] = co_await net::async_connect(c.sock.socket(), endpoints, kTuple);
-  co_return c.sock.settle(cec);
+  auto [cec, ep] = co_await net::async_connect(c.sock.socket(), c.endpoints, kTuple);
+  auto ec = c.sock.settle(cec);
+  if (ec) c.endpoints.clear();  // the address may have moved
+  co_return ec;
 }
 
 // Reads one response into `c.head` (and its body into `body` when wanted). Returns whether the

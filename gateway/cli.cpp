@@ -1,15 +1,19 @@
 #include "gateway/cli.hpp"
 
+#include "discovery/resolve.hpp"
+
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
 
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
 #include "discovery/discovery.hpp"
+#include "discovery/resolve.hpp"
 #include "gateway/server.hpp"
 
 #ifndef INFERGATE_VERSION
@@ -238,7 +242,16 @@ int run_cli(int argc, char** argv) {
                   static_cast<unsigned>(server.metrics_port()));
     }
     std::fflush(stdout);
-    return server.run();
+    const int code = server.run();
+    if (const int lookups = discovery::lookups_in_flight(); lookups > 0) {
+      // Destroying the server joins Asio's lookup threads, and a lookup whose name server does
+      // not answer would hold the exit for as long as resolv.conf allows. All else is done.
+      spdlog::warn("{} DNS lookup(s) still unanswered; exiting without waiting for them", lookups);
+      spdlog::shutdown();
+      std::fflush(stdout);
+      std::_Exit(code);
+    }
+    return code;
   } catch (const std::exception& e) {
     spdlog::critical("{}", e.what());
     return 1;

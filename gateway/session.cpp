@@ -15,6 +15,7 @@
 #include <boost/container/small_vector.hpp>
 
 #include "discovery/http1.hpp"
+#include "discovery/resolve.hpp"
 #include "gateway/errors.hpp"
 #include "gateway/router.hpp"
 #include "gateway/usage_scanner.hpp"
@@ -251,10 +252,15 @@ net::awaitable<beast::error_code> connect_upstream(Worker* w, const discovery::B
   const auto& info = backend->info();
   auto it = w->resolved.find(backend->index());
   if (it == w->resolved.end()) {
-    tcp::resolver resolver(w->io);
-    auto [rec, results] =
-        co_await resolver.async_resolve(info.host, std::to_string(info.port), kTuple);
-    if (rec) co_return rec;
+    // Within timeouts.connect, like the connect itself: a DNS server that does not answer is a
+    // failed attempt (retried elsewhere), not a request that waits on it.
+    auto [rec, results] = co_await discovery::resolve_by(w->io.get_executor(), info.host, std::to_string(info.port),
+                                                         coarse_now() + w->state->config.timeouts.connect);
+    if (rec == beast::error::timeout) {
+      spdlog::warn("DNS lookup of {} did not finish within timeouts.connect ({}ms)", info.host,
+                   w->state->config.timeouts.connect.count());
+    }
+    if (rec) co_return rec;  // a timeout is reported as a connect timeout
     std::vector<tcp::endpoint> endpoints;
     for (const auto& r : results) endpoints.push_back(r.endpoint());
     it = w->resolved.emplace(backend->index(), std::move(endpoints)).first;

@@ -51,12 +51,16 @@ Process::Process(const std::string& binary, std::vector<std::string> args, std::
   if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe failed");
 
   // The child's environment: ours minus Slurm's variables (a test must not see the real job's),
-  // plus `env` overrides.
+  // plus `env`, which replaces what it names.
   std::vector<std::string> environment;
+  auto overridden = [&env](const std::string& kv) {
+    const auto name = kv.substr(0, kv.find('=') + 1);
+    return std::any_of(env.begin(), env.end(), [&name](const std::string& o) { return o.rfind(name, 0) == 0; });
+  };
   for (char** e = environ; *e != nullptr; ++e) {
     std::string kv = *e;
     if (kv.rfind("SLURM_", 0) == 0 || kv.rfind("INFERGATE_", 0) == 0 || kv.rfind("NUM_TRAINING_NODES=", 0) == 0 ||
-        kv.rfind("INFER_TP=", 0) == 0) {
+        kv.rfind("INFER_TP=", 0) == 0 || overridden(kv)) {
       continue;
     }
     environment.push_back(kv);

@@ -283,6 +283,37 @@ TEST(ProxyTest, AnswersBadGatewayNamingEveryBackendTriedWhenOneWasNotJustUnavail
   EXPECT_THAT(j["error"]["message"].get<std::string>(), HasSubstr(bad_gateway[0].id()));
 }
 
+// A DNS server that stops answering for a backend's host: the lookup counts against
+// timeouts.connect like the connect itself, so the request is retried on another backend
+// instead of waiting on getaddrinfo. (The shim answers the health checker's first lookup, so
+// the backend is healthy, and hangs every later one.)
+TEST(ProxyTest, AHangingDnsLookupIsAConnectTimeoutAndRetriedElsewhere) {
+  auto unresolvable = start_mock();
+  auto good = start_mocks(1);
+  std::string asan = std::getenv("ASAN_OPTIONS") != nullptr ? std::getenv("ASAN_OPTIONS") : "";
+  auto gw = start_gateway(
+      concat({"--backend", "http://dns-hangs.test:" + std::to_string(unresolvable.port)},
+             concat(backend_args(good), {"--set", "timeouts.connect=400ms", "--set", "passive.failures=1000"})),
+      {"LD_PRELOAD=" INFERGATE_HANGING_RESOLVER, "IG_TEST_HANG_HOST=dns-hangs.test",
+       "IG_TEST_HANG_AFTER=1", "ASAN_OPTIONS=" + asan + (asan.empty() ? "" : ":") + "verify_asan_link_order=0"});
+  wait_healthy(gw, 2);
+  for (int i = 0; i < 4; ++i) {
+    const auto started = Clock::now();
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {}, 10s);
+    ASSERT_EQ(r.status, 200) << r.error << r.body;
+    EXPECT_EQ(r.header("X-Backend"), good[0].id());
+    EXPECT_LT(Clock::now() - started, 3s);
+  }
+  EXPECT_TRUE(poll_until(
+      [&] { return gw.process->errors().find("DNS lookup of dns-hangs.test did not finish") != std::string::npos; },
+      5s))
+      << gw.process->errors();
+  // Exiting does not wait for the unanswered lookups either.
+  const auto stopping = Clock::now();
+  EXPECT_EQ(gw.process->signal_and_wait(SIGTERM, 10s), 0);
+  EXPECT_LT(Clock::now() - stopping, 3s);
+}
+
 TEST(ProxyTest, RetriesAfterResetBeforeAnyResponseByte) {
   auto dropping = start_mocks(1, {"--drop-request"});
   auto good = start_mocks(1);

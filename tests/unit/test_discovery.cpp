@@ -142,3 +142,48 @@ TEST(RegistryTest, AddRemoveKeepsIndexesStable) {
   EXPECT_EQ(registry.find("h:3"), c);
   EXPECT_EQ(registry.find("h:1"), nullptr);
 }
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include "discovery/resolve.hpp"
+
+namespace {
+
+std::pair<boost::beast::error_code, std::vector<boost::asio::ip::tcp::endpoint>> resolve_now(std::string host,
+                                                                                              std::string port) {
+  boost::asio::io_context io;
+  std::pair<boost::beast::error_code, std::vector<boost::asio::ip::tcp::endpoint>> out;
+  boost::asio::co_spawn(io, resolve_by(io.get_executor(), host, port, std::chrono::steady_clock::now() + std::chrono::seconds(5)),
+                        [&out](std::exception_ptr, auto result) {
+                          out.first = result.first;
+                          for (const auto& r : result.second) out.second.push_back(r.endpoint());
+                        });
+  io.run();
+  return out;
+}
+
+}  // namespace
+
+// Addresses are not looked up: they must not queue behind a name whose server does not answer.
+TEST(ResolveTest, AddressesNeedNoLookup) {
+  const auto before = lookups_in_flight();
+  auto [ec, endpoints] = resolve_now("127.0.0.1", "9000");
+  EXPECT_FALSE(ec) << ec.message();
+  ASSERT_EQ(endpoints.size(), 1u);
+  EXPECT_EQ(endpoints[0].port(), 9000);
+  EXPECT_TRUE(endpoints[0].address().is_loopback());
+  auto [ec6, endpoints6] = resolve_now("::1", "9001");
+  EXPECT_FALSE(ec6);
+  ASSERT_EQ(endpoints6.size(), 1u);
+  EXPECT_TRUE(endpoints6[0].address().is_v6());
+  EXPECT_TRUE(resolve_now("127.0.0.1", "70000").first);
+  EXPECT_EQ(lookups_in_flight(), before);
+}
+
+TEST(ResolveTest, NamesAreLookedUpAndCountedUntilAnswered) {
+  auto [ec, endpoints] = resolve_now("localhost", "9000");
+  EXPECT_FALSE(ec) << ec.message();
+  EXPECT_FALSE(endpoints.empty());
+  EXPECT_EQ(lookups_in_flight(), 0);
+}
