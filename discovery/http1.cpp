@@ -55,11 +55,13 @@ Parse bad(Head& out, std::string_view why) {
   return Parse::kBad;
 }
 
-// Whether a field's value is acceptable: no line breaks or NULs (a bare LF inside a line is a
-// smuggling vector).
+// Whether a field's value is acceptable (RFC 9110 5.5): visible characters, spaces, tabs and
+// obs-text; no control characters (a bare LF inside a line is a smuggling vector, and a backend
+// may drop the connection on the others).
 bool valid_value(std::string_view value) noexcept {
   for (char c : value) {
-    if (c == '\n' || c == '\0' || c == '\r') return false;
+    const auto u = static_cast<unsigned char>(c);
+    if ((u < 0x20 && c != '\t') || u == 0x7f) return false;
   }
   return true;
 }
@@ -87,11 +89,22 @@ Parse note_field(std::string_view name, std::string_view value, Head& out, bool 
       break;
     case 't':
       if (iequals(name, "transfer-encoding")) {
+        // A request must say exactly `chunked`, once: the gateway re-frames the body and
+        // cannot pass on a coding it did not apply. A response may stack codings before
+        // `chunked` (relayed as they are).
         std::string_view last;
-        for_each_token(value, [&](std::string_view t) { last = t; });
-        out.chunked = iequals(last, "chunked");
+        unsigned tokens = 0;
+        for_each_token(value, [&](std::string_view t) {
+          last = t;
+          ++tokens;
+        });
+        ++out.encoding_fields;
+        out.chunked = iequals(last, "chunked") && (!is_request || (tokens == 1 && out.encoding_fields == 1));
         out.other_encoding = !out.chunked;
       }
+      break;
+    case 'h':
+      if (is_request && iequals(name, "host")) ++out.host_fields;
       break;
     case 'e':
       if (is_request && iequals(name, "expect") && iequals(value, "100-continue")) out.expect_continue = true;
@@ -99,6 +112,39 @@ Parse note_field(std::string_view name, std::string_view value, Head& out, bool 
     default:
       break;
   }
+  return Parse::kComplete;
+}
+
+Parse parse_request_line(std::string_view line, Head& out) {
+  const auto sp1 = line.find(' ');
+  if (sp1 == std::string_view::npos) return bad(out, "malformed request line");
+  const auto sp2 = line.find(' ', sp1 + 1);
+  if (sp2 == std::string_view::npos) return bad(out, "malformed request line");
+  out.method = line.substr(0, sp1);
+  out.target = line.substr(sp1 + 1, sp2 - sp1 - 1);
+  if (!is_token(out.method)) return bad(out, "invalid request method");
+  if (out.target.empty()) return bad(out, "empty request target");
+  for (char c : out.target) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u <= ' ' || u >= 0x7f) return bad(out, "invalid character in the request target");
+  }
+  if (!parse_version(line.substr(sp2 + 1), out.version_minor)) return bad(out, "unsupported HTTP version");
+  return Parse::kComplete;
+}
+
+Parse parse_status_line(std::string_view line, Head& out) {
+  if (line.size() < 12 || !parse_version(line.substr(0, 8), out.version_minor) || line[8] != ' ') {
+    return bad(out, "malformed status line");
+  }
+  unsigned status = 0;
+  for (std::size_t i = 9; i < 12; ++i) {
+    if (line[i] < '0' || line[i] > '9') return bad(out, "malformed status code");
+    status = status * 10 + static_cast<unsigned>(line[i] - '0');
+  }
+  if (status < 100 || status > 599) return bad(out, "malformed status code");
+  if (line.size() > 12 && line[12] != ' ') return bad(out, "malformed status line");
+  out.status = status;
+  out.reason = line.size() > 13 ? line.substr(13) : std::string_view{};
   return Parse::kComplete;
 }
 
@@ -112,8 +158,19 @@ Parse parse_head(std::string_view data, std::size_t max_head, bool is_request, H
     while (pos + 1 < data.size() && pos < 8 && data[pos] == '\r' && data[pos + 1] == '\n') pos += 2;
   }
   const std::size_t limit = std::min(data.size(), max_head);
-  const auto incomplete = [&] { return data.size() >= max_head ? Parse::kTooLarge : Parse::kIncomplete; };
   bool first = true;
+  // What is missing is still to come, unless what came already cannot start a valid head: a
+  // bare-LF line, or (for a request) a method that is not a token, e.g. a TLS handshake, are
+  // answered at once rather than after timeouts.client_header.
+  const auto incomplete = [&]() -> Parse {
+    if (pos < limit && std::memchr(data.data() + pos, '\n', limit - pos) != nullptr) return bad(out, "bad line ending");
+    if (first && is_request) {
+      for (std::size_t i = pos; i < limit && data[i] != ' '; ++i) {
+        if (!kToken[static_cast<unsigned char>(data[i])]) return bad(out, "invalid request method");
+      }
+    }
+    return data.size() >= max_head ? Parse::kTooLarge : Parse::kIncomplete;
+  };
   for (;;) {
     if (pos >= limit) return incomplete();
     const void* cr = std::memchr(data.data() + pos, '\r', limit - pos);
@@ -124,6 +181,10 @@ Parse parse_head(std::string_view data, std::size_t max_head, bool is_request, H
     const auto line = data.substr(pos, eol - pos);
     pos = eol + 2;
     if (first) {
+      // Checked now, before the fields arrive: HTTP/0.9 or a garbled line is answered at once.
+      if (auto r = is_request ? parse_request_line(line, out) : parse_status_line(line, out); r != Parse::kComplete) {
+        return r;
+      }
       start_line = line;
       first = false;
       continue;
@@ -147,14 +208,15 @@ Parse parse_head(std::string_view data, std::size_t max_head, bool is_request, H
     if (auto r = note_field(name, value, out, is_request); r != Parse::kComplete) return r;
   }
   out.size = pos;
-  if (start_line.find('\n') != std::string_view::npos) return bad(out, "bad line ending");
   if (out.chunked || out.other_encoding) {
     if (is_request && out.content_length) {
       return bad(out, "both Content-Length and Transfer-Encoding");  // a smuggling attempt
     }
-    if (is_request && out.other_encoding) return bad(out, "unsupported Transfer-Encoding");
+    if (out.other_encoding) return bad(out, "unsupported Transfer-Encoding");
     out.content_length.reset();  // a response's Transfer-Encoding overrides Content-Length
   }
+  if (is_request && out.host_fields > 1) return bad(out, "more than one Host field");
+  if (is_request && out.host_fields == 0 && out.version_minor >= 1) return bad(out, "missing Host field");
   return Parse::kComplete;
 }
 
@@ -192,39 +254,13 @@ bool Head::has(std::string_view name) const noexcept {
 Parse parse_request(std::string_view data, std::size_t max_head, Head& out) {
   reset(out);
   std::string_view line;
-  if (auto r = parse_head(data, max_head, true, out, line); r != Parse::kComplete) return r;
-  const auto sp1 = line.find(' ');
-  if (sp1 == std::string_view::npos) return bad(out, "malformed request line");
-  const auto sp2 = line.find(' ', sp1 + 1);
-  if (sp2 == std::string_view::npos) return bad(out, "malformed request line");
-  out.method = line.substr(0, sp1);
-  out.target = line.substr(sp1 + 1, sp2 - sp1 - 1);
-  if (!is_token(out.method)) return bad(out, "invalid request method");
-  if (out.target.empty()) return bad(out, "empty request target");
-  for (char c : out.target) {
-    if (static_cast<unsigned char>(c) <= ' ' || c == 0x7f) return bad(out, "invalid character in the request target");
-  }
-  if (!parse_version(line.substr(sp2 + 1), out.version_minor)) return bad(out, "unsupported HTTP version");
-  return Parse::kComplete;
+  return parse_head(data, max_head, true, out, line);
 }
 
 Parse parse_response(std::string_view data, std::size_t max_head, Head& out) {
   reset(out);
   std::string_view line;
-  if (auto r = parse_head(data, max_head, false, out, line); r != Parse::kComplete) return r;
-  if (line.size() < 12 || !parse_version(line.substr(0, 8), out.version_minor) || line[8] != ' ') {
-    return bad(out, "malformed status line");
-  }
-  unsigned status = 0;
-  for (std::size_t i = 9; i < 12; ++i) {
-    if (line[i] < '0' || line[i] > '9') return bad(out, "malformed status code");
-    status = status * 10 + static_cast<unsigned>(line[i] - '0');
-  }
-  if (status < 100) return bad(out, "malformed status code");
-  if (line.size() > 12 && line[12] != ' ') return bad(out, "malformed status line");
-  out.status = status;
-  out.reason = line.size() > 13 ? line.substr(13) : std::string_view{};
-  return Parse::kComplete;
+  return parse_head(data, max_head, false, out, line);
 }
 
 bool is_hop_by_hop(std::string_view name, std::string_view connection) noexcept {

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -46,6 +47,8 @@ struct Head {
   bool connection_close = false;
   bool connection_keep_alive = false;
   bool expect_continue = false;
+  unsigned host_fields = 0;        // Host fields seen (a request needs exactly one in HTTP/1.1)
+  unsigned encoding_fields = 0;    // Transfer-Encoding fields seen
   std::string_view connection;     // the Connection value (a list), for hop-by-hop names
   std::string_view error;          // for kBad
 
@@ -102,12 +105,15 @@ class ChunkedDecoder {
   State state_ = State::kSize;
   std::uint64_t remaining_ = 0;
   unsigned digits_ = 0;
+  std::size_t extension_bytes_ = 0;
   std::size_t trailer_bytes_ = 0;
+  bool trailer_colon_ = false;  // the current trailer line has its colon
 };
 
 template <typename OnData>
 ChunkedDecoder::Result ChunkedDecoder::feed(std::string_view in, OnData&& on_data) {
   constexpr std::size_t kMaxTrailer = 64 * 1024;
+  constexpr std::size_t kMaxExtension = 4 * 1024;  // per chunk
   std::size_t i = 0;
   while (i < in.size() && state_ != State::kDone && state_ != State::kBad) {
     const char c = in[i];
@@ -134,13 +140,14 @@ ChunkedDecoder::Result ChunkedDecoder::feed(std::string_view in, OnData&& on_dat
       }
       case State::kExtension:
         if (c == '\r') state_ = State::kSizeLf;
-        else if (c == '\n') state_ = State::kBad;
+        else if (c == '\n' || ++extension_bytes_ > kMaxExtension) state_ = State::kBad;
         ++i;
         break;
       case State::kSizeLf:
         if (c != '\n') { state_ = State::kBad; break; }
         ++i;
         digits_ = 0;
+        extension_bytes_ = 0;
         state_ = remaining_ == 0 ? State::kTrailerStart : State::kData;
         break;
       case State::kData: {
@@ -162,17 +169,24 @@ ChunkedDecoder::Result ChunkedDecoder::feed(std::string_view in, OnData&& on_dat
         state_ = State::kSize;
         break;
       case State::kTrailerStart:
+        // A trailer field starts with its name: a bare LF, a space or a colon here would let a
+        // following request pass for trailer lines.
         if (c == '\r') {
           state_ = State::kFinalLf;
+        } else if (c == '\n' || c == ' ' || c == '\t' || c == ':') {
+          state_ = State::kBad;
+          break;
         } else {
           state_ = State::kTrailerLine;
+          trailer_colon_ = false;
         }
         ++i;
         if (++trailer_bytes_ > kMaxTrailer) state_ = State::kBad;
         break;
       case State::kTrailerLine:
-        if (c == '\r') state_ = State::kTrailerLf;
+        if (c == '\r') state_ = trailer_colon_ ? State::kTrailerLf : State::kBad;
         else if (c == '\n') state_ = State::kBad;
+        else if (c == ':') trailer_colon_ = true;
         ++i;
         if (++trailer_bytes_ > kMaxTrailer) state_ = State::kBad;
         break;
@@ -237,6 +251,13 @@ class ByteBuffer {
     if (begin_ >= end_) begin_ = end_ = 0;
   }
   void clear() noexcept { begin_ = end_ = 0; }
+  // Removes `n` bytes at offset `pos` of data(), moving what follows down: bytes before `pos`
+  // stay where they are (views into them stay valid).
+  void erase(std::size_t pos, std::size_t n) noexcept {
+    if (n == 0) return;
+    std::memmove(buf_.get() + begin_ + pos, buf_.get() + begin_ + pos + n, size() - pos - n);
+    end_ -= n;
+  }
   // Frees the storage when empty (memory for idle connections), or resizes it.
   void release() noexcept {
     if (size() == 0) {

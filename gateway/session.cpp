@@ -1216,30 +1216,33 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     size = h.size + static_cast<std::size_t>(*h.content_length);
     if (c->buffer.size() < size) {
       if (!co_await send_continue(c, &continue_sent, cfg.timeouts.idle)) co_return ReadResult::kClosed;
-      const auto deadline = coarse_now() + cfg.timeouts.idle;
       while (c->buffer.size() < size) {
         // Room for the whole body at once: a 32 KiB prompt is one or two reads, not dozens.
-        if (co_await read_more(c, size - c->buffer.size(), deadline)) co_return ReadResult::kClosed;
+        // timeouts.idle bounds each wait for more bytes, not the whole upload.
+        if (co_await read_more(c, size - c->buffer.size(), coarse_now() + cfg.timeouts.idle)) {
+          co_return ReadResult::kClosed;
+        }
       }
     }
   } else if (h.chunked) {
     c->chunked_body.clear();
     http1::ChunkedDecoder decoder;
     bool too_big = false;
-    const auto deadline = coarse_now() + cfg.timeouts.idle;
     for (;;) {
       auto r = decoder.feed(c->buffer.data().substr(size), [&](std::string_view d) {
         if (c->chunked_body.size() + d.size() > cfg.limits.max_body) too_big = true;
         if (!too_big) c->chunked_body.append(d);
       });
-      size += r.consumed;
+      // The raw chunks are dropped once decoded (the head before them stays put): only the
+      // decoded body, bounded by limits.max_body, is kept, whatever the framing's overhead.
+      c->buffer.erase(size, r.consumed);
       if (too_big) {
         co_return co_await answer_and_close(w->state, c, 413, "request body exceeds limits.max_body");
       }
       if (r.bad) co_return co_await answer_and_close(w->state, c, 400, "malformed chunked request body");
       if (r.done) break;
       if (!co_await send_continue(c, &continue_sent, cfg.timeouts.idle)) co_return ReadResult::kClosed;
-      if (co_await read_more(c, kClientRead, deadline)) co_return ReadResult::kClosed;
+      if (co_await read_more(c, kClientRead, coarse_now() + cfg.timeouts.idle)) co_return ReadResult::kClosed;
     }
   }
   if (c->buffer.data().data() != start) http1::parse_request(c->buffer.data(), max_head, c->head);

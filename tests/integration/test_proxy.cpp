@@ -1,6 +1,8 @@
 // The proxy end to end: real infergate and infergate-mock processes on loopback ports.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <fstream>
 #include <signal.h>
 #include <sys/resource.h>
 #include <arpa/inet.h>
@@ -672,6 +674,41 @@ TEST(ProxyTest, SigtermClosesIdleKeepAliveConnectionsAtOnceAndInFlightAnswersSay
   EXPECT_THAT(busy.received(), HasSubstr("\r\nConnection: close\r\n"));
   EXPECT_TRUE(busy.wait_closed(5s));
   EXPECT_EQ(gw.process->wait_exit(10s), 0);
+}
+
+namespace {
+// The process's peak resident memory so far.
+long peak_resident_kib(int pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stol(line.substr(6));
+  }
+  return -1;
+}
+}  // namespace
+
+// A chunked body costs the gateway its decoded size, not its framing: 1 MiB sent as one-byte
+// chunks (21 MiB on the wire) used to sit whole in the read buffer until the request ended.
+TEST(ProxyTest, ChunkedRequestFramingIsNotKeptInMemory) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  const long before = peak_resident_kib(gw.process->pid());
+  ASSERT_GT(before, 0);
+  constexpr std::size_t kBody = 1 << 20;
+  std::string request = "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+  request.reserve(request.size() + kBody * 20 + 16);
+  for (std::size_t i = 0; i < kBody; ++i) request += "000000000000001\r\na\r\n";
+  request += "0\r\n\r\n";
+  RawConnection client(gw.port);
+  ASSERT_TRUE(client.send(request));
+  ASSERT_TRUE(client.read_until(has_whole_response, 30s)) << client.received().substr(0, 300);
+  EXPECT_THAT(client.received(), StartsWith("HTTP/1.1 200 OK\r\n"));
+  const auto body = client.received().substr(client.received().find("\r\n\r\n") + 4);
+  EXPECT_EQ(body, std::string(kBody, 'a'));
+  const long after = peak_resident_kib(gw.process->pid());
+  EXPECT_LT(after - before, 12 * 1024) << "peak resident memory grew from " << before << " to " << after << " KiB";
 }
 
 TEST(ProxyTest, KeepAliveConnectionCarriesRequestsAfterAStream) {

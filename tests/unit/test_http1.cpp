@@ -31,14 +31,14 @@ TEST(Http1RequestTest, ParsesAPostWithItsFields) {
 
 TEST(Http1RequestTest, KeepAliveFollowsTheVersionAndConnection) {
   Head h;
-  ASSERT_EQ(parse_request("GET / HTTP/1.1\r\nConnection: close\r\n\r\n", 8192, h), Parse::kComplete);
+  ASSERT_EQ(parse_request("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 8192, h), Parse::kComplete);
   EXPECT_FALSE(h.keep_alive());
   ASSERT_EQ(parse_request("GET / HTTP/1.0\r\n\r\n", 8192, h), Parse::kComplete);
   EXPECT_EQ(h.version_minor, 0u);
   EXPECT_FALSE(h.keep_alive());
   ASSERT_EQ(parse_request("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", 8192, h), Parse::kComplete);
   EXPECT_TRUE(h.keep_alive());
-  ASSERT_EQ(parse_request("GET / HTTP/1.1\r\nConnection: keep-alive, X-Hop\r\n\r\n", 8192, h), Parse::kComplete);
+  ASSERT_EQ(parse_request("GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Hop\r\n\r\n", 8192, h), Parse::kComplete);
   EXPECT_TRUE(h.keep_alive());
   EXPECT_TRUE(is_hop_by_hop("x-hop", h.connection));
   EXPECT_TRUE(is_hop_by_hop("Keep-Alive", h.connection));
@@ -57,7 +57,7 @@ TEST(Http1RequestTest, IncompleteUntilTheBlankLineAndTooLargePastTheLimit) {
 
 TEST(Http1RequestTest, SkipsStrayLineBreaksBetweenRequests) {
   Head h;
-  const std::string data = "\r\n\r\nGET /a HTTP/1.1\r\n\r\n";
+  const std::string data = "\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n";
   ASSERT_EQ(parse_request(data, 8192, h), Parse::kComplete) << h.error;
   EXPECT_EQ(h.target, "/a");
   EXPECT_EQ(h.size, data.size());
@@ -91,13 +91,74 @@ TEST(Http1RequestTest, RejectsMalformedHeadsWithAReason) {
 
 TEST(Http1RequestTest, RepeatedEqualContentLengthsAndExpectAreUnderstood) {
   Head h;
-  ASSERT_EQ(parse_request("PUT / HTTP/1.1\r\nContent-Length: 4\r\ncontent-length: 4\r\nExpect: 100-Continue\r\n\r\n",
+  ASSERT_EQ(parse_request("PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\ncontent-length: 4\r\nExpect: 100-Continue\r\n\r\n",
                           8192, h),
             Parse::kComplete);
   EXPECT_EQ(*h.content_length, 4u);
   EXPECT_TRUE(h.expect_continue);
-  ASSERT_EQ(parse_request("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 8192, h), Parse::kComplete);
+  ASSERT_EQ(parse_request("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n", 8192, h), Parse::kComplete);
   EXPECT_TRUE(h.chunked);
+  ASSERT_EQ(parse_request("GET / HTTP/1.0\r\n\r\n", 8192, h), Parse::kComplete);  // 1.0 needs no Host
+}
+
+// The gateway re-frames a request body and forwards the fields: it refuses what it could not
+// pass on faithfully or that a backend could read differently.
+TEST(Http1RequestTest, RejectsWhatABackendCouldReadDifferently) {
+  const std::pair<std::string, const char*> cases[] = {
+      {"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "unsupported Transfer-Encoding"},
+      {"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", "unsupported Transfer-Encoding"},
+      {"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+       "unsupported Transfer-Encoding"},
+      {"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n", "missing Host field"},
+      {"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "more than one Host field"},
+      {"GET / HTTP/1.1\r\nHost: x\r\nX-A: \x01\r\n\r\n", "invalid character in a header field value"},
+      {"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x7f\r\n\r\n", "invalid character in a header field value"},
+      {"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n", "invalid character in the request target"},
+  };
+  for (const auto& [input, why] : cases) {
+    Head h;
+    EXPECT_EQ(parse_request(input, 8192, h), Parse::kBad) << input;
+    EXPECT_EQ(h.error, why) << input;
+  }
+  Head h;
+  ASSERT_EQ(parse_request("GET / HTTP/1.1\r\nHost: x\r\nX-Name: caf\xc3\xa9\t!\r\n\r\n", 8192, h), Parse::kComplete)
+      << h.error;  // obs-text and tabs are allowed in values
+}
+
+// Input that cannot become a valid head is refused as soon as it arrives, not after
+// timeouts.client_header: a TLS handshake, HTTP/0.9, bare-LF lines.
+TEST(Http1RequestTest, HopelessInputIsRefusedBeforeTheHeadIsComplete) {
+  const std::pair<std::string, const char*> cases[] = {
+      {"\x16\x03\x01\x00\xc4\x01", "invalid request method"},
+      {"GET /health\r\n", "malformed request line"},
+      {"POST /echo HTTP/1.1\nHost: x\n", "bad line ending"},
+      {"GET / HTTP/1.1\r\nHost: x\nAccept: y", "bad line ending"},
+      {"GET / HTTP/2.0\r\nHost: x\r\n", "unsupported HTTP version"},
+  };
+  for (const auto& [input, why] : cases) {
+    Head h;
+    EXPECT_EQ(parse_request(input, 8192, h), Parse::kBad) << input;
+    EXPECT_EQ(h.error, why) << input;
+  }
+  Head h;
+  EXPECT_EQ(parse_request("POS", 8192, h), Parse::kIncomplete);
+  EXPECT_EQ(parse_request("POST /v1/completions HTTP/1.1\r\nHo", 8192, h), Parse::kIncomplete);
+}
+
+TEST(Http1ResponseTest, RejectsBareLfUnknownCodingsAndImpossibleStatus) {
+  const std::pair<std::string, const char*> cases[] = {
+      {"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", "bad line ending"},
+      {"HTTP/1.1 999 Odd\r\n\r\n", "malformed status code"},
+      {"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: 5\r\n\r\n", "unsupported Transfer-Encoding"},
+  };
+  for (const auto& [input, why] : cases) {
+    Head h;
+    EXPECT_EQ(parse_response(input, 8192, h), Parse::kBad) << input;
+    EXPECT_EQ(h.error, why) << input;
+  }
+  Head h;
+  ASSERT_EQ(parse_response("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 8192, h), Parse::kComplete);
+  EXPECT_TRUE(h.chunked);  // a backend may stack codings; the client gets them as they are
 }
 
 TEST(Http1ResponseTest, ParsesStatusReasonAndFraming) {
@@ -146,15 +207,34 @@ TEST(Http1ChunkedTest, FindsTheEndAndTheDataWhateverTheSplit) {
 }
 
 TEST(Http1ChunkedTest, RejectsBrokenFraming) {
-  for (const char* input : {"x\r\n", "5\r\nhelloXX", "5\nhello\r\n", "\r\n", "1234567890123456\r\n",
-                            "0\r\nTrailer\n"}) {
+  const std::string long_extension = "5;" + std::string(5000, 'x') + "\r\nhello\r\n";
+  for (const std::string& input : {std::string("x\r\n"), std::string("5\r\nhelloXX"), std::string("5\nhello\r\n"),
+                                  std::string("\r\n"), std::string("1234567890123456\r\n"), std::string("0\r\nTrailer\n"),
+                                  // a bare LF after the last chunk, or a "trailer" without a colon,
+                                  // would let a pipelined request pass for trailer lines
+                                  std::string("5\r\nhello\r\n0\r\n\nGET /health HTTP/1.1\r\n\r\n"),
+                                  std::string("0\r\nGET /health HTTP/1.1\r\n\r\n"), std::string("0\r\n: x\r\n\r\n"),
+                                  long_extension}) {
     ChunkedDecoder d;
-    EXPECT_TRUE(d.feed(input).bad) << input;
+    EXPECT_TRUE(d.feed(input).bad) << input.substr(0, 60);
   }
   ChunkedDecoder empty;
   auto r = empty.feed("0\r\n\r\n");
   EXPECT_TRUE(r.done);
   EXPECT_EQ(r.consumed, 5u);
+}
+
+TEST(Http1BufferTest, EraseKeepsWhatComesBefore) {
+  ByteBuffer b(16);
+  auto [p, room] = b.prepare(12);
+  std::memcpy(p, "HEADrawrawTAIL", 14);
+  b.commit(14);
+  const char* head = b.data().data();
+  b.erase(4, 6);
+  EXPECT_EQ(b.data(), "HEADTAIL");
+  EXPECT_EQ(b.data().data(), head);
+  b.erase(4, 0);
+  EXPECT_EQ(b.data(), "HEADTAIL");
 }
 
 TEST(Http1BufferTest, GrowsCompactsAndReleases) {
