@@ -80,11 +80,12 @@ Parse note_field(std::string_view name, std::string_view value, Head& out, bool 
         if (out.content_length && *out.content_length != n) return bad(out, "conflicting Content-Length fields");
         out.content_length = n;
       } else if (iequals(name, "connection")) {
-        out.connection = value;  // several Connection fields: the last wins for hop-by-hop names
         for_each_token(value, [&](std::string_view t) {
           if (iequals(t, "close")) out.connection_close = true;
           else if (iequals(t, "keep-alive")) out.connection_keep_alive = true;
+          out.connection_options.push_back(t);
         });
+        if (out.connection_options.size() > kMaxConnectionOptions) return bad(out, "too many Connection options");
       }
       break;
     case 't':
@@ -222,9 +223,12 @@ Parse parse_head(std::string_view data, std::size_t max_head, bool is_request, H
 
 void reset(Head& out) {
   auto fields = std::move(out.fields);
+  auto options = std::move(out.connection_options);
   fields.clear();
+  options.clear();
   out = Head{};
   out.fields = std::move(fields);
+  out.connection_options = std::move(options);
 }
 
 }  // namespace
@@ -263,19 +267,19 @@ Parse parse_response(std::string_view data, std::size_t max_head, Head& out) {
   return parse_head(data, max_head, false, out, line);
 }
 
-bool is_hop_by_hop(std::string_view name, std::string_view connection) noexcept {
+bool is_hop_by_hop(std::string_view name, const std::vector<std::string_view>& connection_options) noexcept {
   static constexpr std::array<std::string_view, 7> kHopByHop = {
       "connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization"};
   for (auto h : kHopByHop) {
     if (iequals(name, h)) return true;
   }
-  bool named = false;
-  if (!connection.empty()) {
-    for_each_token(connection, [&](std::string_view t) {
-      if (iequals(t, name)) named = true;
-    });
+  // The framing and the Host are never the sender's to withdraw: dropping Content-Length or
+  // Transfer-Encoding would leave the receiver unable to find the end of the body.
+  if (iequals(name, "content-length") || iequals(name, "transfer-encoding") || iequals(name, "host")) return false;
+  for (auto option : connection_options) {
+    if (iequals(option, name)) return true;
   }
-  return named;
+  return false;
 }
 
 Decimal::Decimal(std::uint64_t v) noexcept : buf{}, start(sizeof(buf)) {

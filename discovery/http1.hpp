@@ -49,7 +49,8 @@ struct Head {
   bool expect_continue = false;
   unsigned host_fields = 0;        // Host fields seen (a request needs exactly one in HTTP/1.1)
   unsigned encoding_fields = 0;    // Transfer-Encoding fields seen
-  std::string_view connection;     // the Connection value (a list), for hop-by-hop names
+  // The options of every Connection field, for hop-by-hop names (at most kMaxConnectionOptions).
+  std::vector<std::string_view> connection_options;
   std::string_view error;          // for kBad
 
   bool keep_alive() const noexcept {
@@ -68,8 +69,12 @@ Parse parse_response(std::string_view data, std::size_t max_head, Head& out);
 bool iequals(std::string_view a, std::string_view b) noexcept;
 
 // True for fields that describe one connection rather than the message (RFC 9110 7.6.1),
-// including those the message's Connection field names.
-bool is_hop_by_hop(std::string_view name, std::string_view connection) noexcept;
+// including those the message's Connection fields name (except the framing and Host).
+bool is_hop_by_hop(std::string_view name, const std::vector<std::string_view>& connection_options) noexcept;
+
+// More Connection options than any client or server needs: the message is refused rather than
+// every field compared with each of them.
+inline constexpr std::size_t kMaxConnectionOptions = 32;
 
 // The decimal text of a number, for building heads without allocating.
 struct Decimal {

@@ -300,7 +300,7 @@ void build_upstream_head(const ClientConnection& c, std::string_view request_id,
   std::string_view forwarded;
   bool has_host = false;
   for (const auto& f : h.fields) {
-    if (http1::is_hop_by_hop(f.name, h.connection)) continue;
+    if (http1::is_hop_by_hop(f.name, h.connection_options)) continue;
     switch (f.name.size()) {
       case 4:
         if (iequals(f.name, "host")) has_host = true;
@@ -797,12 +797,25 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   append_status_line(head, client_minor, rh.status, rh.reason);
   bool has_id = false;
   for (const auto& f : rh.fields) {
-    if (http1::is_hop_by_hop(f.name, rh.connection)) continue;
+    if (http1::is_hop_by_hop(f.name, rh.connection_options)) continue;
     if (dechunk && iequals(f.name, "transfer-encoding")) continue;
     // Chunked framing wins over a Content-Length sent alongside (RFC 9112 6.3), and a message
     // must not carry both: the client would frame the body by whichever it trusts.
     if (kind == Kind::kChunked && iequals(f.name, "content-length")) continue;
-    if (!has_id && iequals(f.name, "x-request-id")) has_id = true;
+    if (!has_id && iequals(f.name, "x-request-id")) {
+      // A backend that echoes the id shows which request it answers. Another id means the
+      // connection is out of step (the backend sent a response nobody asked for, which arrived
+      // late): this answer belongs to someone else and must not reach this client.
+      if (f.value != request_id) {
+        out.kind = AttemptOutcome::kFailed;
+        out.status = 0;
+        out.error = "the backend answered another request (X-Request-ID " + std::string(f.value.substr(0, 64)) +
+                    "): its connection was out of step";
+        *upstream_reusable = false;
+        co_return out;
+      }
+      has_id = true;
+    }
     append_field(head, f.name, f.value);
   }
   if (!has_id) append_field(head, "X-Request-ID", request_id);

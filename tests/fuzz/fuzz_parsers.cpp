@@ -36,7 +36,8 @@ void check_head(const http1::Head& h, std::string_view data) {
   require(h.size <= data.size());
   const auto head = data.substr(0, h.size);
   require(inside(h.method, head) && inside(h.target, head) && inside(h.reason, head));
-  require(inside(h.connection, head));
+  require(h.connection_options.size() <= http1::kMaxConnectionOptions);
+  for (auto option : h.connection_options) require(inside(option, head));
   for (const auto& f : h.fields) require(inside(f.name, head) && inside(f.value, head));
   require(!(h.chunked && h.other_encoding));
 }

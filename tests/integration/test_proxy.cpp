@@ -513,6 +513,31 @@ TEST(ProxyTest, AContentLengthBesideChunkedFramingIsDropped) {
 
 // A malformed chunk before any byte reached the client is an ordinary failed attempt: retried on
 // another backend, or answered with a 502 and an error body, never an empty reply.
+// A backend that answers a request twice puts its connection one answer behind: the extra
+// answer comes after the connection went back to the pool, and would be taken for the next
+// request's. When the backend echoes X-Request-ID, the gateway sees the mismatch: the next client
+// never gets another's answer (a 502 here, with only that backend to try).
+TEST(ProxyTest, AnAnswerCarryingAnotherRequestsIdNeverReachesTheClient) {
+  auto liar = start_mocks(1, {"--lie", "answer-twice"});
+  auto gw = start_gateway(concat(backend_args(liar), {"--set", "passive.failures=1000"}));
+  wait_healthy(gw, 1);
+  int out_of_step = 0;
+  for (int i = 0; i < 6; ++i) {
+    const std::string id = "req-" + std::to_string(i);
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {{"X-Request-ID", id}});
+    if (r.status == 502) {
+      EXPECT_THAT(r.body, HasSubstr("out of step"));
+      ++out_of_step;
+      continue;
+    }
+    ASSERT_EQ(r.status, 200) << r.body;
+    EXPECT_EQ(r.header("X-Request-ID"), id);
+    EXPECT_THAT(r.body, HasSubstr("\"cmpl-" + id + "\""));
+  }
+  EXPECT_GE(out_of_step, 1) << "the liar's extra answers were never caught";
+  EXPECT_GE(json::parse(http_request(liar[0].port, "GET", "/mock/stats").body)["lies"].get<int>(), 1);
+}
+
 TEST(ProxyTest, AMalformedChunkBeforeAnyByteIsRetriedOrAnswered502) {
   auto liar = start_mocks(1, {"--lie", "bad-chunk"});
   auto good = start_mocks(1);

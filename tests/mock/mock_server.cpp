@@ -56,7 +56,7 @@ struct Stats {
   std::uint64_t requests = 0;  // completion-like requests
   std::int64_t open_connections = 0;
   std::uint64_t cancelled = 0;  // streams whose client went away before the end
-  std::uint64_t lies = 0;       // --lie extra-bytes: stray bytes written after a response
+  std::uint64_t lies = 0;       // --lie extra-bytes / answer-twice: stray responses written
 };
 
 struct Server {
@@ -72,7 +72,7 @@ struct Server {
             << "usage: infergate-mock [--host H] [--port P] [--port-count K] [--model M] [--tokens N]\n"
                "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE] [--retry-after S]\n"
                "  [--seed S] [--hang] [--hang-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
-               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk] [--quiet]\n";
+               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice] [--quiet]\n";
   std::exit(2);
 }
 
@@ -114,8 +114,8 @@ Options parse_options(int argc, char** argv) {
     else if (a == "--close-after") o.close_after = static_cast<int>(parse_long(a, value(), 1, 1000000000));
     else if (a == "--lie") {
       o.lie = value();
-      if (o.lie != "extra-bytes" && o.lie != "cl-and-te" && o.lie != "bad-chunk") {
-        usage_error("--lie: expected extra-bytes, cl-and-te or bad-chunk");
+      if (o.lie != "extra-bytes" && o.lie != "cl-and-te" && o.lie != "bad-chunk" && o.lie != "answer-twice") {
+        usage_error("--lie: expected extra-bytes, cl-and-te, bad-chunk or answer-twice");
       }
     } else if (a == "--quiet") o.quiet = true;
     else usage_error("unknown flag '" + a + "'");
@@ -324,9 +324,22 @@ net::awaitable<bool> stream_completion(Server* server, tcp::socket* socket, Comp
 using Response = http::response<http::string_body>;
 
 // --lie: answers `body` with broken framing. Returns whether the connection stays usable.
-net::awaitable<bool> tell_lie(Server* server, tcp::socket& socket, const std::string& body) {
+net::awaitable<bool> tell_lie(Server* server, tcp::socket& socket, const std::string& body,
+                              const std::string& request_id) {
   const auto& lie = server->options.lie;
   std::string out = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n";
+  if (!request_id.empty()) out += "X-Request-ID: " + request_id + "\r\n";
+  if (lie == "answer-twice") {
+    // The whole answer, and 100 ms later the same answer again, nobody having asked: the next
+    // request on this connection would be answered with this one's.
+    out += "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+    auto [ec, n] = co_await net::async_write(socket, net::buffer(out), kTuple);
+    if (ec) co_return false;
+    co_await sleep_for(std::chrono::milliseconds(100));
+    auto [sec, sn] = co_await net::async_write(socket, net::buffer(out), kTuple);
+    if (!sec) ++server->stats.lies;
+    co_return !sec;
+  }
   if (lie == "bad-chunk") {
     out += "Transfer-Encoding: chunked\r\n\r\nzz\r\n";
     co_await net::async_write(socket, net::buffer(out), kTuple);
@@ -458,7 +471,7 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
         }
         res = make_response(http::status::ok, full_completion(c, completion_id));
         if (!o.lie.empty()) {
-          keep_open = co_await tell_lie(server, socket, res.body()) && req.keep_alive();
+          keep_open = co_await tell_lie(server, socket, res.body(), request_id) && req.keep_alive();
           ++served;
           if (!keep_open) break;
           continue;

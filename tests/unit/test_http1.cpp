@@ -40,10 +40,30 @@ TEST(Http1RequestTest, KeepAliveFollowsTheVersionAndConnection) {
   EXPECT_TRUE(h.keep_alive());
   ASSERT_EQ(parse_request("GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Hop\r\n\r\n", 8192, h), Parse::kComplete);
   EXPECT_TRUE(h.keep_alive());
-  EXPECT_TRUE(is_hop_by_hop("x-hop", h.connection));
-  EXPECT_TRUE(is_hop_by_hop("Keep-Alive", h.connection));
+  EXPECT_TRUE(is_hop_by_hop("x-hop", h.connection_options));
+  EXPECT_TRUE(is_hop_by_hop("Keep-Alive", h.connection_options));
   EXPECT_TRUE(is_hop_by_hop("Proxy-Authorization", {}));
-  EXPECT_FALSE(is_hop_by_hop("Authorization", h.connection));
+  EXPECT_FALSE(is_hop_by_hop("Authorization", h.connection_options));
+}
+
+// A Connection field may withdraw fields from the next hop, but never the framing: a response
+// without its Content-Length or Transfer-Encoding could not be read to its end.
+TEST(Http1RequestTest, ConnectionOptionsNeverWithdrawTheFraming) {
+  Head h;
+  ASSERT_EQ(parse_response("HTTP/1.1 200 OK\r\nConnection: content-length, Transfer-Encoding, host, x-a\r\n"
+                           "Connection: X-B\r\nContent-Length: 5\r\n\r\n",
+                           8192, h),
+            Parse::kComplete)
+      << h.error;
+  EXPECT_FALSE(is_hop_by_hop("Content-Length", h.connection_options));
+  EXPECT_FALSE(is_hop_by_hop("transfer-encoding", h.connection_options));
+  EXPECT_FALSE(is_hop_by_hop("Host", h.connection_options));
+  EXPECT_TRUE(is_hop_by_hop("X-A", h.connection_options));
+  EXPECT_TRUE(is_hop_by_hop("x-b", h.connection_options));  // every Connection field counts
+  std::string many = "GET / HTTP/1.1\r\nHost: x\r\nConnection: a";
+  for (std::size_t i = 0; i < kMaxConnectionOptions; ++i) many += ",a";
+  EXPECT_EQ(parse_request(many + "\r\n\r\n", 1 << 20, h), Parse::kBad);
+  EXPECT_EQ(h.error, "too many Connection options");
 }
 
 TEST(Http1RequestTest, IncompleteUntilTheBlankLineAndTooLargePastTheLimit) {
