@@ -1,5 +1,7 @@
 #include "gateway/router.hpp"
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -135,6 +137,14 @@ RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::str
     }
     b.path = (*body)["path"].get<std::string>();
     if (b.path.empty() || b.path.front() != '/') return error_response(400, "path must start with '/'");
+    // It becomes the request line sent to every backend: spaces, line breaks or other bytes
+    // outside visible ASCII would let the body smuggle requests of its own.
+    if (std::any_of(b.path.begin(), b.path.end(), [](char c) {
+          const auto u = static_cast<unsigned char>(c);
+          return u <= ' ' || u >= 0x7f;
+        })) {
+      return error_response(400, "path must be visible ASCII, without spaces (percent-encode the rest)");
+    }
     if (b.method != "GET" && b.method != "POST" && b.method != "PUT" && b.method != "DELETE") {
       return error_response(400, "method must be GET, POST, PUT or DELETE");
     }

@@ -215,6 +215,15 @@ TEST(AdminTest, BroadcastReachesEveryHealthyBackend) {
   auto typed = http_request(gw.port, "POST", "/admin/broadcast", R"({"method":5,"path":"/x"})");
   EXPECT_EQ(typed.status, 400) << typed.error;
   EXPECT_TRUE(json::parse(typed.body, nullptr, false).contains("error")) << typed.body;
+  // The path becomes each backend's request line: one that would smuggle a second request in is
+  // refused, and no backend sees anything.
+  const json smuggler = {{"method", "POST"},
+                         {"path", "/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\nPOST /v1/smuggled"},
+                         {"body", {{"a", 1}}}};
+  auto refused = http_request(gw.port, "POST", "/admin/broadcast", smuggler.dump());
+  EXPECT_EQ(refused.status, 400);
+  EXPECT_THAT(refused.body, HasSubstr("visible ASCII"));
+  for (const auto& m : mocks) EXPECT_EQ(posted_to(m), 1);
 }
 
 // A retried request's time to first token belongs to the backend that answered, from its own
