@@ -1327,8 +1327,11 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
         auto answer = broadcast_response(co_await run_broadcast(w, std::move(*broadcast)));
         keep_alive = co_await write_local(&c, std::move(answer), h.version_minor, h.keep_alive(), head_only, "");
       } else {
+        // The client's id is kept when it is short visible ASCII; it goes into logs and headers.
         auto id = h.find("x-request-id");
-        if (id.empty() || id.size() > 200) {
+        if (id.empty() || id.size() > 200 || std::any_of(id.begin(), id.end(), [](char ch) {
+              return static_cast<unsigned char>(ch) <= ' ' || static_cast<unsigned char>(ch) >= 0x7f;
+            })) {
           make_request_id(*w, c.request_id);
         } else {
           c.request_id.assign(id);

@@ -157,3 +157,28 @@ TEST(CliTest, ServesWithBackendsFromSlurmVariables) {
   EXPECT_EQ(r.status, 200);
   EXPECT_EQ(r.header("X-Backend"), "127.0.0.1:" + std::to_string(mock.port));
 }
+
+// Targets and request ids reach the log: with --log-format json every line must stay one JSON
+// object whose keys the gateway chose, whatever a client puts in them.
+TEST(CliTest, JsonLogLinesStayJsonWhateverTheClientSends) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url(), "--log-format", "json", "--set", "log.access=true"});
+  ASSERT_TRUE(poll_until([&] { return http_request(gw.port, "GET", "/ready").status == 200; }, 10s));
+  auto forged = raw_exchange(gw.port,
+                             "GET /v1/x\",\"level\":\"critical\",\"forged\":\"yes HTTP/1.1\r\nHost: x\r\n"
+                             "X-Request-ID: id\"with\\quotes\r\nConnection: close\r\n\r\n");
+  ASSERT_THAT(forged, HasSubstr("HTTP/1.1 "));
+  ASSERT_TRUE(poll_until([&] { return gw.process->errors().find("forged") != std::string::npos; }, 5s))
+      << gw.process->errors();
+  std::istringstream lines(gw.process->errors());
+  std::string line;
+  int parsed = 0;
+  while (std::getline(lines, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    ASSERT_TRUE(j.is_object()) << line;
+    EXPECT_FALSE(j.contains("forged")) << line;
+    EXPECT_NE(j["level"], "critical") << line;
+    ++parsed;
+  }
+  EXPECT_GT(parsed, 2);
+}
