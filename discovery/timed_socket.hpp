@@ -48,11 +48,12 @@ class DeadlineList {
   // on_slow() on every hook still waiting.
   void sweep(std::chrono::steady_clock::time_point now);
   std::size_t size() const noexcept { return size_; }
-  // For a graceful shutdown: ends every wait for a next request (see TimedSocket::
-  // waiting_between_requests) on a connection whose client has sent nothing yet, so idle
-  // keep-alive clients see the close at once instead of when the process exits. A connection
+  // Ends waits for a next request (see TimedSocket::waiting_between_requests) on connections
+  // whose client has sent nothing yet, at most `max` of them; returns how many. A graceful
+  // shutdown ends them all, so idle keep-alive clients see the close at once instead of when
+  // the process exits; at the connection limit a few make room for new clients. A connection
   // with bytes already in its socket buffer is left to read and serve them.
-  void end_waits_between_requests() noexcept;
+  std::size_t end_waits_between_requests(std::size_t max = static_cast<std::size_t>(-1)) noexcept;
 
   // The next sweep calls hook.on_slow() unless remove_slow() comes first: work that only long
   // exchanges need (most requests finish well within one sweep interval).
@@ -223,18 +224,21 @@ inline void DeadlineList::sweep(std::chrono::steady_clock::time_point now) {
   }
 }
 
-inline void DeadlineList::end_waits_between_requests() noexcept {
-  for (auto* head : {head_, far_head_}) {
-    for (auto* s = head; s != nullptr;) {
+inline std::size_t DeadlineList::end_waits_between_requests(std::size_t max) noexcept {
+  std::size_t ended = 0;
+  for (auto* head : {far_head_, head_}) {  // the far list first: waits with the most time left
+    for (auto* s = head; s != nullptr && ended < max;) {
       auto* next = s->next_;
       char byte = 0;
       if (s->between_requests_ &&
           ::recv(s->socket_.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN) {
         s->expire();
+        ++ended;
       }
       s = next;
     }
   }
+  return ended;
 }
 
 }  // namespace infergate

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 
@@ -64,6 +65,9 @@ struct GatewayState {
   const std::string discovery_how;  // said in 503 answers when there is no backend
   const RetryPolicy retry;
   discovery::HealthChecker* health = nullptr;  // set by the server before serving
+  // Set by the server: asks every worker to close a few connections idle between requests (at
+  // the connection limit, to make room for clients waiting to be accepted).
+  std::function<void()> reclaim_idle_connections;
 
   // Requests the gateway answered, by status class: 0: 1xx-3xx ("2xx"), 1: 4xx, 2: 5xx.
   std::array<std::atomic<std::uint64_t>, 3> requests_by_class{};

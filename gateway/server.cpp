@@ -26,6 +26,8 @@ constexpr auto kTuple = net::as_tuple(net::use_awaitable);
 // connection's place is taken within this long, at no cost while below the limit.
 constexpr auto kConnectionRoomPoll = std::chrono::milliseconds(5);
 constexpr auto kLimitWarningEvery = std::chrono::seconds(10);
+constexpr std::size_t kReclaimAtLimit = 16;
+constexpr int kReclaimEveryPolls = 20;  // 100 ms
 
 // Takes a connection slot, waiting while none is free (or until shutdown: then it holds none).
 // Clients that arrive meanwhile wait in the listen backlog, with nothing lost.
@@ -33,18 +35,23 @@ net::awaitable<ConnectionSlot> take_connection_slot(Worker* w, std::chrono::stea
   auto& state = *w->state;
   auto slot = ConnectionSlot::try_take(state.connection_slots, state.max_client_connections);
   if (slot) co_return slot;
+  // Idle keep-alive connections (and silent new ones) make room, a few at a time, as nginx
+  // does: a client waiting for its first answer matters more than one that may send again.
+  if (state.reclaim_idle_connections) state.reclaim_idle_connections();
   const auto now = std::chrono::steady_clock::now();
   if (now - *last_warning >= kLimitWarningEvery) {
     *last_warning = now;
-    spdlog::warn("all {} client connection slots are taken (limits.max_client_connections): new clients wait "
-                 "in the listen backlog until a connection closes",
+    spdlog::warn("all {} client connection slots are taken (limits.max_client_connections): idle connections "
+                 "are closed to make room; new clients wait in the listen backlog until a connection closes",
                  state.max_client_connections);
   }
   net::steady_timer pause(w->io);
-  while (!slot && !state.stopping.load(std::memory_order_relaxed)) {
+  for (int polls = 1; !slot && !state.stopping.load(std::memory_order_relaxed); ++polls) {
     pause.expires_after(kConnectionRoomPoll);
     co_await pause.async_wait(kTuple);
     slot = ConnectionSlot::try_take(state.connection_slots, state.max_client_connections);
+    // Connections busy a moment ago may be idle now: look again now and then.
+    if (!slot && polls % kReclaimEveryPolls == 0 && state.reclaim_idle_connections) state.reclaim_idle_connections();
   }
   co_return slot;
 }
@@ -141,6 +148,13 @@ struct Server::Impl {
     for (int i = 0; i < n; ++i) {
       workers.push_back(std::make_unique<Worker>(state, static_cast<std::size_t>(i)));
     }
+    // Each worker walks its own connections, on its own thread.
+    state.reclaim_idle_connections = [this] {
+      for (auto& w : workers) {
+        Worker* worker = w.get();
+        net::post(worker->io, [worker] { worker->deadlines.end_waits_between_requests(kReclaimAtLimit); });
+      }
+    };
   }
 
   GatewayState state;

@@ -69,6 +69,7 @@ struct ClientConnection final : SlowHook {
   std::string chunked_body;     // a chunked request body, de-chunked
   std::size_t request_size = 0; // bytes of `buffer` the current request occupies
   bool request_released = false;
+  std::uint64_t requests = 0;   // read on this connection so far
   std::string upstream_head;    // the request head as backends get it (kept for retries), and a
                                 // small body copied behind it (see kCoalesceMax)
   std::size_t upstream_head_size = 0;  // of the head alone
@@ -1202,7 +1203,9 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     Clock::time_point deadline;
     const bool between_requests = c->buffer.size() == 0;
     if (between_requests) {
-      deadline = coarse_now() + cfg.timeouts.client_idle;
+      // A new connection has timeouts.client_header to start its first request, as for the
+      // rest of the head: only a connection that was answered may idle for client_idle.
+      deadline = coarse_now() + (c->requests == 0 ? cfg.timeouts.client_header : cfg.timeouts.client_idle);
     } else {
       if (!header_deadline) header_deadline = coarse_now() + cfg.timeouts.client_header;
       deadline = *header_deadline;
@@ -1261,6 +1264,7 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
   if (c->buffer.data().data() != start) http1::parse_request(c->buffer.data(), max_head, c->head);
   c->request_size = size;
   c->request_released = false;
+  ++c->requests;
   c->method = h.method;
   c->target = h.target;
   c->body = h.chunked ? std::string_view(c->chunked_body)

@@ -996,8 +996,11 @@ TEST(ProxyTest, AQueuedBurstPastTheConnectionLimitIsServedAsClientsLeave) {
   EXPECT_EQ(served, kClients);
 }
 
+// At the limit, busy connections keep their places and the next client waits in the listen
+// backlog; once they are idle between requests, idle ones are closed to make room (as nginx
+// does), so idle keep-alive clients cannot lock new ones out.
 TEST(ProxyTest, ClientsPastMaxClientConnectionsWaitInTheBacklogAndAreServed) {
-  auto mock = start_mock();
+  auto mock = start_mock({"--tokens", "20", "--token-delay-ms", "50"});  // a second per answer
   auto gw = start_gateway({"--backend", mock.url(), "--set", "limits.max_client_connections=2", "--set",
                            "metrics.listen=127.0.0.1:0"});
   const int metrics_port =
@@ -1016,13 +1019,12 @@ TEST(ProxyTest, ClientsPastMaxClientConnectionsWaitInTheBacklogAndAreServed) {
   net::io_context io;
   auto first = connect_client(io, gw.port);
   send_chat(*first);
-  ASSERT_EQ(read_status(*first), 200u);
   auto second = connect_client(io, gw.port);
   send_chat(*second);
-  ASSERT_EQ(read_status(*second), 200u);
-  EXPECT_EQ(gauge("infergate_client_connections"), 2);
+  ASSERT_TRUE(poll_until([&] { return gauge("infergate_client_connections") == 2; }, 5s));
 
-  // A third client connects (the kernel queues it) and sends its request: not yet answered.
+  // A third client connects (the kernel queues it) and sends its request: not answered while
+  // the two others wait for theirs.
   auto third = connect_client(io, gw.port);
   send_chat(*third);
   pollfd pending{third->native_handle(), POLLIN, 0};
@@ -1030,11 +1032,32 @@ TEST(ProxyTest, ClientsPastMaxClientConnectionsWaitInTheBacklogAndAreServed) {
   EXPECT_EQ(gauge("infergate_client_connections"), 2);
   EXPECT_THAT(gw.process->errors(), HasSubstr("limits.max_client_connections"));
 
-  // One held client leaves: the waiting one is accepted and served, nothing lost.
-  first->close();
-  EXPECT_EQ(read_status(*third), 200u);
-  send_chat(*second);  // the held connection still works
+  // Both are answered and idle: one is closed to make room, and the waiting client is served,
+  // nothing lost.
+  EXPECT_EQ(read_status(*first), 200u);
   EXPECT_EQ(read_status(*second), 200u);
+  EXPECT_EQ(read_status(*third), 200u);
+  auto closed = [](net::ip::tcp::socket& sock) {
+    pollfd p{sock.native_handle(), POLLIN, 0};
+    char byte = 0;
+    return ::poll(&p, 1, 2000) == 1 && ::recv(sock.native_handle(), &byte, 1, MSG_PEEK) == 0;
+  };
+  EXPECT_TRUE(closed(*first) || closed(*second)) << "neither idle connection was closed to make room";
+}
+
+// A connection that never sends a byte has timeouts.client_header, like a slow head; only a
+// connection that was answered may idle for timeouts.client_idle.
+TEST(ProxyTest, ASilentNewConnectionGetsTheHeaderTimeoutNotTheIdleOne) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "timeouts.client_header=300ms", "--set",
+                           "timeouts.client_idle=1h"});
+  wait_healthy(gw, 1);
+  RawConnection silent(gw.port);
+  EXPECT_TRUE(silent.wait_closed(3s)) << "a silent connection was kept past timeouts.client_header";
+  RawConnection answered(gw.port);
+  ASSERT_TRUE(answered.send("GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+  ASSERT_TRUE(answered.read_until(has_whole_response));
+  EXPECT_FALSE(answered.wait_closed(1s)) << "an answered keep-alive connection was closed before timeouts.client_idle";
 }
 
 // timeouts.total limits each request, not the connection: a keep-alive client idle past the
