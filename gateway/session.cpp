@@ -479,7 +479,9 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
     }
     const bool timed_out = wec == beast::error::timeout;
     if (timed_out && conn->sock.past_cap()) co_return over_total_outcome(cfg);
-    std::string why = wec.message();
+    std::string why = wec == net::error::eof                ? "the backend closed the connection without answering"
+                      : wec == net::error::connection_reset ? "the backend reset the connection without answering"
+                                                             : wec.message();
     if (timed_out) {
       why = request_sent ? "no response within timeouts.first_byte (" + std::to_string(cfg.timeouts.first_byte.count()) + "ms)"
                          : "the backend took no request bytes within timeouts.idle (" +
@@ -1184,7 +1186,8 @@ net::awaitable<beast::error_code> read_more(ClientConnection* c, std::size_t min
 // Clients holding back a large body until told to send it (curl does above 1 MiB) get
 // "100 Continue" once, when the gateway first needs the body.
 net::awaitable<bool> send_continue(ClientConnection* c, bool* sent, std::chrono::milliseconds timeout) {
-  if (!c->head.expect_continue || *sent) co_return true;
+  // An HTTP/1.0 client cannot take an interim answer (RFC 9110 10.1.1): it just sends the body.
+  if (!c->head.expect_continue || c->head.version_minor == 0 || *sent) co_return true;
   *sent = true;
   static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
   co_return !co_await write_all(c->sock, net::buffer(kContinue.data(), kContinue.size()), timeout);
@@ -1262,6 +1265,19 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     }
   }
   if (c->buffer.data().data() != start) http1::parse_request(c->buffer.data(), max_head, c->head);
+  if (iequals(h.method, "CONNECT")) co_return co_await answer_and_close(w->state, c, 405, "CONNECT is not supported");
+  // An absolute-form target (RFC 9112 3.2.2, what a client configured for a forward proxy sends)
+  // is routed and forwarded by its path, like any other.
+  if (h.target.size() > 7 && h.target[0] != '/' && (h.target[4] == ':' || h.target[5] == ':')) {
+    const auto scheme_end = h.target.find("://");
+    if (scheme_end == 4 || scheme_end == 5) {
+      const auto scheme = h.target.substr(0, scheme_end);
+      if (iequals(scheme, "http") || iequals(scheme, "https")) {
+        const auto path = h.target.find('/', scheme_end + 3);
+        h.target = path == std::string_view::npos ? std::string_view("/") : h.target.substr(path);
+      }
+    }
+  }
   c->request_size = size;
   c->request_released = false;
   ++c->requests;

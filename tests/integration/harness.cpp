@@ -367,12 +367,13 @@ std::string raw_exchange(int port, const std::string& bytes, std::chrono::millis
 
 struct RawConnection::Impl {
   net::io_context io;
-  beast::tcp_stream stream{io};
+  tcp::socket socket{io};
+  net::steady_timer timer{io};
 };
 
 RawConnection::RawConnection(int port) : impl_(std::make_unique<Impl>()) {
   beast::error_code ec;
-  impl_->stream.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), static_cast<unsigned short>(port)), ec);
+  impl_->socket.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), static_cast<unsigned short>(port)), ec);
   closed_ = static_cast<bool>(ec);
 }
 
@@ -380,10 +381,11 @@ RawConnection::~RawConnection() = default;
 
 bool RawConnection::send(const std::string& bytes) {
   beast::error_code ec;
-  net::write(impl_->stream.socket(), net::buffer(bytes), ec);
+  net::write(impl_->socket, net::buffer(bytes), ec);
   return !ec;
 }
 
+// A timeout cancels the read and leaves the connection open (unlike beast::tcp_stream's).
 bool RawConnection::read_until(const std::function<bool(const std::string&)>& done, std::chrono::milliseconds timeout) {
   const auto until = Clock::now() + timeout;
   char buf[16 * 1024];
@@ -391,18 +393,22 @@ bool RawConnection::read_until(const std::function<bool(const std::string&)>& do
     bool finished = false;
     beast::error_code ec;
     std::size_t got = 0;
-    impl_->stream.expires_at(until);
-    impl_->stream.async_read_some(net::buffer(buf), [&](beast::error_code e, std::size_t n) {
+    impl_->timer.expires_at(until);
+    impl_->timer.async_wait([this](beast::error_code e) {
+      if (!e) impl_->socket.cancel();
+    });
+    impl_->socket.async_read_some(net::buffer(buf), [&](beast::error_code e, std::size_t n) {
       ec = e;
       got = n;
       finished = true;
+      impl_->timer.cancel();
     });
     impl_->io.run();
     impl_->io.restart();
     if (!finished) break;
     received_.append(buf, got);
-    if (ec == beast::error::timeout) break;
-    if (ec) closed_ = true;  // EOF or reset
+    if (ec == net::error::operation_aborted) break;  // the timeout
+    if (ec) closed_ = true;                          // EOF or reset
   }
   return done(received_);
 }

@@ -736,6 +736,36 @@ TEST(ProxyTest, ChunkedRequestFramingIsNotKeptInMemory) {
   EXPECT_LT(after - before, 12 * 1024) << "peak resident memory grew from " << before << " to " << after << " KiB";
 }
 
+// A client set up for a forward proxy sends absolute-form targets: routed by their path like
+// any other. CONNECT is refused; an HTTP/1.0 client is not sent an interim 100 Continue.
+TEST(ProxyTest, AbsoluteFormTargetsAreRoutedByTheirPathAndConnectIsRefused) {
+  auto mocks = start_mocks(2);
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 2);
+  auto models = raw_exchange(gw.port, "GET http://gateway.example:8000/v1/models HTTP/1.1\r\nHost: x\r\n"
+                                      "Connection: close\r\n\r\n");
+  ASSERT_THAT(models, StartsWith("HTTP/1.1 200 OK\r\n"));
+  EXPECT_THAT(models, HasSubstr("\"object\":\"list\""));
+  EXPECT_THAT(models, Not(HasSubstr("X-Backend:")));  // the gateway's merged list, not one backend's
+  const auto body = chat_body(false);
+  auto chat = raw_exchange(gw.port, "POST HTTP://gateway.example/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                    "Content-Type: application/json\r\nConnection: close\r\nContent-Length: " +
+                                        std::to_string(body.size()) + "\r\n\r\n" + body);
+  EXPECT_THAT(chat, StartsWith("HTTP/1.1 200 OK\r\n"));
+  EXPECT_THAT(chat, HasSubstr("chat.completion"));
+  EXPECT_THAT(raw_exchange(gw.port, "CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n"),
+              StartsWith("HTTP/1.1 405 "));
+  // The head first, the body after a pause: an HTTP/1.1 client would be told to go on.
+  RawConnection old_client(gw.port);
+  ASSERT_TRUE(old_client.send("POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                              "Expect: 100-continue\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n"));
+  EXPECT_FALSE(old_client.read_until([](const std::string& got) { return !got.empty(); }, 300ms))
+      << old_client.received();
+  ASSERT_TRUE(old_client.send(body));
+  ASSERT_TRUE(old_client.read_until(has_whole_response));
+  EXPECT_THAT(old_client.received(), StartsWith("HTTP/1.0 200 OK\r\n"));
+}
+
 TEST(ProxyTest, KeepAliveConnectionCarriesRequestsAfterAStream) {
   auto mocks = start_mocks(1, {"--tokens", "3"});
   auto gw = start_gateway(backend_args(mocks));
