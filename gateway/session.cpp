@@ -1199,10 +1199,20 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
   const auto& cfg = w->state->config;
   const std::size_t max_head = cfg.limits.max_header;
   std::optional<Clock::time_point> header_deadline;
-  http1::Parse parsed;
+  http1::Parse parsed = http1::Parse::kIncomplete;
+  // Once the request line has passed, the head is parsed again only when its end may have come:
+  // a head sent a few bytes at a time would otherwise be parsed from its start on every read.
+  std::size_t searched = 0;  // bytes known not to hold the blank line
+  bool request_line_seen = false;
   for (;;) {
-    parsed = http1::parse_request(c->buffer.data(), max_head, c->head);
-    if (parsed != http1::Parse::kIncomplete) break;
+    const auto data = c->buffer.data();
+    if (!request_line_seen || data.size() >= max_head ||
+        data.find("\r\n\r\n", searched > 3 ? searched - 3 : 0) != std::string_view::npos) {
+      parsed = http1::parse_request(data, max_head, c->head);
+      if (parsed != http1::Parse::kIncomplete) break;
+      request_line_seen = data.find("\r\n") != std::string_view::npos;
+    }
+    searched = data.size();
     Clock::time_point deadline;
     const bool between_requests = c->buffer.size() == 0;
     if (between_requests) {
