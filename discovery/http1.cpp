@@ -146,6 +146,8 @@ Parse parse_status_line(std::string_view line, Head& out) {
   if (line.size() > 12 && line[12] != ' ') return bad(out, "malformed status line");
   out.status = status;
   out.reason = line.size() > 13 ? line.substr(13) : std::string_view{};
+  // The reason is relayed: a bare LF in it would give the client a line of the backend's making.
+  if (!valid_value(out.reason)) return bad(out, "invalid character in the status line");
   return Parse::kComplete;
 }
 
@@ -167,6 +169,7 @@ Parse parse_head(std::string_view data, std::size_t max_head, bool is_request, H
     if (pos < limit && std::memchr(data.data() + pos, '\n', limit - pos) != nullptr) return bad(out, "bad line ending");
     if (first && is_request) {
       for (std::size_t i = pos; i < limit && data[i] != ' '; ++i) {
+        if (data[i] == '\r' && i + 1 == limit) break;  // maybe half of a stray CRLF
         if (!kToken[static_cast<unsigned char>(data[i])]) return bad(out, "invalid request method");
       }
     }

@@ -89,6 +89,11 @@ struct Decimal {
 // out the data bytes (for a request body, or a client that cannot read chunked).
 class ChunkedDecoder {
  public:
+  // A character of a field name (an RFC 9110 token).
+  static constexpr bool is_name_char(char c) noexcept {
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+           std::string_view("!#$%&'*+-.^_`|~").find(c) != std::string_view::npos;
+  }
   struct Result {
     std::size_t consumed = 0;  // bytes of `in` that belong to this body
     bool done = false;
@@ -174,11 +179,11 @@ ChunkedDecoder::Result ChunkedDecoder::feed(std::string_view in, OnData&& on_dat
         state_ = State::kSize;
         break;
       case State::kTrailerStart:
-        // A trailer field starts with its name: a bare LF, a space or a colon here would let a
-        // following request pass for trailer lines.
+        // A trailer field starts with its name, a token: anything else here (a bare LF, a
+        // request line) would let what follows pass for trailer lines.
         if (c == '\r') {
           state_ = State::kFinalLf;
-        } else if (c == '\n' || c == ' ' || c == '\t' || c == ':') {
+        } else if (!is_name_char(c)) {
           state_ = State::kBad;
           break;
         } else {
@@ -192,6 +197,7 @@ ChunkedDecoder::Result ChunkedDecoder::feed(std::string_view in, OnData&& on_dat
         if (c == '\r') state_ = trailer_colon_ ? State::kTrailerLf : State::kBad;
         else if (c == '\n') state_ = State::kBad;
         else if (c == ':') trailer_colon_ = true;
+        else if (!trailer_colon_ && !is_name_char(c)) state_ = State::kBad;  // the name is a token
         ++i;
         if (++trailer_bytes_ > kMaxTrailer) state_ = State::kBad;
         break;

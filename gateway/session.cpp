@@ -755,7 +755,8 @@ void StreamRelay::finish(AttemptOutcome::Kind kind, std::string error) {
   beast::error_code ignored;
   client_->socket().cancel(ignored);  // ends the watch
   if (out_.keep_alive && !state.stopping.load(std::memory_order_relaxed)) {
-    net::co_spawn(w_->io, run_client_session(w_, std::move(client_->socket()), Listener::kGateway, std::move(slot_)),
+    net::co_spawn(w_->io,
+                  run_client_session(w_, std::move(client_->socket()), Listener::kGateway, std::move(slot_), true),
                   net::detached);
   } else {
     client_->socket().shutdown(tcp::socket::shutdown_send, ignored);
@@ -806,14 +807,16 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
     // must not carry both: the client would frame the body by whichever it trusts.
     if (kind == Kind::kChunked && iequals(f.name, "content-length")) continue;
     if (!has_id && iequals(f.name, "x-request-id")) {
-      // A backend that echoes the id shows which request it answers. Another id means the
-      // connection is out of step (the backend sent a response nobody asked for, which arrived
-      // late): this answer belongs to someone else and must not reach this client.
-      if (f.value != request_id) {
+      // A backend that echoes the id shows which request it answers. The id of the request
+      // answered before on this connection means the connection is out of step (the backend
+      // sent an answer nobody asked for, which arrived late): this answer belongs to someone
+      // else and must not reach this client. (A backend that makes up its own ids never
+      // repeats the previous request's.)
+      if (f.value == up->previous_request_id && f.value != request_id) {
         out.kind = AttemptOutcome::kFailed;
         out.status = 0;
-        out.error = "the backend answered another request (X-Request-ID " + std::string(f.value.substr(0, 64)) +
-                    "): its connection was out of step";
+        out.error = "the backend answered the previous request on this connection again (X-Request-ID " +
+                    up->previous_request_id + "): the connection was out of step";
         *upstream_reusable = false;
         co_return out;
       }
@@ -822,6 +825,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
     append_field(head, f.name, f.value);
   }
   if (!has_id) append_field(head, "X-Request-ID", request_id);
+  up->previous_request_id.assign(request_id);
   if (!plan.keep_alive && client_minor >= 1) append_field(head, "Connection", "close");
   if (plan.keep_alive && client_minor == 0) append_field(head, "Connection", "keep-alive");
   head += kCrlf;
@@ -1193,6 +1197,16 @@ net::awaitable<bool> send_continue(ClientConnection* c, bool* sent, std::chrono:
   co_return !co_await write_all(c->sock, net::buffer(kContinue.data(), kContinue.size()), timeout);
 }
 
+// Whether the bytes after `searched` may end the head (a blank line) or make it malformed (a
+// bare LF), so that parsing it again can tell something new.
+bool may_end_head(std::string_view data, std::size_t searched) {
+  for (auto i = data.find('\n', searched); i != std::string_view::npos; i = data.find('\n', i + 1)) {
+    if (i == 0 || data[i - 1] != '\r') return true;                              // a bare LF
+    if (i >= 3 && data[i - 2] == '\n' && data[i - 3] == '\r') return true;       // CRLF CRLF
+  }
+  return false;
+}
+
 // Reads one request: its head into `c->head`, its body into `c->body`. The head's views point
 // into the buffer, so the head is parsed again if reading the body moved the buffer.
 net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
@@ -1202,15 +1216,15 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
   http1::Parse parsed = http1::Parse::kIncomplete;
   // Once the request line has passed, the head is parsed again only when its end may have come:
   // a head sent a few bytes at a time would otherwise be parsed from its start on every read.
-  std::size_t searched = 0;  // bytes known not to hold the blank line
+  std::size_t searched = 0;  // bytes known not to hold the blank line or a bare LF
   bool request_line_seen = false;
   for (;;) {
     const auto data = c->buffer.data();
-    if (!request_line_seen || data.size() >= max_head ||
-        data.find("\r\n\r\n", searched > 3 ? searched - 3 : 0) != std::string_view::npos) {
+    if (!request_line_seen || data.size() >= max_head || may_end_head(data, searched)) {
       parsed = http1::parse_request(data, max_head, c->head);
       if (parsed != http1::Parse::kIncomplete) break;
-      request_line_seen = data.find("\r\n") != std::string_view::npos;
+      const auto start = data.find_first_not_of("\r\n");  // past stray CRLFs between requests
+      request_line_seen = start != std::string_view::npos && data.find("\r\n", start) != std::string_view::npos;
     }
     searched = data.size();
     Clock::time_point deadline;
@@ -1310,7 +1324,8 @@ bool is_control_plane(std::string_view path) noexcept {
 
 }  // namespace
 
-net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener listener, ConnectionSlot slot) {
+net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener listener, ConnectionSlot slot,
+                                        bool answered_before) {
   GatewayState& state = *w->state;
   // infergate_client_connections counts the gateway port's clients, not metrics.listen scrapers.
   struct ConnectionCount {
@@ -1326,6 +1341,7 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
   socket.non_blocking(true, ec);  // for read_directly and send_now
   auto remote = socket.remote_endpoint(ec);
   ClientConnection c(w, std::move(socket));
+  c.requests = answered_before ? 1 : 0;
   c.client_ip = ec ? std::string("unknown") : remote.address().to_string();
 
   try {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <chrono>
+#include <string>
 #include <cstddef>
 #include <memory>
 #include <vector>
@@ -20,6 +21,9 @@ struct UpstreamConnection {
   http1::ByteBuffer buffer;
   http1::Head head;
   std::chrono::steady_clock::time_point idle_since{};
+  // The X-Request-ID of the last request answered on this connection: an answer that carries
+  // it again was not asked for (see relay_response).
+  std::string previous_request_id;
 };
 
 class UpstreamPool {

@@ -538,6 +538,18 @@ TEST(ProxyTest, AnAnswerCarryingAnotherRequestsIdNeverReachesTheClient) {
   EXPECT_GE(json::parse(http_request(liar[0].port, "GET", "/mock/stats").body)["lies"].get<int>(), 1);
 }
 
+// Backends (or routers in front of them) that answer with ids of their own are not out of step.
+TEST(ProxyTest, ABackendWithItsOwnRequestIdsIsServedNormally) {
+  auto mocks = start_mocks(1, {"--own-request-ids"});
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  for (int i = 0; i < 4; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    ASSERT_EQ(r.status, 200) << r.body;
+    EXPECT_THAT(r.header("X-Request-ID"), StartsWith("mock-own-"));
+  }
+}
+
 TEST(ProxyTest, AMalformedChunkBeforeAnyByteIsRetriedOrAnswered502) {
   auto liar = start_mocks(1, {"--lie", "bad-chunk"});
   auto good = start_mocks(1);
@@ -764,6 +776,20 @@ TEST(ProxyTest, AbsoluteFormTargetsAreRoutedByTheirPathAndConnectIsRefused) {
   ASSERT_TRUE(old_client.send(body));
   ASSERT_TRUE(old_client.read_until(has_whole_response));
   EXPECT_THAT(old_client.received(), StartsWith("HTTP/1.0 200 OK\r\n"));
+}
+
+// A head that arrives in pieces is refused as soon as a piece makes it malformed (a bare LF
+// after a good request line), not after timeouts.client_header.
+TEST(ProxyTest, AHeadGoingBadInALaterPieceIsRefusedAtOnce) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(concat(backend_args(mocks), {"--set", "timeouts.client_header=30s"}));
+  wait_healthy(gw, 1);
+  RawConnection client(gw.port);
+  ASSERT_TRUE(client.send("GET /health HTTP/1.1\r\nHost: x\r\n"));
+  EXPECT_FALSE(client.read_until([](const std::string& got) { return !got.empty(); }, 200ms));
+  ASSERT_TRUE(client.send("Accept: y\n\n"));
+  ASSERT_TRUE(client.read_until(has_whole_response, 3s)) << client.received();
+  EXPECT_THAT(client.received(), StartsWith("HTTP/1.1 400 "));
 }
 
 TEST(ProxyTest, KeepAliveConnectionCarriesRequestsAfterAStream) {
@@ -1087,7 +1113,14 @@ TEST(ProxyTest, ASilentNewConnectionGetsTheHeaderTimeoutNotTheIdleOne) {
   RawConnection answered(gw.port);
   ASSERT_TRUE(answered.send("GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
   ASSERT_TRUE(answered.read_until(has_whole_response));
+  // After a streamed answer too (its relay hands the connection back to a new session).
+  RawConnection streamed(gw.port);
+  const auto body = chat_body(true);
+  ASSERT_TRUE(streamed.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body));
+  ASSERT_TRUE(streamed.read_until([](const std::string& got) { return got.find("\r\n0\r\n\r\n") != std::string::npos; }));
   EXPECT_FALSE(answered.wait_closed(1s)) << "an answered keep-alive connection was closed before timeouts.client_idle";
+  EXPECT_FALSE(streamed.wait_closed(100ms)) << "a connection answered with a stream was closed before timeouts.client_idle";
 }
 
 // timeouts.total limits each request, not the connection: a keep-alive client idle past the

@@ -45,6 +45,7 @@ struct Options {
   bool drop_request = false;  // close the connection on a completion request without answering
   int drop_delay_ms = 0;      // ... this long after reading it (a crash mid-generation)
   int close_after = 0;  // close each connection silently after N requests (0: never)
+  bool own_request_ids = false;  // answer with ids of its own instead of echoing X-Request-ID
   // A backend that lies about framing, on non-streamed completions: "extra-bytes" (bytes past
   // the promised body, in a later write), "cl-and-te" (Content-Length and chunked at once),
   // "bad-chunk" (a malformed chunk size before any body byte).
@@ -72,7 +73,7 @@ struct Server {
             << "usage: infergate-mock [--host H] [--port P] [--port-count K] [--model M] [--tokens N]\n"
                "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE] [--retry-after S]\n"
                "  [--seed S] [--hang] [--hang-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
-               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice] [--quiet]\n";
+               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice] [--own-request-ids] [--quiet]\n";
   std::exit(2);
 }
 
@@ -112,6 +113,7 @@ Options parse_options(int argc, char** argv) {
     else if (a == "--drop-request") o.drop_request = true;
     else if (a == "--drop-delay-ms") o.drop_delay_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
     else if (a == "--close-after") o.close_after = static_cast<int>(parse_long(a, value(), 1, 1000000000));
+    else if (a == "--own-request-ids") o.own_request_ids = true;
     else if (a == "--lie") {
       o.lie = value();
       if (o.lie != "extra-bytes" && o.lie != "cl-and-te" && o.lie != "bad-chunk" && o.lie != "answer-twice") {
@@ -489,7 +491,11 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
     }
     if (!streamed) {
       res.set("X-Backend", self);
-      if (!request_id.empty()) res.set("X-Request-ID", request_id);
+      if (o.own_request_ids) {
+        res.set("X-Request-ID", "mock-own-" + std::to_string(served));
+      } else if (!request_id.empty()) {
+        res.set("X-Request-ID", request_id);
+      }
       res.keep_alive(req.keep_alive());
       res.prepare_payload();
       auto [wec, wn] = co_await http::async_write(socket, res, kTuple);

@@ -162,6 +162,7 @@ TEST(Http1RequestTest, HopelessInputIsRefusedBeforeTheHeadIsComplete) {
   }
   Head h;
   EXPECT_EQ(parse_request("POS", 8192, h), Parse::kIncomplete);
+  EXPECT_EQ(parse_request("\r", 8192, h), Parse::kIncomplete);  // half of a stray CRLF between requests
   EXPECT_EQ(parse_request("POST /v1/completions HTTP/1.1\r\nHo", 8192, h), Parse::kIncomplete);
 }
 
@@ -169,6 +170,7 @@ TEST(Http1ResponseTest, RejectsBareLfUnknownCodingsAndImpossibleStatus) {
   const std::pair<std::string, const char*> cases[] = {
       {"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", "bad line ending"},
       {"HTTP/1.1 999 Odd\r\n\r\n", "malformed status code"},
+      {"HTTP/1.1 200 OK\nSet-Cookie: a=b\r\nContent-Length: 0\r\n\r\n", "invalid character in the status line"},
       {"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: 5\r\n\r\n", "unsupported Transfer-Encoding"},
   };
   for (const auto& [input, why] : cases) {
@@ -234,6 +236,7 @@ TEST(Http1ChunkedTest, RejectsBrokenFraming) {
                                   // would let a pipelined request pass for trailer lines
                                   std::string("5\r\nhello\r\n0\r\n\nGET /health HTTP/1.1\r\n\r\n"),
                                   std::string("0\r\nGET /health HTTP/1.1\r\n\r\n"), std::string("0\r\n: x\r\n\r\n"),
+                                  std::string("0\r\nGET http://a/ HTTP/1.1\r\nHost: x\r\n\r\n"),
                                   long_extension}) {
     ChunkedDecoder d;
     EXPECT_TRUE(d.feed(input).bad) << input.substr(0, 60);
