@@ -53,7 +53,10 @@ class DeadlineList {
   // shutdown ends them all, so idle keep-alive clients see the close at once instead of when
   // the process exits; at the connection limit a few make room for new clients. A connection
   // with bytes already in its socket buffer is left to read and serve them.
-  std::size_t end_waits_between_requests(std::size_t max = static_cast<std::size_t>(-1)) noexcept;
+  // Only waits begun at least `min_wait` ago count: a client that connected a moment ago is
+  // about to send.
+  std::size_t end_waits_between_requests(std::size_t max = static_cast<std::size_t>(-1),
+                                         std::chrono::steady_clock::duration min_wait = {}) noexcept;
 
   // The next sweep calls hook.on_slow() unless remove_slow() comes first: work that only long
   // exchanges need (most requests finish well within one sweep interval).
@@ -144,7 +147,10 @@ class TimedSocket {
   bool timed_out() const noexcept { return timed_out_; }
   // Marks the armed wait as one for a next request on a kept-alive connection (cleared by
   // settle()), which a graceful shutdown may end early.
-  void waiting_between_requests() noexcept { between_requests_ = true; }
+  void waiting_between_requests() noexcept {
+    between_requests_ = true;
+    wait_started_ = coarse_now();
+  }
   // No operation's deadline goes past `t` (a whole exchange's limit); max() lifts the cap.
   void cap_at(Clock::time_point t) noexcept { cap_ = t; }
   // Whether the cap is what ran out: a timeout at or past it is the exchange's, not the step's.
@@ -196,6 +202,7 @@ class TimedSocket {
   bool linked_ = false;
   bool far_ = false;  // on the far list (while linked)
   bool between_requests_ = false;
+  Clock::time_point wait_started_{};  // of the wait between requests
 };
 
 inline void DeadlineList::sweep(std::chrono::steady_clock::time_point now) {
@@ -224,13 +231,15 @@ inline void DeadlineList::sweep(std::chrono::steady_clock::time_point now) {
   }
 }
 
-inline std::size_t DeadlineList::end_waits_between_requests(std::size_t max) noexcept {
+inline std::size_t DeadlineList::end_waits_between_requests(std::size_t max,
+                                                            std::chrono::steady_clock::duration min_wait) noexcept {
   std::size_t ended = 0;
+  const auto started_by = coarse_now() - min_wait;
   for (auto* head : {far_head_, head_}) {  // the far list first: waits with the most time left
     for (auto* s = head; s != nullptr && ended < max;) {
       auto* next = s->next_;
       char byte = 0;
-      if (s->between_requests_ &&
+      if (s->between_requests_ && s->wait_started_ <= started_by &&
           ::recv(s->socket_.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN) {
         s->expire();
         ++ended;

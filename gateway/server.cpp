@@ -28,6 +28,7 @@ constexpr auto kConnectionRoomPoll = std::chrono::milliseconds(5);
 constexpr auto kLimitWarningEvery = std::chrono::seconds(10);
 constexpr std::size_t kReclaimAtLimit = 16;
 constexpr int kReclaimEveryPolls = 20;  // 100 ms
+constexpr auto kReclaimMinIdle = std::chrono::milliseconds(500);  // a client that just connected is about to send
 
 // Takes a connection slot, waiting while none is free (or until shutdown: then it holds none).
 // Clients that arrive meanwhile wait in the listen backlog, with nothing lost.
@@ -152,7 +153,8 @@ struct Server::Impl {
     state.reclaim_idle_connections = [this] {
       for (auto& w : workers) {
         Worker* worker = w.get();
-        net::post(worker->io, [worker] { worker->deadlines.end_waits_between_requests(kReclaimAtLimit); });
+        net::post(worker->io,
+                  [worker] { worker->deadlines.end_waits_between_requests(kReclaimAtLimit, kReclaimMinIdle); });
       }
     };
   }
