@@ -376,7 +376,15 @@ Response make_response(http::status status, std::string body, const std::string&
 
 net::awaitable<void> session(Server* server, tcp::socket socket) {
   auto& o = server->options;
-  ++server->stats.open_connections;
+  // Counted down however the session ends (an exception included: a detached coroutine's is
+  // dropped silently).
+  struct OpenConnection {
+    std::int64_t* count;
+    explicit OpenConnection(std::int64_t* c) : count(c) { ++*count; }
+    ~OpenConnection() { --*count; }
+    OpenConnection(const OpenConnection&) = delete;
+    OpenConnection& operator=(const OpenConnection&) = delete;
+  } open_connection(&server->stats.open_connections);
   beast::flat_buffer buffer;
   const std::string self = address_of(socket);
   int served = 0;
@@ -507,7 +515,6 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
   beast::error_code ignored;
   socket.shutdown(tcp::socket::shutdown_send, ignored);
   socket.close(ignored);
-  --server->stats.open_connections;
 }
 
 net::awaitable<void> accept_loop(Server* server, tcp::acceptor* acceptor) {
