@@ -807,16 +807,16 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
     // must not carry both: the client would frame the body by whichever it trusts.
     if (kind == Kind::kChunked && iequals(f.name, "content-length")) continue;
     if (!has_id && iequals(f.name, "x-request-id")) {
-      // A backend that echoes the id shows which request it answers. The id of the request
+      // A backend that echoes the id shows which request it answers. The id of a request
       // answered before on this connection means the connection is out of step (the backend
       // sent an answer nobody asked for, which arrived late): this answer belongs to someone
-      // else and must not reach this client. (A backend that makes up its own ids never
-      // repeats the previous request's.)
-      if (f.value == up->previous_request_id && f.value != request_id) {
+      // else and must not reach this client. (A backend that makes up its own ids does not
+      // repeat earlier requests' ids.) The error does not quote the id: it was another client's.
+      if (f.value != request_id && up->answered_before(f.value)) {
         out.kind = AttemptOutcome::kFailed;
         out.status = 0;
-        out.error = "the backend answered the previous request on this connection again (X-Request-ID " +
-                    up->previous_request_id + "): the connection was out of step";
+        out.error = "the backend sent an answer to an earlier request on this connection again: the connection "
+                    "was out of step";
         *upstream_reusable = false;
         co_return out;
       }
@@ -825,7 +825,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
     append_field(head, f.name, f.value);
   }
   if (!has_id) append_field(head, "X-Request-ID", request_id);
-  up->previous_request_id.assign(request_id);
+  up->remember_answered(request_id);
   if (!plan.keep_alive && client_minor >= 1) append_field(head, "Connection", "close");
   if (plan.keep_alive && client_minor == 0) append_field(head, "Connection", "keep-alive");
   head += kCrlf;

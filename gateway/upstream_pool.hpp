@@ -2,8 +2,10 @@
 // connections per backend, evicted after an idle timeout or when the backend closed them.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <string>
+#include <string_view>
 #include <cstddef>
 #include <memory>
 #include <vector>
@@ -21,9 +23,19 @@ struct UpstreamConnection {
   http1::ByteBuffer buffer;
   http1::Head head;
   std::chrono::steady_clock::time_point idle_since{};
-  // The X-Request-ID of the last request answered on this connection: an answer that carries
-  // it again was not asked for (see relay_response).
-  std::string previous_request_id;
+  // The X-Request-IDs of the last requests answered on this connection (a ring): an answer
+  // that carries one of them again was not asked for (see relay_response).
+  static constexpr std::size_t kIdsKept = 4;
+  std::array<std::string, kIdsKept> answered_ids;
+  std::size_t answered_count = 0;
+  bool answered_before(std::string_view id) const noexcept {
+    if (id.empty()) return false;
+    for (const auto& kept : answered_ids) {
+      if (kept == id) return true;
+    }
+    return false;
+  }
+  void remember_answered(std::string_view id) { answered_ids[answered_count++ % kIdsKept].assign(id); }
 };
 
 class UpstreamPool {

@@ -4,6 +4,10 @@
 
 #include <chrono>
 #include <optional>
+#include <string>
+#include <thread>
+
+#include <boost/asio/write.hpp>
 
 #include "discovery/timed_socket.hpp"
 
@@ -110,4 +114,46 @@ TEST(DeadlineListTest, ACapBoundsEveryDeadlineUntilLifted) {
   lifted.arm_at(base + 60s);
   EXPECT_FALSE(sweep_until_timeout(list, lifted, base, base + 2s));
   EXPECT_FALSE(lifted.past_cap(base + 2s));
+}
+
+namespace {
+
+// A connected loopback pair: the gateway's side in a TimedSocket, the client's plain.
+struct LoopbackPair {
+  explicit LoopbackPair(boost::asio::io_context& io, DeadlineList& list)
+      : client(io), server(list, io.get_executor()) {
+    using boost::asio::ip::tcp;
+    tcp::acceptor acceptor(io, tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0));
+    client.connect(acceptor.local_endpoint());
+    acceptor.accept(server.socket());
+  }
+  boost::asio::ip::tcp::socket client;
+  TimedSocket server;
+};
+
+}  // namespace
+
+// Ending waits between requests (shutdown; room at the connection limit): only waits marked as
+// such, begun at least `min_wait` ago, on connections whose client has sent nothing yet.
+TEST(DeadlineListTest, EndsOnlyOldEnoughIdleWaitsWithNothingPending) {
+  boost::asio::io_context io;
+  DeadlineList list;
+  LoopbackPair idle(io, list), busy(io, list), talking(io, list);
+  const auto far = infergate::coarse_now() + 1h;
+  idle.server.arm_at(far);
+  idle.server.waiting_between_requests();
+  busy.server.arm_at(far);  // a wait within a request: never ended early
+  talking.server.arm_at(far);
+  talking.server.waiting_between_requests();
+  boost::asio::write(talking.client, boost::asio::buffer(std::string("GET / HTTP/1.1\r\n")));
+  // The bytes must have reached the gateway's side before it looks.
+  for (int i = 0; i < 1000 && talking.server.socket().available() == 0; ++i) std::this_thread::sleep_for(1ms);
+  ASSERT_GT(talking.server.socket().available(), 0u);
+
+  EXPECT_EQ(list.end_waits_between_requests(16, 1h), 0u);  // the idle wait is too recent
+  EXPECT_FALSE(idle.server.timed_out());
+  EXPECT_EQ(list.end_waits_between_requests(16, 0s), 1u);
+  EXPECT_TRUE(idle.server.timed_out());
+  EXPECT_FALSE(busy.server.timed_out());
+  EXPECT_FALSE(talking.server.timed_out());
 }

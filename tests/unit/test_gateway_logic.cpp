@@ -200,3 +200,21 @@ TEST(UsageScannerTest, ALaterSplitUsageStillWinsOverAnEarlierOne) {
   EXPECT_EQ(s.prompt_tokens(), 5u);
   EXPECT_EQ(s.completion_tokens(), 42u);
 }
+
+#include <boost/asio/io_context.hpp>
+
+#include "gateway/upstream_pool.hpp"
+
+// A pooled connection remembers the ids of the last few requests it answered: an answer carrying
+// one of them again is a late duplicate, however far behind.
+TEST(UpstreamConnectionTest, RemembersTheLastFewAnsweredIds) {
+  boost::asio::io_context io;
+  infergate::DeadlineList deadlines;
+  UpstreamConnection conn(deadlines, io.get_executor());
+  EXPECT_FALSE(conn.answered_before(""));
+  for (int i = 0; i < 5; ++i) conn.remember_answered("req-" + std::to_string(i));
+  EXPECT_FALSE(conn.answered_before("req-0"));  // forgotten: only the last kIdsKept are kept
+  for (int i = 1; i < 5; ++i) EXPECT_TRUE(conn.answered_before("req-" + std::to_string(i))) << i;
+  EXPECT_FALSE(conn.answered_before("req-5"));
+  EXPECT_FALSE(conn.answered_before(""));
+}
