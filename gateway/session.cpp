@@ -1394,6 +1394,9 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
       if (!keep_alive) break;
       c.buffer.consume(c.request_size);
       c.request_size = 0;
+      // Empty lines between requests (RFC 9112 2.2) are dropped here: a client that ends its body
+      // with a stray CRLF is idle, not in the middle of a head.
+      while (c.buffer.data().starts_with("\r\n")) c.buffer.consume(2);
       if (c.buffer.size() == 0 && c.buffer.capacity() > 256 * 1024) c.buffer.release();  // after a huge prompt
     }
   } catch (const std::exception& e) {

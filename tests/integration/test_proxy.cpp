@@ -1123,6 +1123,26 @@ TEST(ProxyTest, ASilentNewConnectionGetsTheHeaderTimeoutNotTheIdleOne) {
   EXPECT_FALSE(streamed.wait_closed(100ms)) << "a connection answered with a stream was closed before timeouts.client_idle";
 }
 
+// A stray CRLF after a request's body (some clients send one) leaves the connection idle
+// between requests, with timeouts.client_idle, not in the middle of a head.
+TEST(ProxyTest, AStrayCrlfAfterABodyLeavesTheConnectionIdle) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "timeouts.client_header=300ms", "--set",
+                           "timeouts.client_idle=1h"});
+  wait_healthy(gw, 1);
+  RawConnection client(gw.port);
+  const auto body = chat_body(false);
+  ASSERT_TRUE(client.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body + "\r\n"));
+  ASSERT_TRUE(client.read_until(has_whole_response));
+  EXPECT_THAT(client.received(), StartsWith("HTTP/1.1 200 OK\r\n"));
+  EXPECT_FALSE(client.wait_closed(1s)) << "the connection was closed at timeouts.client_header";
+  ASSERT_TRUE(client.send("GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+  EXPECT_TRUE(client.read_until([](const std::string& got) {
+    return got.find("HTTP/1.1 200 OK", 1) != std::string::npos;
+  }));
+}
+
 // timeouts.total limits each request, not the connection: a keep-alive client idle past the
 // first request's limit is served again.
 TEST(ProxyTest, TotalTimeoutIsPerRequestOnAKeepAliveConnection) {
