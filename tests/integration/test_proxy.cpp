@@ -1101,13 +1101,25 @@ TEST(ProxyTest, ClientsPastMaxClientConnectionsWaitInTheBacklogAndAreServed) {
   EXPECT_TRUE(closed(*first) || closed(*second)) << "neither idle connection was closed to make room";
 }
 
+// One backend, and a gateway whose timeouts.client_header is short and client_idle long, to
+// tell which of the two a connection gets.
+struct HeaderVsIdle {
+  Mock mock;
+  Gateway gw;
+};
+HeaderVsIdle start_header_vs_idle() {
+  HeaderVsIdle s{start_mock(), {}};
+  s.gw = start_gateway({"--backend", s.mock.url(), "--set", "timeouts.client_header=300ms", "--set",
+                        "timeouts.client_idle=1h"});
+  wait_healthy(s.gw, 1);
+  return s;
+}
+
 // A connection that never sends a byte has timeouts.client_header, like a slow head; only a
 // connection that was answered may idle for timeouts.client_idle.
 TEST(ProxyTest, ASilentNewConnectionGetsTheHeaderTimeoutNotTheIdleOne) {
-  auto mock = start_mock();
-  auto gw = start_gateway({"--backend", mock.url(), "--set", "timeouts.client_header=300ms", "--set",
-                           "timeouts.client_idle=1h"});
-  wait_healthy(gw, 1);
+  auto setup = start_header_vs_idle();
+  const auto& gw = setup.gw;
   RawConnection silent(gw.port);
   EXPECT_TRUE(silent.wait_closed(3s)) << "a silent connection was kept past timeouts.client_header";
   RawConnection answered(gw.port);
@@ -1126,10 +1138,8 @@ TEST(ProxyTest, ASilentNewConnectionGetsTheHeaderTimeoutNotTheIdleOne) {
 // A stray CRLF after a request's body (some clients send one) leaves the connection idle
 // between requests, with timeouts.client_idle, not in the middle of a head.
 TEST(ProxyTest, AStrayCrlfAfterABodyLeavesTheConnectionIdle) {
-  auto mock = start_mock();
-  auto gw = start_gateway({"--backend", mock.url(), "--set", "timeouts.client_header=300ms", "--set",
-                           "timeouts.client_idle=1h"});
-  wait_healthy(gw, 1);
+  auto setup = start_header_vs_idle();
+  const auto& gw = setup.gw;
   RawConnection client(gw.port);
   const auto body = chat_body(false);
   ASSERT_TRUE(client.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
