@@ -243,6 +243,9 @@ int run_cli(int argc, char** argv) {
   setup_logging(cfg);
   raise_fd_limit();
   std::signal(SIGPIPE, SIG_IGN);
+  // Ignored from the start: the server's handler (which logs it) is installed only when it runs,
+  // after the listening line a script may already have acted on.
+  std::signal(SIGHUP, SIG_IGN);
   for (const auto& w : loaded.warnings) spdlog::warn("{}", w);
   for (const auto& note : discovered.notes) spdlog::info("{}", note);
   if (discovered.backends.empty()) {

@@ -242,11 +242,15 @@ TEST(MetricsTest, BackendLatencyCountsFromItsOwnAttempt) {
   EXPECT_LT(metric(gw.port, "infergate_backend_ttft_seconds_sum", labels_for(good)), 0.5);
 }
 
-// SIGHUP (a lost terminal) must not end the gateway and its streams.
+// SIGHUP (a lost terminal) must not end the gateway and its streams: not even one that comes
+// right after the listening line, before the server's handler is installed.
 TEST(ShutdownTest, SighupIsIgnoredAndServingGoesOn) {
   auto mock = start_mock();
   auto gw = start_gateway({"--backend", mock.url()});
-  ASSERT_EQ(::kill(gw.process->pid(), SIGHUP), 0);
+  ASSERT_EQ(::kill(gw.process->pid(), SIGHUP), 0);  // at once: possibly before the handler
+  EXPECT_EQ(http_request(gw.port, "GET", "/health").status, 200);
+  EXPECT_TRUE(gw.process->running());
+  ASSERT_EQ(::kill(gw.process->pid(), SIGHUP), 0);  // while serving: the handler logs it
   EXPECT_TRUE(poll_until([&] { return gw.process->errors().find("SIGHUP: ignored") != std::string::npos; }, 5s));
   EXPECT_TRUE(gw.process->running());
   EXPECT_EQ(http_request(gw.port, "GET", "/health").status, 200);
