@@ -17,6 +17,7 @@
 #include <boost/beast/http.hpp>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 
@@ -135,13 +136,23 @@ bool Process::running() {
 
 std::string Process::wait_for_line(const std::regex& pattern, std::chrono::milliseconds deadline) {
   const auto until = Clock::now() + deadline;
+  auto match = [&]() -> std::optional<std::string> {
+    std::lock_guard lock(mutex_);
+    std::smatch m;
+    if (!std::regex_search(stdout_, m, pattern)) return std::nullopt;
+    return m.size() > 1 ? m[1].str() : m[0].str();
+  };
   while (Clock::now() < until) {
-    {
-      std::lock_guard lock(mutex_);
-      std::smatch m;
-      if (std::regex_search(stdout_, m, pattern)) return m.size() > 1 ? m[1].str() : m[0].str();
+    if (auto found = match()) return *found;
+    if (!running()) {
+      // The process is gone, but the reader may not have drained the pipe yet: look once more
+      // when it has (or at the deadline, if a child of the process still holds the pipe open).
+      const auto left = std::max(until - Clock::now(), Clock::duration::zero());
+      poll_until([this] { return stdout_closed_.load(); },
+                 std::chrono::duration_cast<std::chrono::milliseconds>(left), 2ms);
+      if (auto found = match()) return *found;
+      break;
     }
-    if (!running()) break;
     std::this_thread::sleep_for(5ms);  // polling the captured output, bounded by the deadline
   }
   throw std::runtime_error("process did not print the expected line; stdout: " + output() + "\nstderr: " + errors());

@@ -182,3 +182,12 @@ TEST(CliTest, JsonLogLinesStayJsonWhateverTheClientSends) {
   }
   EXPECT_GT(parsed, 2);
 }
+
+// The harness itself: a line printed just before the process exits is still seen (the reader
+// thread may drain the pipe after the exit is noticed; a CI run once failed on that race).
+TEST(HarnessTest, SeesALinePrintedJustBeforeTheProcessExits) {
+  for (int i = 0; i < 200; ++i) {
+    Process p("/bin/sh", {"-c", "printf 'first\\nlast line %s\\n' " + std::to_string(i)});
+    EXPECT_EQ(p.wait_for_line(std::regex(R"(last line (\d+))"), 10s), std::to_string(i));
+  }
+}
