@@ -203,6 +203,9 @@ struct HealthChecker::Impl {
   void apply(Backend& b, const std::optional<Transition>& t) {
     if (!t) return;
     b.set_state(t->to);
+    // The request path's count starts again with the backend: Registry::pick skips a backend
+    // whose count reached passive.failures, and one back in service must be routable.
+    if (t->to == BackendState::kHealthy) b.stats.consecutive_failures.store(0, std::memory_order_relaxed);
     registry.republish();
     if (t->to == BackendState::kEjected) b.stats.ejections.fetch_add(1, std::memory_order_relaxed);
     if (t->to == BackendState::kUnhealthy || t->to == BackendState::kEjected) {
@@ -282,7 +285,9 @@ net::awaitable<void> probe_loop(HealthChecker::Impl* impl, std::shared_ptr<Backe
 }  // namespace
 
 HealthChecker::HealthChecker(const config::Config& config, Registry& registry)
-    : impl_(std::make_unique<Impl>(config, registry)) {}
+    : impl_(std::make_unique<Impl>(config, registry)) {
+  registry.set_passive_limit(config.passive.failures);
+}
 
 HealthChecker::~HealthChecker() { stop(); }
 
@@ -321,12 +326,14 @@ void HealthChecker::report(const std::shared_ptr<Backend>& backend, bool failed)
     // The common case touches one relaxed load: only a success after failures is news.
     if (consecutive.load(std::memory_order_relaxed) == 0) return;
     consecutive.store(0, std::memory_order_relaxed);
-  } else {
-    consecutive.fetch_add(1, std::memory_order_relaxed);
   }
-  net::post(impl_->io, [impl = impl_.get(), backend, failed] {
+  const int in_a_row = failed ? consecutive.fetch_add(1, std::memory_order_relaxed) + 1 : 0;
+  net::post(impl_->io, [impl = impl_.get(), backend, failed, in_a_row] {
+    // A count above today's was made before the backend came back (apply resets it), by a
+    // request that was in flight then: it says nothing about the backend in service now.
+    const int now_in_a_row = backend->stats.consecutive_failures.load(std::memory_order_relaxed);
     auto& tracker = impl->tracker(*backend);
-    impl->apply(*backend, tracker.on_request(failed, Clock::now()));
+    impl->apply(*backend, tracker.on_request(failed, Clock::now(), in_a_row <= now_in_a_row ? in_a_row : 0));
   });
 }
 

@@ -66,13 +66,13 @@ std::optional<Transition> HealthTracker::on_probe(bool passed, Clock::time_point
   return std::nullopt;
 }
 
-std::optional<Transition> HealthTracker::on_request(bool failed, Clock::time_point now) {
+std::optional<Transition> HealthTracker::on_request(bool failed, Clock::time_point now, int in_a_row) {
   if (!failed) {
     request_failures_ = 0;
     if (state_ == BackendState::kHealthy) ejections_ = 0;
     return std::nullopt;
   }
-  ++request_failures_;
+  request_failures_ = std::max(request_failures_ + 1, in_a_row);
   if (state_ != BackendState::kHealthy || request_failures_ < policy_.passive_failures) {
     return std::nullopt;
   }

@@ -37,8 +37,10 @@ class HealthTracker {
 
   std::optional<Transition> on_probe(bool passed, Clock::time_point now, const std::string& detail = {});
   // A request the backend served (`failed`: transport error, timeout or 5xx; a 4xx is the
-  // client's fault and is reported as not failed).
-  std::optional<Transition> on_request(bool failed, Clock::time_point now);
+  // client's fault and is reported as not failed). `in_a_row`: the failures in a row the
+  // request path counted, this one included; the tracker counts at least as many, so an
+  // ejection the router already acts on (Registry::pick) always happens.
+  std::optional<Transition> on_request(bool failed, Clock::time_point now, int in_a_row = 0);
 
   std::optional<Transition> drain();
   std::optional<Transition> undrain();

@@ -119,7 +119,12 @@ Backend* Registry::pick(const BackendSet& set, std::span<const Backend* const> e
   auto start = rr_.fetch_add(1, std::memory_order_relaxed);
   for (std::size_t i = 0; i < n; ++i) {
     Backend* candidate = set.routable[(start + i) % n];
-    if (std::find(exclude.begin(), exclude.end(), candidate) == exclude.end()) return candidate;
+    if (std::find(exclude.begin(), exclude.end(), candidate) != exclude.end()) continue;
+    if (passive_limit_ > 0 &&
+        candidate->stats.consecutive_failures.load(std::memory_order_relaxed) >= passive_limit_) {
+      continue;
+    }
+    return candidate;
   }
   return nullptr;
 }

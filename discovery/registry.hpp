@@ -118,7 +118,15 @@ class Registry {
 
   // Round robin over the routable set, skipping `exclude` (backends a request already tried).
   // One atomic counter: exact rotation across threads. nullptr when nothing is routable.
+  // A backend whose last `passive_limit` requests in a row failed is skipped as well: its
+  // ejection is decided but applied on the health checker's thread, and the next request must
+  // not reach it meanwhile.
   Backend* pick(const BackendSet& set, std::span<const Backend* const> exclude = {});
+
+  // Consecutive failed requests that eject a backend (passive.failures); 0 (no health checks):
+  // never skip. Set before serving starts.
+  void set_passive_limit(int failures) noexcept { passive_limit_ = failures; }
+  int passive_limit() const noexcept { return passive_limit_; }
 
  private:
   void publish_locked(std::vector<std::shared_ptr<Backend>> all);
@@ -128,6 +136,7 @@ class Registry {
   std::atomic<std::shared_ptr<const BackendSet>> set_{std::make_shared<const BackendSet>()};
   std::size_t next_index_ = 0;
   std::atomic<std::uint64_t> rr_{0};
+  int passive_limit_ = 0;
 };
 
 }  // namespace infergate::discovery

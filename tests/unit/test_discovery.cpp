@@ -1,6 +1,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <set>
+
 #include <map>
 
 #include "discovery/discovery.hpp"
@@ -122,6 +124,26 @@ TEST(RegistryTest, PickSkipsExcludedAndUnhealthy) {
   for (int i = 0; i < 5; ++i) EXPECT_EQ(registry.pick(*set, exclude), c.get());
   exclude.push_back(c.get());
   EXPECT_EQ(registry.pick(*set, exclude), nullptr);
+}
+
+// The request path decides an ejection before the health checker's thread applies it: a
+// backend whose last passive.failures requests failed is not picked meanwhile.
+TEST(RegistryTest, PickSkipsABackendWhoseEjectionIsDecided) {
+  Registry registry;
+  auto a = registry.add(backend_from_url("http://h:1", "static"));
+  auto b = registry.add(backend_from_url("http://h:2", "static"));
+  auto set = registry.snapshot();
+  b->stats.consecutive_failures = 3;
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(registry.pick(*set), i % 2 == 0 ? a.get() : b.get());  // no limit set
+  registry.set_passive_limit(3);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(registry.pick(*set), a.get());
+  b->stats.consecutive_failures = 2;
+  std::set<const Backend*> picked;
+  for (int i = 0; i < 4; ++i) picked.insert(registry.pick(*set));
+  EXPECT_EQ(picked.size(), 2u);
+  a->stats.consecutive_failures = 3;
+  b->stats.consecutive_failures = 3;
+  EXPECT_EQ(registry.pick(*set), nullptr);
 }
 
 TEST(RegistryTest, AddRemoveKeepsIndexesStable) {

@@ -56,6 +56,19 @@ TEST(HealthStateTest, HealthyToUnhealthyAndBack) {
   EXPECT_EQ(up->to, BackendState::kHealthy);
 }
 
+// The request path's count (several worker threads) can run ahead of the reports the tracker
+// has seen; the tracker follows it, so an ejection the router already acts on happens.
+TEST(HealthStateTest, PassiveEjectionFollowsTheRequestPathsCount) {
+  HealthTracker t(policy(), BackendState::kHealthy);
+  auto now = Clock::now();
+  EXPECT_FALSE(t.on_request(true, now, 1));
+  auto ej = t.on_request(true, now, 3);
+  ASSERT_TRUE(ej);
+  EXPECT_EQ(ej->to, BackendState::kEjected);
+  // Not healthy: a count says nothing more.
+  EXPECT_FALSE(t.on_request(true, now, 7));
+}
+
 TEST(HealthStateTest, PassiveFailuresEjectWithDoublingBackoff) {
   HealthTracker t(policy(), BackendState::kHealthy);
   auto now = Clock::now();
