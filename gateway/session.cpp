@@ -78,6 +78,7 @@ struct ClientConnection final : SlowHook {
   std::string request_id;       // the current request's X-Request-ID (kept or generated)
   std::string_view method;      // for logs; point into `labels` once the request is released
   std::string_view target;
+  std::string absolute_target;  // "/?query" made from an absolute-form target with no path
   std::string labels;
   std::shared_ptr<ClientWatch> watch;
   bool watching = false;
@@ -1297,8 +1298,16 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     if (scheme_end == 4 || scheme_end == 5) {
       const auto scheme = h.target.substr(0, scheme_end);
       if (iequals(scheme, "http") || iequals(scheme, "https")) {
-        const auto path = h.target.find('/', scheme_end + 3);
-        h.target = path == std::string_view::npos ? std::string_view("/") : h.target.substr(path);
+        // The authority ends at the path or, when there is none, at the query.
+        const auto path = h.target.find_first_of("/?", scheme_end + 3);
+        if (path == std::string_view::npos) {
+          h.target = "/";
+        } else if (h.target[path] == '/') {
+          h.target = h.target.substr(path);
+        } else {
+          c->absolute_target.assign("/").append(h.target.substr(path));
+          h.target = c->absolute_target;
+        }
       }
     }
   }

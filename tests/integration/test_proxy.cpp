@@ -759,6 +759,11 @@ TEST(ProxyTest, AbsoluteFormTargetsAreRoutedByTheirPathAndConnectIsRefused) {
   ASSERT_THAT(models, StartsWith("HTTP/1.1 200 OK\r\n"));
   EXPECT_THAT(models, HasSubstr("\"object\":\"list\""));
   EXPECT_THAT(models, Not(HasSubstr("X-Backend:")));  // the gateway's merged list, not one backend's
+  // No path, a query: the path is "/" (the status page) and the query stays the query.
+  auto page = raw_exchange(gw.port, "GET http://gateway.example:8000?next=/v1/models HTTP/1.1\r\nHost: x\r\n"
+                                    "Connection: close\r\n\r\n");
+  ASSERT_THAT(page, StartsWith("HTTP/1.1 200 OK\r\n"));
+  EXPECT_THAT(page, HasSubstr("text/html"));
   const auto body = chat_body(false);
   auto chat = raw_exchange(gw.port, "POST HTTP://gateway.example/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                                     "Content-Type: application/json\r\nConnection: close\r\nContent-Length: " +
