@@ -1,5 +1,6 @@
 #include "config/config.hpp"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -147,7 +148,39 @@ Setter make_choice(Field field, std::vector<std::string> choices) {
   };
 }
 
-std::string quote_if_empty(std::string s) { return s.empty() ? "\"\"" : s; }
+constexpr std::string_view kRedacted = "***";  // `infergate config` shows this, not the token
+
+// A value as a double-quoted YAML scalar, so that `infergate config` output reads back as the
+// same value whatever it contains ('#', '[', ': ', quotes).
+std::string yaml_quoted(std::string_view s) {
+  std::string out = "\"";
+  for (char ch : s) {
+    if (ch == '"' || ch == '\\') {
+      out += '\\';
+      out += ch;
+    } else if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) {
+      static constexpr char kHex[] = "0123456789abcdef";
+      out += "\\x";
+      out += kHex[(ch >> 4) & 0xf];
+      out += kHex[ch & 0xf];
+    } else {
+      out += ch;
+    }
+  }
+  return out + "\"";
+}
+
+// Whether a text value must be quoted to read back as itself: anything beyond a plain word,
+// path or address, and the words YAML reads as something else.
+bool needs_yaml_quotes(std::string_view s) {
+  if (s.empty() || s == "null" || s == "~" || s == "true" || s == "false" || s == "yes" || s == "no" ||
+      s == "on" || s == "off") {
+    return true;
+  }
+  return !std::all_of(s.begin(), s.end(), [](char ch) {
+    return std::isalnum(static_cast<unsigned char>(ch)) || ch == '_' || ch == '.' || ch == '/' || ch == '-';
+  });
+}
 
 template <typename T>
 std::string optional_text(const std::optional<T>& v) {
@@ -214,7 +247,7 @@ const std::vector<KeySpec>& specs() {
         [](const Config& c) {
           std::string out = "[";
           for (std::size_t i = 0; i < c.backends.size(); ++i) {
-            out += (i ? ", " : "") + c.backends[i];
+            out += (i ? ", " : "") + yaml_quoted(c.backends[i]);
           }
           return out + "]";
         },
@@ -248,10 +281,10 @@ const std::vector<KeySpec>& specs() {
         [](const Config& c) { return std::to_string(c.slurm.base_port); });
     add("slurm.host_suffix", Kind::kString, "appended to each host name (e.g. -ib)",
         make_string([](Config& c) -> std::string& { return c.slurm.host_suffix; }),
-        [](const Config& c) { return quote_if_empty(c.slurm.host_suffix); });
+        [](const Config& c) { return yaml_quoted(c.slurm.host_suffix); });
     add("slurm.domain", Kind::kString, "domain appended to each host name (e.g. cluster.local)",
         make_string([](Config& c) -> std::string& { return c.slurm.domain; }),
-        [](const Config& c) { return quote_if_empty(c.slurm.domain); });
+        [](const Config& c) { return yaml_quoted(c.slurm.domain); });
     add("slurm.het_group", Kind::kInt, "heterogeneous job: read SLURM_JOB_NODELIST_HET_GROUP_<N>",
         make_optional_int([](Config& c) -> std::optional<int>& { return c.slurm.het_group; }, 0, 1000),
         [](const Config& c) { return optional_text(c.slurm.het_group); });
@@ -264,6 +297,11 @@ const std::vector<KeySpec>& specs() {
     add("health.path", Kind::kString, "health probe path (/health, /health_generate, /v1/models)",
         [](Config& c, std::string_view v) -> std::string {
           if (v.empty() || v.front() != '/') return "must start with '/', got '" + std::string(v) + "'";
+          // It goes into the probe's request line as it is.
+          if (std::any_of(v.begin(), v.end(), [](char ch) { return ch <= ' ' || ch > '~'; })) {
+            return "must be a path without spaces, control characters or non-ASCII bytes, got '" +
+                   std::string(v) + "'";
+          }
           c.health.path = std::string(v);
           return {};
         },
@@ -342,8 +380,15 @@ const std::vector<KeySpec>& specs() {
         make_choice([](Config& c) -> std::string& { return c.policy; }, {"round_robin"}),
         [](const Config& c) { return c.policy; });
     add("admin.token", Kind::kString, "Bearer token for /admin (empty: no auth)",
-        make_string([](Config& c) -> std::string& { return c.admin_token; }),
-        [](const Config& c) { return c.admin_token.empty() ? "\"\"" : std::string("\"***\""); });
+        [](Config& c, std::string_view v) -> std::string {
+          if (v == kRedacted) {
+            return "'" + std::string(kRedacted) +
+                   "' is what `infergate config` prints in place of the token; give the token itself";
+          }
+          c.admin_token = std::string(v);
+          return {};
+        },
+        [](const Config& c) { return c.admin_token.empty() ? "\"\"" : "\"" + std::string(kRedacted) + "\""; });
     add("log.level", Kind::kString, "trace, debug, info, warn, error, critical, off",
         make_choice([](Config& c) -> std::string& { return c.log.level; },
                     {"trace", "debug", "info", "warn", "error", "critical", "off"}),
@@ -412,7 +457,41 @@ std::string yaml_where(std::string_view file, const YAML::Node& node) {
   return where;
 }
 
-void apply_yaml_value(Config& c, const KeySpec& spec, const YAML::Node& node, std::string_view file) {
+// The YAML being read: its name for messages and its text, to look at a value as written.
+struct YamlSource {
+  std::string_view file;
+  std::string_view text;
+};
+
+// A quoted value must end on the line where it starts. yaml-cpp reads an unterminated quote as
+// a value running to the end of the file, which would swallow every key after it silently.
+void check_quote_ends_on_its_line(const YamlSource& src, const YAML::Node& node) {
+  const auto mark = node.Mark();
+  if (mark.pos < 0 || static_cast<std::size_t>(mark.pos) >= src.text.size()) return;
+  const char quote = src.text[static_cast<std::size_t>(mark.pos)];
+  if (quote != '\'' && quote != '"') return;
+  for (auto i = static_cast<std::size_t>(mark.pos) + 1; i < src.text.size(); ++i) {
+    const char ch = src.text[i];
+    if (ch == '\n' || ch == '\r') break;
+    if (quote == '"' && ch == '\\') {
+      ++i;  // an escaped character
+      continue;
+    }
+    if (ch == quote) {
+      if (quote == '\'' && i + 1 < src.text.size() && src.text[i + 1] == '\'') {
+        ++i;  // '' is a quote inside a single-quoted value
+        continue;
+      }
+      return;
+    }
+  }
+  throw ConfigError(yaml_where(src.file, node) + ": the quoted value does not end on this line (a missing " +
+                    (quote == '"' ? "\"" : "'") + "?)");
+}
+
+void apply_yaml_value(Config& c, const KeySpec& spec, const YAML::Node& key_node, const YAML::Node& node,
+                      const YamlSource& src) {
+  const auto file = src.file;
   if (spec.kind == Kind::kList) {
     spec.clear(c);
     if (node.IsNull()) return;
@@ -423,31 +502,44 @@ void apply_yaml_value(Config& c, const KeySpec& spec, const YAML::Node& node, st
       if (!item.IsScalar()) {
         throw ConfigError(yaml_where(file, item) + ": " + spec.key + ": expected a URL string");
       }
+      check_quote_ends_on_its_line(src, item);
       auto err = spec.set(c, item.Scalar());
       if (!err.empty()) throw ConfigError(yaml_where(file, item) + ": " + spec.key + ": " + err);
     }
     return;
   }
   if (node.IsNull()) {
-    auto err = spec.set(c, "null");
-    if (!err.empty()) throw ConfigError(yaml_where(file, node) + ": " + spec.key + ": " + err);
+    // Nothing written (`key:`), `~` or `null`: text keys become empty (no token, no suffix),
+    // optional ones unset; the others need a value. The key's line: an empty value has none.
+    const bool empty_ok = spec.kind == Kind::kString || spec.kind == Kind::kEndpoint;
+    auto err = spec.set(c, "");
+    if (!err.empty() && !empty_ok) err = "no value given";
+    if (!err.empty()) throw ConfigError(yaml_where(file, key_node) + ": " + spec.key + ": " + err);
     return;
   }
   if (!node.IsScalar()) {
     throw ConfigError(yaml_where(file, node) + ": " + spec.key + ": expected a single value");
   }
+  check_quote_ends_on_its_line(src, node);
   auto err = spec.set(c, node.Scalar());
   if (!err.empty()) throw ConfigError(yaml_where(file, node) + ": " + spec.key + ": " + err);
 }
 
-void walk_yaml(Config& c, const YAML::Node& map, const std::string& prefix, std::string_view file) {
+void walk_yaml(Config& c, const YAML::Node& map, const std::string& prefix, const YamlSource& src) {
+  const auto file = src.file;
+  std::map<std::string, int> seen;  // key -> its line, within this map
   for (const auto& entry : map) {
     const auto& key_node = entry.first;
     const auto& value = entry.second;
     std::string key = prefix.empty() ? key_node.Scalar() : prefix + "." + key_node.Scalar();
+    // yaml-cpp keeps the last of two equal keys; the first would be silently ignored.
+    if (auto [it, fresh] = seen.emplace(key_node.Scalar(), key_node.Mark().line + 1); !fresh) {
+      throw ConfigError(yaml_where(file, key_node) + ": " + key + ": given twice (first on line " +
+                        std::to_string(it->second) + ")");
+    }
     const KeySpec* spec = find_spec(key);
     if (spec) {
-      apply_yaml_value(c, *spec, value, file);
+      apply_yaml_value(c, *spec, key_node, value, src);
       c.sources[key] = Source::kFile;
       continue;
     }
@@ -455,7 +547,7 @@ void walk_yaml(Config& c, const YAML::Node& map, const std::string& prefix, std:
       return s.key.rfind(key + ".", 0) == 0;
     });
     if (is_section && value.IsMap()) {
-      walk_yaml(c, value, key, file);
+      walk_yaml(c, value, key, src);
     } else if (is_section) {
       throw ConfigError(yaml_where(file, key_node) + ": " + key + ": expected a section (a map)");
     } else {
@@ -467,30 +559,56 @@ void walk_yaml(Config& c, const YAML::Node& map, const std::string& prefix, std:
 void parse_yaml_into(Config& c, std::string_view text, std::string_view file) {
   YAML::Node root;
   try {
-    root = YAML::Load(std::string(text));
+    auto documents = YAML::LoadAll(std::string(text));
+    if (documents.size() > 1) {
+      throw ConfigError(std::string(file) + ":" + std::to_string(documents[1].Mark().line + 1) +
+                        ": a second YAML document ('---'); the configuration is one document");
+    }
+    if (!documents.empty()) root = documents.front();
   } catch (const YAML::Exception& e) {
     throw ConfigError(std::string(file) + ":" + std::to_string(e.mark.line + 1) +
                       ": invalid YAML: " + e.msg);
   }
-  if (root.IsNull()) return;  // an empty file is fine
+  if (!root.IsDefined() || root.IsNull()) return;  // an empty file is fine
   if (!root.IsMap()) throw ConfigError(std::string(file) + ": expected a YAML map at the top level");
   try {
-    walk_yaml(c, root, "", file);
+    walk_yaml(c, root, "", YamlSource{file, text});
   } catch (const YAML::Exception& e) {
     throw ConfigError(std::string(file) + ":" + std::to_string(e.mark.line + 1) + ": " + e.msg);
   }
 }
 
+// Where a key's value came from, for messages about two keys at once.
+std::string origin(const Config& c, const std::string& key) {
+  auto it = c.sources.find(key);
+  switch (it == c.sources.end() ? Source::kDefault : it->second) {
+    case Source::kDefault: return "the default";
+    case Source::kFile: return c.config_file.empty() ? "the config file" : c.config_file;
+    case Source::kEnv: return env_name(key);
+    case Source::kFlag: return "the command line";
+  }
+  return "?";
+}
+
 void validate(const Config& c) {
   if (c.passive.ejection_max < c.passive.ejection_base) {
-    throw ConfigError("passive.ejection_max (" + format_duration(c.passive.ejection_max) +
-                      ") must be at least passive.ejection_base (" +
-                      format_duration(c.passive.ejection_base) + ")");
+    throw ConfigError("passive.ejection_max (" + format_duration(c.passive.ejection_max) + ", from " +
+                      origin(c, "passive.ejection_max") + ") must be at least passive.ejection_base (" +
+                      format_duration(c.passive.ejection_base) + ", from " + origin(c, "passive.ejection_base") +
+                      ")");
   }
   if (c.retries.backoff_max < c.retries.backoff_base) {
-    throw ConfigError("retries.backoff_max (" + format_duration(c.retries.backoff_max) +
-                      ") must be at least retries.backoff_base (" +
-                      format_duration(c.retries.backoff_base) + ")");
+    throw ConfigError("retries.backoff_max (" + format_duration(c.retries.backoff_max) + ", from " +
+                      origin(c, "retries.backoff_max") + ") must be at least retries.backoff_base (" +
+                      format_duration(c.retries.backoff_base) + ", from " + origin(c, "retries.backoff_base") +
+                      ")");
+  }
+  if (c.metrics_listen && c.metrics_listen->port != 0 && c.metrics_listen->port == c.listen.port &&
+      (c.metrics_listen->host == c.listen.host || c.metrics_listen->host == "0.0.0.0" ||
+       c.listen.host == "0.0.0.0")) {
+    throw ConfigError("metrics.listen (" + c.metrics_listen->to_string() + ", from " + origin(c, "metrics.listen") +
+                      ") must not be the gateway's own address, listen (" + c.listen.to_string() + ", from " +
+                      origin(c, "listen") + "); leave it unset to serve /metrics on the gateway port");
   }
 }
 
@@ -594,6 +712,9 @@ std::optional<Endpoint> parse_endpoint(std::string_view text) {
     }
     ep.host = std::string(text.substr(1, close - 1));
     port_text = text.substr(close + 2);
+    // Brackets hold an IPv6 address, never a name, and never nothing.
+    in6_addr v6{};
+    if (::inet_pton(AF_INET6, ep.host.c_str(), &v6) != 1) return std::nullopt;
   } else {
     auto colon = text.rfind(':');
     if (colon == std::string_view::npos) return std::nullopt;
@@ -602,6 +723,11 @@ std::optional<Endpoint> parse_endpoint(std::string_view text) {
     port_text = text.substr(colon + 1);
   }
   if (ep.host.empty()) ep.host = "0.0.0.0";
+  // Digits and dots only: an IPv4 address (256.1.1.1 is not one, nor a name to look up).
+  if (std::all_of(ep.host.begin(), ep.host.end(), [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)) || ch == '.'; })) {
+    in_addr v4{};
+    if (::inet_aton(ep.host.c_str(), &v4) == 0) return std::nullopt;  // as getaddrinfo reads it: 127.1 too
+  }
   for (char ch : ep.host) {
     if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '-' || ch == '_' || ch == ':')) {
       return std::nullopt;
@@ -651,7 +777,7 @@ std::string nearest_key(std::string_view query, const std::vector<std::string>& 
       best = key;
     }
   }
-  if (best_distance > std::max<std::size_t>(3, query.size() / 3)) return {};
+  if (best_distance > std::max<std::size_t>(2, query.size() / 3)) return {};
   return best;
 }
 
@@ -744,8 +870,15 @@ std::string dump_config(const Config& config) {
     }
     auto it = config.sources.find(spec.key);
     auto source = it == config.sources.end() ? Source::kDefault : it->second;
-    out << (section.empty() ? "" : "  ") << leaf << ": " << spec.get(config) << "  # "
-        << to_string(source) << "\n";
+    auto value = spec.get(config);
+    // Text values are printed so that the output, given back as --config, means the same: getters
+    // that may say "null" (unset) or quote already are left alone.
+    const bool quoted = !value.empty() && value.front() == '"';
+    if ((spec.kind == Kind::kString || spec.kind == Kind::kEndpoint) && value != "null" && !quoted &&
+        needs_yaml_quotes(value)) {
+      value = yaml_quoted(value);
+    }
+    out << (section.empty() ? "" : "  ") << leaf << ": " << value << "  # " << to_string(source) << "\n";
   }
   return out.str();
 }

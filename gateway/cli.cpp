@@ -257,15 +257,16 @@ int run_cli(int argc, char** argv) {
   try {
     Server server(cfg, std::move(discovered));
     server.bind();
-    spdlog::info("infergate {} serving on {}:{} with {} thread(s)", INFERGATE_VERSION,
-                 cfg.listen.host, server.port(), cfg.effective_threads());
+    // The address as a URL's authority: an IPv6 host in brackets.
+    const auto listening = config::Endpoint{cfg.listen.host, server.port()}.to_string();
+    spdlog::info("infergate {} serving on {} with {} thread(s)", INFERGATE_VERSION, listening,
+                 cfg.effective_threads());
     // Scripts and tests wait for this line on stdout.
-    std::printf("infergate listening on http://%s:%u\n", cfg.listen.host.c_str(),
-                static_cast<unsigned>(server.port()));
+    std::printf("infergate listening on http://%s\n", listening.c_str());
     if (server.metrics_port() != 0) {
-      spdlog::info("metrics on {}:{}/metrics", cfg.metrics_listen->host, server.metrics_port());
-      std::printf("infergate metrics on http://%s:%u/metrics\n", cfg.metrics_listen->host.c_str(),
-                  static_cast<unsigned>(server.metrics_port()));
+      const auto metrics = config::Endpoint{cfg.metrics_listen->host, server.metrics_port()}.to_string();
+      spdlog::info("metrics on {}/metrics", metrics);
+      std::printf("infergate metrics on http://%s/metrics\n", metrics.c_str());
     }
     std::fflush(stdout);
     const int code = server.run();

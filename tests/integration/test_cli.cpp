@@ -3,7 +3,14 @@
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <regex>
 #include <sstream>
@@ -131,7 +138,7 @@ TEST(CliTest, VersionHelpAndConfig) {
   EXPECT_EQ(config.code, 0) << config.err;
   EXPECT_THAT(config.out, HasSubstr("threads: 3  # flag"));
   EXPECT_THAT(config.out, HasSubstr("  interval: 5s  # env"));
-  EXPECT_THAT(config.out, HasSubstr("listen: 0.0.0.0:8080  # default"));
+  EXPECT_THAT(config.out, HasSubstr("listen: \"0.0.0.0:8080\"  # default"));
 }
 
 TEST(CliTest, ConfigFileErrorsNameFileAndLine) {
@@ -190,4 +197,24 @@ TEST(HarnessTest, SeesALinePrintedJustBeforeTheProcessExits) {
     Process p("/bin/sh", {"-c", "printf 'first\\nlast line %s\\n' " + std::to_string(i)});
     EXPECT_EQ(p.wait_for_line(std::regex(R"(last line (\d+))"), 10s), std::to_string(i));
   }
+}
+
+// The listening line is a URL scripts can use as it is: an IPv6 host in brackets.
+TEST(CliTest, AnIpv6ListenAddressIsPrintedAsAUsableUrl) {
+  Process gw(gateway_binary(), {"--no-slurm", "--listen", "[::1]:0", "--log-level", "warn"});
+  const int port = std::stoi(gw.wait_for_line(std::regex(R"(infergate listening on http://\[::1\]:(\d+)\n)")));
+  const int fd = ::socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in6 addr{};
+  addr.sin6_family = AF_INET6;
+  addr.sin6_port = htons(static_cast<std::uint16_t>(port));
+  addr.sin6_addr = in6addr_loopback;
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0) << std::strerror(errno);
+  const std::string request = "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+  ASSERT_EQ(::send(fd, request.data(), request.size(), MSG_NOSIGNAL), static_cast<ssize_t>(request.size()));
+  std::string answer;
+  char buf[512];
+  for (ssize_t n; (n = ::recv(fd, buf, sizeof buf, 0)) > 0;) answer.append(buf, static_cast<std::size_t>(n));
+  ::close(fd);
+  EXPECT_EQ(answer.rfind("HTTP/1.1 200 ", 0), 0u) << answer;
 }

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <sstream>
 
 #include "config/config.hpp"
 #include "config/units.hpp"
@@ -246,7 +247,8 @@ TEST(ConfigTest, InvalidValuesNameKeyFileAndLine) {
   EXPECT_THAT(yaml_error("- a\n- b\n"), HasSubstr("expected a YAML map"));
   EXPECT_THAT(yaml_error("threads: [1, 2\n"), HasSubstr("invalid YAML"));
   EXPECT_THAT(yaml_error("retries:\n  backoff_base: 2s\n  backoff_max: 1s\n"),
-              HasSubstr("retries.backoff_max (1s) must be at least retries.backoff_base (2s)"));
+              HasSubstr("retries.backoff_max (1s, from the config file) must be at least retries.backoff_base "
+                        "(2s, from the config file)"));
   EXPECT_THAT(yaml_error("passive:\n  ejection_base: 2m\n  ejection_max: 1m\n"),
               HasSubstr("passive.ejection_max"));
   EXPECT_EQ(yaml_error(""), "no error");  // an empty file means defaults
@@ -372,7 +374,7 @@ TEST(ConfigTest, DumpNamesEachSource) {
   options.env = env_of({{"INFERGATE_THREADS", "4"}});
   options.flags.push_back({"listen", "127.0.0.1:1", "--listen"});
   auto dump = dump_config(load_config(options).config);
-  EXPECT_THAT(dump, HasSubstr("listen: 127.0.0.1:1  # flag"));
+  EXPECT_THAT(dump, HasSubstr("listen: \"127.0.0.1:1\"  # flag"));
   EXPECT_THAT(dump, HasSubstr("threads: 4  # env"));
   EXPECT_THAT(dump, HasSubstr("health:\n"));
   EXPECT_THAT(dump, HasSubstr("  interval: 2s  # default"));
@@ -392,12 +394,110 @@ TEST(ConfigTest, DumpNamesEachSource) {
   EXPECT_EQ(back.listen.to_string(), "127.0.0.1:1");
 }
 
+// `infergate config` output given back as --config means the same, whatever the values hold.
+TEST(ConfigTest, DumpReadsBackAsTheSameValues) {
+  LoadOptions options;
+  options.env = env_of({});
+  options.flags = {{"listen", "[::1]:0", "--listen"},
+                   {"backends", "http://[::1]:9000", "--backend"},
+                   {"backends", "http://h:1", "--backend"},
+                   {"slurm.host_suffix", "#x", "--set"},
+                   {"slurm.domain", "null", "--set"},
+                   {"slurm.nodelist", "a[1-2],b: c", "--set"},
+                   {"health.path", "/h#x?a=[1]", "--set"},
+                   {"metrics.listen", "[::1]:9100", "--set"}};
+  const auto c = load_config(options).config;
+  const auto dump = dump_config(c);
+  const auto back = parse_yaml_text(dump, "dump.yaml");
+  EXPECT_EQ(back.listen.to_string(), "[::1]:0");
+  EXPECT_EQ(back.backends, c.backends);
+  EXPECT_EQ(back.slurm.host_suffix, "#x");
+  EXPECT_EQ(back.slurm.domain, "null");
+  EXPECT_EQ(back.slurm.nodelist, "a[1-2],b: c");
+  EXPECT_EQ(back.health.path, "/h#x?a=[1]");
+  ASSERT_TRUE(back.metrics_listen);
+  EXPECT_EQ(back.metrics_listen->to_string(), "[::1]:9100");
+  auto values = [](const std::string& text) {  // the dump without its "# source" comments
+    std::string out;
+    std::istringstream in(text);
+    for (std::string line; std::getline(in, line);) out += line.substr(0, line.rfind("  # ")) + "\n";
+    return out;
+  };
+  EXPECT_EQ(values(dump_config(back)), values(dump));
+}
+
+// An empty value (`key:`, `~`, `null`) leaves a text key empty and an optional one unset; other
+// keys say that nothing was given, on the key's own line. It never becomes the word "null".
+TEST(ConfigTest, EmptyYamlValuesAreEmptyNotTheWordNull) {
+  auto c = parse_yaml_text("admin:\n  token:\nslurm:\n  host_suffix: ~\n  domain: null\n  infer_tp:\n", "e.yaml");
+  EXPECT_EQ(c.admin_token, "");
+  EXPECT_EQ(c.slurm.host_suffix, "");
+  EXPECT_EQ(c.slurm.domain, "");
+  EXPECT_FALSE(c.slurm.infer_tp);
+  EXPECT_EQ(parse_yaml_text("slurm:\n  host_suffix: 'null'\n", "e.yaml").slurm.host_suffix, "null");  // quoted: text
+  EXPECT_THAT(yaml_error("health:\n  interval: 2s\n  timeout:\n"), HasSubstr("gw.yaml:3: health.timeout: no value given"));
+  EXPECT_THAT(yaml_error("threads:\n"), HasSubstr("gw.yaml:1: threads: no value given"));
+  EXPECT_THAT(yaml_error("health:\n  path:\n"), HasSubstr("gw.yaml:2: health.path: must start with '/', got ''"));
+}
+
+// yaml-cpp reads an unterminated quote as a value running to the end of the file: the keys
+// after it would vanish into it.
+TEST(ConfigTest, AQuoteLeftOpenIsAnErrorNotTheRestOfTheFile) {
+  EXPECT_THAT(yaml_error("slurm:\n  host_suffix: 'ib\nlog:\n  level: debug\n"),
+              HasSubstr("gw.yaml:2: the quoted value does not end on this line (a missing '?)"));
+  EXPECT_THAT(yaml_error("admin:\n  token: \"secret\nlog:\n  level: debug\n"),
+              HasSubstr("gw.yaml:2: the quoted value does not end on this line (a missing \"?)"));
+  EXPECT_THAT(yaml_error("backends:\n  - 'http://a:1\n  - http://b:2\n"), HasSubstr("gw.yaml:2: the quoted value"));
+  // Quotes that do end, with their escapes, and apostrophes inside plain values are fine.
+  auto c = parse_yaml_text("admin:\n  token: 'it''s'\nslurm:\n  domain: o'brien.local\n  host_suffix: \"a\\\"b\"\n",
+                           "q.yaml");
+  EXPECT_EQ(c.admin_token, "it's");
+  EXPECT_EQ(c.slurm.domain, "o'brien.local");
+  EXPECT_EQ(c.slurm.host_suffix, "a\"b");
+}
+
+TEST(ConfigTest, AOneLetterKeySuggestsNothing) {
+  EXPECT_EQ(closest_key("a"), "");
+  EXPECT_EQ(closest_key("x"), "");
+  EXPECT_EQ(closest_key("retry.max"), "retries.max");
+  EXPECT_EQ(closest_key("host_sufix"), "slurm.host_suffix");
+}
+
+TEST(ConfigTest, KeysGivenTwiceAndSecondDocumentsAreErrors) {
+  EXPECT_THAT(yaml_error("threads: 2\nthreads: 3\n"), HasSubstr("gw.yaml:2: threads: given twice (first on line 1)"));
+  EXPECT_THAT(yaml_error("health:\n  interval: 1s\nthreads: 1\nhealth:\n  timeout: 1s\n"),
+              HasSubstr("gw.yaml:4: health: given twice (first on line 1)"));
+  EXPECT_THAT(yaml_error("health:\n  interval: 1s\n  interval: 2s\n"), HasSubstr("gw.yaml:3: health.interval: given twice"));
+  EXPECT_THAT(yaml_error("threads: 3\n---\nthreads: 4\n"), HasSubstr("a second YAML document"));
+}
+
+TEST(ConfigTest, ValuesThatWouldBreakARequestLineOrAnAddressAreRefused) {
+  EXPECT_THAT(yaml_error("health:\n  path: \"/health HTTP/1.0\\r\\nX-Evil: 1\"\n"),
+              HasSubstr("health.path: must be a path without spaces"));
+  EXPECT_THAT(yaml_error("health:\n  path: /a b\n"), HasSubstr("health.path: must be a path without spaces"));
+  EXPECT_FALSE(parse_endpoint("[]:80"));
+  EXPECT_FALSE(parse_endpoint("[a:b]:80"));
+  EXPECT_FALSE(parse_endpoint("[host]:80"));
+  EXPECT_FALSE(parse_endpoint("256.1.1.1:80"));
+  EXPECT_TRUE(parse_endpoint("[::1]:0"));
+  EXPECT_TRUE(parse_endpoint("127.1:0"));
+  EXPECT_TRUE(parse_endpoint("node-1.cluster:80"));
+  EXPECT_EQ(parse_endpoint(":8080")->host, "0.0.0.0");
+  EXPECT_THAT(yaml_error("backends:\n  - http://[]:80\n"), HasSubstr("invalid backend URL"));
+  EXPECT_THAT(yaml_error("listen: 127.0.0.1:8080\nmetrics:\n  listen: 127.0.0.1:8080\n"),
+              HasSubstr("metrics.listen (127.0.0.1:8080, from the config file) must not be the gateway's own address"));
+  EXPECT_THAT(yaml_error("listen: 0.0.0.0:8080\nmetrics:\n  listen: 127.0.0.1:8080\n"), HasSubstr("must not be"));
+  EXPECT_EQ(yaml_error("listen: 127.0.0.1:0\nmetrics:\n  listen: 127.0.0.1:0\n"), "no error");  // both any port
+}
+
 TEST(ConfigTest, AdminTokenIsNotPrinted) {
   LoadOptions options;
   options.env = env_of({{"INFERGATE_ADMIN_TOKEN", "s3cret"}});
   auto c = load_config(options).config;
   EXPECT_EQ(c.admin_token, "s3cret");
   EXPECT_THAT(dump_config(c), ::testing::Not(HasSubstr("s3cret")));
+  // What it prints instead reads back as an error, not as a token anyone could guess.
+  EXPECT_THAT(yaml_error("admin:\n  token: \"***\"\n"), HasSubstr("admin.token: '***' is what `infergate config` prints"));
 }
 
 TEST(ConfigTest, EveryKeyHasEnvNameDefaultAndHelp) {
