@@ -115,25 +115,36 @@ int print_discovery(const discovery::DiscoveryResult& result, bool json) {
 
 }  // namespace
 
+namespace {
+
+std::optional<Command> command_named(std::string_view word) {
+  if (word == "serve") return Command::kServe;
+  if (word == "discover") return Command::kDiscover;
+  if (word == "config") return Command::kConfig;
+  if (word == "help") return Command::kHelp;
+  return std::nullopt;
+}
+
+}  // namespace
+
 CliArgs parse_args(const std::vector<std::string>& args) {
   CliArgs out;
-  std::size_t i = 0;
-  if (!args.empty() && !args[0].empty() && args[0][0] != '-') {
-    if (args[0] == "serve") {
-      out.command = Command::kServe;
-    } else if (args[0] == "discover") {
-      out.command = Command::kDiscover;
-    } else if (args[0] == "config") {
-      out.command = Command::kConfig;
-    } else if (args[0] == "help") {
-      out.command = Command::kHelp;
-    } else {
-      throw config::ConfigError("unknown command '" + args[0] +
-                                "' (expected serve, discover, config; see --help)");
+  bool command_given = false;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    // The command may come after flags too (`infergate --config f.yaml discover`), once.
+    if (!args[i].empty() && args[i][0] != '-') {
+      auto command = command_named(args[i]);
+      if (!command && i == 0) {
+        throw config::ConfigError("unknown command '" + args[i] + "' (expected serve, discover, config; see --help)");
+      }
+      if (!command) throw config::ConfigError("unexpected argument '" + args[i] + "' (see infergate --help)");
+      if (command_given) {
+        throw config::ConfigError("two commands, '" + std::string(args[i]) + "' and an earlier one (see --help)");
+      }
+      if (out.command != Command::kHelp && out.command != Command::kVersion) out.command = *command;
+      command_given = true;
+      continue;
     }
-    i = 1;
-  }
-  for (; i < args.size(); ++i) {
     std::string name = args[i] == "-h" ? std::string("--help") : args[i];
     std::optional<std::string> inline_value;
     if (auto eq = name.find('='); eq != std::string::npos && name.rfind("--", 0) == 0) {
@@ -150,6 +161,11 @@ CliArgs parse_args(const std::vector<std::string>& args) {
         value = *inline_value;
       } else if (i + 1 < args.size()) {
         value = args[++i];
+        // `--threads --listen X`: the value is missing, not "--listen".
+        if (value.rfind("--", 0) == 0 && find_flag(value.substr(0, value.find('='))) != nullptr) {
+          throw config::ConfigError(name + ": missing value " + spec->arg + " (the next argument is the flag " +
+                                    value.substr(0, value.find('=')) + ")");
+        }
       } else {
         throw config::ConfigError(name + ": missing value " + spec->arg);
       }
@@ -175,6 +191,9 @@ CliArgs parse_args(const std::vector<std::string>& args) {
     } else {
       out.load.flags.push_back({spec->key, value, name});
     }
+  }
+  if (out.json && (out.command == Command::kServe || out.command == Command::kConfig)) {
+    throw config::ConfigError("--json applies to discover only");
   }
   return out;
 }

@@ -75,6 +75,11 @@ TEST(CliTest, ParsesCommandsAndFlags) {
   EXPECT_EQ(parse_args({}).command, Command::kServe);
   EXPECT_EQ(parse_args({"--version"}).command, Command::kVersion);
   EXPECT_EQ(parse_args({"config", "--config", "x.yaml"}).load.config_file, "x.yaml");
+  // The command may follow the flags.
+  auto late = parse_args({"--config", "x.yaml", "discover", "--json"});
+  EXPECT_EQ(late.command, Command::kDiscover);
+  EXPECT_EQ(late.load.config_file, "x.yaml");
+  EXPECT_EQ(parse_args({"--help", "discover"}).command, Command::kHelp);
 }
 
 TEST(CliTest, BadFlagsAreOneLineErrors) {
@@ -91,6 +96,11 @@ TEST(CliTest, BadFlagsAreOneLineErrors) {
   EXPECT_THAT(error_of({"--listen"}), HasSubstr("--listen: missing value"));
   EXPECT_THAT(error_of({"--set", "novalue"}), HasSubstr("expected KEY=VALUE"));
   EXPECT_THAT(error_of({"--no-slurm=1"}), HasSubstr("takes no value"));
+  EXPECT_THAT(error_of({"--threads", "--listen", "127.0.0.1:0"}),
+              HasSubstr("--threads: missing value N (the next argument is the flag --listen)"));
+  EXPECT_THAT(error_of({"discover", "config"}), HasSubstr("two commands"));
+  EXPECT_THAT(error_of({"config", "--json"}), HasSubstr("--json applies to discover only"));
+  EXPECT_THAT(error_of({"--no-slurm", "launch"}), HasSubstr("unexpected argument 'launch'"));
 }
 
 TEST(CliTest, HelpListsEveryFlag) {
