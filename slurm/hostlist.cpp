@@ -8,7 +8,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 
@@ -49,6 +51,7 @@ struct Group {
 struct Pattern {
   std::vector<std::string> literals;
   std::vector<Group> groups;
+  std::size_t position = 0;  // where the pattern starts in the list
 };
 
 constexpr std::uint64_t kMaxNumber = 999'999'999'999ULL;
@@ -132,14 +135,113 @@ void expand_pattern(const Pattern& p, std::size_t group, std::string& prefix,
   }
 }
 
+bool is_host_name_character(char ch) {
+  return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+         ch == '-' || ch == '_' || ch == '.';
+}
+
+bool all_digits(std::string_view text) {
+  return !text.empty() && text.find_first_not_of("0123456789") == std::string_view::npos;
+}
+
+// Four decimal numbers 0-255 without leading zeros: inet_aton reads "010" as octal 8, so a
+// zero-padded address would silently name another host.
+bool is_dotted_quad(std::string_view name) {
+  int parts = 0;
+  for (std::size_t start = 0;; ++parts) {
+    const auto dot = name.find('.', start);
+    const auto part = name.substr(start, dot == std::string_view::npos ? dot : dot - start);
+    if (!all_digits(part) || part.size() > 3 || (part.size() > 1 && part.front() == '0'))
+      return false;
+    if (std::stoi(std::string(part)) > 255) return false;
+    if (dot == std::string_view::npos) return parts == 3;
+    start = dot + 1;
+  }
+}
+
+std::string hex_byte(unsigned char byte) {
+  constexpr char kDigits[] = "0123456789abcdef";
+  return {'0', 'x', kDigits[byte >> 4], kDigits[byte & 0xf]};
+}
+
 }  // namespace
 
+std::string quoted_for_message(std::string_view text) {
+  std::string out;  // appended piecewise: GCC 12 warns falsely (-Wrestrict) on "'" + s + "'"
+  out.reserve(text.size() + 2);
+  out += '\'';
+  for (char ch : text) {
+    const auto byte = static_cast<unsigned char>(ch);
+    if (ch == '\r') {
+      out += "\\r";
+    } else if (ch == '\n') {
+      out += "\\n";
+    } else if (ch == '\t') {
+      out += "\\t";
+    } else if (byte < 0x20 || byte == 0x7f) {
+      out += "\\x";
+      out += hex_byte(byte).substr(2);
+    } else {
+      out += ch;
+    }
+  }
+  out += '\'';
+  return out;
+}
+
+std::string host_name_character_problem(std::string_view text) {
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const char ch = text[i];
+    if (is_host_name_character(ch)) continue;
+    const auto byte = static_cast<unsigned char>(ch);
+    const std::string what = byte >= 0x20 && byte < 0x7f ? std::string("character '") + ch + "'"
+                                                         : "byte " + hex_byte(byte);
+    return what + " at offset " + std::to_string(i) +
+           " is not allowed in a host name (only ASCII letters, digits, '-', '_' and '.')";
+  }
+  return {};
+}
+
+std::string host_name_problem(std::string_view name) {
+  if (name.empty()) return "empty name";
+  if (auto bad = host_name_character_problem(name); !bad.empty()) return bad;
+  if (name.size() > kMaxDnsNameLength) {
+    return std::to_string(name.size()) + " characters long, more than " +
+           std::to_string(kMaxDnsNameLength);
+  }
+  std::string_view last_label;
+  for (std::size_t start = 0;;) {
+    const auto dot = name.find('.', start);
+    const auto label = name.substr(start, dot == std::string_view::npos ? dot : dot - start);
+    const auto where = " at offset " + std::to_string(start);
+    if (label.empty()) return "empty label" + where + " (a leading, trailing or doubled '.')";
+    if (label.size() > kMaxDnsLabelLength) {
+      return "label" + where + " is " + std::to_string(label.size()) +
+             " characters long, more than " + std::to_string(kMaxDnsLabelLength);
+    }
+    // A leading '-' also makes the name read as an option where a restart hook passes it to a
+    // command ("srun -w {host}").
+    if (label.front() == '-')
+      return "label " + quoted_for_message(label) + where + " starts with '-'";
+    if (label.back() == '-') return "label " + quoted_for_message(label) + where + " ends with '-'";
+    last_label = label;
+    if (dot == std::string_view::npos) break;
+    start = dot + 1;
+  }
+  if (all_digits(last_label) && !is_dotted_quad(name)) {
+    return "the last label is all digits, so resolvers read the name as an IPv4 address, but it is "
+           "not a dotted quad (four numbers 0-255 without leading zeros)";
+  }
+  return {};
+}
+
 HostlistError::HostlistError(std::string_view list, std::size_t position, std::string_view problem)
-    : std::runtime_error("hostlist '" + std::string(list) + "': position " + std::to_string(position) +
-                         ": " + std::string(problem)),
+    : std::runtime_error("hostlist " + quoted_for_message(list) + ": position " +
+                         std::to_string(position) + ": " + std::string(problem)),
       position_(position) {}
 
-std::vector<std::string> expand_hostlist(std::string_view input, std::size_t max_hosts) {
+std::vector<std::string> expand_hostlist(std::string_view input, std::size_t max_hosts,
+                                         std::vector<std::size_t>* positions) {
   // Only surrounding whitespace is forgiven (a value pasted with a newline); Slurm has no spaces.
   std::size_t offset = 0;
   while (offset < input.size() && std::isspace(static_cast<unsigned char>(input[offset]))) ++offset;
@@ -180,6 +282,7 @@ std::vector<std::string> expand_hostlist(std::string_view input, std::size_t max
     }
     if (n > max_hosts - total) throw too_many();
     total += n;
+    current.position = item_start;
     patterns.push_back(std::move(current));
     current = Pattern{};
     current.literals.emplace_back();
@@ -217,15 +320,29 @@ std::vector<std::string> expand_hostlist(std::string_view input, std::size_t max
 
   std::vector<std::string> hosts;
   hosts.reserve(static_cast<std::size_t>(total));
+  if (positions) {
+    positions->clear();
+    positions->reserve(static_cast<std::size_t>(total));
+  }
   for (const auto& p : patterns) {
     std::string prefix = p.literals.front();
     expand_pattern(p, 0, prefix, hosts);
+    if (positions) positions->resize(hosts.size(), p.position);
   }
   return hosts;
 }
 
-std::vector<std::string> scontrol_hostnames(std::string_view list, std::chrono::milliseconds timeout) {
-  const std::string command = "scontrol show hostnames '" + std::string(list) + "'";
+std::vector<std::string> scontrol_hostnames(std::string_view list,
+                                            std::chrono::milliseconds timeout,
+                                            std::size_t max_hosts) {
+  using Clock = std::chrono::steady_clock;
+  const std::string command = "scontrol show hostnames " + quoted_for_message(list);
+  // Every valid line fits in a host name and its newline: more output than that for max_hosts
+  // lines is refused while reading, before it fills memory.
+  const std::size_t max_output =
+      max_hosts < std::numeric_limits<std::size_t>::max() / (kMaxDnsNameLength + 1)
+          ? max_hosts * (kMaxDnsNameLength + 1)
+          : std::numeric_limits<std::size_t>::max();
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error(command + ": pipe: " + std::strerror(errno));
   posix_spawn_file_actions_t actions;
@@ -244,33 +361,48 @@ std::vector<std::string> scontrol_hostnames(std::string_view list, std::chrono::
     throw std::runtime_error(command + ": cannot run scontrol: " + std::strerror(rc));
   }
   std::string output;
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  // A deadline past the clock's range saturates instead of wrapping into the past.
+  const auto now = Clock::now();
+  const auto room =
+      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::time_point::max() - now);
+  const auto deadline = timeout >= room ? Clock::time_point::max() : now + timeout;
   bool timed_out = false;
+  bool too_much = false;
   for (;;) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
     if (left.count() <= 0) {
       timed_out = true;
       break;
     }
+    // poll() takes an int: a longer wait is done in several calls (a cast would wrap to a
+    // negative value, "wait forever", or to 0, "return at once").
+    constexpr long long kMaxPollMs = std::numeric_limits<int>::max();
     pollfd p{fds[0], POLLIN, 0};
-    int ready = ::poll(&p, 1, static_cast<int>(left.count()));
+    int ready = ::poll(&p, 1, static_cast<int>(std::min<long long>(left.count(), kMaxPollMs)));
     if (ready < 0 && errno == EINTR) continue;
-    if (ready <= 0) {
-      timed_out = ready == 0;
-      break;
-    }
+    if (ready == 0) continue;  // the loop's head decides whether the deadline has passed
+    if (ready < 0) break;
     char buf[4096];
     auto n = ::read(fds[0], buf, sizeof buf);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
     output.append(buf, static_cast<std::size_t>(n));
+    if (output.size() > max_output) {
+      too_much = true;
+      break;
+    }
   }
   ::close(fds[0]);
-  if (timed_out) ::kill(pid, SIGKILL);
+  if (timed_out || too_much) ::kill(pid, SIGKILL);
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
+  const auto too_many_hosts = [&] {
+    return std::runtime_error(command + ": printed more than " + std::to_string(max_hosts) +
+                              " hosts");
+  };
   if (timed_out) throw std::runtime_error(command + ": timed out after " + std::to_string(timeout.count()) + "ms");
+  if (too_much) throw too_many_hosts();
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
     throw std::runtime_error(command + ": failed (" +
                              (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status)) : std::string("killed")) +
@@ -281,7 +413,13 @@ std::vector<std::string> scontrol_hostnames(std::string_view list, std::chrono::
   while (start < output.size()) {
     auto end = output.find('\n', start);
     if (end == std::string::npos) end = output.size();
-    if (end > start) hosts.emplace_back(output.substr(start, end - start));
+    const std::string_view line = std::string_view(output).substr(start, end - start);
+    if (hosts.size() == max_hosts) throw too_many_hosts();
+    if (auto problem = host_name_problem(line); !problem.empty()) {
+      throw std::runtime_error(command + ": line " + std::to_string(hosts.size() + 1) + " " +
+                               quoted_for_message(line) + " is not a host name: " + problem);
+    }
+    hosts.emplace_back(line);
     start = end + 1;
   }
   if (hosts.empty()) throw std::runtime_error(command + ": printed no hosts");

@@ -1,6 +1,10 @@
 #include "slurm/job.hpp"
 
+#include <algorithm>
+#include <cctype>
+#include <cstdint>
 #include <cstdlib>
+#include <map>
 
 #include "slurm/hostlist.hpp"
 
@@ -8,57 +12,182 @@ namespace infergate::slurm {
 namespace {
 
 std::string quoted(std::string_view s) {
-  std::string out;  // appended piecewise: GCC 12 warns falsely (-Wrestrict) on "'" + s + "'"
-  out.reserve(s.size() + 2);
-  out += '\'';
-  out += s;
-  out += '\'';
-  return out;
+  return quoted_for_message(s);
 }
 
+// " (from ORIGIN)" when the configuration said where the key's value came from, else empty.
+std::string origin_of(const JobOptions& options, std::string_view key) {
+  auto it = options.origins.find(key);
+  if (it == options.origins.end() || it->second.empty()) return {};
+  return " (from " + it->second + ")";
+}
+
+// "KEY=VALUE (from ORIGIN)", naming a configured value in an error.
+std::string setting(const JobOptions& options, std::string_view key, std::string_view value) {
+  std::string text(key);
+  text += '=';
+  text += value;
+  text += origin_of(options, key);
+  return text;
+}
+
+struct Resolved {
+  int value = 0;
+  std::string source;  // "VAR=N", "KEY=N (from ORIGIN)" or "the default VAR=N (...)"
+  bool defaulted = false;
+};
+
 // A value from the options, else from the environment variable, else the default.
-int resolve_int(const std::optional<int>& option, std::string_view option_key, const EnvLookup& env,
-                std::string_view var, int fallback, bool allow_zero, bool* defaulted) {
+Resolved resolve_int(const JobOptions& options, const std::optional<int>& option,
+                     std::string_view option_key, const EnvLookup& env, std::string_view var,
+                     int fallback, bool allow_zero) {
   if (option) {
+    const auto source = setting(options, option_key, std::to_string(*option));
     if (*option < (allow_zero ? 0 : 1)) {
-      throw JobError(std::string(option_key) + "=" + std::to_string(*option) + " must be " +
-                     (allow_zero ? "zero or more" : "a positive integer"));
+      throw JobError(source + " must be " + (allow_zero ? "zero or more" : "a positive integer"));
     }
-    return *option;
+    return {*option, source, false};
   }
   auto value = env(var);
   if (!value) {
-    if (defaulted) *defaulted = true;
-    return fallback;
+    return {fallback,
+            "the default " + std::string(var) + "=" + std::to_string(fallback) + " (neither " +
+                std::string(var) + " nor " + std::string(option_key) + " is set)",
+            true};
   }
-  if (allow_zero && *value == "0") return 0;
-  return parse_positive_int(*value, std::string(var) + "=" + quoted(*value));
+  const int parsed = allow_zero && *value == "0"
+                         ? 0
+                         : parse_positive_int(*value, std::string(var) + "=" + quoted(*value));
+  return {parsed, std::string(var) + "=" + std::to_string(parsed), false};
 }
 
 // GPUs per inference node. SLURM_GPUS_ON_NODE describes the node the gateway itself runs on,
 // which may be a CPU or training node, so the job-wide SLURM_GPUS_PER_NODE (set by
-// --gpus-per-node) comes first.
+// --gpus-per-node) comes first. In a heterogeneous job the plain variables describe the first
+// component, so the chosen group's own _HET_GROUP_<N> variables come before both.
 void resolve_gpus_per_node(const JobOptions& options, const EnvLookup& env, JobLayout& layout) {
   if (options.gpus_per_node) {
-    if (*options.gpus_per_node < 1) {
-      throw JobError("slurm.gpus_per_node=" + std::to_string(*options.gpus_per_node) +
-                     " must be a positive integer");
+    const auto source =
+        setting(options, "slurm.gpus_per_node", std::to_string(*options.gpus_per_node));
+    if (*options.gpus_per_node < 1) throw JobError(source + " must be a positive integer");
+    if (*options.gpus_per_node > kMaxGpusPerNode) {
+      throw JobError(source + " is more than " + std::to_string(kMaxGpusPerNode) +
+                     " GPUs per node");
     }
     layout.gpus_per_node = *options.gpus_per_node;
-    layout.gpus_per_node_source = "slurm.gpus_per_node";
-  } else if (auto per_node = env("SLURM_GPUS_PER_NODE")) {
-    layout.gpus_per_node =
-        parse_gpus_per_node(*per_node, "SLURM_GPUS_PER_NODE=" + quoted(*per_node));
-    layout.gpus_per_node_source = "SLURM_GPUS_PER_NODE=" + quoted(*per_node);
-  } else {
-    layout.gpus_per_node =
-        resolve_int(std::nullopt, "slurm.gpus_per_node", env, "SLURM_GPUS_ON_NODE", 8, false,
-                    &layout.gpus_per_node_defaulted);
-    layout.gpus_per_node_source =
-        layout.gpus_per_node_defaulted
-            ? "the default: none of slurm.gpus_per_node, SLURM_GPUS_PER_NODE, SLURM_GPUS_ON_NODE "
-              "is set"
-            : "SLURM_GPUS_ON_NODE=" + std::to_string(layout.gpus_per_node);
+    layout.gpus_per_node_source = "slurm.gpus_per_node" + origin_of(options, "slurm.gpus_per_node");
+    return;
+  }
+  struct Candidate {
+    std::string var;
+    bool per_node;  // SLURM_GPUS_PER_NODE syntax ("gpu:a100:4"), else a plain count
+  };
+  std::vector<Candidate> candidates;
+  if (options.het_group) {
+    const auto group = "_HET_GROUP_" + std::to_string(*options.het_group);
+    candidates.push_back({"SLURM_GPUS_PER_NODE" + group, true});
+    candidates.push_back({"SLURM_GPUS_ON_NODE" + group, false});
+  }
+  candidates.push_back({"SLURM_GPUS_PER_NODE", true});
+  candidates.push_back({"SLURM_GPUS_ON_NODE", false});
+  std::string names = "slurm.gpus_per_node";
+  for (const auto& c : candidates) {
+    names += ", " + c.var;
+    auto value = env(c.var);
+    if (!value) continue;
+    const auto what = c.var + "=" + quoted(*value);
+    if (c.per_node) {
+      layout.gpus_per_node = parse_gpus_per_node(*value, what);
+      layout.gpus_per_node_source = what;
+    } else {
+      layout.gpus_per_node = parse_positive_int(*value, what);
+      if (layout.gpus_per_node > kMaxGpusPerNode) {
+        throw JobError(what + " is more than " + std::to_string(kMaxGpusPerNode) +
+                       " GPUs per node (the limit of slurm.gpus_per_node)");
+      }
+      layout.gpus_per_node_source = c.var + "=" + std::to_string(layout.gpus_per_node);
+    }
+    return;
+  }
+  layout.gpus_per_node = 8;
+  layout.gpus_per_node_defaulted = true;
+  layout.gpus_per_node_source = "the default: none of " + names + " is set";
+}
+
+std::string_view trimmed(std::string_view text) {
+  while (!text.empty() && std::isspace(static_cast<unsigned char>(text.front())))
+    text.remove_prefix(1);
+  while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back())))
+    text.remove_suffix(1);
+  return text;
+}
+
+// The job's hosts and, for errors, where each one came from.
+struct NodelistHosts {
+  std::vector<std::string> hosts;
+  std::vector<std::size_t> positions;  // in the hostlist; empty when scontrol expanded it
+  std::string nodelist;                // "SOURCE 'LIST'", trimmed and quoted
+
+  std::string where(std::size_t i) const {
+    return positions.empty() ? "on line " + std::to_string(i + 1) + " of scontrol's expansion"
+                             : "at position " + std::to_string(positions[i]);
+  }
+};
+
+// Each host name, completed with the suffix and domain, must be one a URL can carry; and no
+// host may be listed twice: Slurm never does, and a training host listed again would become an
+// inference backend.
+void check_hosts(const JobOptions& options, const NodelistHosts& list, std::string_view domain) {
+  if (auto problem = host_name_character_problem(options.host_suffix); !problem.empty()) {
+    throw JobError(setting(options, "slurm.host_suffix", quoted(options.host_suffix)) + ": " +
+                   problem);
+  }
+  if (!options.domain.empty()) {
+    if (auto problem = host_name_problem(domain.substr(1)); !problem.empty()) {
+      throw JobError(setting(options, "slurm.domain", quoted(options.domain)) +
+                     " is not a valid domain: " + problem);
+    }
+  }
+  std::map<std::string, std::size_t> seen;  // lower-cased: DNS ignores case
+  std::string name;
+  for (std::size_t i = 0; i < list.hosts.size(); ++i) {
+    const auto& node = list.hosts[i];
+    name = node;
+    name += options.host_suffix;
+    name += domain;
+    if (auto problem = host_name_problem(name); !problem.empty()) {
+      std::string host = "host " + quoted(name);
+      if (name != node) {
+        host += " (node " + quoted(node) + " " + list.where(i);
+        if (!options.host_suffix.empty())
+          host += " + slurm.host_suffix " + quoted(options.host_suffix);
+        if (!options.domain.empty()) host += " + slurm.domain " + quoted(options.domain);
+        host += ")";
+      } else {
+        host += " " + list.where(i);
+      }
+      throw JobError(list.nodelist + ": " + host + " is not a valid host name: " + problem);
+    }
+    std::string key = node;
+    std::transform(key.begin(), key.end(), key.begin(),
+                   [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    auto [it, inserted] = seen.emplace(std::move(key), i);
+    if (!inserted) {
+      const auto& first = list.hosts[it->second];
+      const auto first_where = list.where(it->second);
+      const auto again_where = list.where(i);
+      const std::string twice =
+          first == node
+              ? "host " + quoted(node) + " is listed twice (" +
+                    (first_where == again_where ? "both " + first_where
+                                                : first_where + " and " + again_where) +
+                    ")"
+              : "hosts " + quoted(first) + " (" + first_where + ") and " + quoted(node) + " (" +
+                    again_where + ") are the same host (host names ignore case)";
+      throw JobError(
+          list.nodelist + ": " + twice +
+          "; Slurm never lists a node twice in a job, so this is not the job's nodelist");
+    }
   }
 }
 
@@ -108,8 +237,13 @@ int parse_gpus_per_node(std::string_view text, std::string_view what) {
         fields.back().find_first_not_of("0123456789") != std::string_view::npos) {
       throw bad();
     }
+    // Each count is at most 999,999,999 (parse_positive_int), so the sum cannot overflow
+    // before this check.
     total += parse_positive_int(fields.back(), what);
-    if (total > 999'999'999) throw JobError(std::string(what) + " is too large");
+    if (total > kMaxGpusPerNode) {
+      throw JobError(std::string(what) + " is more than " + std::to_string(kMaxGpusPerNode) +
+                     " GPUs per node (the limit of slurm.gpus_per_node)");
+    }
     if (comma == std::string_view::npos) break;
     rest.remove_prefix(comma + 1);
   }
@@ -120,13 +254,13 @@ std::optional<JobLayout> read_job_layout(const JobOptions& options, const EnvLoo
   JobLayout layout;
   if (options.nodelist) {
     layout.nodelist = *options.nodelist;
-    layout.nodelist_source = "slurm.nodelist";
+    layout.nodelist_source = "slurm.nodelist" + origin_of(options, "slurm.nodelist");
   } else if (options.het_group) {
     const auto var = "SLURM_JOB_NODELIST_HET_GROUP_" + std::to_string(*options.het_group);
     auto value = env(var);
     if (!value) {
-      throw JobError("slurm.het_group=" + std::to_string(*options.het_group) + " but " + var +
-                     " is not set (not a heterogeneous job, or no such group)");
+      throw JobError(setting(options, "slurm.het_group", std::to_string(*options.het_group)) +
+                     " but " + var + " is not set (not a heterogeneous job, or no such group)");
     }
     layout.nodelist = *value;
     layout.nodelist_source = var;
@@ -140,44 +274,71 @@ std::optional<JobLayout> read_job_layout(const JobOptions& options, const EnvLoo
     return std::nullopt;
   }
 
-  std::vector<std::string> hosts;
+  NodelistHosts list;
+  list.nodelist = layout.nodelist_source + " " + quoted(trimmed(layout.nodelist));
   try {
-    hosts = expand_hostlist(layout.nodelist);
+    list.hosts = expand_hostlist(layout.nodelist, kDefaultMaxHosts, &list.positions);
   } catch (const HostlistError& native) {
     if (!options.use_scontrol) throw JobError(layout.nodelist_source + ": " + native.what());
     try {
-      hosts = scontrol_hostnames(layout.nodelist, options.scontrol_timeout);
+      list.hosts = scontrol_hostnames(layout.nodelist, options.scontrol_timeout, kDefaultMaxHosts);
+      list.positions.clear();
     } catch (const std::exception& fallback) {
       throw JobError(layout.nodelist_source + ": " + native.what() + "; scontrol fallback: " + fallback.what());
     }
   }
+  const auto& hosts = list.hosts;
 
-  layout.training_nodes = resolve_int(options.training_nodes, "slurm.training_nodes", env,
-                                      "NUM_TRAINING_NODES", 1, true, &layout.training_nodes_defaulted);
-  layout.infer_tp = resolve_int(options.infer_tp, "slurm.infer_tp", env, "INFER_TP", 1, false, nullptr);
+  const auto training = resolve_int(options, options.training_nodes, "slurm.training_nodes", env,
+                                    "NUM_TRAINING_NODES", 1, true);
+  layout.training_nodes = training.value;
+  layout.training_nodes_source = training.source;
+  layout.training_nodes_defaulted = training.defaulted;
+  const auto tp =
+      resolve_int(options, options.infer_tp, "slurm.infer_tp", env, "INFER_TP", 1, false);
+  layout.infer_tp = tp.value;
+  layout.infer_tp_source = tp.source;
   resolve_gpus_per_node(options, env, layout);
-  if (layout.gpus_per_node % layout.infer_tp != 0) {
-    throw JobError("INFER_TP=" + std::to_string(layout.infer_tp) + " does not divide the " +
-                   std::to_string(layout.gpus_per_node) + " GPUs per node (from " +
-                   layout.gpus_per_node_source + ")");
-  }
-  if (static_cast<std::size_t>(layout.training_nodes) >= hosts.size()) {
-    throw JobError("NUM_TRAINING_NODES=" + std::to_string(layout.training_nodes) + " but the nodelist " +
-                   quoted(layout.nodelist) + " has only " + std::to_string(hosts.size()) +
-                   " host(s): no host left for inference");
-  }
-  layout.servers_per_node = layout.gpus_per_node / layout.infer_tp;
-  if (options.base_port < 1 || options.base_port + layout.servers_per_node - 1 > 65535) {
-    throw JobError("slurm.base_port=" + std::to_string(options.base_port) + " with " +
-                   std::to_string(layout.servers_per_node) + " servers per node runs past port 65535");
-  }
 
   std::string domain;
   if (!options.domain.empty() && options.domain.front() != '.') domain += '.';
   domain += options.domain;
+  check_hosts(options, list, domain);
+
+  if (layout.gpus_per_node % layout.infer_tp != 0) {
+    throw JobError(layout.infer_tp_source + " does not divide the " +
+                   std::to_string(layout.gpus_per_node) + " GPUs per node (from " +
+                   layout.gpus_per_node_source + ")");
+  }
+  if (static_cast<std::size_t>(layout.training_nodes) >= hosts.size()) {
+    throw JobError(layout.training_nodes_source + " but the nodelist " +
+                   quoted(trimmed(layout.nodelist)) + " has only " + std::to_string(hosts.size()) +
+                   " host(s): no host left for inference");
+  }
+  layout.servers_per_node = layout.gpus_per_node / layout.infer_tp;
+  if (options.base_port < 1 || options.base_port + layout.servers_per_node - 1 > 65535) {
+    throw JobError(setting(options, "slurm.base_port", std::to_string(options.base_port)) +
+                   " with " + std::to_string(layout.servers_per_node) +
+                   " servers per node runs past port 65535");
+  }
+  // Checked before anything is built: both factors are bounded (100,000 hosts, 1,024 GPUs), so
+  // the product fits easily in 64 bits.
+  const auto inference_nodes = hosts.size() - static_cast<std::size_t>(layout.training_nodes);
+  const auto total = static_cast<std::uint64_t>(inference_nodes) *
+                     static_cast<std::uint64_t>(layout.servers_per_node);
+  if (total > kMaxBackends) {
+    throw JobError(
+        list.nodelist + ": " + std::to_string(inference_nodes) + " inference host(s) x " +
+        std::to_string(layout.servers_per_node) + " server(s) per node = " + std::to_string(total) +
+        " inference servers, more than the limit of " + std::to_string(kMaxBackends) +
+        "; servers per node = " + std::to_string(layout.gpus_per_node) + " GPUs per node from " +
+        layout.gpus_per_node_source + " / " + layout.infer_tp_source);
+  }
+
   const auto split = hosts.begin() + layout.training_nodes;
   layout.training_hosts.assign(hosts.begin(), split);
   layout.inference_hosts.assign(split, hosts.end());
+  layout.servers.reserve(static_cast<std::size_t>(total));
   for (const auto& node : layout.inference_hosts) {
     for (int slot = 0; slot < layout.servers_per_node; ++slot) {
       layout.servers.push_back(

@@ -1,5 +1,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 
 #include "slurm/hostlist.hpp"
 
@@ -22,6 +28,44 @@ struct Bad {
 
 class HostlistGood : public ::testing::TestWithParam<Good> {};
 class HostlistBad : public ::testing::TestWithParam<Bad> {};
+
+// A `scontrol` shell script first on PATH while the object lives (no Slurm on test machines).
+class FakeScontrol {
+ public:
+  explicit FakeScontrol(const std::string& script) {
+    std::string dir =
+        (std::filesystem::temp_directory_path() / "infergate-scontrol-XXXXXX").string();
+    if (::mkdtemp(dir.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    dir_ = dir;
+    const auto program = dir_ / "scontrol";
+    std::ofstream(program) << "#!/bin/sh\n" << script << "\n";
+    ::chmod(program.c_str(), 0755);
+    const char* path = std::getenv("PATH");
+    old_path_ = path ? path : "/usr/bin:/bin";
+    ::setenv("PATH", (dir_.string() + ":" + old_path_).c_str(), 1);
+  }
+  ~FakeScontrol() {
+    ::setenv("PATH", old_path_.c_str(), 1);
+    std::error_code ignored;
+    std::filesystem::remove_all(dir_, ignored);
+  }
+  FakeScontrol(const FakeScontrol&) = delete;
+  FakeScontrol& operator=(const FakeScontrol&) = delete;
+
+ private:
+  std::filesystem::path dir_;
+  std::string old_path_;
+};
+
+std::string scontrol_error(std::chrono::milliseconds timeout,
+                           std::size_t max_hosts = kDefaultMaxHosts) {
+  try {
+    scontrol_hostnames("n[1-", timeout, max_hosts);
+  } catch (const std::runtime_error& e) {
+    return e.what();
+  }
+  return "no error";
+}
 
 }  // namespace
 
@@ -168,5 +212,129 @@ TEST(HostlistTest, ScontrolFallbackErrorsNameTheCommand) {
   } catch (const std::runtime_error& e) {
     EXPECT_THAT(e.what(), HasSubstr("scontrol show hostnames"));
   }
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(5));
+}
+
+// Hosts end up in URLs ("http://HOST:PORT"): "n2:80" made "http://n2:80:9000".
+TEST(HostNameTest, ValidNames) {
+  for (const char* good : {"n1", "gpu-a001", "node_1", "N1.Cluster.Local", "127.0.10.1", "0.0.0.0",
+                           "255.255.255.255", "a", "1a", "x.y1", "n1.123.example", "a-b_c.d-e"}) {
+    EXPECT_EQ(host_name_problem(good), "") << good;
+  }
+  EXPECT_EQ(host_name_problem(std::string(63, 'a') + "." + std::string(63, 'b')), "");
+  std::string longest;  // 253 characters: 63 + 1 + 63 + 1 + 63 + 1 + 61
+  for (int i = 0; i < 3; ++i) longest += std::string(63, 'a') + ".";
+  longest += std::string(61, 'a');
+  ASSERT_EQ(longest.size(), 253u);
+  EXPECT_EQ(host_name_problem(longest), "");
+}
+
+TEST(HostNameTest, InvalidNamesSayWhy) {
+  const std::vector<std::pair<std::string, std::string>> cases{
+      {"", "empty name"},
+      {"n2:80", "character ':' at offset 2 is not allowed in a host name"},
+      {"n2/x", "character '/' at offset 2"},
+      {"n2@h", "character '@' at offset 2"},
+      {"n2;rm", "character ';' at offset 2"},
+      {"h 2", "character ' ' at offset 1"},
+      {"h3\r", "byte 0x0d at offset 2"},
+      {"n\xc3\xb6", "byte 0xc3 at offset 1"},
+      {".", "empty label at offset 0"},
+      {".n1", "empty label at offset 0"},
+      {"n1.", "empty label at offset 3"},
+      {"n1..x", "empty label at offset 3"},
+      {"-n1", "label '-n1' at offset 0 starts with '-'"},
+      {"n1-.x", "label 'n1-' at offset 0 ends with '-'"},
+      {"a." + std::string(64, 'b'), "label at offset 2 is 64 characters long, more than 63"},
+      {"1", "the last label is all digits"},
+      {"n1.5", "not a dotted quad"},
+      {"1.2.3", "not a dotted quad"},
+      {"1.2.3.4.5", "not a dotted quad"},
+      {"256.1.1.1", "not a dotted quad"},
+      {"127.0.10.01", "not a dotted quad"},  // inet_aton reads 01 as octal
+      {"0x7f.1", "not a dotted quad"},
+  };
+  for (const auto& [name, problem] : cases) {
+    EXPECT_THAT(host_name_problem(name), HasSubstr(problem)) << quoted_for_message(name);
+  }
+  std::string too_long;
+  for (int i = 0; i < 4; ++i) too_long += std::string(63, 'a') + ".";
+  too_long.pop_back();  // 255 characters, each label fine
+  EXPECT_EQ(host_name_problem(too_long), "255 characters long, more than 253");
+  EXPECT_THAT(host_name_character_problem("-ib"), ::testing::IsEmpty());
+  EXPECT_THAT(host_name_character_problem(":80"), HasSubstr("character ':' at offset 0"));
+}
+
+TEST(HostlistTest, ExpansionReportsWhereEachHostCameFrom) {
+  std::vector<std::size_t> positions;
+  EXPECT_THAT(expand_hostlist(" a,n[1-2],b ", kDefaultMaxHosts, &positions),
+              ElementsAre("a", "n1", "n2", "b"));
+  EXPECT_THAT(positions, ElementsAre(0u, 2u, 2u, 9u));  // counted like HostlistError's positions
+}
+
+TEST(HostlistTest, ErrorsQuoteControlCharactersEscaped) {
+  EXPECT_EQ(quoted_for_message("a\rb\n\t\x01"), "'a\\rb\\n\\t\\x01'");
+  try {
+    expand_hostlist("a\rb");
+    FAIL();
+  } catch (const HostlistError& e) {
+    EXPECT_STREQ(e.what(), "hostlist 'a\\rb': position 1: whitespace inside the hostlist");
+  }
+}
+
+// scontrol's output was taken line by line as host names, unchecked and without a cap.
+TEST(ScontrolTest, EveryLineMustBeAHostName) {
+  {
+    FakeScontrol fake("printf 'h1\\nh 2\\n'");
+    EXPECT_THAT(scontrol_error(std::chrono::seconds(10)),
+                HasSubstr("line 2 'h 2' is not a host name: character ' ' at offset 1"));
+  }
+  {
+    FakeScontrol fake("printf 'h1\\nh3\\r\\n'");
+    const auto message = scontrol_error(std::chrono::seconds(10));
+    EXPECT_THAT(message, HasSubstr("line 2 'h3\\r' is not a host name: byte 0x0d at offset 2"));
+    EXPECT_EQ(message.find('\r'), std::string::npos);
+  }
+  {
+    FakeScontrol fake("printf 'h1\\n\\nh2\\n'");
+    EXPECT_THAT(scontrol_error(std::chrono::seconds(10)),
+                HasSubstr("line 2 '' is not a host name: empty name"));
+  }
+  FakeScontrol fake("printf 'h1\\nh2\\n'");
+  EXPECT_THAT(scontrol_hostnames("n[1-", std::chrono::seconds(10)), ElementsAre("h1", "h2"));
+}
+
+TEST(ScontrolTest, HostCountIsCapped) {
+  {
+    FakeScontrol fake("printf 'h1\\nh2\\nh3\\nh4\\n'");
+    EXPECT_THAT(scontrol_error(std::chrono::seconds(10), 3),
+                HasSubstr("printed more than 3 hosts"));
+    EXPECT_EQ(scontrol_hostnames("x", std::chrono::seconds(10), 4).size(), 4u);
+  }
+  {
+    FakeScontrol fake("seq -f 'h%.0f' 1 100001");
+    EXPECT_THAT(scontrol_error(std::chrono::seconds(30)),
+                HasSubstr("printed more than 100000 hosts"));
+  }
+  // Endless output is cut off as soon as it exceeds what max_hosts names can take, not at the
+  // deadline (nor when memory runs out).
+  FakeScontrol fake("exec yes h1");
+  const auto started = std::chrono::steady_clock::now();
+  EXPECT_THAT(scontrol_error(std::chrono::seconds(20), 3), HasSubstr("printed more than 3 hosts"));
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(5));
+}
+
+// poll() takes an int of milliseconds: 2^32 ms cast to 0 ("time out at once"), 2^31 ms to a
+// negative value ("wait forever"); milliseconds::max() overflowed the deadline itself.
+TEST(ScontrolTest, AnyTimeoutLengthWorks) {
+  FakeScontrol fake("sleep 0.3; printf 'h1\\nh2\\n'");
+  for (auto timeout : {std::chrono::milliseconds(1LL << 31), std::chrono::milliseconds(1LL << 32),
+                       std::chrono::milliseconds(1LL << 40), std::chrono::milliseconds::max()}) {
+    EXPECT_THAT(scontrol_hostnames("n[1-2]", timeout), ElementsAre("h1", "h2")) << timeout.count();
+  }
+  // And a short timeout still fires.
+  FakeScontrol slow("exec sleep 10");
+  const auto started = std::chrono::steady_clock::now();
+  EXPECT_THAT(scontrol_error(std::chrono::milliseconds(200)), HasSubstr("timed out after 200ms"));
   EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(5));
 }

@@ -1,8 +1,14 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/stat.h>
 
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <map>
 
+#include "slurm/hostlist.hpp"
 #include "slurm/job.hpp"
 
 using namespace infergate::slurm;
@@ -26,6 +32,34 @@ std::string error_of(const JobOptions& o, std::map<std::string, std::string> env
   }
   return "no error";
 }
+
+// A `scontrol` shell script first on PATH while the object lives (no Slurm on test machines).
+class FakeScontrol {
+ public:
+  explicit FakeScontrol(const std::string& script) {
+    std::string dir =
+        (std::filesystem::temp_directory_path() / "infergate-scontrol-XXXXXX").string();
+    if (::mkdtemp(dir.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    dir_ = dir;
+    const auto program = dir_ / "scontrol";
+    std::ofstream(program) << "#!/bin/sh\n" << script << "\n";
+    ::chmod(program.c_str(), 0755);
+    const char* path = std::getenv("PATH");
+    old_path_ = path ? path : "/usr/bin:/bin";
+    ::setenv("PATH", (dir_.string() + ":" + old_path_).c_str(), 1);
+  }
+  ~FakeScontrol() {
+    ::setenv("PATH", old_path_.c_str(), 1);
+    std::error_code ignored;
+    std::filesystem::remove_all(dir_, ignored);
+  }
+  FakeScontrol(const FakeScontrol&) = delete;
+  FakeScontrol& operator=(const FakeScontrol&) = delete;
+
+ private:
+  std::filesystem::path dir_;
+  std::string old_path_;
+};
 
 }  // namespace
 
@@ -200,4 +234,258 @@ TEST(JobLayoutTest, ParsePositiveInt) {
   EXPECT_THROW(parse_positive_int("+4", "X"), JobError);
   EXPECT_THROW(parse_positive_int(" 4", "X"), JobError);
   EXPECT_THROW(parse_positive_int("99999999999", "X"), JobError);
+}
+
+// SLURM_GPUS_PER_NODE was accepted up to 999,999,999 while slurm.gpus_per_node stops at 1024.
+TEST(JobLayoutTest, GpuCountsAreCappedLikeTheConfigKey) {
+  const std::map<std::string, std::string> base{{"SLURM_JOB_NODELIST", "t,i1"}};
+  auto with = [&](std::string k, std::string v) {
+    auto m = base;
+    m[k] = v;
+    return m;
+  };
+  EXPECT_EQ(read_job_layout({}, env_of(with("SLURM_GPUS_PER_NODE", "1024")))->gpus_per_node, 1024);
+  EXPECT_EQ(read_job_layout({}, env_of(with("SLURM_GPUS_ON_NODE", "1024")))->gpus_per_node, 1024);
+  EXPECT_THAT(error_of({}, with("SLURM_GPUS_PER_NODE", "1025")),
+              HasSubstr("SLURM_GPUS_PER_NODE='1025' is more than 1024 GPUs per node (the limit of "
+                        "slurm.gpus_per_node)"));
+  EXPECT_THAT(error_of({}, with("SLURM_GPUS_PER_NODE", "gpu:a100:1000,gpu:v100:25")),
+              HasSubstr("SLURM_GPUS_PER_NODE='gpu:a100:1000,gpu:v100:25' is more than 1024"));
+  EXPECT_THAT(error_of({}, with("SLURM_GPUS_PER_NODE", "999999999")),
+              HasSubstr("is more than 1024"));
+  EXPECT_THAT(error_of({}, with("SLURM_GPUS_ON_NODE", "1025")),
+              HasSubstr("SLURM_GPUS_ON_NODE='1025' is more than 1024 GPUs per node"));
+  JobOptions too_many;
+  too_many.gpus_per_node = 1025;
+  EXPECT_THAT(error_of(too_many, base), HasSubstr("slurm.gpus_per_node=1025 is more than 1024"));
+  EXPECT_THROW(parse_gpus_per_node("1025", "X"), JobError);
+}
+
+// n[0-99999] x 1000 GPUs built 99,999,000 servers (tens of GB) and ended in std::bad_alloc.
+TEST(JobLayoutTest, BackendCountIsCappedBeforeAnythingIsBuilt) {
+  auto exact = read_job_layout(
+      {}, env_of({{"SLURM_JOB_NODELIST", "n[0-20000]"}, {"SLURM_GPUS_PER_NODE", "5"}}));
+  ASSERT_TRUE(exact);
+  EXPECT_EQ(exact->servers.size(), kMaxBackends);  // 20,000 inference hosts x 5
+
+  EXPECT_EQ(error_of({}, {{"SLURM_JOB_NODELIST", "n[0-20001]"}, {"SLURM_GPUS_PER_NODE", "5"}}),
+            "SLURM_JOB_NODELIST 'n[0-20001]': 20001 inference host(s) x 5 server(s) per node = "
+            "100005 inference servers, more than the limit of 100000; servers per node = 5 GPUs "
+            "per node from SLURM_GPUS_PER_NODE='5' / the default INFER_TP=1 (neither INFER_TP nor "
+            "slurm.infer_tp is set)");
+  EXPECT_THAT(error_of({}, {{"SLURM_JOB_NODELIST", "n[0-99999]"},
+                            {"NUM_TRAINING_NODES", "1"},
+                            {"SLURM_GPUS_PER_NODE", "1000"}}),
+              HasSubstr("99999 inference host(s) x 1000 server(s) per node = 99999000 inference "
+                        "servers, more than the limit of 100000"));
+  JobOptions tp;
+  tp.infer_tp = 2;
+  EXPECT_THAT(error_of(tp, {{"SLURM_JOB_NODELIST", "n[0-99999]"}, {"SLURM_GPUS_ON_NODE", "1024"}}),
+              HasSubstr("/ slurm.infer_tp=2"));
+}
+
+// "n2:80" became "http://n2:80:9000"; suffixes and domains were not checked either.
+TEST(JobLayoutTest, EveryHostMustBeAValidHostName) {
+  const auto nodelist = [](std::string list) {
+    return std::map<std::string, std::string>{{"SLURM_JOB_NODELIST", std::move(list)},
+                                              {"NUM_TRAINING_NODES", "1"},
+                                              {"SLURM_GPUS_PER_NODE", "1"}};
+  };
+  EXPECT_EQ(error_of({}, nodelist("n1,n2:80")),
+            "SLURM_JOB_NODELIST 'n1,n2:80': host 'n2:80' at position 3 is not a valid host name: "
+            "character ':' at offset 2 is not allowed in a host name (only ASCII letters, digits, "
+            "'-', '_' and '.')");
+  for (const auto& [list, problem] : std::vector<std::pair<std::string, std::string>>{
+           {"n1,n2/x", "host 'n2/x' at position 3"},
+           {"n2@h,n1", "host 'n2@h' at position 0"},  // a training host is checked too
+           {"n1,n2;rm", "host 'n2;rm' at position 3"},
+           {"n1,n\xc3\xb6", "byte 0xc3 at offset 1"},
+           {"n1,.", "host '.' at position 3 is not a valid host name: empty label"},
+           {"n1,x[1-2].", "host 'x1.' at position 3"},
+           {"n1,-x", "starts with '-'"},
+           {"n1,7",
+            "host '7' at position 3 is not a valid host name: the last label is all digits"},
+       }) {
+    EXPECT_THAT(error_of({}, nodelist(list)), HasSubstr(problem)) << list;
+  }
+  // The demo's loopback addresses, and '_' that some clusters use, are fine.
+  EXPECT_EQ(read_job_layout({}, env_of(nodelist("127.0.10.[1-3]")))->servers.back().host,
+            "127.0.10.3");
+  EXPECT_EQ(read_job_layout({}, env_of(nodelist("t,gpu_a[1-2]")))->servers.back().host, "gpu_a2");
+
+  JobOptions suffix;
+  suffix.host_suffix = ":80";
+  EXPECT_THAT(error_of(suffix, nodelist("t,n1")),
+              HasSubstr("slurm.host_suffix=':80': character ':' at offset 0 is not allowed"));
+  suffix.origins["slurm.host_suffix"] = "INFERGATE_SLURM_HOST_SUFFIX";
+  EXPECT_THAT(
+      error_of(suffix, nodelist("t,n1")),
+      HasSubstr("slurm.host_suffix=':80' (from INFERGATE_SLURM_HOST_SUFFIX): character ':'"));
+  JobOptions domain;
+  domain.domain = "cluster local";
+  EXPECT_THAT(
+      error_of(domain, nodelist("t,n1")),
+      HasSubstr("slurm.domain='cluster local' is not a valid domain: character ' ' at offset 7"));
+  domain.domain = "a..b";
+  EXPECT_THAT(error_of(domain, nodelist("t,n1")),
+              HasSubstr("slurm.domain='a..b' is not a valid domain: empty label"));
+  // Valid parts that make an invalid whole name: the error shows how the name was made.
+  JobOptions long_label;
+  const std::string x61(61, 'x');
+  long_label.host_suffix = "-" + x61;
+  long_label.domain = "example";
+  // 't' + suffix is 63 characters, the limit; 'n1' + suffix is one more.
+  const std::string host = "n1-" + x61 + ".example";
+  const std::string made_of =
+      "(node 'n1' at position 2 + slurm.host_suffix '-" + x61 + "' + slurm.domain 'example')";
+  EXPECT_EQ(error_of(long_label, nodelist("t,n1")),
+            "SLURM_JOB_NODELIST 't,n1': host '" + host + "' " + made_of +
+                " is not a valid host name: label at offset 0 is 64 characters long, more than 63");
+}
+
+// n1,n1,n2 with NUM_TRAINING_NODES=1 made the training node an inference backend.
+TEST(JobLayoutTest, AHostListedTwiceIsAnError) {
+  const auto nodelist = [](std::string list) {
+    return std::map<std::string, std::string>{{"SLURM_JOB_NODELIST", std::move(list)},
+                                              {"NUM_TRAINING_NODES", "1"}};
+  };
+  EXPECT_EQ(
+      error_of({}, nodelist("n1,n1,n2")),
+      "SLURM_JOB_NODELIST 'n1,n1,n2': host 'n1' is listed twice (at position 0 and at "
+      "position 3); Slurm never lists a node twice in a job, so this is not the job's nodelist");
+  EXPECT_THAT(error_of({}, nodelist("n[1,1,2]")),
+              HasSubstr("host 'n1' is listed twice (both at position 0)"));
+  EXPECT_THAT(error_of({}, nodelist("n[1-3],n2")),
+              HasSubstr("host 'n2' is listed twice (at position 0 and at position 7)"));
+  EXPECT_THAT(error_of({}, nodelist("N1,n1")),
+              HasSubstr("hosts 'N1' (at position 0) and 'n1' (at position 3) are the same host"));
+  JobOptions from_config;
+  from_config.nodelist = "a,b,a";
+  from_config.origins["slurm.nodelist"] = "/etc/infergate.yaml";
+  EXPECT_THAT(
+      error_of(from_config, {}),
+      HasSubstr("slurm.nodelist (from /etc/infergate.yaml) 'a,b,a': host 'a' is listed twice"));
+}
+
+// slurm.training_nodes: 5 from a file read "NUM_TRAINING_NODES=5 but ...", slurm.infer_tp: 3
+// "INFER_TP=3 ...", and the default "NUM_TRAINING_NODES=1 but ..." as if it had been set.
+TEST(JobLayoutTest, LayoutErrorsNameWhereTheValueCameFrom) {
+  const std::map<std::string, std::string> one_host{{"SLURM_JOB_NODELIST", "n1"}};
+  EXPECT_EQ(error_of({}, one_host),
+            "the default NUM_TRAINING_NODES=1 (neither NUM_TRAINING_NODES nor slurm.training_nodes "
+            "is set) but the nodelist 'n1' has only 1 host(s): no host left for inference");
+  EXPECT_THAT(error_of({}, {{"SLURM_JOB_NODELIST", "n1"}, {"NUM_TRAINING_NODES", "5"}}),
+              HasSubstr("NUM_TRAINING_NODES=5 but the nodelist 'n1'"));
+  JobOptions configured;
+  configured.training_nodes = 5;
+  EXPECT_THAT(error_of(configured, one_host),
+              HasSubstr("slurm.training_nodes=5 but the nodelist 'n1'"));
+  EXPECT_THAT(error_of(configured, {{"SLURM_JOB_NODELIST", "n1"}, {"NUM_TRAINING_NODES", "0"}}),
+              HasSubstr("slurm.training_nodes=5 but"));  // the key wins over the variable
+  configured.origins["slurm.training_nodes"] = "INFERGATE_SLURM_TRAINING_NODES";
+  EXPECT_THAT(
+      error_of(configured, one_host),
+      HasSubstr("slurm.training_nodes=5 (from INFERGATE_SLURM_TRAINING_NODES) but the nodelist"));
+
+  const std::map<std::string, std::string> two_hosts{{"SLURM_JOB_NODELIST", "t,n1"}};
+  JobOptions tp;
+  tp.infer_tp = 3;
+  EXPECT_THAT(error_of(tp, two_hosts),
+              HasSubstr("slurm.infer_tp=3 does not divide the 8 GPUs per node"));
+  tp.origins["slurm.infer_tp"] = "/etc/infergate.yaml";
+  EXPECT_THAT(
+      error_of(tp, two_hosts),
+      HasSubstr("slurm.infer_tp=3 (from /etc/infergate.yaml) does not divide the 8 GPUs per node"));
+  tp.gpus_per_node = 4;
+  tp.origins["slurm.gpus_per_node"] = "--config x.yaml";
+  EXPECT_THAT(error_of(tp, two_hosts),
+              HasSubstr("(from slurm.gpus_per_node (from --config x.yaml))"));
+  JobOptions port;
+  port.base_port = 65530;
+  port.origins["slurm.base_port"] = "INFERGATE_SLURM_BASE_PORT";
+  EXPECT_THAT(
+      error_of(port, two_hosts),
+      HasSubstr("slurm.base_port=65530 (from INFERGATE_SLURM_BASE_PORT) with 8 servers per node"));
+
+  auto layout = read_job_layout({}, env_of({{"SLURM_JOB_NODELIST", "t,n1"}, {"INFER_TP", "2"}}));
+  EXPECT_EQ(layout->infer_tp_source, "INFER_TP=2");
+  EXPECT_THAT(layout->training_nodes_source, HasSubstr("the default NUM_TRAINING_NODES=1"));
+}
+
+// In a heterogeneous job the plain SLURM_GPUS_PER_NODE describes the first component; the
+// group's own variables describe the servers' nodes.
+TEST(JobLayoutTest, HeterogeneousJobGroupGpuVariables) {
+  JobOptions o;
+  o.het_group = 1;
+  const std::map<std::string, std::string> base{{"SLURM_JOB_NODELIST", "x1"},
+                                                {"SLURM_JOB_NODELIST_HET_GROUP_1", "h[1-2]"},
+                                                {"SLURM_GPUS_PER_NODE", "8"},
+                                                {"SLURM_GPUS_ON_NODE", "6"}};
+  auto with = [&](std::map<std::string, std::string> extra) {
+    auto m = base;
+    for (auto& [k, v] : extra) m[k] = v;
+    return read_job_layout(o, env_of(m));
+  };
+  auto per_node = with(
+      {{"SLURM_GPUS_PER_NODE_HET_GROUP_1", "gpu:h100:2"}, {"SLURM_GPUS_ON_NODE_HET_GROUP_1", "4"}});
+  EXPECT_EQ(per_node->gpus_per_node, 2);
+  EXPECT_EQ(per_node->servers.size(), 2u);
+  EXPECT_EQ(per_node->gpus_per_node_source, "SLURM_GPUS_PER_NODE_HET_GROUP_1='gpu:h100:2'");
+  auto on_node = with({{"SLURM_GPUS_ON_NODE_HET_GROUP_1", "4"}});
+  EXPECT_EQ(on_node->gpus_per_node, 4);
+  EXPECT_EQ(on_node->gpus_per_node_source, "SLURM_GPUS_ON_NODE_HET_GROUP_1=4");
+  auto plain = with({});  // falls back to the plain variables
+  EXPECT_EQ(plain->gpus_per_node, 8);
+  EXPECT_EQ(plain->gpus_per_node_source, "SLURM_GPUS_PER_NODE='8'");
+  // Another group's variables are not this group's.
+  auto other = with({{"SLURM_GPUS_PER_NODE_HET_GROUP_0", "1"}});
+  EXPECT_EQ(other->gpus_per_node, 8);
+  // Bad values name the group's variable; the default names every variable looked at.
+  EXPECT_THAT(error_of(o, {{"SLURM_JOB_NODELIST_HET_GROUP_1", "h[1-2]"},
+                           {"SLURM_GPUS_PER_NODE_HET_GROUP_1", "lots"}}),
+              HasSubstr("SLURM_GPUS_PER_NODE_HET_GROUP_1='lots' is not a GPU count"));
+  EXPECT_THAT(error_of(o, {{"SLURM_JOB_NODELIST_HET_GROUP_1", "h[1-2]"},
+                           {"SLURM_GPUS_ON_NODE_HET_GROUP_1", "2000"}}),
+              HasSubstr("SLURM_GPUS_ON_NODE_HET_GROUP_1='2000' is more than 1024"));
+  auto defaulted = read_job_layout(o, env_of({{"SLURM_JOB_NODELIST_HET_GROUP_1", "h[1-2]"}}));
+  EXPECT_TRUE(defaulted->gpus_per_node_defaulted);
+  EXPECT_EQ(defaulted->gpus_per_node_source,
+            "the default: none of slurm.gpus_per_node, SLURM_GPUS_PER_NODE_HET_GROUP_1, "
+            "SLURM_GPUS_ON_NODE_HET_GROUP_1, SLURM_GPUS_PER_NODE, SLURM_GPUS_ON_NODE is set");
+}
+
+// The scontrol fallback's hosts go through the same checks, with line numbers for positions.
+TEST(JobLayoutTest, ScontrolFallbackHostsAreCheckedAndCapped) {
+  JobOptions o;
+  o.use_scontrol = true;
+  const std::map<std::string, std::string> odd{{"SLURM_JOB_NODELIST", "odd[1-"},
+                                               {"NUM_TRAINING_NODES", "1"}};
+  {
+    FakeScontrol fake("printf 'h1\\nh2\\nh3\\n'");
+    auto layout = read_job_layout(o, env_of(odd));
+    ASSERT_TRUE(layout);
+    EXPECT_THAT(layout->inference_hosts, ::testing::ElementsAre("h2", "h3"));
+  }
+  {
+    FakeScontrol fake("printf 'h1\\nh 2\\n'");
+    EXPECT_THAT(error_of(o, odd), HasSubstr("scontrol fallback: scontrol show hostnames 'odd[1-': "
+                                            "line 2 'h 2' is not a host name"));
+  }
+  {
+    FakeScontrol fake("printf 'h1\\nh2\\nh1\\n'");
+    EXPECT_THAT(error_of(o, odd),
+                HasSubstr("SLURM_JOB_NODELIST 'odd[1-': host 'h1' is listed twice (on line 1 of "
+                          "scontrol's expansion and on line 3 of scontrol's expansion)"));
+  }
+  {
+    FakeScontrol fake("printf 'h1\\nh2\\n'");
+    JobOptions suffixed = o;
+    suffixed.host_suffix = "-";
+    EXPECT_THAT(
+        error_of(suffixed, odd),
+        HasSubstr(
+            "host 'h1-' (node 'h1' on line 1 of scontrol's expansion + slurm.host_suffix '-')"));
+  }
+  FakeScontrol fake("seq -f 'h%.0f' 1 100001");
+  EXPECT_THAT(error_of(o, odd), HasSubstr("printed more than 100000 hosts"));
 }
