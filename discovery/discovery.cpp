@@ -47,6 +47,19 @@ DiscoveryResult discover(const config::Config& config, const config::EnvLookup& 
     options.het_group = config.slurm.het_group;
     options.use_scontrol = config.slurm.use_scontrol;
     options.scontrol_timeout = config.slurm.scontrol_timeout;
+    // Where each slurm.* setting came from, so that a layout error names it.
+    for (const auto& [key, source] : config.sources) {
+      if (key.rfind("slurm.", 0) != 0) continue;
+      if (source == config::Source::kFile) {
+        options.origins[key] = config.config_file.empty() ? "the config file" : config.config_file;
+      } else if (source == config::Source::kEnv) {
+        for (const auto& known : config::known_keys()) {
+          if (known.key == key) options.origins[key] = known.env;
+        }
+      } else if (source == config::Source::kFlag) {
+        options.origins[key] = "the command line";
+      }
+    }
     std::optional<slurm::JobLayout> layout;
     try {
       layout = slurm::read_job_layout(options, env ? slurm::EnvLookup(env) : slurm::process_env());
@@ -58,17 +71,15 @@ DiscoveryResult discover(const config::Config& config, const config::EnvLookup& 
             std::to_string(layout->inference_hosts.size()) + " inference node(s) x " +
             std::to_string(layout->servers_per_node) + " server(s)";
       if (layout->training_nodes_defaulted) {
-        result.notes.push_back("NUM_TRAINING_NODES is not set: treating the first host (" +
+        result.notes.push_back(layout->training_nodes_source + ": treating the first host (" +
                                layout->training_hosts.front() + ") as the only training node");
       }
       if (layout->gpus_per_node_defaulted) {
-        result.notes.push_back(
-            "neither slurm.gpus_per_node, SLURM_GPUS_PER_NODE nor SLURM_GPUS_ON_NODE is set: assuming 8 GPUs "
-            "per inference node");
+        result.notes.push_back(layout->gpus_per_node_source + ": assuming " + std::to_string(layout->gpus_per_node) +
+                               " GPUs per inference node");
       }
-      result.notes.push_back(how + " (INFER_TP=" + std::to_string(layout->infer_tp) +
-                             ", " + std::to_string(layout->gpus_per_node) + " GPUs per node from " +
-                             layout->gpus_per_node_source + ")");
+      result.notes.push_back(how + " (" + layout->infer_tp_source + ", " + std::to_string(layout->gpus_per_node) +
+                             " GPUs per node from " + layout->gpus_per_node_source + ")");
       for (const auto& server : layout->servers) {
         BackendInfo b;
         b.host = server.host;
