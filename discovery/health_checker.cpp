@@ -205,7 +205,10 @@ struct HealthChecker::Impl {
     b.set_state(t->to);
     // The request path's count starts again with the backend: Registry::pick skips a backend
     // whose count reached passive.failures, and one back in service must be routable.
-    if (t->to == BackendState::kHealthy) b.stats.consecutive_failures.store(0, std::memory_order_relaxed);
+    if (t->to == BackendState::kHealthy) {
+      b.stats.consecutive_failures.store(0, std::memory_order_relaxed);
+      b.stats.report_next_success.store(true, std::memory_order_relaxed);
+    }
     registry.republish();
     if (t->to == BackendState::kEjected) b.stats.ejections.fetch_add(1, std::memory_order_relaxed);
     if (t->to == BackendState::kUnhealthy || t->to == BackendState::kEjected) {
@@ -323,9 +326,12 @@ void HealthChecker::watch(std::shared_ptr<Backend> backend) {
 void HealthChecker::report(const std::shared_ptr<Backend>& backend, bool failed) {
   auto& consecutive = backend->stats.consecutive_failures;
   if (!failed) {
-    // The common case touches one relaxed load: only a success after failures is news.
-    if (consecutive.load(std::memory_order_relaxed) == 0) return;
+    // The common case touches two relaxed loads: only a success after failures, or the first
+    // one after the backend came back, is news.
+    auto& first_since_back = backend->stats.report_next_success;
+    if (consecutive.load(std::memory_order_relaxed) == 0 && !first_since_back.load(std::memory_order_relaxed)) return;
     consecutive.store(0, std::memory_order_relaxed);
+    first_since_back.store(false, std::memory_order_relaxed);
   }
   const int in_a_row = failed ? consecutive.fetch_add(1, std::memory_order_relaxed) + 1 : 0;
   net::post(impl_->io, [impl = impl_.get(), backend, failed, in_a_row] {
@@ -378,6 +384,11 @@ net::awaitable<void> remove_after_drain(HealthChecker::Impl* impl, std::shared_p
     co_await timer.async_wait(kTuple);
   }
   if (impl->pending_removal.erase(backend->index()) == 0) co_return;  // undrained or added again meanwhile
+  if (const auto left = backend->stats.inflight.load(); left > 0) {
+    spdlog::warn("backend {}: removing it with {} request(s) still in flight after waiting {}ms (timeouts.shutdown); "
+                 "they run on to their end, but stopping the server now would cut them",
+                 backend->info().id, left, impl->config.timeouts.shutdown.count());
+  }
   impl->tracker(*backend).remove();
   impl->registry.remove(backend->info().id);
   impl->trackers.erase(backend->index());
@@ -393,6 +404,21 @@ void HealthChecker::remove_when_idle(std::shared_ptr<Backend> backend, std::chro
   if (!first) return;  // already on its way out
   net::co_spawn(impl_->io, remove_after_drain(impl_.get(), std::move(backend), Clock::now() + deadline),
                 net::detached);
+}
+
+std::pair<std::shared_ptr<Backend>, bool> HealthChecker::add(BackendInfo info) {
+  return run_on(impl_->io, [impl = impl_.get(), &info]() -> std::pair<std::shared_ptr<Backend>, bool> {
+    if (auto existing = impl->registry.find(info.id)) {
+      if (impl->pending_removal.erase(existing->index()) > 0) {
+        spdlog::info("backend {}: added again, removal cancelled", existing->info().id);
+        impl->apply(*existing, impl->tracker(*existing).undrain());
+      }
+      return {existing, false};
+    }
+    auto added = impl->registry.add(std::move(info));
+    net::co_spawn(impl->io, probe_loop(impl, added), net::detached);
+    return {added, true};
+  });
 }
 
 bool HealthChecker::removal_pending(const std::shared_ptr<Backend>& backend) {

@@ -28,6 +28,11 @@ class HealthChecker {
 
   // Starts probing a backend added after start(). Thread-safe.
   void watch(std::shared_ptr<Backend> backend);
+  // Adds a backend to the registry and probes it, in one step on the checker's thread, so that
+  // concurrent adds of one URL, or an add racing the end of its removal, cannot leave it
+  // probed twice or gone. A backend already present is returned (false), and a pending
+  // removal of it is cancelled. Thread-safe.
+  std::pair<std::shared_ptr<Backend>, bool> add(BackendInfo info);
 
   // Passive health from the request path. Thread-safe and cheap when nothing changes.
   void report(const std::shared_ptr<Backend>& backend, bool failed);

@@ -5,6 +5,13 @@
 namespace infergate::gateway {
 
 std::string error_body(std::string_view message, std::string_view type, int status) {
+  // Messages quote what the client sent (a URL, an id): a 30 MB URL is not echoed back whole.
+  constexpr std::size_t kMaxMessage = 2048;
+  std::string shortened;
+  if (message.size() > kMaxMessage) {
+    shortened.assign(message.substr(0, kMaxMessage)).append("... (" + std::to_string(message.size()) + " bytes in all)");
+    message = shortened;
+  }
   nlohmann::json body = {
       {"error", {{"message", message}, {"type", type}, {"code", status}}},
   };

@@ -1,6 +1,8 @@
 #include "gateway/router.hpp"
 
 #include <algorithm>
+#include <cctype>
+#include <charconv>
 
 #include <nlohmann/json.hpp>
 #include <set>
@@ -59,8 +61,14 @@ json backend_json(const discovery::Backend& b) {
 bool authorized(const GatewayState& state, std::string_view authorization) {
   const auto& token = state.config.admin_token;
   if (token.empty()) return true;
-  constexpr std::string_view kBearer = "Bearer ";
-  if (authorization.substr(0, kBearer.size()) != kBearer) return false;
+  // The scheme is case-insensitive (RFC 9110 11.1); the token is not.
+  constexpr std::string_view kBearer = "bearer ";
+  if (authorization.size() < kBearer.size() ||
+      !std::equal(kBearer.begin(), kBearer.end(), authorization.begin(), [](char a, char b) {
+        return a == std::tolower(static_cast<unsigned char>(b));
+      })) {
+    return false;
+  }
   auto given = authorization.substr(kBearer.size());
   // Constant-time compare: the token guards weight updates.
   if (given.size() != token.size()) return false;
@@ -69,7 +77,41 @@ bool authorized(const GatewayState& state, std::string_view authorization) {
   return diff == 0;
 }
 
+// JSON nested deeper than this is refused (from clients) or kept as text (from backends): the
+// JSON library writes nested values back out recursively, and 100,000 levels overflow the stack.
+constexpr int kMaxJsonDepth = 64;
+// Admin calls carry URLs and small requests to broadcast; parsing a large body holds the worker
+// thread and takes many times its size in memory.
+constexpr std::size_t kMaxAdminBody = 16 * 1024 * 1024;
+
+bool json_depth_within(std::string_view text, int max_depth) {
+  int depth = 0;
+  bool in_string = false;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const char ch = text[i];
+    if (in_string) {
+      if (ch == '\\') ++i;
+      else if (ch == '"') in_string = false;
+    } else if (ch == '"') {
+      in_string = true;
+    } else if (ch == '[' || ch == '{') {
+      if (++depth > max_depth) return false;
+    } else if (ch == ']' || ch == '}') {
+      --depth;
+    }
+  }
+  return true;
+}
+
 std::optional<json> parse_json_object(std::string_view body, LocalResponse* error) {
+  if (body.size() > kMaxAdminBody) {
+    *error = error_response(413, "admin request bodies are at most 16 MiB");
+    return std::nullopt;
+  }
+  if (!json_depth_within(body, kMaxJsonDepth)) {
+    *error = error_response(400, "request body nests JSON deeper than " + std::to_string(kMaxJsonDepth) + " levels");
+    return std::nullopt;
+  }
   auto j = json::parse(body, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
     *error = error_response(400, "request body must be a JSON object");
@@ -113,14 +155,9 @@ RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::str
     } catch (const std::exception& e) {
       return error_response(400, e.what());
     }
-    if (auto existing = registry.find(info.id)) {
-      // Adding a backend that is being removed keeps it: the removal is cancelled.
-      if (state.health->removal_pending(existing)) state.health->undrain(existing);
-      return json_response(200, backend_json(*existing));
-    }
-    auto added = registry.add(std::move(info));
-    state.health->watch(added);
-    return json_response(201, backend_json(*added));
+    // Adding a backend that is being removed keeps it: the removal is cancelled.
+    auto [backend, added] = state.health->add(std::move(info));
+    return json_response(added ? 201 : 200, backend_json(*backend));
   }
   if (path == "/admin/broadcast") {
     if (req.method != "POST") return method_not_allowed("POST");
@@ -162,8 +199,20 @@ RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::str
       action = rest.substr(slash + 1);
       rest = rest.substr(0, slash);
     }
-    auto backend = registry.find(rest);
-    if (!backend) return error_response(404, "no backend with id '" + std::string(rest) + "'");
+    // Ids are host:port; a client may percent-encode the colon (127.0.0.1%3A9000).
+    std::string id;
+    for (std::size_t i = 0; i < rest.size(); ++i) {
+      int hex = 0;
+      if (rest[i] == '%' && i + 2 < rest.size() &&
+          std::from_chars(rest.data() + i + 1, rest.data() + i + 3, hex, 16).ptr == rest.data() + i + 3) {
+        id += static_cast<char>(hex);
+        i += 2;
+      } else {
+        id += rest[i];
+      }
+    }
+    auto backend = registry.find(id);
+    if (!backend) return error_response(404, "no backend with id '" + id + "'");
     if (action.empty()) {
       if (req.method == "GET") return json_response(200, backend_json(*backend));
       if (req.method != "DELETE") return method_not_allowed("GET, DELETE");
@@ -218,7 +267,14 @@ LocalResponse broadcast_response(const std::vector<BroadcastResult>& results) {
   bool all_ok = !results.empty();
   for (const auto& r : results) {
     json item = {{"backend", r.backend}, {"status", r.status}};
-    auto body = json::parse(r.body, nullptr, false);
+    if (!r.skipped.empty()) {
+      // Not healthy, so not sent: it missed what the others got (a weight update, say).
+      item["skipped"] = r.skipped;
+      all_ok = false;
+      list.push_back(std::move(item));
+      continue;
+    }
+    auto body = json_depth_within(r.body, kMaxJsonDepth) ? json::parse(r.body, nullptr, false) : json(json::value_t::discarded);
     item["body"] = body.is_discarded() ? json(r.body) : body;
     if (!r.error.empty()) item["error"] = r.error;
     all_ok = all_ok && r.status >= 200 && r.status < 300;

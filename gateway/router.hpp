@@ -46,6 +46,7 @@ struct BroadcastResult {
   unsigned status = 0;  // 0: no response
   std::string body;
   std::string error;
+  std::string skipped;  // not sent: the backend's state ("draining", "starting", ...)
 };
 LocalResponse broadcast_response(const std::vector<BroadcastResult>& results);
 

@@ -106,17 +106,25 @@ net::awaitable<void> accept_loop(Worker* w, tcp::acceptor* acceptor, Listener li
 }
 
 // Enforces socket deadlines every sweep interval, and closes idle pooled upstream
-// connections about once a second.
+// connections about once a second (and those to removed backends).
 net::awaitable<void> sweep_worker(Worker* w) {
   net::steady_timer timer(w->io);
   unsigned tick = 0;
+  std::vector<bool> present;  // by backend index: still in the registry
   for (;;) {  // also while draining: in-flight requests keep their timeouts
     timer.expires_after(DeadlineList::kSweepInterval);
     auto [ec] = co_await timer.async_wait(kTuple);
     if (ec) co_return;
     const auto now = std::chrono::steady_clock::now();
     w->deadlines.sweep(now);
-    if (++tick % 10 == 0) w->pool.evict_expired(now);
+    if (++tick % 10 == 0) {
+      present.assign(present.size(), false);
+      for (const auto& b : w->state->registry.snapshot()->all) {
+        if (b->index() >= present.size()) present.resize(b->index() + 1, false);
+        present[b->index()] = true;
+      }
+      w->pool.evict_expired(now, present);
+    }
   }
 }
 

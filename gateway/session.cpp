@@ -945,7 +945,7 @@ net::awaitable<Next> answer_no_backend(Worker* w, ClientConnection* c, const dis
     r = error_response(503, "no inference backends are configured: " + state.discovery_how);
     r.headers.emplace_back("Retry-After", "5");
   } else {
-    r = error_response(503, "none of the " + std::to_string(set.all.size()) + " backends is healthy yet; retry shortly");
+    r = error_response(503, "none of the " + std::to_string(set.all.size()) + " backends is healthy now; retry shortly");
     r.headers.emplace_back("Retry-After", "1");
   }
   if (state.config.log.access) spdlog::info("{} {} {} -> - 503 no backend", c->request_id, c->method, c->target);
@@ -1001,16 +1001,24 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
   discovery::Backend* previous = nullptr;
   const int max_attempts = state.config.retries.max + 1;
   for (int attempt = 0; attempt < max_attempts; ++attempt) {
+    // A retry looks at the backends as they are now: one drained, removed or ejected during the
+    // request is not its target, one back meanwhile may be.
+    if (attempt > 0) set = state.registry.snapshot();
     discovery::Backend* backend = state.registry.pick(*set, tried);
     if (backend == nullptr) break;
     if (attempt > 0) {
-      previous->stats.retries.fetch_add(1, std::memory_order_relaxed);
       co_await retry_pause(w, attempt);
       if (coarse_now() >= c->total_deadline) {
+        previous->stats.retries.fetch_add(1, std::memory_order_relaxed);
         failures += ", then timeouts.total (" + std::to_string(total.count()) + "ms) ran out";
         last_timed_out = true;
         break;
       }
+      // And again after the pause.
+      set = state.registry.snapshot();
+      backend = state.registry.pick(*set, tried);
+      if (backend == nullptr) break;
+      previous->stats.retries.fetch_add(1, std::memory_order_relaxed);
     }
     tried.push_back(backend);
     previous = backend;
@@ -1072,6 +1080,8 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     if (out.over_total) break;
   }
 
+  // Nothing tried: every healthy backend's ejection was under way (Registry::pick skips them).
+  if (tried.empty()) co_return co_await answer_no_backend(w, c, *set);
   const bool unavailable = all_unavailable && !tried.empty() && !last_timed_out;
   co_return co_await answer_all_failed(w, c, last_timed_out ? 504 : unavailable ? 503 : 502, tried.size(), failures,
                                        version_minor, client_keep_alive, head_only,
@@ -1123,7 +1133,13 @@ net::awaitable<std::vector<BroadcastResult>> run_broadcast(Worker* w, BroadcastR
     if (b->state() == discovery::BackendState::kHealthy) targets.push_back(b);
   }
   auto results = std::make_shared<std::vector<BroadcastResult>>(targets.size());
-  if (targets.empty()) co_return *results;
+  std::vector<BroadcastResult> skipped;
+  for (const auto& b : set->all) {
+    if (b->state() != discovery::BackendState::kHealthy) {
+      skipped.push_back(BroadcastResult{b->info().id, 0, {}, {}, std::string(discovery::to_string(b->state()))});
+    }
+  }
+  if (targets.empty()) co_return skipped;
   auto shared_request = std::make_shared<const BroadcastRequest>(std::move(request));
   auto remaining = std::make_shared<std::size_t>(targets.size());
   auto done = std::make_shared<net::steady_timer>(w->io, Clock::time_point::max());
@@ -1132,8 +1148,9 @@ net::awaitable<std::vector<BroadcastResult>> run_broadcast(Worker* w, BroadcastR
                   net::detached);
   }
   if (*remaining > 0) co_await done->async_wait(kTuple);  // cancelled by the last one to finish
-  spdlog::info("broadcast {} {} to {} backend(s)", shared_request->method, shared_request->path,
-               targets.size());
+  spdlog::info("broadcast {} {} to {} backend(s){}", shared_request->method, shared_request->path,
+               targets.size(), skipped.empty() ? "" : fmt::format(", {} not healthy and skipped", skipped.size()));
+  results->insert(results->end(), skipped.begin(), skipped.end());
   co_return *results;
 }
 

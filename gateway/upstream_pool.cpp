@@ -47,9 +47,13 @@ void UpstreamPool::release(std::size_t backend_index, std::unique_ptr<UpstreamCo
   list.push_back(std::move(c));
 }
 
-void UpstreamPool::evict_expired(std::chrono::steady_clock::time_point now) {
-  for (auto& list : idle_) {
-    std::erase_if(list, [&](const auto& c) { return now - c->idle_since >= idle_timeout_; });
+void UpstreamPool::evict_expired(std::chrono::steady_clock::time_point now, const std::vector<bool>& present) {
+  for (std::size_t i = 0; i < idle_.size(); ++i) {
+    if (i >= present.size() || !present[i]) {
+      idle_[i].clear();  // removed through the admin API: nothing will use these again
+      continue;
+    }
+    std::erase_if(idle_[i], [&](const auto& c) { return now - c->idle_since >= idle_timeout_; });
   }
 }
 

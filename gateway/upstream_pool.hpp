@@ -47,8 +47,9 @@ class UpstreamPool {
   std::unique_ptr<UpstreamConnection> acquire(std::size_t backend_index);
   // Parks a connection whose last response completed cleanly; closes it when the pool is full.
   void release(std::size_t backend_index, std::unique_ptr<UpstreamConnection> connection);
-  // Closes connections idle for longer than the idle timeout.
-  void evict_expired(std::chrono::steady_clock::time_point now);
+  // Closes connections idle for longer than the idle timeout, and those to backends that are
+  // no longer present (`present` is indexed by backend index; past its end: not present).
+  void evict_expired(std::chrono::steady_clock::time_point now, const std::vector<bool>& present);
   // Closes everything (shutdown, or a backend removed).
   void clear();
   void clear(std::size_t backend_index);

@@ -603,6 +603,26 @@ TEST(ProxyTest, AConnectionClosedLateIsAFailedAttemptNotASilentResend) {
   EXPECT_EQ(json::parse(http_request(dying[0].port, "GET", "/mock/stats").body)["requests"], 1);
 }
 
+// A retry is picked from the backends as they are when it goes out, not as they were when the
+// request came in: one undrained meanwhile takes it (and one drained meanwhile would not).
+TEST(ProxyTest, ARetryIsPickedFromTheBackendsAsTheyAreNow) {
+  auto dying = start_mocks(1, {"--drop-request", "--drop-delay-ms", "600"});
+  auto others = start_mocks(2);
+  auto gw = start_gateway(concat(concat(backend_args(dying), backend_args(others)), {"--set", "passive.failures=100"}));
+  wait_healthy(gw, 3);
+  for (const auto& m : others) {
+    ASSERT_EQ(http_request(gw.port, "POST", "/admin/backends/" + m.id() + "/drain").status, 200);
+  }
+  HttpResult r;
+  std::thread client([&] { r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false)); });
+  // The request is on the dying backend (the only one routable) by the time it has the request.
+  ASSERT_TRUE(poll_until([&] { return json::parse(http_request(dying[0].port, "GET", "/mock/stats").body)["requests"] == 1; }, 5s));
+  ASSERT_EQ(http_request(gw.port, "POST", "/admin/backends/" + others[1].id() + "/undrain").status, 200);
+  client.join();
+  EXPECT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(r.header("X-Backend"), others[1].id());
+}
+
 // timeouts.total ends an exchange that keeps going (a stream, or a body that never ends) without
 // counting it against the backend: a long generation is the limit's business, not a fault.
 TEST(ProxyTest, TotalTimeoutCutsLongResponsesWithoutBlamingTheBackend) {

@@ -27,6 +27,8 @@ constexpr auto kTuple = net::as_tuple(net::use_awaitable);
 
 namespace {
 
+constexpr std::string_view kFailHeader = "X-Mock-Fail";
+
 struct Options {
   std::string host = "127.0.0.1";
   int port = 9000;
@@ -453,9 +455,12 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
       }
       if (!error.empty()) {
         res = make_response(http::status::bad_request, openai_error(error, "BadRequestError", 400));
-      } else if (o.fail_rate > 0 && server->unit(server->rng) < o.fail_rate) {
-        res = make_response(static_cast<http::status>(o.fail_status),
-                            openai_error("injected failure", "InternalServerError", o.fail_status));
+      } else if (const auto forced = req[kFailHeader]; !forced.empty() ||
+                 (o.fail_rate > 0 && server->unit(server->rng) < o.fail_rate)) {
+        // X-Mock-Fail: STATUS fails this one request: tests choose exactly which requests fail.
+        const int status = forced.empty() ? o.fail_status : std::clamp(std::atoi(std::string(forced).c_str()), 500, 599);
+        res = make_response(static_cast<http::status>(status),
+                            openai_error("injected failure", "InternalServerError", status));
         if (o.retry_after >= 0) res.set(http::field::retry_after, std::to_string(o.retry_after));
       } else if (path == "/generate" && !c.stream) {
         std::string text;
