@@ -146,7 +146,7 @@ TEST(HealthTest, PassiveFailuresEjectButClientErrorsDoNot) {
 TEST(HealthTest, EjectionBackoffStartsAgainOnceTheBackendServedARequest) {
   auto mock = start_mock();
   auto gw = start_gateway({"--backend", mock.url(), "--set", "passive.failures=2", "--set",
-                           "passive.ejection_base=300ms", "--set", "passive.ejection_max=10s", "--set",
+                           "passive.ejection_base=500ms", "--set", "passive.ejection_max=10s", "--set",
                            "health.interval=100ms", "--set", "health.healthy_threshold=1"});
   ASSERT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "healthy"; }, 10s));
   auto incident = [&] {
@@ -154,6 +154,11 @@ TEST(HealthTest, EjectionBackoffStartsAgainOnceTheBackendServedARequest) {
       EXPECT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {{"X-Mock-Fail", "500"}}).status,
                 500);
     }
+    // Its only backend being ejected (at once or a moment later): 503 with Retry-After, the
+    // same as with no healthy backend, never a 502 "after 0 attempts".
+    auto during = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    EXPECT_EQ(during.status, 503) << during.body;
+    EXPECT_FALSE(during.header("Retry-After").empty());
     EXPECT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "ejected"; }, 5s));
     EXPECT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "healthy"; }, 5s));
   };
@@ -162,11 +167,11 @@ TEST(HealthTest, EjectionBackoffStartsAgainOnceTheBackendServedARequest) {
   incident();
   const auto log = gw.process->errors();
   std::size_t base_ejections = 0;
-  for (auto at = log.find("ejected for 300ms"); at != std::string::npos; at = log.find("ejected for 300ms", at + 1)) {
+  for (auto at = log.find("ejected for 500ms"); at != std::string::npos; at = log.find("ejected for 500ms", at + 1)) {
     ++base_ejections;
   }
   EXPECT_EQ(base_ejections, 2u) << log;
-  EXPECT_THAT(log, Not(HasSubstr("ejected for 600ms")));
+  EXPECT_THAT(log, Not(HasSubstr("ejected for 1000ms")));
 }
 
 TEST(AdminTest, AddDrainUndrainRemoveRoundTrip) {
@@ -286,6 +291,22 @@ TEST(AdminTest, AnAddRightAfterARemovalLeavesTheBackendPresent) {
     EXPECT_NE(json::parse(added.body)["state"], "removed") << "round " << round;
     EXPECT_EQ(http_request(gw.port, "GET", "/admin/backends/" + b.id()).status, 200) << "round " << round;
   }
+}
+
+// A removed backend keeps no connection from the gateway: its idle pooled connections are
+// closed within about a second, not after limits.upstream_idle_timeout (1 minute).
+TEST(AdminTest, ARemovedBackendsPooledConnectionsAreClosed) {
+  auto a = start_mock();
+  auto b = start_mock();
+  auto gw = start_gateway({"--backend", a.url(), "--backend", b.url()});
+  ASSERT_TRUE(poll_until([&] { return admin_backends(gw.port)["gateway"]["healthy"] == 2; }, 10s));
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false)).status, 200);
+  auto open_on_b = [&] { return json::parse(http_request(b.port, "GET", "/mock/stats").body)["open_connections"].get<int>(); };
+  ASSERT_GT(open_on_b(), 1);  // probes, and the pooled connections of its requests
+  ASSERT_EQ(http_request(gw.port, "DELETE", "/admin/backends/" + b.id()).status, 202);
+  ASSERT_TRUE(poll_until([&] { return http_request(gw.port, "GET", "/admin/backends/" + b.id()).status == 404; }, 5s));
+  // Our own stats request is the one connection left.
+  EXPECT_TRUE(poll_until([&] { return open_on_b() == 1; }, 5s)) << open_on_b();
 }
 
 // A backend that is not healthy is not sent the broadcast, and the answer says so: it missed
