@@ -225,6 +225,7 @@ struct AttemptOutcome {
   unsigned status = 0;
   std::uint64_t bytes = 0;
   std::chrono::seconds retry_after{0};  // kFailed on a 503: the backend's Retry-After, if it sent one
+  bool failure_reported = false;  // the passive-health failure went in before the response was relayed
 };
 
 AttemptOutcome client_gone_outcome() {
@@ -557,7 +558,7 @@ void record_attempt(GatewayState& state, discovery::Backend& backend, const Atte
       return;  // says nothing about the backend (a handed-off stream is recorded when it ends)
   }
   if (failed && !out.error.empty()) backend.set_last_error(out.error);
-  if (state.health != nullptr) state.health->report(backend.shared_from_this(), failed);
+  if (state.health != nullptr && !out.failure_reported) state.health->report(backend.shared_from_this(), failed);
 }
 
 // The rest of an SSE stream, relayed with plain completion handlers once its head is out: an
@@ -778,6 +779,12 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   RelayPlan plan;
   plan.keep_alive = c->keep_alive();
   out.status = rh.status;
+  // A 5xx counts against the backend before the client sees it: a client that sends its next
+  // request on reading this one must find the ejection it may cause already decided.
+  if (rh.status >= 500 && w->state->health != nullptr) {
+    w->state->health->report(backend->shared_from_this(), true);
+    out.failure_reported = true;
+  }
 
   using Kind = http1::BodyFramer::Kind;
   Kind kind = Kind::kNone;
