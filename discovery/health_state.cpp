@@ -94,7 +94,14 @@ std::optional<Transition> HealthTracker::drain() {
 
 std::optional<Transition> HealthTracker::undrain() {
   if (state_ != BackendState::kDraining) return std::nullopt;
-  return move_to(before_drain_, "undrained by operator");
+  // Probes went on during the drain: what they found last decides, not the state at drain time.
+  auto to = before_drain_;
+  if (to == BackendState::kHealthy && probe_failures_ >= policy_.unhealthy_threshold) {
+    to = BackendState::kUnhealthy;
+  } else if (to != BackendState::kHealthy && probe_passes_ >= policy_.healthy_threshold) {
+    to = BackendState::kHealthy;
+  }
+  return move_to(to, "undrained by operator");
 }
 
 std::optional<Transition> HealthTracker::remove() {

@@ -130,6 +130,11 @@ class Registry {
   // never skip. Set before serving starts.
   void set_passive_limit(int failures) noexcept { passive_limit_ = failures; }
   int passive_limit() const noexcept { return passive_limit_; }
+  // Backends added since start (discovered, static or through the admin API), removed or not.
+  std::size_t ever_added() const {
+    std::lock_guard lock(write_mutex_);
+    return next_index_;
+  }
 
  private:
   void publish_locked(std::vector<std::shared_ptr<Backend>> all);

@@ -948,7 +948,11 @@ Next next_after(bool keep_alive) { return keep_alive ? Next::kKeepAlive : Next::
 net::awaitable<Next> answer_no_backend(Worker* w, ClientConnection* c, const discovery::BackendSet& set) {
   GatewayState& state = *w->state;
   LocalResponse r;
-  if (set.all.empty()) {
+  if (set.all.empty() && state.registry.ever_added() > 0) {
+    r = error_response(503, "no inference backends: every one was removed through the admin API (add one with "
+                            "POST /admin/backends)");
+    r.headers.emplace_back("Retry-After", "5");
+  } else if (set.all.empty()) {
     r = error_response(503, "no inference backends are configured: " + state.discovery_how);
     r.headers.emplace_back("Retry-After", "5");
   } else {

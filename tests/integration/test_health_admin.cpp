@@ -309,6 +309,23 @@ TEST(AdminTest, ARemovedBackendsPooledConnectionsAreClosed) {
   EXPECT_TRUE(poll_until([&] { return open_on_b() == 1; }, 5s)) << open_on_b();
 }
 
+// With every backend removed through the admin API, a request gets 503 with Retry-After and a
+// message that says so (not the discovery summary from start-up), and adding one back serves.
+TEST(AdminTest, RemovingEveryBackendAnswers503UntilOneIsAddedBack) {
+  auto a = start_mock();
+  auto gw = start_gateway({"--backend", a.url()});
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, a.id()) == "healthy"; }, 10s));
+  ASSERT_EQ(http_request(gw.port, "DELETE", "/admin/backends/" + a.id()).status, 202);
+  ASSERT_TRUE(poll_until([&] { return http_request(gw.port, "GET", "/admin/backends/" + a.id()).status == 404; }, 5s));
+  auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(r.status, 503);
+  EXPECT_EQ(r.header("Retry-After"), "5");
+  EXPECT_THAT(r.body, HasSubstr("every one was removed through the admin API"));
+  ASSERT_EQ(http_request(gw.port, "POST", "/admin/backends", json{{"url", a.url()}}.dump()).status, 201);
+  EXPECT_TRUE(poll_until(
+      [&] { return http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false)).status == 200; }, 10s));
+}
+
 // A backend that is not healthy is not sent the broadcast, and the answer says so: it missed
 // what the others got (a weight update, say).
 TEST(AdminTest, ABroadcastListsTheBackendsItSkipped) {

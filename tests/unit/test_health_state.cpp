@@ -56,6 +56,31 @@ TEST(HealthStateTest, HealthyToUnhealthyAndBack) {
   EXPECT_EQ(up->to, BackendState::kHealthy);
 }
 
+// Probes go on while a backend is drained; undraining it goes by what they found since.
+TEST(HealthStateTest, UndrainGoesByTheProbesMadeDuringTheDrain) {
+  auto now = Clock::now();
+  HealthTracker died(policy(), BackendState::kHealthy);
+  ASSERT_TRUE(died.drain());
+  for (int i = 0; i < 3; ++i) EXPECT_FALSE(died.on_probe(false, now));
+  auto back = died.undrain();
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->to, BackendState::kUnhealthy);
+
+  HealthTracker recovered(policy(), BackendState::kUnhealthy);
+  ASSERT_TRUE(recovered.drain());
+  for (int i = 0; i < 2; ++i) EXPECT_FALSE(recovered.on_probe(true, now));
+  back = recovered.undrain();
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->to, BackendState::kHealthy);
+
+  HealthTracker unchanged(policy(), BackendState::kHealthy);
+  ASSERT_TRUE(unchanged.drain());
+  EXPECT_FALSE(unchanged.on_probe(false, now));  // one failure is not enough
+  back = unchanged.undrain();
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->to, BackendState::kHealthy);
+}
+
 // The request path's count (several worker threads) can run ahead of the reports the tracker
 // has seen; the tracker follows it, so an ejection the router already acts on happens.
 TEST(HealthStateTest, PassiveEjectionFollowsTheRequestPathsCount) {
