@@ -557,19 +557,38 @@ void walk_yaml(Config& c, const YAML::Node& map, const std::string& prefix, cons
 }
 
 void parse_yaml_into(Config& c, std::string_view text, std::string_view file) {
+  // A second document would be ignored by YAML::Load; found by its marker line, since
+  // yaml-cpp's LoadAll loops forever on some inputs (a lone ",").
+  {
+    bool content = false;  // a line of the first document seen
+    bool ended = false;    // its "..." end marker seen
+    int line_number = 0;
+    for (std::size_t at = 0; at <= text.size(); ++line_number) {
+      auto end = std::min(text.find('\n', at), text.size());
+      auto line = text.substr(at, end - at);
+      at = end + 1;
+      if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+      auto is_marker = [&](std::string_view m) {
+        return line.substr(0, 3) == m && (line.size() == 3 || line[3] == ' ' || line[3] == '\t');
+      };
+      const auto first = line.find_first_not_of(" \t");
+      const bool blank = first == std::string_view::npos || line[first] == '#';
+      if ((is_marker("---") && content) || (!blank && ended && !is_marker("..."))) {
+        throw ConfigError(std::string(file) + ":" + std::to_string(line_number + 1) +
+                          ": a second YAML document; the configuration is one document");
+      }
+      if (is_marker("...")) ended = content;
+      else if (!blank && !is_marker("---")) content = true;
+    }
+  }
   YAML::Node root;
   try {
-    auto documents = YAML::LoadAll(std::string(text));
-    if (documents.size() > 1) {
-      throw ConfigError(std::string(file) + ":" + std::to_string(documents[1].Mark().line + 1) +
-                        ": a second YAML document ('---'); the configuration is one document");
-    }
-    if (!documents.empty()) root = documents.front();
+    root = YAML::Load(std::string(text));
   } catch (const YAML::Exception& e) {
     throw ConfigError(std::string(file) + ":" + std::to_string(e.mark.line + 1) +
                       ": invalid YAML: " + e.msg);
   }
-  if (!root.IsDefined() || root.IsNull()) return;  // an empty file is fine
+  if (root.IsNull()) return;  // an empty file is fine
   if (!root.IsMap()) throw ConfigError(std::string(file) + ": expected a YAML map at the top level");
   try {
     walk_yaml(c, root, "", YamlSource{file, text});

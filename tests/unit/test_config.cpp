@@ -468,7 +468,12 @@ TEST(ConfigTest, KeysGivenTwiceAndSecondDocumentsAreErrors) {
   EXPECT_THAT(yaml_error("health:\n  interval: 1s\nthreads: 1\nhealth:\n  timeout: 1s\n"),
               HasSubstr("gw.yaml:4: health: given twice (first on line 1)"));
   EXPECT_THAT(yaml_error("health:\n  interval: 1s\n  interval: 2s\n"), HasSubstr("gw.yaml:3: health.interval: given twice"));
-  EXPECT_THAT(yaml_error("threads: 3\n---\nthreads: 4\n"), HasSubstr("a second YAML document"));
+  EXPECT_THAT(yaml_error("threads: 3\n---\nthreads: 4\n"), HasSubstr("gw.yaml:2: a second YAML document"));
+  EXPECT_THAT(yaml_error("threads: 3\n...\nthreads: 4\n"), HasSubstr("gw.yaml:3: a second YAML document"));
+  // One document with its markers is fine. A lone comma once made yaml-cpp's LoadAll loop
+  // forever (found by the fuzzer): it must come back (yaml-cpp reads it as an empty document).
+  EXPECT_EQ(yaml_error("# infergate\n---\nthreads: 3\n...\n# end\n"), "no error");
+  EXPECT_EQ(yaml_error(","), "no error");
 }
 
 TEST(ConfigTest, ValuesThatWouldBreakARequestLineOrAnAddressAreRefused) {
