@@ -376,6 +376,10 @@ const std::vector<KeySpec>& specs() {
     add("retries.backoff_max", Kind::kDuration, "largest retry backoff",
         make_duration([](Config& c) -> milliseconds& { return c.retries.backoff_max; }),
         [](const Config& c) { return format_duration(c.retries.backoff_max); });
+    add("retries.after_sent", Kind::kBool,
+        "also retry a request the backend received but never answered (false: a request that crashes its server reaches only one)",
+        make_bool([](Config& c) -> bool& { return c.retries.after_sent; }),
+        [](const Config& c) { return c.retries.after_sent ? "true" : "false"; });
     add("policy", Kind::kString, "load-balancing policy (round_robin)",
         make_choice([](Config& c) -> std::string& { return c.policy; }, {"round_robin"}),
         [](const Config& c) { return c.policy; });

@@ -91,6 +91,10 @@ struct RetrySettings {
   int max = 3;
   milliseconds backoff_base{25};
   milliseconds backoff_max{1000};
+  // Retry a request the backend received in full but never answered (connection closed or
+  // reset, or no answer within timeouts.first_byte). False: a request that crashes its server
+  // reaches only that one.
+  bool after_sent = true;
 };
 
 struct LogSettings {

@@ -226,6 +226,7 @@ struct AttemptOutcome {
   std::uint64_t bytes = 0;
   std::chrono::seconds retry_after{0};  // kFailed on a 503: the backend's Retry-After, if it sent one
   bool failure_reported = false;  // the passive-health failure went in before the response was relayed
+  bool after_sent = false;  // kFailed: the backend had the whole request and did not answer
 };
 
 AttemptOutcome client_gone_outcome() {
@@ -489,7 +490,9 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
                          : "the backend took no request bytes within timeouts.idle (" +
                                std::to_string(cfg.timeouts.idle.count()) + "ms)";
     }
-    co_return failed_outcome(std::move(why), timed_out);
+    auto out = failed_outcome(std::move(why), timed_out);
+    out.after_sent = request_sent;
+    co_return out;
   }
 }
 
@@ -1089,6 +1092,10 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     all_unavailable = all_unavailable && out.status == 503;
     retry_after = std::max(retry_after, out.retry_after);
     if (out.over_total) break;
+    if (out.after_sent && !state.config.retries.after_sent) {
+      failures += ", not retried (retries.after_sent is false)";
+      break;
+    }
   }
 
   // Nothing tried: every healthy backend's ejection was under way (Registry::pick skips them).

@@ -603,6 +603,41 @@ TEST(ProxyTest, AConnectionClosedLateIsAFailedAttemptNotASilentResend) {
   EXPECT_EQ(json::parse(http_request(dying[0].port, "GET", "/mock/stats").body)["requests"], 1);
 }
 
+// retries.after_sent=false: a request the backend received and never answered (it may have
+// crashed the server) is not sent to another; failures before sending still are.
+TEST(ProxyTest, RetriesAfterSentFalseSendsARequestToOneBackendOnly) {
+  auto dropping = start_mocks(2, {"--drop-request"});
+  auto gw = start_gateway(concat(backend_args(dropping), {"--set", "retries.after_sent=false", "--set",
+                                                          "passive.failures=100"}));
+  wait_healthy(gw, 2);
+  auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(r.status, 502);
+  EXPECT_THAT(r.body, HasSubstr("after 1 attempt(s)"));
+  EXPECT_THAT(r.body, HasSubstr("not retried (retries.after_sent is false)"));
+  int received = 0;
+  for (const auto& m : dropping) received += json::parse(http_request(m.port, "GET", "/mock/stats").body)["requests"].get<int>();
+  EXPECT_EQ(received, 1);
+
+  // A backend that never got the request (connection refused) is still retried elsewhere.
+  auto gone = start_mocks(1);
+  auto good = start_mocks(1);
+  auto gw_refused = start_gateway(concat(concat(backend_args(gone), backend_args(good)),
+                                         {"--set", "retries.after_sent=false", "--set", "health.interval=1h"}));
+  wait_healthy(gw_refused, 2);
+  gone[0].process->kill();
+  for (int i = 0; i < 2; ++i) {  // round robin: one of the two starts on the refusing port
+    auto served = http_request(gw_refused.port, "POST", "/v1/chat/completions", chat_body(false));
+    EXPECT_EQ(served.status, 200) << served.body;
+  }
+
+  // The default retries it on the other backend.
+  auto gw_default = start_gateway(concat(backend_args(dropping), {"--set", "passive.failures=100"}));
+  wait_healthy(gw_default, 2);
+  auto retried = http_request(gw_default.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(retried.status, 502);
+  EXPECT_THAT(retried.body, HasSubstr("after 2 attempt(s)"));
+}
+
 // A retry is picked from the backends as they are when it goes out, not as they were when the
 // request came in: one undrained meanwhile takes it (and one drained meanwhile would not).
 TEST(ProxyTest, ARetryIsPickedFromTheBackendsAsTheyAreNow) {
