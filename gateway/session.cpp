@@ -86,6 +86,7 @@ struct ClientConnection final : SlowHook {
   // usually arrived by the time the connection is accepted.
   bool read_directly = true;
   std::shared_ptr<StreamRelay> handoff;  // set when a StreamRelay took the stream over
+  UsageScanner usage;  // of the response being relayed (here, not in relay_response's frame)
   // timeouts.total for the current request: no socket operation of its exchange waits past it.
   Clock::time_point total_deadline = Clock::time_point::max();
   Clock::time_point request_started;  // for the access log; backend metrics time each attempt
@@ -377,6 +378,48 @@ AttemptOutcome failed_outcome(std::string error, bool timed_out = false, unsigne
   return out;
 }
 
+// The outcomes below are built by plain functions, not in the coroutines that return them: a
+// coroutine frame keeps a slot for every local of every branch, and Asio recycles frames only up
+// to about 1 KiB (larger ones are a malloc/free pair per request, and each evicts a cached
+// smaller frame).
+
+AttemptOutcome connect_failed_outcome(const beast::error_code& ec, bool client_gone) {
+  auto out = failed_outcome(ec == beast::error::timeout ? "connect timeout" : "connect: " + ec.message(),
+                            ec == beast::error::timeout);
+  if (client_gone) out.kind = AttemptOutcome::kClientGone;
+  return out;
+}
+
+// A retryable status (502/503): the connection closes; a 503's Retry-After is kept.
+AttemptOutcome retryable_status_outcome(unsigned status, std::string_view retry_after) {
+  auto out = failed_outcome("HTTP " + std::to_string(status), false, status);
+  out.retry_after = RetryPolicy::retry_after(retry_after);
+  return out;
+}
+
+// The exchange failed before a response head arrived (`request_sent`: after the whole request
+// went out).
+AttemptOutcome unanswered_outcome(const beast::error_code& ec, bool request_sent, const config::Config& cfg) {
+  const bool timed_out = ec == beast::error::timeout;
+  std::string why = ec == net::error::eof                ? "the backend closed the connection without answering"
+                    : ec == net::error::connection_reset ? "the backend reset the connection without answering"
+                                                          : ec.message();
+  if (timed_out) {
+    why = request_sent ? "no response within timeouts.first_byte (" + std::to_string(cfg.timeouts.first_byte.count()) + "ms)"
+                       : "the backend took no request bytes within timeouts.idle (" +
+                             std::to_string(cfg.timeouts.idle.count()) + "ms)";
+  }
+  auto out = failed_outcome(std::move(why), timed_out);
+  out.after_sent = request_sent;
+  return out;
+}
+
+AttemptOutcome handed_off_outcome() {
+  AttemptOutcome out;
+  out.kind = AttemptOutcome::kHandedOff;
+  return out;
+}
+
 // One try at one backend: connection (pooled or new), request out, response back. A pooled
 // connection the backend had closed is replaced by a fresh one once, invisibly.
 net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backend, ClientConnection* c,
@@ -396,10 +439,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
       watch.connection = nullptr;
       if (ec) {
         if (ec == beast::error::timeout && conn->sock.past_cap()) co_return over_total_outcome(cfg);
-        auto out = failed_outcome(ec == beast::error::timeout ? "connect timeout" : "connect: " + ec.message(),
-                                  ec == beast::error::timeout);
-        if (watch.client_gone) out.kind = AttemptOutcome::kClientGone;
-        co_return out;
+        co_return connect_failed_outcome(ec, watch.client_gone);
       }
     }
     conn->sock.cap_at(c->total_deadline);
@@ -451,9 +491,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
         }
         if (RetryPolicy::is_retryable_status(status)) {
           watch.connection = nullptr;
-          auto out = failed_outcome("HTTP " + std::to_string(status), false, status);  // the connection closes
-          out.retry_after = RetryPolicy::retry_after(conn->head.find("Retry-After"));
-          co_return out;
+          co_return retryable_status_outcome(status, conn->head.find("Retry-After"));
         }
         bool reusable = false;
         auto out = co_await relay_response(w, c, conn.get(), iequals(c->method, "HEAD"), request_id, backend,
@@ -480,19 +518,8 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
       fresh_retry_used = true;
       continue;
     }
-    const bool timed_out = wec == beast::error::timeout;
-    if (timed_out && conn->sock.past_cap()) co_return over_total_outcome(cfg);
-    std::string why = wec == net::error::eof                ? "the backend closed the connection without answering"
-                      : wec == net::error::connection_reset ? "the backend reset the connection without answering"
-                                                             : wec.message();
-    if (timed_out) {
-      why = request_sent ? "no response within timeouts.first_byte (" + std::to_string(cfg.timeouts.first_byte.count()) + "ms)"
-                         : "the backend took no request bytes within timeouts.idle (" +
-                               std::to_string(cfg.timeouts.idle.count()) + "ms)";
-    }
-    auto out = failed_outcome(std::move(why), timed_out);
-    out.after_sent = request_sent;
-    co_return out;
+    if (wec == beast::error::timeout && conn->sock.past_cap()) co_return over_total_outcome(cfg);
+    co_return unanswered_outcome(wec, request_sent, cfg);
   }
 }
 
@@ -848,7 +875,8 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   if (plan.streamed && up->buffer.capacity() > kStreamRelay && up->buffer.size() <= kStreamRelay) {
     up->buffer.reallocate(kStreamRelay);
   }
-  UsageScanner usage;
+  auto& usage = c->usage;
+  usage = UsageScanner();
   bool head_sent = false;
   bool first_body_byte = true;
   for (;;) {
@@ -902,9 +930,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
       // The rest of the stream needs no coroutine: hand it over (the session ends here).
       *handoff = std::make_shared<StreamRelay>(w, backend, std::move(plan), *c, started, std::move(out), usage,
                                                first_body_byte, read_room);
-      AttemptOutcome handed;
-      handed.kind = AttemptOutcome::kHandedOff;
-      co_return handed;
+      co_return handed_off_outcome();
     }
 
     if (up->buffer.size() == 0 && read_room < read_max && up->buffer.capacity() >= read_room * 2) {
