@@ -142,11 +142,13 @@ TEST(HealthTest, PassiveFailuresEjectButClientErrorsDoNot) {
 }
 
 // The ejection backoff doubles only across incidents with no success between them: once the
-// backend is back and has served a request, the next ejection is the base time again.
+// backend is back and has served a request, the next ejection is the base time again. (The base
+// time is long enough for a loaded machine to send the request that must find the backend
+// ejected before the ejection ends.)
 TEST(HealthTest, EjectionBackoffStartsAgainOnceTheBackendServedARequest) {
   auto mock = start_mock();
   auto gw = start_gateway({"--backend", mock.url(), "--set", "passive.failures=2", "--set",
-                           "passive.ejection_base=500ms", "--set", "passive.ejection_max=10s", "--set",
+                           "passive.ejection_base=2s", "--set", "passive.ejection_max=60s", "--set",
                            "health.interval=100ms", "--set", "health.healthy_threshold=1"});
   ASSERT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "healthy"; }, 10s));
   auto incident = [&] {
@@ -160,18 +162,18 @@ TEST(HealthTest, EjectionBackoffStartsAgainOnceTheBackendServedARequest) {
     EXPECT_EQ(during.status, 503) << during.body;
     EXPECT_FALSE(during.header("Retry-After").empty());
     EXPECT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "ejected"; }, 5s));
-    EXPECT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "healthy"; }, 5s));
+    EXPECT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "healthy"; }, 15s));
   };
   incident();
   for (int i = 0; i < 3; ++i) EXPECT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false)).status, 200);
   incident();
   const auto log = gw.process->errors();
   std::size_t base_ejections = 0;
-  for (auto at = log.find("ejected for 500ms"); at != std::string::npos; at = log.find("ejected for 500ms", at + 1)) {
+  for (auto at = log.find("ejected for 2000ms"); at != std::string::npos; at = log.find("ejected for 2000ms", at + 1)) {
     ++base_ejections;
   }
   EXPECT_EQ(base_ejections, 2u) << log;
-  EXPECT_THAT(log, Not(HasSubstr("ejected for 1000ms")));
+  EXPECT_THAT(log, Not(HasSubstr("ejected for 4000ms")));
 }
 
 TEST(AdminTest, AddDrainUndrainRemoveRoundTrip) {
