@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
@@ -764,6 +765,14 @@ std::optional<Endpoint> parse_endpoint(std::string_view text) {
 
 int Config::effective_threads() const {
   if (threads > 0) return threads;
+  // The CPUs this process may run on: an `srun -c 2` step (or taskset, or a container's cpuset)
+  // gets 2 workers, not one per CPU of the whole machine.
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (::sched_getaffinity(0, sizeof allowed, &allowed) == 0) {
+    const int n = CPU_COUNT(&allowed);
+    if (n > 0) return n;
+  }
   auto hw = static_cast<int>(std::thread::hardware_concurrency());
   return hw > 0 ? hw : 1;
 }

@@ -15,8 +15,10 @@ servers_per_node=$(( ${SLURM_GPUS_ON_NODE:-8} / INFER_TP ))
 for host in "${hosts[@]:NUM_TRAINING_NODES}"; do
   for ((slot = 0; slot < servers_per_node; slot++)); do
     gpus=$(seq -s, $((slot * INFER_TP)) $((slot * INFER_TP + INFER_TP - 1)))
-    srun --overlap -N1 -n1 -w "$host" --export=ALL,CUDA_VISIBLE_DEVICES="$gpus" \
-      vllm serve "$MODEL" --port $((9000 + slot)) --tensor-parallel-size "$INFER_TP" &
+    # Each server gets its own GPUs. Slurm sets CUDA_VISIBLE_DEVICES in every step (overriding
+    # --export), so it is set inside the task.
+    srun --overlap -N1 -n1 -w "$host" bash -c \
+      "export CUDA_VISIBLE_DEVICES=$gpus; exec vllm serve '$MODEL' --port $((9000 + slot)) --tensor-parallel-size $INFER_TP" &
   done
 done
 

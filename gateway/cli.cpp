@@ -117,6 +117,17 @@ int print_discovery(const discovery::DiscoveryResult& result, bool json) {
 
 namespace {
 
+// `--listen $(hostname):8080` on a node whose /etc/hosts maps its own name to 127.0.1.1 (Debian's
+// default) listens where no other node can connect: say so, since the trainer may run elsewhere.
+void warn_if_loopback_name(const std::string& host, const std::string& address) {
+  if (host == address || host == "localhost" || host.starts_with("ip6-")) return;
+  if (address.starts_with("127.") || address == "::1") {
+    spdlog::warn("listen: '{}' resolves to the loopback address {}: only this node can connect; listen on 0.0.0.0 "
+                 "(or the node's network address) for other nodes' trainers",
+                 host, address);
+  }
+}
+
 std::optional<Command> command_named(std::string_view word) {
   if (word == "serve") return Command::kServe;
   if (word == "discover") return Command::kDiscover;
@@ -278,8 +289,9 @@ int run_cli(int argc, char** argv) {
     server.bind();
     // The address as a URL's authority: an IPv6 host in brackets.
     const auto listening = config::Endpoint{cfg.listen.host, server.port()}.to_string();
-    spdlog::info("infergate {} serving on {} with {} thread(s)", INFERGATE_VERSION, listening,
-                 cfg.effective_threads());
+    spdlog::info("infergate {} serving on {}{} with {} thread(s)", INFERGATE_VERSION, listening,
+                 server.address() == cfg.listen.host ? "" : " (" + server.address() + ")", cfg.effective_threads());
+    warn_if_loopback_name(cfg.listen.host, server.address());
     // Scripts and tests wait for this line on stdout.
     std::printf("infergate listening on http://%s\n", listening.c_str());
     if (server.metrics_port() != 0) {

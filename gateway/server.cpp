@@ -7,6 +7,11 @@
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -173,6 +178,7 @@ struct Server::Impl {
   std::vector<std::unique_ptr<tcp::acceptor>> acceptors;  // acceptors[i] runs on workers[i]
   std::unique_ptr<tcp::acceptor> metrics_acceptor;        // metrics.listen, on worker 0
   std::uint16_t bound_port = 0;
+  net::ip::address bound_address;
   std::uint16_t metrics_port = 0;
 };
 
@@ -194,6 +200,44 @@ net::ip::address resolve_listen_address(net::io_context& io, const config::Endpo
   }
   return results.begin()->endpoint().address();
 }
+// How many sockets listen on exactly `endpoint` in this network namespace, from the kernel's
+// table (/proc/net/tcp or tcp6: the address as 32-bit words in host order, then the port, in
+// hex; state 0A is LISTEN). Nothing when the table cannot be read.
+std::optional<std::size_t> listeners_on(const tcp::endpoint& endpoint) {
+  std::string address_bytes;
+  if (endpoint.address().is_v4()) {
+    const auto b = endpoint.address().to_v4().to_bytes();
+    address_bytes.assign(b.begin(), b.end());
+  } else {
+    const auto b = endpoint.address().to_v6().to_bytes();
+    address_bytes.assign(b.begin(), b.end());
+  }
+  std::string expected;
+  for (std::size_t i = 0; i + 4 <= address_bytes.size(); i += 4) {
+    std::uint32_t word = 0;
+    std::memcpy(&word, address_bytes.data() + i, 4);
+    char hex[9];
+    std::snprintf(hex, sizeof hex, "%08X", word);
+    expected += hex;
+  }
+  char port[6];
+  std::snprintf(port, sizeof port, "%04X", static_cast<unsigned>(endpoint.port()));
+  expected += ':';
+  expected += port;
+
+  std::ifstream table(endpoint.address().is_v4() ? "/proc/net/tcp" : "/proc/net/tcp6");
+  if (!table) return std::nullopt;
+  std::string line;
+  std::getline(table, line);  // the header
+  std::size_t count = 0;
+  while (std::getline(table, line)) {
+    std::istringstream fields(line);
+    std::string slot, local, remote, state;
+    if (fields >> slot >> local >> remote >> state && state == "0A" && local == expected) ++count;
+  }
+  return count;
+}
+
 }  // namespace
 
 void Server::bind() {
@@ -223,6 +267,17 @@ void Server::bind() {
     impl_->acceptors.push_back(std::move(acceptor));
   }
   impl_->bound_port = port;
+  impl_->bound_address = address;
+  // SO_REUSEPORT lets any process of the same user join the port, and the kernel would then
+  // split the clients' connections between the two: a trainer would reach another job's
+  // inference servers. Listening sockets on this address beyond ours belong to someone else.
+  const tcp::endpoint bound(address, port);
+  if (const auto n = listeners_on(bound); n && *n > impl_->acceptors.size()) {
+    impl_->acceptors.clear();
+    throw std::runtime_error("listen: cannot listen on " + listen.to_string() +
+                             ": another process already listens on it (with SO_REUSEPORT, so the kernel would "
+                             "split connections between the two); stop it or choose another port");
+  }
 
   if (const auto& metrics = impl_->state.config.metrics_listen) {
     auto& io = impl_->workers.front()->io;
@@ -243,6 +298,8 @@ void Server::bind() {
 std::uint16_t Server::metrics_port() const { return impl_->metrics_port; }
 
 std::uint16_t Server::port() const { return impl_->bound_port; }
+
+std::string Server::address() const { return impl_->bound_address.to_string(); }
 
 int Server::run() {
   auto& state = impl_->state;

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "config/config.hpp"
 #include "discovery/discovery.hpp"
@@ -27,6 +28,8 @@ class Server {
   // Binds the listening sockets; throws std::runtime_error naming the address on failure.
   void bind();
   std::uint16_t port() const;
+  // The address `listen` resolved to (the same text when it is already an address).
+  std::string address() const;
   std::uint16_t metrics_port() const;  // 0 unless metrics.listen is set
   // Serves until SIGINT/SIGTERM, then lets in-flight requests finish (timeouts.shutdown);
   // returns the process exit code.

@@ -19,6 +19,7 @@
 
 using namespace infergate::test;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 namespace {
 
@@ -217,4 +218,43 @@ TEST(CliTest, AnIpv6ListenAddressIsPrintedAsAUsableUrl) {
   for (ssize_t n; (n = ::recv(fd, buf, sizeof buf, 0)) > 0;) answer.append(buf, static_cast<std::size_t>(n));
   ::close(fd);
   EXPECT_EQ(answer.rfind("HTTP/1.1 200 ", 0), 0u) << answer;
+}
+
+// Workers share their port through SO_REUSEPORT, which any process of the same user could join:
+// a second gateway on a port already served (two jobs on one node, both on 8080) would get half
+// of the first one's clients. It refuses to start instead, and the first serves on alone.
+TEST(CliTest, ASecondGatewayOnTheSamePortRefusesToStart) {
+  for (const std::string host : {"127.0.0.1", "[::1]"}) {
+    Process first(gateway_binary(), {"--no-slurm", "--listen", host + ":0", "--threads", "2", "--log-level", "warn"});
+    const int port = std::stoi(first.wait_for_line(std::regex(R"(infergate listening on http://\S+:(\d+)\n)")));
+    const std::string listen = host + ":" + std::to_string(port);
+    auto second = run({"--no-slurm", "--listen", listen, "--threads", "2"});
+    EXPECT_EQ(second.code, 1) << second.err;
+    EXPECT_THAT(second.err, HasSubstr("cannot listen on " + listen + ": another process already listens on it"));
+    EXPECT_EQ(second.out.find("infergate listening"), std::string::npos) << second.out;
+    if (host == "127.0.0.1") {
+      for (int i = 0; i < 8; ++i) EXPECT_EQ(http_request(port, "GET", "/health").status, 200);
+    }
+    EXPECT_TRUE(first.running());
+  }
+}
+
+// A listen host name that resolves to a loopback address (Debian maps a node's own name to
+// 127.0.1.1) cannot be reached from the other nodes: the log says so, and which address it is.
+TEST(CliTest, AListenNameOnLoopbackIsWarnedAbout) {
+  const char* asan_env = std::getenv("ASAN_OPTIONS");
+  const std::string asan = asan_env != nullptr ? asan_env : "";
+  // The test resolver answers 127.0.0.1 for this name.
+  Process gw(gateway_binary(), {"--no-slurm", "--listen", "trainer-node.test:0"},
+             {"LD_PRELOAD=" INFERGATE_HANGING_RESOLVER, "IG_TEST_HANG_HOST=trainer-node.test", "IG_TEST_HANG_AFTER=100",
+              "ASAN_OPTIONS=" + asan + (asan.empty() ? "" : ":") + "verify_asan_link_order=0"});
+  gw.wait_for_line(std::regex(R"(infergate listening on http://trainer-node\.test:\d+\n)"));
+  ASSERT_TRUE(poll_until([&] { return gw.errors().find("serving on") != std::string::npos; }, 5s));
+  EXPECT_THAT(gw.errors(), HasSubstr("(127.0.0.1) with"));
+  EXPECT_THAT(gw.errors(), HasSubstr("listen: 'trainer-node.test' resolves to the loopback address 127.0.0.1"));
+
+  Process plain(gateway_binary(), {"--no-slurm", "--listen", "127.0.0.1:0"});
+  plain.wait_for_line(std::regex(R"(infergate listening on http://127\.0\.0\.1:\d+\n)"));
+  ASSERT_TRUE(poll_until([&] { return plain.errors().find("serving on") != std::string::npos; }, 5s));
+  EXPECT_THAT(plain.errors(), Not(HasSubstr("loopback")));
 }

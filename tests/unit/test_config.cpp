@@ -1,5 +1,6 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sched.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -127,6 +128,29 @@ TEST(EndpointTest, Parses) {
   EXPECT_FALSE(parse_endpoint("host:99999"));
   EXPECT_FALSE(parse_endpoint("host:abc"));
   EXPECT_FALSE(parse_endpoint("ho st:80"));
+}
+
+// threads: 0 means one worker per CPU this process may run on (an `srun -c 1` step, taskset, a
+// cpuset), not per CPU of the machine.
+TEST(ConfigTest, AutomaticThreadsFollowTheCpuAffinity) {
+  cpu_set_t before;
+  CPU_ZERO(&before);
+  ASSERT_EQ(::sched_getaffinity(0, sizeof before, &before), 0);
+  int first = 0;
+  while (first < CPU_SETSIZE && !CPU_ISSET(first, &before)) ++first;
+  ASSERT_LT(first, CPU_SETSIZE);
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(first, &one);
+  ASSERT_EQ(::sched_setaffinity(0, sizeof one, &one), 0);
+  Config c;
+  c.threads = 0;
+  const int automatic = c.effective_threads();
+  ASSERT_EQ(::sched_setaffinity(0, sizeof before, &before), 0);
+  EXPECT_EQ(automatic, 1);
+  EXPECT_EQ(c.effective_threads(), CPU_COUNT(&before));
+  c.threads = 3;
+  EXPECT_EQ(c.effective_threads(), 3);
 }
 
 TEST(ConfigTest, DefaultsMatchTheDocumentation) {
