@@ -44,6 +44,7 @@ struct ProbeConnection {
   // The backend's addresses, looked up once and again only after a connect fails: a name
   // server that stops answering then costs nothing while the backend is reachable.
   std::vector<tcp::endpoint> endpoints;
+  bool resolve_failed = false;  // the last connect failed in looking up the host name
 };
 
 constexpr std::size_t kProbeBodyLimit = 4 * 1024 * 1024;
@@ -58,6 +59,7 @@ net::awaitable<beast::error_code> connect_probe(ProbeConnection& c, const Backen
   if (c.endpoints.empty()) {
     auto [rec, results] =
         co_await resolve_by(c.sock.socket().get_executor(), info.host, std::to_string(info.port), c.deadline);
+    c.resolve_failed = rec && rec != beast::error::timeout;
     if (rec) co_return rec;
     for (const auto& r : results) c.endpoints.push_back(r.endpoint());
   }
@@ -133,7 +135,9 @@ net::awaitable<ProbeResult> http_get(ProbeConnection* c, const BackendInfo* info
       c->buffer.clear();
       if (auto ec = co_await connect_probe(*c, *info)) {
         close_probe_connection(*c);
-        result.detail = ec == beast::error::timeout ? "timeout" : "connect: " + ec.message();
+        result.detail = ec == beast::error::timeout ? "timeout"
+                        : c->resolve_failed        ? "resolve " + info->host + ": " + ec.message()
+                                                   : "connect: " + ec.message();
         co_return result;
       }
     }
@@ -253,6 +257,7 @@ net::awaitable<void> probe_loop(HealthChecker::Impl* impl, std::shared_ptr<Backe
   ProbeConnection conn(impl->deadlines, impl->io.get_executor());
   ProbeConnection models_conn(impl->deadlines, impl->io.get_executor());
   Clock::time_point models_fetched{};
+  bool warned_unresolved = false;
   const auto interval = impl->config.health.interval;
   // The first probe goes out quickly, spread over a short window.
   std::uniform_int_distribution<std::int64_t> first(0, std::min<std::int64_t>(interval.count(), 200));
@@ -266,6 +271,14 @@ net::awaitable<void> probe_loop(HealthChecker::Impl* impl, std::shared_ptr<Backe
     const auto finished = Clock::now();
     if (impl->stopping || backend->state() == BackendState::kRemoved) co_return;
     backend->stats.probe_duration.observe(finished - started);
+    // A name that does not resolve is no warm-up state (the server may take minutes to load, its
+    // node's name does not): say so once, even for a backend that has never been healthy.
+    if (conn.resolve_failed && !warned_unresolved) {
+      spdlog::warn("backend {}: {}; check the host names (Slurm's node names with slurm.domain and "
+                   "slurm.host_suffix appended)",
+                   backend->info().id, result.detail);
+    }
+    warned_unresolved = conn.resolve_failed;
     backend->set_last_probe({std::chrono::system_clock::now(), result.ok, result.detail});
     auto& tracker = impl->tracker(*backend);
     impl->apply(*backend, tracker.on_probe(result.ok, finished, result.detail));

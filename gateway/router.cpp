@@ -5,6 +5,7 @@
 #include <charconv>
 
 #include <nlohmann/json.hpp>
+#include <map>
 #include <set>
 
 #include "gateway/errors.hpp"
@@ -235,6 +236,23 @@ RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::str
   return error_response(404, "unknown admin endpoint " + std::string(path));
 }
 
+// Why the backends that are not serving fail their probes, for /ready: the most frequent last
+// probe failure (a name that does not resolve, a refused connection, a 503 while loading), or
+// nothing when none was probed yet.
+std::string commonest_probe_failure(const discovery::BackendSet& set) {
+  std::map<std::string, std::size_t> counts;
+  for (const auto& b : set.all) {
+    if (b->state() == discovery::BackendState::kHealthy) continue;
+    auto probe = b->last_probe();
+    if (probe.time == std::chrono::system_clock::time_point{} || probe.ok) continue;
+    ++counts[probe.detail];
+  }
+  if (counts.empty()) return "";
+  const auto top = std::max_element(counts.begin(), counts.end(),
+                                    [](const auto& a, const auto& b) { return a.second < b.second; });
+  return "; last probe: " + top->first + " (" + std::to_string(top->second) + " backend(s))";
+}
+
 }  // namespace
 
 LocalResponse error_response(unsigned status, std::string_view message) {
@@ -302,7 +320,7 @@ RouteDecision route(GatewayState& state, const RequestView& req) {
                          : set->all.empty()   ? "no backends: " + state.discovery_how
                                               : std::to_string(healthy) + " healthy backend(s) of " +
                                                   std::to_string(set->all.size()) + ", need " +
-                                                  std::to_string(needed);
+                                                  std::to_string(needed) + commonest_probe_failure(*set);
     auto r = json_response(503, {{"status", "not ready"}, {"reason", reason}, {"healthy", healthy},
                                  {"total", set->all.size()}});
     r.headers.emplace_back("Retry-After", "1");

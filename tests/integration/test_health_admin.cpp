@@ -18,6 +18,7 @@
 
 using namespace infergate::test;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::StartsWith;
 using json = nlohmann::json;
 
@@ -117,6 +118,46 @@ TEST(HealthTest, ReadyNeedsTheMinimumOfHealthyBackends) {
   auto gw1 = start_gateway({"--backend", mock.url()});
   EXPECT_TRUE(poll_until([&] { return http_request(gw1.port, "GET", "/ready").status == 200; }, 10s));
   EXPECT_EQ(http_request(gw1.port, "GET", "/health").status, 200);
+}
+
+// A backend host name that does not resolve is a mistake, not a server still loading: the log
+// says so at once (once), and /ready's reason names the commonest probe failure.
+TEST(HealthTest, AnUnresolvableBackendNameIsWarnedAboutAndShownInReady) {
+  const char* asan_env = std::getenv("ASAN_OPTIONS");
+  const std::string asan = asan_env != nullptr ? asan_env : "";
+  auto loading = start_mock({"--startup-delay-ms", "60000"});
+  auto gw = start_gateway({"--backend", "http://gpu-node07.test:9000", "--backend", "http://gpu-node07.test:9001",
+                           "--backend", loading.url()},
+                          {"LD_PRELOAD=" INFERGATE_HANGING_RESOLVER, "IG_TEST_UNKNOWN_HOST=gpu-node07.test",
+                           "ASAN_OPTIONS=" + asan + (asan.empty() ? "" : ":") + "verify_asan_link_order=0"});
+  ASSERT_TRUE(poll_until([&] { return gw.process->errors().find("gpu-node07.test:9000: resolve") != std::string::npos; },
+                         10s))
+      << gw.process->errors();
+  EXPECT_THAT(gw.process->errors(), HasSubstr("backend gpu-node07.test:9000: resolve gpu-node07.test: "));
+  EXPECT_THAT(gw.process->errors(), HasSubstr("check the host names"));
+  json ready;
+  ASSERT_TRUE(poll_until(
+      [&] {
+        ready = json::parse(http_request(gw.port, "GET", "/ready").body);
+        return ready["reason"].get<std::string>().find("last probe: resolve") != std::string::npos;
+      },
+      10s));
+  EXPECT_THAT(ready["reason"].get<std::string>(), HasSubstr("0 healthy backend(s) of 3, need 1; last probe: resolve gpu-node07.test: "));
+  // Probes go on every 100 ms (five more seen below); the warning is not repeated, and the
+  // loading server raises none.
+  const std::string probes = "infergate_health_probe_duration_seconds_count";
+  const std::string labels = "backend=\"gpu-node07.test:9000\",node=\"gpu-node07.test\",slot=\"0\"";
+  const double seen = metric(gw.port, probes, labels);
+  ASSERT_TRUE(poll_until([&] { return metric(gw.port, probes, labels) >= seen + 5; }, 10s));
+  const auto log = gw.process->errors();
+  std::size_t warnings = 0;
+  for (auto at = log.find("gpu-node07.test:9000: resolve"); at != std::string::npos;
+       at = log.find("gpu-node07.test:9000: resolve", at + 1)) {
+    ++warnings;
+  }
+  EXPECT_EQ(warnings, 1u) << log;
+  EXPECT_THAT(log, HasSubstr("backend gpu-node07.test:9001: resolve gpu-node07.test: "));
+  EXPECT_THAT(log, Not(HasSubstr(loading.id() + ": resolve")));
 }
 
 TEST(HealthTest, PassiveFailuresEjectButClientErrorsDoNot) {
