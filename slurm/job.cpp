@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -61,10 +62,41 @@ Resolved resolve_int(const JobOptions& options, const std::optional<int>& option
   return {parsed, std::string(var) + "=" + std::to_string(parsed), false};
 }
 
-// GPUs per inference node. SLURM_GPUS_ON_NODE describes the node the gateway itself runs on,
-// which may be a CPU or training node, so the job-wide SLURM_GPUS_PER_NODE (set by
-// --gpus-per-node) comes first. In a heterogeneous job the plain variables describe the first
-// component, so the chosen group's own _HET_GROUP_<N> variables come before both.
+// The number of GPUs in a SLURM_JOB_GPUS value: indices ("0,1,2,3"), ranges allowed ("0-3").
+int count_gpu_indices(std::string_view value, const std::string& what) {
+  int count = 0;
+  std::size_t start = 0;
+  while (start <= value.size()) {
+    const auto end = std::min(value.find(',', start), value.size());
+    const auto item = value.substr(start, end - start);
+    const auto dash = item.find('-');
+    auto index = [&](std::string_view digits) {
+      int n = -1;
+      const bool digits_only = !digits.empty() && digits.size() <= 6 &&
+                               std::all_of(digits.begin(), digits.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+      if (digits_only) std::from_chars(digits.data(), digits.data() + digits.size(), n);
+      if (n < 0) throw JobError(what + ": expected GPU indices such as 0,1,2,3, not '" + std::string(item) + "'");
+      return n;
+    };
+    const int first = index(item.substr(0, dash));
+    const int last = dash == std::string_view::npos ? first : index(item.substr(dash + 1));
+    if (last < first) throw JobError(what + ": the range '" + std::string(item) + "' runs backwards");
+    count += last - first + 1;
+    if (count > kMaxGpusPerNode) {
+      throw JobError(what + " lists more than " + std::to_string(kMaxGpusPerNode) +
+                     " GPUs (the limit of slurm.gpus_per_node)");
+    }
+    start = end + 1;
+  }
+  return count;
+}
+
+// GPUs per inference node. SLURM_GPUS_ON_NODE describes the GPUs of the gateway's own step on
+// its own node, which may be a CPU or training node, and a step that asked for fewer GPUs (or
+// none) sees fewer; so the job-wide SLURM_GPUS_PER_NODE (set by --gpus-per-node) comes first,
+// then SLURM_JOB_GPUS (the job's GPUs on this node, whatever the step asked: set by --gres too).
+// In a heterogeneous job the plain variables describe the first component, so the chosen group's
+// own _HET_GROUP_<N> variables come before all of them.
 void resolve_gpus_per_node(const JobOptions& options, const EnvLookup& env, JobLayout& layout) {
   if (options.gpus_per_node) {
     const auto source =
@@ -78,26 +110,31 @@ void resolve_gpus_per_node(const JobOptions& options, const EnvLookup& env, JobL
     layout.gpus_per_node_source = "slurm.gpus_per_node" + origin_of(options, "slurm.gpus_per_node");
     return;
   }
+  enum class Syntax { kPerNode, kCount, kIndices };  // "gpu:a100:4"; "4"; "0,1,2,3"
   struct Candidate {
     std::string var;
-    bool per_node;  // SLURM_GPUS_PER_NODE syntax ("gpu:a100:4"), else a plain count
+    Syntax syntax;
   };
   std::vector<Candidate> candidates;
   if (options.het_group) {
     const auto group = "_HET_GROUP_" + std::to_string(*options.het_group);
-    candidates.push_back({"SLURM_GPUS_PER_NODE" + group, true});
-    candidates.push_back({"SLURM_GPUS_ON_NODE" + group, false});
+    candidates.push_back({"SLURM_GPUS_PER_NODE" + group, Syntax::kPerNode});
+    candidates.push_back({"SLURM_GPUS_ON_NODE" + group, Syntax::kCount});
   }
-  candidates.push_back({"SLURM_GPUS_PER_NODE", true});
-  candidates.push_back({"SLURM_GPUS_ON_NODE", false});
+  candidates.push_back({"SLURM_GPUS_PER_NODE", Syntax::kPerNode});
+  candidates.push_back({"SLURM_JOB_GPUS", Syntax::kIndices});
+  candidates.push_back({"SLURM_GPUS_ON_NODE", Syntax::kCount});
   std::string names = "slurm.gpus_per_node";
   for (const auto& c : candidates) {
     names += ", " + c.var;
     auto value = env(c.var);
-    if (!value) continue;
+    if (!value || (c.syntax == Syntax::kIndices && value->empty())) continue;  // a job without GPUs here
     const auto what = c.var + "=" + quoted(*value);
-    if (c.per_node) {
+    if (c.syntax == Syntax::kPerNode) {
       layout.gpus_per_node = parse_gpus_per_node(*value, what);
+      layout.gpus_per_node_source = what;
+    } else if (c.syntax == Syntax::kIndices) {
+      layout.gpus_per_node = count_gpu_indices(*value, what);
       layout.gpus_per_node_source = what;
     } else {
       layout.gpus_per_node = parse_positive_int(*value, what);

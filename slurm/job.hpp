@@ -1,5 +1,6 @@
 // The Slurm job's layout: which hosts train, which serve inference, on which ports.
-// Reads SLURM_JOB_NODELIST, NUM_TRAINING_NODES, INFER_TP, SLURM_GPUS_PER_NODE, SLURM_GPUS_ON_NODE
+// Reads SLURM_JOB_NODELIST, NUM_TRAINING_NODES, INFER_TP, SLURM_GPUS_PER_NODE, SLURM_JOB_GPUS,
+// SLURM_GPUS_ON_NODE
 // (and their _HET_GROUP_<N> forms in a heterogeneous job).
 #pragma once
 
@@ -37,7 +38,7 @@ struct JobOptions {
   std::optional<std::string> nodelist;     // else SLURM_JOB_NODELIST, else SLURM_NODELIST
   std::optional<int> training_nodes;       // else NUM_TRAINING_NODES, else 1
   std::optional<int> infer_tp;             // else INFER_TP, else 1
-  std::optional<int> gpus_per_node;        // else SLURM_GPUS_PER_NODE, SLURM_GPUS_ON_NODE, 8
+  std::optional<int> gpus_per_node;        // else SLURM_GPUS_PER_NODE, SLURM_JOB_GPUS, SLURM_GPUS_ON_NODE, 8
   int base_port = 9000;
   std::string host_suffix;                 // appended to each host name, e.g. "-ib"
   std::string domain;                      // appended after the suffix, e.g. ".cluster.local"

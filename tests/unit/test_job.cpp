@@ -140,6 +140,39 @@ TEST(JobLayoutTest, GpusPerNodePrecedence) {
   EXPECT_FALSE(on_node->gpus_per_node_defaulted);
 }
 
+// Under a real Slurm, SLURM_GPUS_ON_NODE is the gateway's own step's: a step run with
+// --gres=gpu:1 sees 1 and one with none sees nothing, while SLURM_JOB_GPUS still lists the job's
+// GPUs on the node (also for --gres jobs, which set no SLURM_GPUS_PER_NODE).
+TEST(JobLayoutTest, JobGpusComeBeforeTheStepsOwnCount) {
+  std::map<std::string, std::string> env{{"SLURM_JOB_NODELIST", "t,i1"},
+                                         {"SLURM_JOB_GPUS", "0,1,2,3,4,5,6,7"},
+                                         {"SLURM_GPUS_ON_NODE", "1"},
+                                         {"INFER_TP", "2"}};
+  auto layout = read_job_layout({}, env_of(env));
+  EXPECT_EQ(layout->gpus_per_node, 8);
+  EXPECT_EQ(layout->servers.size(), 4u);
+  EXPECT_EQ(layout->gpus_per_node_source, "SLURM_JOB_GPUS='0,1,2,3,4,5,6,7'");
+
+  env["SLURM_JOB_GPUS"] = "0-3,6,7";  // ranges count too
+  EXPECT_EQ(read_job_layout({}, env_of(env))->gpus_per_node, 6);
+  env["SLURM_GPUS_PER_NODE"] = "gpu:4";  // the job-wide variable still comes first
+  EXPECT_EQ(read_job_layout({}, env_of(env))->gpus_per_node, 4);
+  env.erase("SLURM_GPUS_PER_NODE");
+  env["SLURM_JOB_GPUS"] = "";  // no GPUs here: the next variable
+  env["SLURM_GPUS_ON_NODE"] = "2";
+  EXPECT_EQ(read_job_layout({}, env_of(env))->gpus_per_node_source, "SLURM_GPUS_ON_NODE=2");
+
+  for (const std::string bad : {"0,,1", "a,b", "3-1", "0-1024", "-1", "0, 1"}) {
+    env["SLURM_JOB_GPUS"] = bad;
+    try {
+      read_job_layout({}, env_of(env));
+      ADD_FAILURE() << bad << " was accepted";
+    } catch (const JobError& e) {
+      EXPECT_THAT(e.what(), ::testing::HasSubstr("SLURM_JOB_GPUS='" + bad + "'")) << e.what();
+    }
+  }
+}
+
 TEST(JobLayoutTest, ParseGpusPerNode) {
   EXPECT_EQ(parse_gpus_per_node("4", "X"), 4);
   EXPECT_EQ(parse_gpus_per_node("gpu:4", "X"), 4);
@@ -451,7 +484,7 @@ TEST(JobLayoutTest, HeterogeneousJobGroupGpuVariables) {
   EXPECT_TRUE(defaulted->gpus_per_node_defaulted);
   EXPECT_EQ(defaulted->gpus_per_node_source,
             "the default: none of slurm.gpus_per_node, SLURM_GPUS_PER_NODE_HET_GROUP_1, "
-            "SLURM_GPUS_ON_NODE_HET_GROUP_1, SLURM_GPUS_PER_NODE, SLURM_GPUS_ON_NODE is set");
+            "SLURM_GPUS_ON_NODE_HET_GROUP_1, SLURM_GPUS_PER_NODE, SLURM_JOB_GPUS, SLURM_GPUS_ON_NODE is set");
 }
 
 // The scontrol fallback's hosts go through the same checks, with line numbers for positions.
