@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -345,19 +346,32 @@ std::vector<std::string> scontrol_hostnames(std::string_view list,
           : std::numeric_limits<std::size_t>::max();
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error(command + ": pipe: " + std::strerror(errno));
+  // Its error message ("Invalid hostlist") goes to a memory file, read once it has exited.
+  const int err_fd = ::memfd_create("scontrol-stderr", MFD_CLOEXEC);
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
-  posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+  if (err_fd >= 0) {
+    posix_spawn_file_actions_adddup2(&actions, err_fd, STDERR_FILENO);
+  } else {
+    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+  }
+  // In a process group of its own, so that a timeout ends whatever it started too.
+  posix_spawnattr_t attributes;
+  posix_spawnattr_init(&attributes);
+  posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETPGROUP);
+  posix_spawnattr_setpgroup(&attributes, 0);
   std::string arg_list(list);
   char* argv[] = {const_cast<char*>("scontrol"), const_cast<char*>("show"),
                   const_cast<char*>("hostnames"), arg_list.data(), nullptr};
   pid_t pid = 0;
-  int rc = ::posix_spawnp(&pid, "scontrol", &actions, nullptr, argv, environ);
+  int rc = ::posix_spawnp(&pid, "scontrol", &actions, &attributes, argv, environ);
   posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attributes);
   ::close(fds[1]);
   if (rc != 0) {
     ::close(fds[0]);
+    if (err_fd >= 0) ::close(err_fd);
     throw std::runtime_error(command + ": cannot run scontrol: " + std::strerror(rc));
   }
   std::string output;
@@ -393,9 +407,22 @@ std::vector<std::string> scontrol_hostnames(std::string_view list,
     }
   }
   ::close(fds[0]);
-  if (timed_out || too_much) ::kill(pid, SIGKILL);
+  if (timed_out || too_much) ::kill(-pid, SIGKILL);
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  // The first line scontrol wrote to its standard error, for the messages below.
+  std::string said;
+  if (err_fd >= 0) {
+    char buf[512];
+    const auto n = ::pread(err_fd, buf, sizeof buf, 0);
+    ::close(err_fd);
+    if (n > 0) {
+      std::string_view text(buf, static_cast<std::size_t>(n));
+      text = text.substr(0, text.find('\n'));
+      while (!text.empty() && (text.back() == '\r' || text.back() == ' ')) text.remove_suffix(1);
+      if (!text.empty()) said = " (scontrol said: " + quoted_for_message(text) + ")";
+    }
   }
   const auto too_many_hosts = [&] {
     return std::runtime_error(command + ": printed more than " + std::to_string(max_hosts) +
@@ -406,7 +433,7 @@ std::vector<std::string> scontrol_hostnames(std::string_view list,
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
     throw std::runtime_error(command + ": failed (" +
                              (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status)) : std::string("killed")) +
-                             ")");
+                             ")" + said);
   }
   std::vector<std::string> hosts;
   std::size_t start = 0;
@@ -422,7 +449,7 @@ std::vector<std::string> scontrol_hostnames(std::string_view list,
     hosts.emplace_back(line);
     start = end + 1;
   }
-  if (hosts.empty()) throw std::runtime_error(command + ": printed no hosts");
+  if (hosts.empty()) throw std::runtime_error(command + ": printed no hosts" + said);
   return hosts;
 }
 

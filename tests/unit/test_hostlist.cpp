@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "slurm/hostlist.hpp"
 
@@ -337,4 +338,34 @@ TEST(ScontrolTest, AnyTimeoutLengthWorks) {
   const auto started = std::chrono::steady_clock::now();
   EXPECT_THAT(scontrol_error(std::chrono::milliseconds(200)), HasSubstr("timed out after 200ms"));
   EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(5));
+}
+
+// What scontrol says on its standard error ("Invalid hostlist") is part of the error message,
+// and a timeout ends everything it started, not just scontrol itself.
+TEST(ScontrolTest, ItsOwnErrorIsQuotedAndATimeoutEndsItsChildren) {
+  {
+    FakeScontrol fake("echo 'scontrol: error: Invalid hostlist: n[1-' >&2; exit 1");
+    EXPECT_THAT(scontrol_error(std::chrono::seconds(10)),
+                HasSubstr("failed (exit 1) (scontrol said: 'scontrol: error: Invalid hostlist: n[1-')"));
+  }
+  {
+    FakeScontrol fake("echo 'no controller' >&2");
+    EXPECT_THAT(scontrol_error(std::chrono::seconds(10)), HasSubstr("printed no hosts (scontrol said: 'no controller')"));
+  }
+  const auto pid_file = std::filesystem::temp_directory_path() / ("infergate-scontrol-child-" + std::to_string(::getpid()));
+  FakeScontrol fake("sleep 30 & echo $! > '" + pid_file.string() + "'; wait");
+  EXPECT_THAT(scontrol_error(std::chrono::milliseconds(500)), HasSubstr("timed out after 500ms"));
+  int child = 0;
+  std::ifstream(pid_file) >> child;
+  std::filesystem::remove(pid_file);
+  ASSERT_GT(child, 0);
+  // Gone, or a zombie waiting for its new parent to reap it: either way no longer running.
+  auto running = [child] {
+    std::ifstream stat("/proc/" + std::to_string(child) + "/stat");
+    std::string pid, name, state;
+    return static_cast<bool>(stat >> pid >> name >> state) && state != "Z";
+  };
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (running() && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  EXPECT_FALSE(running()) << "scontrol's child " << child << " outlived the timeout";
 }
