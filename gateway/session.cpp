@@ -10,6 +10,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <variant>
 
 #include <boost/container/small_vector.hpp>
@@ -1042,8 +1043,11 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
   const int max_attempts = state.config.retries.max + 1;
   for (int attempt = 0; attempt < max_attempts; ++attempt) {
     // A retry looks at the backends as they are now: one drained, removed or ejected during the
-    // request is not its target, one back meanwhile may be.
-    if (attempt > 0) set = state.registry.snapshot();
+    // request is not its target, one back meanwhile may be. The last attempt's snapshot is kept
+    // until its retry is counted: a backend removed meanwhile (on the health checker's thread)
+    // lives only as long as a snapshot or its probe loop holds it.
+    std::shared_ptr<const discovery::BackendSet> previous_set;
+    if (attempt > 0) previous_set = std::exchange(set, state.registry.snapshot());
     discovery::Backend* backend = state.registry.pick(*set, tried);
     if (backend == nullptr) break;
     if (attempt > 0) {

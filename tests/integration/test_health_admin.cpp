@@ -473,6 +473,40 @@ TEST(AdminTest, AddingABackendBackDuringItsRemovalKeepsIt) {
   EXPECT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false)).status, 200);
 }
 
+// A backend removed while a request that failed on it waits to retry elsewhere: the retry is
+// counted against it after the pause, by when the registry and its probe loop have let go of
+// it, so the request must keep it alive (an ASan build reported a use after free there).
+TEST(AdminTest, ABackendRemovedWhileARequestWaitsToRetryOutlivesTheRetryCount) {
+  auto dropping = start_mock({"--drop-request", "--drop-delay-ms", "500"});
+  auto good = start_mock();
+  // The pause (half to all of backoff_base) outlasts the removal's 50 ms check and the end of
+  // the backend's probe loop (one health.interval).
+  auto gw = start_gateway({"--backend", dropping.url(), "--backend", good.url(), "--set",
+                           "retries.backoff_base=1s", "--set", "retries.backoff_max=1s"});
+  ASSERT_TRUE(poll_until(
+      [&] {
+        return state_of(gw.port, dropping.id()) == "healthy" &&
+               state_of(gw.port, good.id()) == "healthy";
+      },
+      10s));
+  HttpResult answer;
+  std::thread client([&] {
+    answer = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {}, 15s);
+  });
+  // The first pick is the first backend listed.
+  const bool on_dropping =
+      poll_until([&] { return admin_backends(gw.port)["backends"][0]["inflight"] == 1; }, 5s);
+  EXPECT_TRUE(on_dropping);
+  EXPECT_EQ(http_request(gw.port, "DELETE", "/admin/backends/" + dropping.id()).status, 202);
+  client.join();
+  ASSERT_TRUE(on_dropping);
+  EXPECT_EQ(answer.status, 200) << answer.error << answer.body;
+  EXPECT_EQ(answer.header("X-Backend"), good.id());
+  EXPECT_EQ(state_of(gw.port, dropping.id()), "absent");
+  EXPECT_EQ(metric(gw.port, "infergate_backend_requests_total", labels_for(good) + ",code=\"2xx\""),
+            1);
+}
+
 TEST(MetricsTest, LiveScrapePassesPromtool) {
   auto mock = start_mock();
   auto gw = start_gateway({"--backend", mock.url()});
