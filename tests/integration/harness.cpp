@@ -209,7 +209,8 @@ Gateway::~Gateway() {
   if (!process) return;
   process->stop(10s);
   const auto errors = process->errors();
-  for (const char* report : {"ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:"}) {
+  for (const char* report : {"ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
+                             "runtime error:", "WARNING: ThreadSanitizer"}) {
     if (errors.find(report) != std::string::npos) {
       ADD_FAILURE() << "the gateway's sanitizer reported a problem:\n" << errors;
       break;
@@ -223,6 +224,18 @@ Gateway start_gateway(std::vector<std::string> args, std::vector<std::string> en
                                "--set", "health.unhealthy_threshold=1", "--set", "retries.backoff_base=5ms",
                                "--set", "retries.backoff_max=20ms"};
   all.insert(all.end(), args.begin(), args.end());
+  // A gateway built with TSan reads its suppressions (false positives in libstdc++); others
+  // ignore the variable.
+  if (std::none_of(env.begin(), env.end(),
+                   [](const std::string& kv) { return kv.rfind("TSAN_OPTIONS=", 0) == 0; })) {
+    const char* tsan = std::getenv("TSAN_OPTIONS");
+    std::string options = tsan != nullptr ? tsan : "";
+    if (options.find("suppressions=") == std::string::npos) {
+      options += (options.empty() ? "" : " ") +
+                 std::string("suppressions=" INFERGATE_SOURCE_DIR "/tests/tsan.supp");
+    }
+    env.push_back("TSAN_OPTIONS=" + options);
+  }
   Gateway g;
   g.process = std::make_unique<Process>(gateway_binary(), all, std::move(env));
   g.port = std::stoi(g.process->wait_for_line(std::regex(R"(infergate listening on http://127\.0\.0\.1:(\d+))")));

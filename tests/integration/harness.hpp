@@ -72,7 +72,8 @@ struct Gateway {
   Gateway(Gateway&&) = default;
   Gateway& operator=(Gateway&&) = default;
   // Stops the gateway gracefully and fails the test if a sanitizer reported anything (CI runs
-  // these tests against an ASan+UBSan build).
+  // these tests against an ASan+UBSan build; a TSan build's reports count too, less the
+  // false positives in tests/tsan.supp).
   ~Gateway();
   std::unique_ptr<Process> process;
   int port = 0;
