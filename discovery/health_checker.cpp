@@ -309,7 +309,8 @@ HealthChecker::~HealthChecker() { stop(); }
 
 void HealthChecker::start() {
   net::co_spawn(impl_->io, sweep_deadlines(impl_.get()), net::detached);
-  for (const auto& b : impl_->registry.snapshot()->all) {
+  const auto set = impl_->registry.snapshot();  // held: a range-for would not keep it alive
+  for (const auto& b : set->all) {
     net::co_spawn(impl_->io, probe_loop(impl_.get(), b), net::detached);
   }
   impl_->thread = std::thread([impl = impl_.get()] {

@@ -124,7 +124,10 @@ net::awaitable<void> sweep_worker(Worker* w) {
     w->deadlines.sweep(now);
     if (++tick % 10 == 0) {
       present.assign(present.size(), false);
-      for (const auto& b : w->state->registry.snapshot()->all) {
+      // Held for the walk: a range-for keeps no temporary of its range expression alive
+      // (before C++23), and the health checker's next publish would free the list under it.
+      const auto set = w->state->registry.snapshot();
+      for (const auto& b : set->all) {
         if (b->index() >= present.size()) present.resize(b->index() + 1, false);
         present[b->index()] = true;
       }

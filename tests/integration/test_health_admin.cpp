@@ -352,6 +352,32 @@ TEST(AdminTest, ARemovedBackendsPooledConnectionsAreClosed) {
   EXPECT_TRUE(poll_until([&] { return open_on_b() == 1; }, 5s)) << open_on_b();
 }
 
+// Every worker walks the registry's backends about once a second (to close pooled connections to
+// removed ones); a state change published on the health checker's thread afterwards frees the
+// list it walked. A TSan build reported that walk of a snapshot nobody held as a race.
+TEST(AdminTest, StateChangesAfterTheWorkersWalkedTheBackendsAreNoRace) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "limits.upstream_idle_timeout=100ms"});
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "healthy"; }, 10s));
+  auto open_on_mock = [&] {
+    return json::parse(http_request(mock.port, "GET", "/mock/stats").body)["open_connections"]
+        .get<int>();
+  };
+  // A pooled connection closed after its idle timeout shows a walk: twice, so that every worker
+  // (they start together) has walked the current list.
+  for (int round = 0; round < 2; ++round) {
+    ASSERT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false)).status, 200);
+    const int with_pooled = open_on_mock();
+    ASSERT_TRUE(poll_until([&] { return open_on_mock() < with_pooled; }, 5s));
+  }
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(http_request(gw.port, "POST", "/admin/backends/" + mock.id() + "/drain").status, 200);
+    EXPECT_EQ(http_request(gw.port, "POST", "/admin/backends/" + mock.id() + "/undrain").status,
+              200);
+  }
+  // ~Gateway fails the test if the gateway's sanitizer reported anything.
+}
+
 // With every backend removed through the admin API, a request gets 503 with Retry-After and a
 // message that says so (not the discovery summary from start-up), and adding one back serves.
 TEST(AdminTest, RemovingEveryBackendAnswers503UntilOneIsAddedBack) {
