@@ -116,7 +116,9 @@ void Registry::republish() {
 Backend* Registry::pick(const BackendSet& set, std::span<const Backend* const> exclude) {
   const auto n = set.routable.size();
   if (n == 0) return nullptr;
-  auto start = rr_.fetch_add(1, std::memory_order_relaxed);
+  // Only a request's first attempt moves the rotation on: if retries did too, with an even
+  // number of backends every first attempt would land on the same one whenever requests fail.
+  auto start = exclude.empty() ? rr_.fetch_add(1, std::memory_order_relaxed) : rr_.load(std::memory_order_relaxed);
   for (std::size_t i = 0; i < n; ++i) {
     Backend* candidate = set.routable[(start + i) % n];
     if (std::find(exclude.begin(), exclude.end(), candidate) != exclude.end()) continue;

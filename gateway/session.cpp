@@ -430,7 +430,9 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
   auto& watch = *c->watch;
   bool fresh_retry_used = false;
   for (;;) {
-    auto conn = w->pool.acquire(backend->index());
+    // The replacement for a stale connection is a new one: the pool's other parked connections
+    // were likely closed by the same cause (the backend's idle timeout, a restart).
+    auto conn = fresh_retry_used ? nullptr : w->pool.acquire(backend->index());
     const bool reused = conn != nullptr;
     if (!conn) {
       conn = std::make_unique<UpstreamConnection>(w->deadlines, w->io.get_executor());
@@ -517,6 +519,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
     if (reused && !fresh_retry_used && is_reset(wec) && conn->buffer.size() == 0 &&
         coarse_now() - sent_at < kStaleConnectionWindow) {
       fresh_retry_used = true;
+      w->pool.clear(backend->index());
       continue;
     }
     if (wec == beast::error::timeout && conn->sock.past_cap()) co_return over_total_outcome(cfg);

@@ -13,6 +13,9 @@
 #include <unistd.h>
 
 #include <regex>
+#include <atomic>
+#include <mutex>
+#include <thread>
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
@@ -669,6 +672,62 @@ TEST(ProxyTest, AWarmKeepAliveConnectionProxiesWithoutHeapAllocations) {
   ASSERT_GT(few, 0) << "the counting shim did not report";
   const double per_request = static_cast<double>(many - few) / 2000.0;
   EXPECT_LT(per_request, 0.5) << few << " allocations for 20 requests, " << many << " for 2020";
+}
+
+// Under concurrency many pooled connections go stale at once (a backend that closes each
+// connection after a few requests without saying so, or restarted): the replacement must be a
+// fresh connection, not another parked one that is just as dead, and none of it may count
+// against the backend (it was ejected, and clients got 503s, when the replacement came from the
+// pool).
+TEST(ProxyTest, StalePooledConnectionsUnderConcurrencyNeverFailARequest) {
+  auto mocks = start_mocks(2, {"--close-after", "2"});
+  auto gw = start_gateway(concat(backend_args(mocks), {"--threads", "2"}));
+  wait_healthy(gw, 2);
+  std::atomic<int> failed{0};
+  std::string first_failure;
+  std::mutex failure_mutex;
+  std::vector<std::thread> clients;
+  const auto body = chat_body(false);
+  const std::string request = "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                              "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  // Kept-alive clients sending back to back, as a trainer's pool does: a connection parked a
+  // moment ago is taken again before the backend's close has arrived.
+  for (int t = 0; t < 32; ++t) {
+    clients.emplace_back([&] {
+      RawConnection client(gw.port);
+      ResponseCounter responses;
+      for (int i = 1; i <= 50; ++i) {
+        client.send(request);
+        if (!client.read_until([&](const std::string& got) { return responses.count(got) >= i; })) {
+          if (failed.fetch_add(1) == 0) {
+            std::lock_guard lock(failure_mutex);
+            first_failure = client.received().substr(responses.at, 400);
+          }
+          return;
+        }
+      }
+      if (client.received().find("HTTP/1.1 200") == std::string::npos ||
+          client.received().find("HTTP/1.1 5") != std::string::npos) {
+        if (failed.fetch_add(1) == 0) {
+          std::lock_guard lock(failure_mutex);
+          first_failure = client.received().substr(client.received().find("HTTP/1.1 5"), 400);
+        }
+      }
+    });
+  }
+  for (auto& c : clients) c.join();
+  EXPECT_EQ(failed.load(), 0) << first_failure;
+  const auto metrics = http_request(gw.port, "GET", "/metrics").body;
+  auto value = [&](const std::string& series) {
+    const auto at = metrics.find(series + " ");
+    return at == std::string::npos ? std::string("missing") : metrics.substr(at + series.size() + 1, metrics.find('\n', at) - at - series.size() - 1);
+  };
+  for (const auto& m : mocks) {
+    const std::string labels = "{backend=\"" + m.id() + "\",node=\"127.0.0.1\",slot=\"0\"";
+    EXPECT_EQ(value("infergate_backend_requests_total" + labels + ",code=\"error\"}"), "0");
+    EXPECT_EQ(value("infergate_backend_retries_total" + labels + "}"), "0");
+    EXPECT_EQ(value("infergate_backend_ejections_total" + labels + "}"), "0");
+  }
 }
 
 // retries.after_sent=false: a request the backend received and never answered (it may have

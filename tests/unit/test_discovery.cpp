@@ -111,6 +111,26 @@ TEST(RegistryTest, RoundRobinIsAnExactRotation) {
                                              "h:1001", "h:1002", "h:1003"));
 }
 
+// Requests that each need a retry still start on every backend in turn: the retries' picks do
+// not move the rotation (with two backends, every first attempt went to the same one).
+TEST(RegistryTest, RetriesDoNotTurnTheRotation) {
+  Registry registry;
+  auto a = registry.add(backend_from_url("http://h:1", "static"));
+  auto b = registry.add(backend_from_url("http://h:2", "static"));
+  auto set = registry.snapshot();
+  int first_on_a = 0;
+  for (int request = 0; request < 10; ++request) {
+    Backend* first = registry.pick(*set);
+    if (first == a.get()) ++first_on_a;
+    std::vector<const Backend*> tried{first};
+    Backend* retry = registry.pick(*set, tried);
+    EXPECT_NE(retry, first);
+    EXPECT_NE(retry, nullptr);
+  }
+  EXPECT_EQ(first_on_a, 5);
+  EXPECT_NE(b.get(), nullptr);
+}
+
 TEST(RegistryTest, PickSkipsExcludedAndUnhealthy) {
   Registry registry;
   auto a = registry.add(backend_from_url("http://h:1", "static"));
