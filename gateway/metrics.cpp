@@ -66,7 +66,7 @@ std::string render_metrics(const GatewayState& state) {
   auto up = family("infergate_backend_up", "1 when the backend receives traffic (healthy), else 0", MetricType::Gauge);
   auto states = family("infergate_backend_state", "Backend state, one-hot", MetricType::Gauge);
   auto inflight = family("infergate_backend_inflight", "Requests in flight to the backend", MetricType::Gauge);
-  auto requests = family("infergate_backend_requests_total", "Requests by outcome: status class or error (no response)", MetricType::Counter);
+  auto requests = family("infergate_backend_requests_total", "Attempts on the backend by outcome: status class, or error (no or broken response); attempts whose client went away first are not counted", MetricType::Counter);
   auto duration = family("infergate_backend_request_duration_seconds", "Time from the start of the attempt on this backend to the end of the response", MetricType::Histogram);
   auto ttft = family("infergate_backend_ttft_seconds", "Time from the start of the attempt on this backend to the first body byte of a streamed response", MetricType::Histogram);
   auto retries = family("infergate_backend_retries_total", "Failed attempts on the backend that were retried on another", MetricType::Counter);
