@@ -1,17 +1,21 @@
 #include "gateway/server.hpp"
 
 #include <spdlog/spdlog.h>
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
+#include <netinet/tcp.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <csignal>
-#include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <optional>
-#include <sstream>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -203,41 +207,58 @@ net::ip::address resolve_listen_address(net::io_context& io, const config::Endpo
   }
   return results.begin()->endpoint().address();
 }
-// How many sockets listen on exactly `endpoint` in this network namespace, from the kernel's
-// table (/proc/net/tcp or tcp6: the address as 32-bit words in host order, then the port, in
-// hex; state 0A is LISTEN). Nothing when the table cannot be read.
+// How many sockets listen on exactly `endpoint` in this network namespace, asked of the kernel
+// over sock_diag netlink for listening TCP sockets only (reading /proc/net/tcp instead lists
+// every connection: 70 ms at start-up on a node with 18,000 sockets). Nothing when the kernel
+// cannot be asked.
 std::optional<std::size_t> listeners_on(const tcp::endpoint& endpoint) {
-  std::string address_bytes;
-  if (endpoint.address().is_v4()) {
+  const bool v4 = endpoint.address().is_v4();
+  std::array<unsigned char, 16> address{};
+  if (v4) {
     const auto b = endpoint.address().to_v4().to_bytes();
-    address_bytes.assign(b.begin(), b.end());
+    std::copy(b.begin(), b.end(), address.begin());
   } else {
-    const auto b = endpoint.address().to_v6().to_bytes();
-    address_bytes.assign(b.begin(), b.end());
+    address = endpoint.address().to_v6().to_bytes();
   }
-  std::string expected;
-  for (std::size_t i = 0; i + 4 <= address_bytes.size(); i += 4) {
-    std::uint32_t word = 0;
-    std::memcpy(&word, address_bytes.data() + i, 4);
-    char hex[9];
-    std::snprintf(hex, sizeof hex, "%08X", word);
-    expected += hex;
+  const int fd = ::socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+  if (fd < 0) return std::nullopt;
+  struct Request {
+    nlmsghdr header;
+    inet_diag_req_v2 request;
+  } message{};
+  message.header.nlmsg_len = sizeof message;
+  message.header.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+  message.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+  message.request.sdiag_family = v4 ? AF_INET : AF_INET6;
+  message.request.sdiag_protocol = IPPROTO_TCP;
+  message.request.idiag_states = 1U << TCP_LISTEN;
+  std::optional<std::size_t> count;
+  if (::send(fd, &message, sizeof message, 0) == static_cast<ssize_t>(sizeof message)) {
+    std::vector<char> buffer(64 * 1024);
+    std::size_t found = 0;
+    for (bool done = false; !done;) {
+      const auto n = ::recv(fd, buffer.data(), buffer.size(), 0);
+      if (n <= 0) break;
+      auto left = static_cast<int>(n);
+      for (auto* h = reinterpret_cast<nlmsghdr*>(buffer.data()); NLMSG_OK(h, left); h = NLMSG_NEXT(h, left)) {
+        if (h->nlmsg_type == NLMSG_DONE) {
+          count = found;
+          done = true;
+          break;
+        }
+        if (h->nlmsg_type == NLMSG_ERROR) {
+          done = true;
+          break;
+        }
+        const auto* d = static_cast<const inet_diag_msg*>(NLMSG_DATA(h));
+        if (d->id.idiag_sport == htons(endpoint.port()) &&
+            std::memcmp(d->id.idiag_src, address.data(), v4 ? 4 : 16) == 0) {
+          ++found;
+        }
+      }
+    }
   }
-  char port[6];
-  std::snprintf(port, sizeof port, "%04X", static_cast<unsigned>(endpoint.port()));
-  expected += ':';
-  expected += port;
-
-  std::ifstream table(endpoint.address().is_v4() ? "/proc/net/tcp" : "/proc/net/tcp6");
-  if (!table) return std::nullopt;
-  std::string line;
-  std::getline(table, line);  // the header
-  std::size_t count = 0;
-  while (std::getline(table, line)) {
-    std::istringstream fields(line);
-    std::string slot, local, remote, state;
-    if (fields >> slot >> local >> remote >> state && state == "0A" && local == expected) ++count;
-  }
+  ::close(fd);
   return count;
 }
 
