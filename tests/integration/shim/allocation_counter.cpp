@@ -1,10 +1,14 @@
 // An LD_PRELOAD shim for tests: counts the process's heap allocations (malloc, calloc, realloc
-// and the aligned variants; operator new goes through malloc) and, when the process exits,
-// writes the count to the file named by IG_TEST_ALLOCATIONS_FILE. The allocations themselves
-// are glibc's own (its __libc_* entry points), so nothing else changes.
+// and the aligned variants; operator new goes through malloc) and writes the count so far to the
+// file named by IG_TEST_ALLOCATIONS_FILE whenever the process gets SIGUSR2 (the gateway does not
+// use that signal). The allocations themselves are glibc's own (its __libc_* entry points), so
+// nothing else changes.
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <cstddef>
-#include <cstdio>
 #include <cstdlib>
 
 extern "C" {
@@ -22,13 +26,35 @@ unsigned long long allocations = 0;
 
 void count() { __atomic_fetch_add(&allocations, 1, __ATOMIC_RELAXED); }
 
-__attribute__((destructor)) void report() {
-  const char* path = std::getenv("IG_TEST_ALLOCATIONS_FILE");
-  if (path == nullptr) return;
-  if (std::FILE* f = std::fopen(path, "w")) {
-    std::fprintf(f, "%llu\n", __atomic_load_n(&allocations, __ATOMIC_RELAXED));
-    std::fclose(f);
+const char* report_path = nullptr;
+
+// Async-signal-safe: no allocation, no stdio. The file holds the count and a newline.
+void report(int) {
+  const int saved = errno;
+  char digits[24];
+  char* end = digits + sizeof digits;
+  char* p = end;
+  *--p = '\n';
+  unsigned long long n = __atomic_load_n(&allocations, __ATOMIC_RELAXED);
+  do {
+    *--p = static_cast<char>('0' + n % 10);
+    n /= 10;
+  } while (n != 0);
+  const int fd = ::open(report_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd >= 0) {
+    [[maybe_unused]] const auto written = ::write(fd, p, static_cast<std::size_t>(end - p));
+    ::close(fd);
   }
+  errno = saved;
+}
+
+__attribute__((constructor)) void install() {
+  report_path = std::getenv("IG_TEST_ALLOCATIONS_FILE");
+  if (report_path == nullptr) return;
+  struct sigaction action {};
+  action.sa_handler = report;
+  action.sa_flags = SA_RESTART;
+  ::sigaction(SIGUSR2, &action, nullptr);
 }
 
 }  // namespace
