@@ -237,20 +237,24 @@ RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::str
 }
 
 // Why the backends that are not serving fail their probes, for /ready: the most frequent last
-// probe failure (a name that does not resolve, a refused connection, a 503 while loading), or
-// nothing when none was probed yet.
+// probe failure (a name that does not resolve, a refused connection, a 503 while loading), with
+// one backend's message as the example, or nothing when none was probed yet. Failures to look
+// up a name count together whatever the name (one per node otherwise).
 std::string commonest_probe_failure(const discovery::BackendSet& set) {
-  std::map<std::string, std::size_t> counts;
+  std::map<std::string, std::pair<std::size_t, std::string>> counts;  // kind -> count, example
   for (const auto& b : set.all) {
     if (b->state() == discovery::BackendState::kHealthy) continue;
     auto probe = b->last_probe();
     if (probe.time == std::chrono::system_clock::time_point{} || probe.ok) continue;
-    ++counts[probe.detail];
+    std::string kind = probe.detail;
+    if (kind.starts_with("resolve ")) kind = "resolve" + kind.substr(std::min(kind.size(), kind.find(": ")));
+    auto& entry = counts[kind];
+    if (entry.first++ == 0) entry.second = probe.detail;
   }
   if (counts.empty()) return "";
   const auto top = std::max_element(counts.begin(), counts.end(),
-                                    [](const auto& a, const auto& b) { return a.second < b.second; });
-  return "; last probe: " + top->first + " (" + std::to_string(top->second) + " backend(s))";
+                                    [](const auto& a, const auto& b) { return a.second.first < b.second.first; });
+  return "; last probe: " + top->second.second + " (" + std::to_string(top->second.first) + " backend(s))";
 }
 
 }  // namespace

@@ -207,19 +207,14 @@ net::ip::address resolve_listen_address(net::io_context& io, const config::Endpo
   }
   return results.begin()->endpoint().address();
 }
-// How many sockets listen on exactly `endpoint` in this network namespace, asked of the kernel
-// over sock_diag netlink for listening TCP sockets only (reading /proc/net/tcp instead lists
-// every connection: 70 ms at start-up on a node with 18,000 sockets). Nothing when the kernel
-// cannot be asked.
-std::optional<std::size_t> listeners_on(const tcp::endpoint& endpoint) {
-  const bool v4 = endpoint.address().is_v4();
+// The listening TCP sockets of one address family in this network namespace, asked of the
+// kernel over sock_diag netlink (reading /proc/net/tcp instead lists every connection: 70 ms at
+// start-up on a node with 18,000 sockets). Each is its address (4 or 16 bytes) and port.
+struct ListeningSocket {
   std::array<unsigned char, 16> address{};
-  if (v4) {
-    const auto b = endpoint.address().to_v4().to_bytes();
-    std::copy(b.begin(), b.end(), address.begin());
-  } else {
-    address = endpoint.address().to_v6().to_bytes();
-  }
+  std::uint16_t port = 0;
+};
+std::optional<std::vector<ListeningSocket>> listening_sockets(int family) {
   const int fd = ::socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
   if (fd < 0) return std::nullopt;
   struct Request {
@@ -229,20 +224,20 @@ std::optional<std::size_t> listeners_on(const tcp::endpoint& endpoint) {
   message.header.nlmsg_len = sizeof message;
   message.header.nlmsg_type = SOCK_DIAG_BY_FAMILY;
   message.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
-  message.request.sdiag_family = v4 ? AF_INET : AF_INET6;
+  message.request.sdiag_family = static_cast<std::uint8_t>(family);
   message.request.sdiag_protocol = IPPROTO_TCP;
   message.request.idiag_states = 1U << TCP_LISTEN;
-  std::optional<std::size_t> count;
+  std::optional<std::vector<ListeningSocket>> result;
   if (::send(fd, &message, sizeof message, 0) == static_cast<ssize_t>(sizeof message)) {
     std::vector<char> buffer(64 * 1024);
-    std::size_t found = 0;
+    std::vector<ListeningSocket> found;
     for (bool done = false; !done;) {
       const auto n = ::recv(fd, buffer.data(), buffer.size(), 0);
       if (n <= 0) break;
       auto left = static_cast<int>(n);
       for (auto* h = reinterpret_cast<nlmsghdr*>(buffer.data()); NLMSG_OK(h, left); h = NLMSG_NEXT(h, left)) {
         if (h->nlmsg_type == NLMSG_DONE) {
-          count = found;
+          result = std::move(found);
           done = true;
           break;
         }
@@ -251,15 +246,50 @@ std::optional<std::size_t> listeners_on(const tcp::endpoint& endpoint) {
           break;
         }
         const auto* d = static_cast<const inet_diag_msg*>(NLMSG_DATA(h));
-        if (d->id.idiag_sport == htons(endpoint.port()) &&
-            std::memcmp(d->id.idiag_src, address.data(), v4 ? 4 : 16) == 0) {
-          ++found;
-        }
+        ListeningSocket l;
+        std::memcpy(l.address.data(), d->id.idiag_src, family == AF_INET ? 4 : 16);
+        l.port = ntohs(d->id.idiag_sport);
+        found.push_back(l);
       }
     }
   }
   ::close(fd);
-  return count;
+  return result;
+}
+
+// Whether another socket listens where clients of `endpoint` could reach it instead: the same
+// port on the same address, or where either address is a wildcard (the kernel prefers the more
+// specific one, or a wildcard IPv6 socket takes IPv4 clients too). Called before our own sockets
+// listen, so every one found is someone else's. Nothing when the kernel cannot be asked.
+std::optional<std::string> other_listener(const tcp::endpoint& endpoint) {
+  const bool v4 = endpoint.address().is_v4();
+  std::array<unsigned char, 16> ours{};
+  if (v4) {
+    const auto b = endpoint.address().to_v4().to_bytes();
+    std::copy(b.begin(), b.end(), ours.begin());
+  } else {
+    ours = endpoint.address().to_v6().to_bytes();
+  }
+  const std::array<unsigned char, 16> any{};
+  const bool ours_wildcard = ours == any;
+  for (const int family : {AF_INET, AF_INET6}) {
+    const auto listeners = listening_sockets(family);
+    if (!listeners) return std::nullopt;
+    const bool same_family = (family == AF_INET) == v4;
+    for (const auto& l : *listeners) {
+      if (l.port != endpoint.port()) continue;
+      const bool theirs_wildcard = l.address == any;
+      const bool overlaps = same_family ? (l.address == ours || ours_wildcard || theirs_wildcard)
+                                        : ((ours_wildcard && !v4) || (theirs_wildcard && family == AF_INET6));
+      if (!overlaps) continue;
+      if (family == AF_INET) {
+        return net::ip::address_v4(std::array<unsigned char, 4>{l.address[0], l.address[1], l.address[2], l.address[3]})
+                   .to_string() + ":" + std::to_string(l.port);
+      }
+      return "[" + net::ip::address_v6(l.address).to_string() + "]:" + std::to_string(l.port);
+    }
+  }
+  return std::string();
 }
 
 }  // namespace
@@ -282,7 +312,6 @@ void Server::bind() {
       }
     }
     if (!ec) acceptor->bind(endpoint, ec);
-    if (!ec) acceptor->listen(net::socket_base::max_listen_connections, ec);
     if (ec) {
       throw std::runtime_error("listen: cannot listen on " + listen.to_string() + ": " + ec.message());
     }
@@ -292,15 +321,20 @@ void Server::bind() {
   }
   impl_->bound_port = port;
   impl_->bound_address = address;
-  // SO_REUSEPORT lets any process of the same user join the port, and the kernel would then
-  // split the clients' connections between the two: a trainer would reach another job's
-  // inference servers. Listening sockets on this address beyond ours belong to someone else.
-  const tcp::endpoint bound(address, port);
-  if (const auto n = listeners_on(bound); n && *n > impl_->acceptors.size()) {
+  // SO_REUSEPORT lets any process of the same user bind the port too, and once both listen the
+  // kernel splits (or, for a more specific address, takes all) the clients' connections: a
+  // trainer would reach another job's inference servers. Our sockets are bound but not yet
+  // listening (a socket joins the port's group when it listens), so any listener found now is
+  // someone else's, and no client connection has come to us meanwhile.
+  if (const auto other = other_listener(tcp::endpoint(address, port)); other && !other->empty()) {
     impl_->acceptors.clear();
-    throw std::runtime_error("listen: cannot listen on " + listen.to_string() +
-                             ": another process already listens on it (with SO_REUSEPORT, so the kernel would "
-                             "split connections between the two); stop it or choose another port");
+    throw std::runtime_error("listen: cannot listen on " + listen.to_string() + ": another process already listens on " +
+                             *other + " (with SO_REUSEPORT, so the kernel would share this port's connections "
+                             "between the two); stop it or choose another port");
+  }
+  for (auto& acceptor : impl_->acceptors) {
+    acceptor->listen(net::socket_base::max_listen_connections, ec);
+    if (ec) throw std::runtime_error("listen: cannot listen on " + listen.to_string() + ": " + ec.message());
   }
 
   if (const auto& metrics = impl_->state.config.metrics_listen) {

@@ -230,7 +230,7 @@ TEST(CliTest, ASecondGatewayOnTheSamePortRefusesToStart) {
     const std::string listen = host + ":" + std::to_string(port);
     auto second = run({"--no-slurm", "--listen", listen, "--threads", "2"});
     EXPECT_EQ(second.code, 1) << second.err;
-    EXPECT_THAT(second.err, HasSubstr("cannot listen on " + listen + ": another process already listens on it"));
+    EXPECT_THAT(second.err, HasSubstr("cannot listen on " + listen + ": another process already listens on " + listen));
     EXPECT_EQ(second.out.find("infergate listening"), std::string::npos) << second.out;
     if (host == "127.0.0.1") {
       for (int i = 0; i < 8; ++i) EXPECT_EQ(http_request(port, "GET", "/health").status, 200);
@@ -257,4 +257,21 @@ TEST(CliTest, AListenNameOnLoopbackIsWarnedAbout) {
   plain.wait_for_line(std::regex(R"(infergate listening on http://127\.0\.0\.1:\d+\n)"));
   ASSERT_TRUE(poll_until([&] { return plain.errors().find("serving on") != std::string::npos; }, 5s));
   EXPECT_THAT(plain.errors(), Not(HasSubstr("loopback")));
+}
+
+// A more specific address on a port another gateway serves on the wildcard address would take
+// all its clients for that address (the kernel prefers the exact match): refused too. A different
+// specific address on the same port overlaps nothing and starts.
+TEST(CliTest, AnOverlappingAddressOnAServedPortRefusesToStart) {
+  Process wildcard(gateway_binary(), {"--no-slurm", "--listen", "0.0.0.0:0", "--log-level", "warn"});
+  const int port = std::stoi(wildcard.wait_for_line(std::regex(R"(infergate listening on http://\S+:(\d+)\n)")));
+  auto specific = run({"--no-slurm", "--listen", "127.0.0.1:" + std::to_string(port)});
+  EXPECT_EQ(specific.code, 1) << specific.err;
+  EXPECT_THAT(specific.err, HasSubstr("another process already listens on 0.0.0.0:" + std::to_string(port)));
+
+  Process one(gateway_binary(), {"--no-slurm", "--listen", "127.0.0.1:0", "--log-level", "warn"});
+  const int shared = std::stoi(one.wait_for_line(std::regex(R"(infergate listening on http://\S+:(\d+)\n)")));
+  Process other(gateway_binary(), {"--no-slurm", "--listen", "127.0.0.2:" + std::to_string(shared), "--log-level", "warn"});
+  other.wait_for_line(std::regex(R"(infergate listening on http://127\.0\.0\.2:\d+\n)"));
+  EXPECT_TRUE(one.running());
 }

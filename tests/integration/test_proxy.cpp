@@ -656,6 +656,9 @@ bool gateway_is_sanitized() {
 // is read before and after 2,000 requests, so start-up and readiness polls do not enter it.
 TEST(ProxyTest, AWarmKeepAliveConnectionProxiesWithoutHeapAllocations) {
   if (gateway_is_sanitized()) GTEST_SKIP() << "the sanitizers own malloc; the count needs the plain build";
+#ifndef NDEBUG
+  GTEST_SKIP() << "unoptimized builds have larger coroutine frames than Asio recycles";
+#endif
   auto backends = start_mocks(2);
   const auto file = std::filesystem::temp_directory_path() / ("infergate-allocations-" + std::to_string(::getpid()));
   auto gw = start_gateway(concat(backend_args(backends), {"--threads", "1", "--set", "health.interval=1h"}),
@@ -715,11 +718,12 @@ TEST(ProxyTest, StalePooledConnectionsUnderConcurrencyNeverFailARequest) {
           return;
         }
       }
-      if (client.received().find("HTTP/1.1 200") == std::string::npos ||
-          client.received().find("HTTP/1.1 5") != std::string::npos) {
+      const auto& got = client.received();
+      if (got.find("HTTP/1.1 200") == std::string::npos || got.find("HTTP/1.1 5") != std::string::npos) {
         if (failed.fetch_add(1) == 0) {
           std::lock_guard lock(failure_mutex);
-          first_failure = client.received().substr(client.received().find("HTTP/1.1 5"), 400);
+          const auto at = got.find("HTTP/1.1 5");
+          first_failure = got.substr(at == std::string::npos ? 0 : at, 400);
         }
       }
     });

@@ -354,7 +354,7 @@ TEST(ScontrolTest, ItsOwnErrorIsQuotedAndATimeoutEndsItsChildren) {
   }
   const auto pid_file = std::filesystem::temp_directory_path() / ("infergate-scontrol-child-" + std::to_string(::getpid()));
   FakeScontrol fake("sleep 30 & echo $! > '" + pid_file.string() + "'; wait");
-  EXPECT_THAT(scontrol_error(std::chrono::milliseconds(500)), HasSubstr("timed out after 500ms"));
+  EXPECT_THAT(scontrol_error(std::chrono::milliseconds(2000)), HasSubstr("timed out after 2000ms"));
   int child = 0;
   std::ifstream(pid_file) >> child;
   std::filesystem::remove(pid_file);

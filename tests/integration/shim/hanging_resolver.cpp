@@ -1,8 +1,8 @@
 // An LD_PRELOAD shim for tests: a DNS server that stops answering for one host name.
 // IG_TEST_HANG_HOST names the host; the first IG_TEST_HANG_AFTER lookups of it
 // (default 0) resolve to 127.0.0.1, every later one blocks for 30 s and then fails, as
-// getaddrinfo(3) does when its name server never answers. IG_TEST_UNKNOWN_HOST names a host the
-// name server does not know (EAI_NONAME at once). Other names resolve normally.
+// getaddrinfo(3) does when its name server never answers. Names ending in IG_TEST_UNKNOWN_SUFFIX
+// are not known to the name server (EAI_NONAME at once). Other names resolve normally.
 #include <dlfcn.h>
 #include <netdb.h>
 
@@ -26,8 +26,11 @@ GetAddrInfo real_getaddrinfo() {
 }  // namespace
 
 extern "C" int getaddrinfo(const char* node, const char* service, const addrinfo* hints, addrinfo** res) {
-  const char* unknown_host = std::getenv("IG_TEST_UNKNOWN_HOST");
-  if (node != nullptr && unknown_host != nullptr && std::strcmp(node, unknown_host) == 0) return EAI_NONAME;
+  const char* unknown = std::getenv("IG_TEST_UNKNOWN_SUFFIX");
+  if (node != nullptr && unknown != nullptr && std::strlen(node) >= std::strlen(unknown) &&
+      std::strcmp(node + std::strlen(node) - std::strlen(unknown), unknown) == 0) {
+    return EAI_NONAME;
+  }
   const char* hang_host = std::getenv("IG_TEST_HANG_HOST");
   if (node == nullptr || hang_host == nullptr || std::strcmp(node, hang_host) != 0) {
     return real_getaddrinfo()(node, service, hints, res);
