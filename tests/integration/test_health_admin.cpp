@@ -140,7 +140,10 @@ TEST(HealthTest, AnUnresolvableBackendNameIsWarnedAboutAndShownInReady) {
   ASSERT_TRUE(poll_until(
       [&] {
         ready = json::parse(http_request(gw.port, "GET", "/ready").body);
-        return ready["reason"].get<std::string>().find("last probe: resolve") != std::string::npos;
+        // Both nodes probed (each backend's first probe comes at its own moment).
+        const auto reason = ready["reason"].get<std::string>();
+        return reason.find("last probe: resolve") != std::string::npos &&
+               reason.find("(2 backend(s))") != std::string::npos;
       },
       10s));
   EXPECT_THAT(ready["reason"].get<std::string>(), HasSubstr("0 healthy backend(s) of 3, need 1; last probe: resolve gpu-node0"));
