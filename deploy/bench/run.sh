@@ -21,7 +21,8 @@
 # an even number of rounds, the lower of the two middle rounds, so all figures come from one real
 # run). Direct runs once per case per round of every thread count and its median is over all of
 # them; "p50 added over direct" is infergate's median-round p50 minus direct's median-round p50
-# for that case. CPU is the user+system ticks of the proxy's process tree during each wrk run;
+# for that case. CPU is the user+system ticks of the proxy's process tree during each wrk run (and
+# separately its user-space ticks: the rest is kernel work, mostly the loopback TCP path);
 # peak RSS (VmHWM) is read once per proxy and thread count after all cases, so it is the high-water
 # mark over the whole run. "errors (ig)" sums infergate's non-2xx and socket errors over the rounds.
 set -euo pipefail
@@ -98,11 +99,13 @@ render() {  # template output THREADS PORT
 }
 # CPU ticks (user+system) of a process and its children, and their summed peak RSS in KiB.
 tree_pids() { echo "$1"; ps -o pid= --ppid "$1" 2>/dev/null | tr -d ' '; }
+# cpu_ticks PID [user]: user+system ticks, or user-space ticks only.
 cpu_ticks() {
-  local total=0 pid
+  local total=0 pid fields='$14 + $15'
+  [[ "${2:-}" == user ]] && fields='$14'
   for pid in $(tree_pids "$1"); do
     [[ -r /proc/$pid/stat ]] || continue
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+    total=$((total + $(awk "{print $fields}" "/proc/$pid/stat")))
   done
   echo "$total"
 }
@@ -133,7 +136,7 @@ for ((try = 0; try < 3 && !started; try++)); do
 done
 [[ $started -eq 1 ]] || { echo "bench: the backend nginx did not start" >&2; exit 1; }
 
-results="$work/results.tsv"  # target threads conns body round req/s p50 p99 cpu/1k non2xx errors
+results="$work/results.tsv"  # target threads conns body round req/s p50 p99 cpu/1k non2xx errors user-cpu/1k
 rss_file="$work/rss.tsv"     # target threads peak-RSS-MiB
 : > "$results"
 : > "$rss_file"
@@ -141,11 +144,13 @@ hz=$(getconf CLK_TCK)
 # run_case NAME PID PORT CONNS BODY_BYTES THREADS ROUND
 run_case() {
   local name="$1" pid="$2" port="$3" conns="$4" body="$5" threads="$6" round="$7"
-  local before after out rps p50 p99 non2xx errors reqs cpu_per_k
+  local before after ubefore uafter out rps p50 p99 non2xx errors reqs cpu_per_k user_per_k
   before=$( [[ "$pid" == - ]] && echo 0 || cpu_ticks "$pid")
+  ubefore=$( [[ "$pid" == - ]] && echo 0 || cpu_ticks "$pid" user)
   out=$(BODY_BYTES="$body" wrk -t1 -c"$conns" -d"${duration}s" --latency -s "$here/chat.lua" \
         "http://127.0.0.1:$port" 2>&1)
   after=$( [[ "$pid" == - ]] && echo 0 || cpu_ticks "$pid")
+  uafter=$( [[ "$pid" == - ]] && echo 0 || cpu_ticks "$pid" user)
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   p50=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
@@ -153,12 +158,13 @@ run_case() {
   non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
   errors=$(awk '/Socket errors/ {gsub(",", ""); print $4 + $6 + $8 + $10}' <<<"$out")
   if [[ "$pid" == - || -z "$reqs" || "$reqs" == 0 ]]; then
-    cpu_per_k="-"
+    cpu_per_k="-"; user_per_k="-"
   else
     cpu_per_k=$(awk -v t=$((after - before)) -v hz="$hz" -v n="$reqs" 'BEGIN {printf "%.3f", t / hz / n * 1000}')
+    user_per_k=$(awk -v t=$((uafter - ubefore)) -v hz="$hz" -v n="$reqs" 'BEGIN {printf "%.4f", t / hz / n * 1000}')
   fi
-  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$name" "$threads" "$conns" "$body" "$round" \
-    "${rps:-0}" "${p50:-0}" "${p99:-0}" "$cpu_per_k" "${non2xx:-0}" "${errors:-0}" >> "$results"
+  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$name" "$threads" "$conns" "$body" "$round" \
+    "${rps:-0}" "${p50:-0}" "${p99:-0}" "$cpu_per_k" "${non2xx:-0}" "${errors:-0}" "$user_per_k" >> "$results"
   echo "  round $round $name threads=$threads c=$conns body=$body: ${rps:-0} req/s, p50 ${p50:-?}us, p99 ${p99:-?}us, non-2xx ${non2xx:-0}" >&2
 }
 
@@ -222,7 +228,7 @@ done
 awk -F'\t' -v rounds="$rounds" -v duration="$duration" -v workers="$backend_workers" '
   FILENAME == ARGV[1] { rss[$1 "/" $2] = $3; next }
   { key = ($1 == "direct" ? $3 "/" $4 : $2 "/" $3 "/" $4); t = $1 "/" key
-    m = ++cnt[t]; rps[t, m] = $6; p50[t, m] = $7; p99[t, m] = $8; cpu[t, m] = $9; bad[t] += $10 + $11
+    m = ++cnt[t]; rps[t, m] = $6; p50[t, m] = $7; p99[t, m] = $8; cpu[t, m] = $9; ucpu[t, m] = $12; bad[t] += $10 + $11
     if ($1 == "direct" && !(key in dseen)) { dseen[key] = 1; dkeys[++nd] = key }
     if ($1 == "infergate" && !(key in seen)) { seen[key] = 1; keys[++n] = key } }
   # med(t): the index of the median round of target/case t, by req/s.
@@ -236,8 +242,8 @@ awk -F'\t' -v rounds="$rounds" -v duration="$duration" -v workers="$backend_work
   }
   function get(a, t, m) { return m ? a[t, m] : "-" }
   END {
-    print "| threads | conns | body | infergate req/s | vs HAProxy | vs nginx | p50 / p99 us | p50 added over direct us | CPU s / 1k req (ig, nginx, haproxy) | peak RSS MiB over the run (ig, nginx, haproxy) | errors (ig) |"
-    print "|---|---|---|---|---|---|---|---|---|---|---|"
+    print "| threads | conns | body | infergate req/s | vs HAProxy | vs nginx | p50 / p99 us | p50 added over direct us | CPU s / 1k req (ig, nginx, haproxy) | of which user space (ig, nginx, haproxy) | peak RSS MiB over the run (ig, nginx, haproxy) | errors (ig) |"
+    print "|---|---|---|---|---|---|---|---|---|---|---|---|"
     for (i = 1; i <= n; i++) {
       k = keys[i]; split(k, f, "/"); d = f[2] "/" f[3]
       ti = "infergate/" k; tn = "nginx/" k; th = "haproxy/" k; td = "direct/" d
@@ -246,10 +252,11 @@ awk -F'\t' -v rounds="$rounds" -v duration="$duration" -v workers="$backend_work
       hr = rh > 0 ? sprintf("%.2fx", ri / rh) : "-"
       nr = rn > 0 ? sprintf("%.2fx", ri / rn) : "-"
       added = md ? p50[ti, mi] - p50[td, md] : "-"
-      printf "| %s | %s | %s | %.0f | %s | %s | %s / %s | %s | %s, %s, %s | %s, %s, %s | %d |\n",
+      printf "| %s | %s | %s | %.0f | %s | %s | %s / %s | %s | %s, %s, %s | %s, %s, %s | %s, %s, %s | %d |\n",
         f[1], f[2], (f[3] == 0 ? "small" : f[3] " B"), ri, hr, nr,
         p50[ti, mi], p99[ti, mi], added,
         cpu[ti, mi], get(cpu, tn, mn), get(cpu, th, mh),
+        ucpu[ti, mi], get(ucpu, tn, mn), get(ucpu, th, mh),
         rss["infergate/" f[1]], rss["nginx/" f[1]], rss["haproxy/" f[1]], bad[ti]
     }
     printf "\nmedian of %d interleaved round%s, %s s each; backend nginx with %d worker%s\n", rounds,
