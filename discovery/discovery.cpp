@@ -80,6 +80,15 @@ DiscoveryResult discover(const config::Config& config, const config::EnvLookup& 
       }
       result.notes.push_back(how + " (" + layout->infer_tp_source + ", " + std::to_string(layout->gpus_per_node) +
                              " GPUs per node from " + layout->gpus_per_node_source + ")");
+      result.slurm = {
+          {"nodelist", layout->nodelist, layout->nodelist_source},
+          {"training_nodes", std::to_string(layout->training_nodes), layout->training_nodes_source},
+          {"infer_tp", std::to_string(layout->infer_tp), layout->infer_tp_source},
+          {"gpus_per_node", std::to_string(layout->gpus_per_node), layout->gpus_per_node_source},
+          {"backends", std::to_string(layout->servers.size()),
+           std::to_string(layout->inference_hosts.size()) + " inference node(s) x " +
+               std::to_string(layout->servers_per_node) + " (gpus_per_node / infer_tp)"},
+      };
       for (const auto& server : layout->servers) {
         BackendInfo b;
         b.host = server.host;

@@ -25,10 +25,20 @@ class DiscoveryError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// One setting of the Slurm layout as the job resolved it, e.g. {"training_nodes", "2",
+// "NUM_TRAINING_NODES=2"}: what `infergate config` shows next to the slurm.* keys, which stay
+// null when the job's environment gives the value.
+struct ResolvedSetting {
+  std::string name;
+  std::string value;
+  std::string source;
+};
+
 struct DiscoveryResult {
   std::vector<BackendInfo> backends;  // union of the sources, duplicates removed, stable order
   std::string how;                    // one line: how discovery was tried (for 503 messages)
   std::vector<std::string> notes;     // things worth logging (defaults applied, ...)
+  std::vector<ResolvedSetting> slurm;  // empty unless a Slurm nodelist was found
 };
 
 // Throws DiscoveryError with a one-line message on bad input (nodelist, env, URLs).

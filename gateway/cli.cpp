@@ -226,6 +226,23 @@ std::string help_text() {
   return out;
 }
 
+// For `infergate config`: the slurm.* keys left null take their values from the job's
+// environment at start-up; say which, as YAML comments so the output still loads as --config.
+std::string slurm_comment(const config::Config& cfg) {
+  if (!cfg.slurm.enabled) return {};
+  std::string out;
+  try {
+    const auto found = discovery::discover(cfg, config::EnvLookup{});
+    if (found.slurm.empty()) return "# Slurm job: " + found.how.substr(0, found.how.find("; ")) + "\n";
+    out = "# Slurm job, as the environment resolves the slurm.* keys above:\n";
+    for (const auto& s : found.slurm) out += "#   " + s.name + ": " + s.value + "  (" + s.source + ")\n";
+  } catch (const std::exception& e) {
+    std::cerr << "infergate: warning: " << e.what() << "\n";
+    out = std::string("# Slurm job: cannot be read: ") + e.what() + "\n";
+  }
+  return out;
+}
+
 std::string version_text() { return std::string("infergate ") + INFERGATE_VERSION + "\n"; }
 
 int run_cli(int argc, char** argv) {
@@ -253,7 +270,7 @@ int run_cli(int argc, char** argv) {
     for (const auto& w : loaded.warnings) std::cerr << "infergate: warning: " << w << "\n";
   }
   if (cli.command == Command::kConfig) {
-    std::cout << config::dump_config(cfg);
+    std::cout << config::dump_config(cfg) << slurm_comment(cfg);
     return 0;
   }
 

@@ -142,6 +142,30 @@ TEST(CliTest, VersionHelpAndConfig) {
   EXPECT_THAT(config.out, HasSubstr("listen: \"0.0.0.0:8080\"  # default"));
 }
 
+// The slurm.* keys stay null when the job's variables give the values: `config` says what the
+// job resolves them to, and from where, as comments (the output still loads as --config).
+TEST(CliTest, ConfigShowsTheSlurmValuesTheEnvironmentGives) {
+  auto r = run({"config"}, {"SLURM_JOB_NODELIST=n[1-4]", "NUM_TRAINING_NODES=2", "INFER_TP=2", "SLURM_GPUS_PER_NODE=4"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("  training_nodes: null  # default\n"));
+  EXPECT_THAT(r.out, HasSubstr("#   nodelist: n[1-4]  (SLURM_JOB_NODELIST)\n"));
+  EXPECT_THAT(r.out, HasSubstr("#   training_nodes: 2  (NUM_TRAINING_NODES=2)\n"));
+  EXPECT_THAT(r.out, HasSubstr("#   infer_tp: 2  (INFER_TP=2)\n"));
+  EXPECT_THAT(r.out, HasSubstr("#   gpus_per_node: 4  (SLURM_GPUS_PER_NODE='4')\n"));
+  EXPECT_THAT(r.out, HasSubstr("#   backends: 4  (2 inference node(s) x 2 (gpus_per_node / infer_tp))\n"));
+
+  auto none = run({"config"});
+  ASSERT_EQ(none.code, 0) << none.err;
+  EXPECT_THAT(none.out, HasSubstr("# Slurm job: no Slurm nodelist (SLURM_JOB_NODELIST unset)\n"));
+
+  // A job environment the gateway would refuse: said on stdout and stderr, and `config` still
+  // prints (it is how one looks at the settings to find the mistake).
+  auto bad = run({"config"}, {"SLURM_JOB_NODELIST=a,b", "INFER_TP=3"});
+  EXPECT_EQ(bad.code, 0) << bad.err;
+  EXPECT_THAT(bad.out, HasSubstr("# Slurm job: cannot be read: INFER_TP=3 does not divide the 8 GPUs per node"));
+  EXPECT_THAT(bad.err, HasSubstr("warning: INFER_TP=3 does not divide"));
+}
+
 TEST(CliTest, ConfigFileErrorsNameFileAndLine) {
   auto path = std::string("/tmp/infergate-cli-") + std::to_string(getpid()) + ".yaml";
   {
