@@ -2,6 +2,7 @@
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/socket.h>
 #include <spdlog/spdlog.h>
 
 #include <array>
@@ -416,6 +417,24 @@ AttemptOutcome unanswered_outcome(const beast::error_code& ec, bool request_sent
   return out;
 }
 
+// An upload the backend cut short (reset, broken pipe) may have been answered first: a server
+// that refuses a request from its head alone (a body limit: 413) answers and closes with the
+// body unread, and the kernel resets the connection. What it sent before the reset is still in
+// the socket: read it, without waiting, up to `limit` bytes. Returns whether any bytes came.
+bool read_early_answer(UpstreamConnection& conn, std::size_t limit) {
+  auto& socket = conn.sock.socket();
+  if (!socket.is_open()) return false;
+  bool any = false;
+  while (conn.buffer.size() < limit) {
+    auto [room_ptr, room] = conn.buffer.prepare(kUpstreamRead);
+    const auto n = ::recv(socket.native_handle(), room_ptr, room, MSG_DONTWAIT);
+    if (n <= 0) break;
+    conn.buffer.commit(static_cast<std::size_t>(n));
+    any = true;
+  }
+  return any;
+}
+
 AttemptOutcome handed_off_outcome() {
   AttemptOutcome out;
   out.kind = AttemptOutcome::kHandedOff;
@@ -463,6 +482,11 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
                          : co_await write_all(conn->sock, request_bytes, cfg.timeouts.idle);
     const auto sent_at = coarse_now();
     const bool request_sent = !wec;
+    // The backend's answer to a request it would not take whole is relayed like any other, on a
+    // connection that is not kept.
+    const bool answered_early = wec && wec != beast::error::timeout && !watch.client_gone &&
+                                read_early_answer(*conn, cfg.limits.max_header);
+    if (answered_early) wec = {};
     if (!wec) {
       // The whole head must arrive within timeouts.first_byte; interim (1xx) answers are skipped.
       const auto deadline = sent_at + cfg.timeouts.first_byte;
@@ -505,7 +529,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
           adopt_upstream(**handoff, std::move(conn));
           co_return out;
         }
-        if (out.kind == AttemptOutcome::kServed && reusable && !watch.client_gone) {
+        if (out.kind == AttemptOutcome::kServed && reusable && !answered_early && !watch.client_gone) {
           w->pool.release(backend->index(), std::move(conn));
         }
         co_return out;

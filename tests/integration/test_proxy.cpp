@@ -607,6 +607,24 @@ TEST(ProxyTest, AConnectionClosedLateIsAFailedAttemptNotASilentResend) {
   EXPECT_EQ(json::parse(http_request(dying[0].port, "GET", "/mock/stats").body)["requests"], 1);
 }
 
+// A backend that answers from the request head alone (its body limit, 413) and closes with the
+// body unread: the client gets that answer, not a 502 for the reset that cut the upload, and
+// the backend is not counted as failing. Small bodies fit in the socket buffers (the upload
+// ends before the answer is read); large ones do not (the upload fails first).
+TEST(ProxyTest, AnAnswerTheBackendGivesBeforeTakingTheBodyReachesTheClient) {
+  auto limited = start_mocks(1, {"--max-body", "1000"});
+  auto gw = start_gateway(concat(backend_args(limited), {"--set", "passive.failures=1", "--set", "retries.max=0"}));
+  wait_healthy(gw, 1);
+  for (const std::size_t size : {std::size_t{4} << 10, std::size_t{16} << 20}) {
+    SCOPED_TRACE("body of " + std::to_string(size) + " bytes");
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false, "\"pad\":\"" + std::string(size, 'x') + "\""));
+    EXPECT_EQ(r.status, 413) << r.body;
+    EXPECT_THAT(r.body, HasSubstr("request body is larger than 1000 bytes"));
+    // Not a failure of the backend (passive.failures=1 would have ejected it): served next.
+    EXPECT_EQ(http_request(gw.port, "GET", "/v1/models").status, 200);
+  }
+}
+
 // Counts whole Content-Length responses arriving back to back, resuming where it stopped.
 struct ResponseCounter {
   std::size_t at = 0;

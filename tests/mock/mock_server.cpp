@@ -48,6 +48,10 @@ struct Options {
   int drop_delay_ms = 0;      // ... this long after reading it (a crash mid-generation)
   int close_after = 0;  // close each connection silently after N requests (0: never)
   bool own_request_ids = false;  // answer with ids of its own instead of echoing X-Request-ID
+  // A body limit like a server's (uvicorn, an nginx in front of vLLM): a request whose
+  // Content-Length is above it is answered 413 from its head alone, and the connection closed
+  // with the body unread (0: no limit).
+  std::uint64_t max_body = 0;
   // A backend that lies about framing, on non-streamed completions: "extra-bytes" (bytes past
   // the promised body, in a later write), "cl-and-te" (Content-Length and chunked at once),
   // "bad-chunk" (a malformed chunk size before any body byte).
@@ -75,7 +79,8 @@ struct Server {
             << "usage: infergate-mock [--host H] [--port P] [--port-count K] [--model M] [--tokens N]\n"
                "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE] [--retry-after S]\n"
                "  [--seed S] [--hang] [--hang-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
-               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice] [--own-request-ids] [--quiet]\n";
+               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice] [--own-request-ids] [--max-body BYTES]\n"
+               "  [--quiet]\n";
   std::exit(2);
 }
 
@@ -116,6 +121,7 @@ Options parse_options(int argc, char** argv) {
     else if (a == "--drop-delay-ms") o.drop_delay_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
     else if (a == "--close-after") o.close_after = static_cast<int>(parse_long(a, value(), 1, 1000000000));
     else if (a == "--own-request-ids") o.own_request_ids = true;
+    else if (a == "--max-body") o.max_body = static_cast<std::uint64_t>(parse_long(a, value(), 1, 1L << 40));
     else if (a == "--lie") {
       o.lie = value();
       if (o.lie != "extra-bytes" && o.lie != "cl-and-te" && o.lie != "bad-chunk" && o.lie != "answer-twice") {
@@ -394,6 +400,19 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
     http::request_parser<http::string_body> parser;
     parser.body_limit(64ULL * 1024 * 1024);
     parser.header_limit(256 * 1024);
+    auto [hec, hn] = co_await http::async_read_header(socket, buffer, parser, kTuple);
+    if (hec) break;
+    if (o.max_body > 0 && parser.content_length().value_or(0) > o.max_body) {
+      // Answered before the body is read, then closed with it unread (the kernel resets the
+      // connection): what a server's body limit does.
+      auto res = make_response(http::status::payload_too_large,
+                               openai_error("request body is larger than " + std::to_string(o.max_body) + " bytes",
+                                            "BadRequestError", 413));
+      res.keep_alive(false);
+      res.prepare_payload();
+      co_await http::async_write(socket, res, kTuple);
+      break;
+    }
     auto [rec, rn] = co_await http::async_read(socket, buffer, parser, kTuple);
     if (rec) break;
     auto req = parser.release();
