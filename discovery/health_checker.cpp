@@ -164,12 +164,12 @@ net::awaitable<ProbeResult> http_get(ProbeConnection* c, const BackendInfo* info
   co_return result;
 }
 
-std::vector<std::string> parse_models(const std::string& body) {
-  std::vector<std::string> models;
+std::vector<Backend::Model> parse_models(const std::string& body) {
+  std::vector<Backend::Model> models;
   auto j = nlohmann::json::parse(body, nullptr, false);
-  if (j.is_discarded() || !j.contains("data") || !j["data"].is_array()) return models;
+  if (j.is_discarded() || !j.is_object() || !j.contains("data") || !j["data"].is_array()) return models;
   for (const auto& m : j["data"]) {
-    if (m.is_object() && m.contains("id") && m["id"].is_string()) models.push_back(m["id"].get<std::string>());
+    if (m.is_object() && m.contains("id") && m["id"].is_string()) models.push_back({m["id"].get<std::string>(), m.dump()});
   }
   return models;
 }

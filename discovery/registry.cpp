@@ -59,9 +59,16 @@ void Backend::set_last_error(std::string error) {
 }
 std::vector<std::string> Backend::models() const {
   std::lock_guard lock(detail_mutex_);
+  std::vector<std::string> ids;
+  ids.reserve(models_.size());
+  for (const auto& m : models_) ids.push_back(m.id);
+  return ids;
+}
+std::vector<Backend::Model> Backend::model_objects() const {
+  std::lock_guard lock(detail_mutex_);
   return models_;
 }
-void Backend::set_models(std::vector<std::string> models) {
+void Backend::set_models(std::vector<Model> models) {
   std::lock_guard lock(detail_mutex_);
   models_ = std::move(models);
 }

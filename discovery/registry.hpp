@@ -83,8 +83,15 @@ class Backend : public std::enable_shared_from_this<Backend> {
   void set_last_probe(ProbeRecord record);
   std::string last_error() const;
   void set_last_error(std::string error);
-  std::vector<std::string> models() const;
-  void set_models(std::vector<std::string> models);
+  // A model the backend lists in /v1/models: its id, and its object as the backend sent it
+  // (JSON text: vLLM's carries max_model_len, root, ...), relayed as is by the gateway's list.
+  struct Model {
+    std::string id;
+    std::string object;
+  };
+  std::vector<std::string> models() const;  // the ids
+  std::vector<Model> model_objects() const;
+  void set_models(std::vector<Model> models);
 
 
  private:
@@ -94,7 +101,7 @@ class Backend : public std::enable_shared_from_this<Backend> {
   mutable std::mutex detail_mutex_;
   ProbeRecord last_probe_;
   std::string last_error_;
-  std::vector<std::string> models_;
+  std::vector<Model> models_;
 };
 
 struct BackendSet {

@@ -339,11 +339,11 @@ RouteDecision route(GatewayState& state, const RequestView& req) {
     auto set = state.registry.snapshot();
     std::set<std::string> seen;
     json data = json::array();
+    // Each model as the first healthy backend serving it describes it (vLLM's carries
+    // max_model_len, root, ...: trainers read them).
     for (const auto* b : set->routable) {
-      for (const auto& id : b->models()) {
-        if (seen.insert(id).second) {
-          data.push_back({{"id", id}, {"object", "model"}, {"created", 0}, {"owned_by", "infergate"}});
-        }
+      for (const auto& m : b->model_objects()) {
+        if (seen.insert(m.id).second) data.push_back(json::parse(m.object));
       }
     }
     return json_response(200, {{"object", "list"}, {"data", data}});

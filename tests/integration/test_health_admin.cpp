@@ -240,6 +240,17 @@ TEST(AdminTest, AddDrainUndrainRemoveRoundTrip) {
         return models["object"] == "list" && models["data"].size() == 2;
       },
       5s));
+  // Each model as its backend describes it (vLLM's objects carry max_model_len and root, which
+  // trainers read), not a stand-in the gateway made up.
+  const auto listed = json::parse(http_request(gw.port, "GET", "/v1/models").body);
+  ASSERT_EQ(listed["data"].size(), 2u) << listed.dump();
+  for (const auto& m : listed["data"]) {
+    EXPECT_EQ(m["object"], "model") << m.dump();
+    EXPECT_EQ(m["owned_by"], "infergate-mock") << m.dump();
+    EXPECT_EQ(m["max_model_len"], 32768) << m.dump();
+    EXPECT_EQ(m["root"], m["id"]) << m.dump();
+    EXPECT_GT(m["created"].get<long>(), 0) << m.dump();
+  }
 
   auto drained = http_request(gw.port, "POST", "/admin/backends/" + b.id() + "/drain");
   EXPECT_EQ(drained.status, 200) << drained.error << gw.process->errors();
