@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages infergate needs to build and run its demo (--test: also what the
-# tests use; --bench: the peer proxies and load generator).
+# tests use; --bench: the peer proxies and load generator; --fuzz: clang with libFuzzer's runtime,
+# and ninja).
 # Idempotent and quiet when everything is already there. Needs root (or sudo) only to install.
 set -euo pipefail
 
@@ -18,7 +19,8 @@ for arg in "$@"; do
       command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)  # the OpenAI client test
       ;;
     --bench) packages+=(wrk nginx haproxy procps) ;;
-    *) echo "usage: $0 [--test] [--bench]" >&2; exit 2 ;;
+    --fuzz) packages+=(clang libclang-rt-14-dev ninja-build) ;;  # the runtime is only a Recommends of clang
+    *) echo "usage: $0 [--test] [--bench] [--fuzz]" >&2; exit 2 ;;
   esac
 done
 

@@ -10,8 +10,7 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 seconds="${1:-60}"
 shift || true
 build="${FUZZ_BUILD_DIR:-$root/build-fuzz}"
-"$root/deploy/install-deps.sh" --test
-command -v clang++ >/dev/null || apt-get install -y --no-install-recommends clang >/dev/null
+"$root/deploy/install-deps.sh" --test --fuzz
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
   -DINFERGATE_FUZZ=ON >/dev/null
 cmake --build "$build" --target infergate-fuzz
