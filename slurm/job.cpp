@@ -56,9 +56,16 @@ Resolved resolve_int(const JobOptions& options, const std::optional<int>& option
                 std::string(var) + " nor " + std::string(option_key) + " is set)",
             true};
   }
-  const int parsed = allow_zero && *value == "0"
-                         ? 0
-                         : parse_positive_int(*value, std::string(var) + "=" + quoted(*value));
+  const auto what = std::string(var) + "=" + quoted(*value);
+  int parsed = 0;
+  if (!allow_zero || *value != "0") {
+    try {
+      parsed = parse_positive_int(*value, what);
+    } catch (const JobError&) {
+      if (!allow_zero) throw;
+      throw JobError(what + " is not a whole number (zero or more)");
+    }
+  }
   return {parsed, std::string(var) + "=" + std::to_string(parsed), false};
 }
 
@@ -128,7 +135,11 @@ void resolve_gpus_per_node(const JobOptions& options, const EnvLookup& env, JobL
   for (const auto& c : candidates) {
     names += ", " + c.var;
     auto value = env(c.var);
-    if (!value || (c.syntax == Syntax::kIndices && value->empty())) continue;  // a job without GPUs here
+    // Not set, or a job or step without GPUs here (a step run with --gres=gpu:0 has
+    // SLURM_GPUS_ON_NODE=0): the next variable says more.
+    if (!value || (c.syntax == Syntax::kIndices && value->empty()) || (c.syntax == Syntax::kCount && *value == "0")) {
+      continue;
+    }
     const auto what = c.var + "=" + quoted(*value);
     if (c.syntax == Syntax::kPerNode) {
       layout.gpus_per_node = parse_gpus_per_node(*value, what);

@@ -161,6 +161,13 @@ TEST(JobLayoutTest, JobGpusComeBeforeTheStepsOwnCount) {
   env["SLURM_JOB_GPUS"] = "";  // no GPUs here: the next variable
   env["SLURM_GPUS_ON_NODE"] = "2";
   EXPECT_EQ(read_job_layout({}, env_of(env))->gpus_per_node_source, "SLURM_GPUS_ON_NODE=2");
+  env["SLURM_GPUS_ON_NODE"] = "0";  // a step run with --gres=gpu:0: says nothing of the job
+  auto without = read_job_layout({}, env_of(env));
+  EXPECT_EQ(without->gpus_per_node, 8);
+  EXPECT_TRUE(without->gpus_per_node_defaulted);
+  env["SLURM_JOB_GPUS"] = "0-3";
+  EXPECT_EQ(read_job_layout({}, env_of(env))->gpus_per_node, 4);
+  env["SLURM_JOB_GPUS"] = "";
 
   for (const std::string bad : {"0,,1", "a,b", "3-1", "0-1024", "-1", "0, 1"}) {
     env["SLURM_JOB_GPUS"] = bad;
@@ -241,8 +248,9 @@ TEST(JobLayoutTest, EveryBadValueIsAOneLineErrorNamingTheVariable) {
   EXPECT_THAT(error_of(zero_gpus, base),
               HasSubstr("slurm.gpus_per_node=0 must be a positive integer"));
   EXPECT_THAT(error_of({}, with("INFER_TP", "16")), HasSubstr("INFER_TP=16 does not divide"));
-  EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "x")), HasSubstr("NUM_TRAINING_NODES='x' is not a positive integer"));
-  EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "-1")), HasSubstr("NUM_TRAINING_NODES='-1'"));
+  // Zero training nodes is allowed (every host serves), so the message says "zero or more".
+  EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "x")), HasSubstr("NUM_TRAINING_NODES='x' is not a whole number (zero or more)"));
+  EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "-1")), HasSubstr("NUM_TRAINING_NODES='-1' is not a whole number (zero or more)"));
   EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "3")),
               HasSubstr("NUM_TRAINING_NODES=3 but the nodelist 't,i[1-2]' has only 3 host(s): no host left for inference"));
   EXPECT_THAT(error_of({}, with("SLURM_GPUS_ON_NODE", "eight")), HasSubstr("SLURM_GPUS_ON_NODE='eight'"));
