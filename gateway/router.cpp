@@ -1,6 +1,7 @@
 #include "gateway/router.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <charconv>
 
@@ -259,6 +260,19 @@ std::string commonest_probe_failure(const discovery::BackendSet& set) {
 
 }  // namespace
 
+std::string unhealthy_summary(const discovery::BackendSet& set) {
+  std::array<std::size_t, discovery::kBackendStateCount> counts{};
+  for (const auto& b : set.all) ++counts[static_cast<std::size_t>(b->state())];
+  std::string out;
+  for (const auto state : {discovery::BackendState::kDraining, discovery::BackendState::kEjected,
+                           discovery::BackendState::kUnhealthy, discovery::BackendState::kStarting}) {
+    const auto n = counts[static_cast<std::size_t>(state)];
+    if (n == 0) continue;
+    out += (out.empty() ? " (" : ", ") + std::to_string(n) + " " + std::string(discovery::to_string(state));
+  }
+  return out.empty() ? out : out + ")";
+}
+
 LocalResponse error_response(unsigned status, std::string_view message) {
   const int code = static_cast<int>(status);
   return LocalResponse{status, error_body(message, error_type_for(code), code), "application/json", {}};
@@ -324,7 +338,8 @@ RouteDecision route(GatewayState& state, const RequestView& req) {
                          : set->all.empty()   ? "no backends: " + state.discovery_how
                                               : std::to_string(healthy) + " healthy backend(s) of " +
                                                   std::to_string(set->all.size()) + ", need " +
-                                                  std::to_string(needed) + commonest_probe_failure(*set);
+                                                  std::to_string(needed) + unhealthy_summary(*set) +
+                                                  commonest_probe_failure(*set);
     auto r = json_response(503, {{"status", "not ready"}, {"reason", reason}, {"healthy", healthy},
                                  {"total", set->all.size()}});
     r.headers.emplace_back("Retry-After", "1");

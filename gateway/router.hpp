@@ -53,4 +53,8 @@ LocalResponse broadcast_response(const std::vector<BroadcastResult>& results);
 // The JSON object /admin/backends lists for one backend.
 std::string backends_json(const GatewayState& state);
 
+// The backends not taking traffic, by state, for messages: " (2 draining, 1 starting)", or ""
+// when every backend is healthy.
+std::string unhealthy_summary(const discovery::BackendSet& set);
+
 }  // namespace infergate::gateway

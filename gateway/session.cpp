@@ -1019,7 +1019,8 @@ net::awaitable<Next> answer_no_backend(Worker* w, ClientConnection* c, const dis
     r = error_response(503, "no inference backends are configured: " + state.discovery_how);
     r.headers.emplace_back("Retry-After", "5");
   } else {
-    r = error_response(503, "none of the " + std::to_string(set.all.size()) + " backends is healthy now; retry shortly");
+    r = error_response(503, "none of the " + std::to_string(set.all.size()) + " backends is healthy now" +
+                                unhealthy_summary(set) + "; retry shortly");
     r.headers.emplace_back("Retry-After", "1");
   }
   if (state.config.log.access) spdlog::info("{} {} {} -> - 503 no backend", c->request_id, c->method, c->target);

@@ -146,7 +146,7 @@ TEST(HealthTest, AnUnresolvableBackendNameIsWarnedAboutAndShownInReady) {
                reason.find("(2 backend(s))") != std::string::npos;
       },
       10s));
-  EXPECT_THAT(ready["reason"].get<std::string>(), HasSubstr("0 healthy backend(s) of 3, need 1; last probe: resolve gpu-node0"));
+  EXPECT_THAT(ready["reason"].get<std::string>(), HasSubstr("0 healthy backend(s) of 3, need 1 (3 starting); last probe: resolve gpu-node0"));
   EXPECT_THAT(ready["reason"].get<std::string>(), HasSubstr("(2 backend(s))"));
   // Probes go on every 100 ms (five more seen below); the warning is not repeated, and the
   // loading server raises none.
@@ -220,6 +220,21 @@ TEST(HealthTest, EjectionBackoffStartsAgainOnceTheBackendServedARequest) {
   }
   EXPECT_EQ(base_ejections, 2u) << log;
   EXPECT_THAT(log, Not(HasSubstr("ejected for 4000ms")));
+}
+
+// With every backend drained, the answers say so: a 503 and a not-ready /ready that only said
+// "none ... is healthy" sent operators looking for a broken server.
+TEST(AdminTest, DrainingEveryBackendIsWhatTheAnswersSay) {
+  auto a = start_mock();
+  auto gw = start_gateway({"--backend", a.url()});
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, a.id()) == "healthy"; }, 10s));
+  ASSERT_EQ(http_request(gw.port, "POST", "/admin/backends/" + a.id() + "/drain").status, 200);
+  auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(r.status, 503);
+  EXPECT_THAT(r.body, HasSubstr("none of the 1 backends is healthy now (1 draining); retry shortly"));
+  auto ready = http_request(gw.port, "GET", "/ready");
+  EXPECT_EQ(ready.status, 503);
+  EXPECT_THAT(ready.body, HasSubstr("0 healthy backend(s) of 1, need 1 (1 draining)"));
 }
 
 TEST(AdminTest, AddDrainUndrainRemoveRoundTrip) {
