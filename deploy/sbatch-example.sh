@@ -11,21 +11,28 @@ MODEL=${MODEL:-Qwen/Qwen2.5-7B-Instruct}
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 trainer=${hosts[0]}
 servers_per_node=$(( ${SLURM_GPUS_ON_NODE:-8} / INFER_TP ))
+# Each step gets CPUs of its own (a step gets one by default): each server a share of its node,
+# the gateway GATEWAY_CPUS (its worker threads follow them), the trainer the rest of its node.
+cpus_on_node=${SLURM_CPUS_ON_NODE:-$servers_per_node}
+cpus_per_server=$(( cpus_on_node / servers_per_node > 0 ? cpus_on_node / servers_per_node : 1 ))
+gateway_cpus=${GATEWAY_CPUS:-4}
+trainer_cpus=$(( cpus_on_node > gateway_cpus ? cpus_on_node - gateway_cpus : 1 ))
 
 for host in "${hosts[@]:NUM_TRAINING_NODES}"; do
   for ((slot = 0; slot < servers_per_node; slot++)); do
     gpus=$(seq -s, $((slot * INFER_TP)) $((slot * INFER_TP + INFER_TP - 1)))
     # Each server gets its own GPUs. Slurm sets CUDA_VISIBLE_DEVICES in every step (overriding
     # --export), so it is set inside the task.
-    srun --overlap -N1 -n1 -w "$host" bash -c \
+    srun --overlap -N1 -n1 -c "$cpus_per_server" -w "$host" bash -c \
       "export CUDA_VISIBLE_DEVICES=$gpus; exec vllm serve '$MODEL' --port $((9000 + slot)) --tensor-parallel-size $INFER_TP" &
   done
 done
 
 # The gateway discovers the servers above from the same variables and waits for them to load.
-# If the gateway exits (bad input is a one-line error and exit code 2), the job ends instead of
+# If the gateway exits (bad input is a one-line error and exit code 2; a port another process
+# listens on, exit code 1), the job ends instead of
 # waiting for its time limit; so does a model that never loads within READY_TIMEOUT seconds.
-srun --overlap -N1 -n1 -w "$trainer" infergate --listen 0.0.0.0:8080 &
+srun --overlap -N1 -n1 -c "$gateway_cpus" -w "$trainer" infergate --listen 0.0.0.0:8080 &
 gateway=$!
 deadline=$((SECONDS + ${READY_TIMEOUT:-3600}))
 until curl -fs "http://$trainer:8080/ready" >/dev/null; do
@@ -34,4 +41,4 @@ until curl -fs "http://$trainer:8080/ready" >/dev/null; do
   sleep 10
 done
 
-srun --overlap -N1 -n1 -w "$trainer" python train.py --base-url "http://$trainer:8080/v1"
+srun --overlap -N1 -n1 -c "$trainer_cpus" -w "$trainer" python train.py --base-url "http://$trainer:8080/v1"

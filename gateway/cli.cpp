@@ -32,7 +32,7 @@ struct FlagSpec {
 constexpr FlagSpec kFlags[] = {
     {"--config", nullptr, "FILE", "YAML configuration file (also INFERGATE_CONFIG)"},
     {"--listen", "listen", "HOST:PORT", "listen address (default 0.0.0.0:8080)"},
-    {"--threads", "threads", "N", "worker threads (default: hardware threads)"},
+    {"--threads", "threads", "N", "worker threads (default 0: one per CPU this process may run on)"},
     {"--backend", "backends", "URL", "static backend http://host:port (repeatable)"},
     {"--no-slurm", "slurm.enabled", nullptr, "do not discover backends from the Slurm environment"},
     {"--log-level", "log.level", "LEVEL", "trace, debug, info, warn, error, critical, off"},
