@@ -76,6 +76,9 @@ struct GatewayState {
   }
 
   std::atomic<std::int64_t> inflight_requests{0};
+  // Requests whose first bytes came and which are not read whole yet: a shutdown waits for them
+  // as for requests in flight (a large prompt still uploading is served, not cut).
+  std::atomic<std::int64_t> arriving_requests{0};
   std::atomic<std::int64_t> client_connections{0};
   // The effective limits.max_client_connections, set before serving, and the slots taken of
   // it (see ConnectionSlot): when none is left the acceptors wait and new clients queue in the

@@ -387,10 +387,13 @@ int Server::run() {
   // Polls the in-flight count until it reaches zero or the deadline passes.
   std::function<void()> check_drained;
   check_drained = [&] {
-    auto inflight = state.inflight_requests.load();
+    // A request still arriving counts too: it is read and answered (with `Connection: close`).
+    auto arriving = state.arriving_requests.load();
+    auto inflight = state.inflight_requests.load() + arriving;
     if (inflight == 0 || std::chrono::steady_clock::now() >= drain_deadline) {
       if (inflight != 0) {
-        spdlog::warn("shutdown deadline reached with {} request(s) in flight; closing them", inflight);
+        spdlog::warn("shutdown deadline reached with {} request(s) in flight ({} of them still arriving); closing them",
+                     inflight, arriving);
       }
       stop_workers();
       signals.cancel();
@@ -415,8 +418,10 @@ int Server::run() {
       drain_timer.cancel();
       return;
     }
-    spdlog::info("signal {}: no longer accepting; letting {} in-flight request(s) finish (up to {}ms)",
-                 signo, state.inflight_requests.load(), state.config.timeouts.shutdown.count());
+    spdlog::info("signal {}: no longer accepting; letting {} in-flight request(s) finish, and {} still arriving be "
+                 "read and answered (up to {}ms)",
+                 signo, state.inflight_requests.load(), state.arriving_requests.load(),
+                 state.config.timeouts.shutdown.count());
     state.stopping.store(true);
     for (std::size_t i = 0; i < impl_->workers.size(); ++i) {
       tcp::acceptor* acceptor = impl_->acceptors[i].get();

@@ -56,15 +56,39 @@ struct ClientWatch {
   char byte = 0;
 };
 
+// Counts a request in GatewayState::arriving_requests from its first byte until it is read
+// whole and counted in flight (or the connection ends).
+class ArrivingRequest {
+ public:
+  explicit ArrivingRequest(std::atomic<std::int64_t>& counter) : counter_(counter) {}
+  ~ArrivingRequest() { end(); }
+  ArrivingRequest(const ArrivingRequest&) = delete;
+  ArrivingRequest& operator=(const ArrivingRequest&) = delete;
+  void begin() noexcept {
+    if (!counted_) counter_.fetch_add(1, std::memory_order_relaxed);
+    counted_ = true;
+  }
+  void end() noexcept {
+    if (counted_) counter_.fetch_sub(1, std::memory_order_relaxed);
+    counted_ = false;
+  }
+
+ private:
+  std::atomic<std::int64_t>& counter_;
+  bool counted_ = false;
+};
+
 // One client connection's state, kept between its requests so buffers are reused.
 struct ClientConnection final : SlowHook {
-  ClientConnection(Worker* w, tcp::socket s) : sock(w->deadlines, std::move(s)), stopping(&w->state->stopping) {}
+  ClientConnection(Worker* w, tcp::socket s)
+      : sock(w->deadlines, std::move(s)), stopping(&w->state->stopping), arriving(w->state->arriving_requests) {}
   ~ClientConnection() = default;
   // Whether the answer to the current request may keep the connection open: the client asked
   // for it and the gateway is not shutting down (then the answer says `Connection: close`).
   bool keep_alive() const noexcept { return head.keep_alive() && !stopping->load(std::memory_order_relaxed); }
   TimedSocket sock;
   const std::atomic<bool>* stopping;
+  ArrivingRequest arriving;  // from the request's first byte until it is counted in flight
   http1::ByteBuffer buffer;
   http1::Head head;             // the current request's head: views into `buffer`
   std::string_view body;        // the current request's body: in `buffer` or `chunked_body`
@@ -420,7 +444,9 @@ AttemptOutcome unanswered_outcome(const beast::error_code& ec, bool request_sent
 // An upload the backend cut short (reset, broken pipe) may have been answered first: a server
 // that refuses a request from its head alone (a body limit: 413) answers and closes with the
 // body unread, and the kernel resets the connection. What it sent before the reset is still in
-// the socket: read it, without waiting, up to `limit` bytes. Returns whether any bytes came.
+// the socket: read it, without waiting, up to `limit` bytes. Returns whether an answer came.
+// A 408 is no answer to this request: servers send it on a keep-alive connection they close for
+// idleness, so it means a stale connection (retried on a fresh one), and it is dropped.
 bool read_early_answer(UpstreamConnection& conn, std::size_t limit) {
   auto& socket = conn.sock.socket();
   if (!socket.is_open()) return false;
@@ -431,6 +457,11 @@ bool read_early_answer(UpstreamConnection& conn, std::size_t limit) {
     if (n <= 0) break;
     conn.buffer.commit(static_cast<std::size_t>(n));
     any = true;
+  }
+  const auto bytes = conn.buffer.data().substr(0, 12);
+  if (any && bytes.size() == 12 && bytes.starts_with("HTTP/1.") && bytes.substr(8) == " 408") {
+    conn.buffer.clear();
+    return false;
   }
   return any;
 }
@@ -1320,6 +1351,7 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
   bool request_line_seen = false;
   for (;;) {
     const auto data = c->buffer.data();
+    if (!data.empty()) c->arriving.begin();
     if (!request_line_seen || data.size() >= max_head || may_end_head(data, searched)) {
       parsed = http1::parse_request(data, max_head, c->head);
       if (parsed != http1::Parse::kIncomplete) break;
@@ -1466,6 +1498,7 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
       const bool control = is_control_plane(path);
       std::optional<InflightGuard> inflight;
       if (!is_monitoring(path)) inflight.emplace(state.inflight_requests);
+      c.arriving.end();  // after it counts in flight: a shutdown never sees it in neither
       bool keep_alive = false;
       const bool head_only = iequals(h.method, "HEAD");
       RouteDecision decision;

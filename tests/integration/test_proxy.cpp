@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <signal.h>
 #include <sys/resource.h>
 #include <arpa/inet.h>
@@ -923,6 +924,51 @@ TEST(ProxyTest, SigtermClosesIdleKeepAliveConnectionsAtOnceAndInFlightAnswersSay
   EXPECT_THAT(busy.received(), StartsWith("HTTP/1.1 200 OK\r\n"));
   EXPECT_THAT(busy.received(), HasSubstr("\r\nConnection: close\r\n"));
   EXPECT_TRUE(busy.wait_closed(5s));
+  EXPECT_EQ(gw.process->wait_exit(10s), 0);
+}
+
+namespace {
+// Whether an established TCP connection on local port `port` has bytes its owner has not read
+// (the receive queue in /proc/net/tcp and tcp6).
+bool unread_bytes_at(int port) {
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream in(table);
+    std::string line;
+    std::getline(in, line);  // the header
+    while (std::getline(in, line)) {
+      std::istringstream fields(line);
+      std::string slot, local, remote, state, queues;
+      fields >> slot >> local >> remote >> state >> queues;
+      const auto colon = local.rfind(':');
+      if (colon == std::string::npos || state != "01") continue;
+      if (std::stoi(local.substr(colon + 1), nullptr, 16) != port) continue;
+      if (std::stoul(queues.substr(queues.find(':') + 1), nullptr, 16) != 0) return true;
+    }
+  }
+  return false;
+}
+}  // namespace
+
+// A request still arriving when SIGTERM comes (a large prompt uploading: its head and part of
+// its body read) is read whole and answered, with `Connection: close`, before the gateway
+// exits: it used to exit at once, since only requests read whole counted as in flight.
+TEST(ProxyTest, SigtermLetsARequestStillArrivingBeReadAndAnswered) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(concat(backend_args(mocks), {"--threads", "1"}));
+  wait_healthy(gw, 1);
+  const auto body = chat_body(false);
+  RawConnection uploading(gw.port);
+  ASSERT_TRUE(uploading.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body.substr(0, 10)));
+  // The signal comes once the gateway has read what was sent.
+  ASSERT_TRUE(poll_until([&] { return !unread_bytes_at(gw.port); }, 5s));
+  ASSERT_EQ(::kill(gw.process->pid(), SIGTERM), 0);
+  ASSERT_TRUE(poll_until([&] { return gw.process->errors().find("no longer accepting") != std::string::npos; }, 5s));
+  EXPECT_THAT(gw.process->errors(), HasSubstr("and 1 still arriving"));
+  ASSERT_TRUE(uploading.send(body.substr(10))) << "the gateway closed the connection";
+  ASSERT_TRUE(uploading.read_until(has_whole_response, 10s)) << uploading.received();
+  EXPECT_THAT(uploading.received(), StartsWith("HTTP/1.1 200 OK\r\n"));
+  EXPECT_THAT(uploading.received(), HasSubstr("\r\nConnection: close\r\n"));
   EXPECT_EQ(gw.process->wait_exit(10s), 0);
 }
 
