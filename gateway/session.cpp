@@ -1076,9 +1076,13 @@ net::awaitable<Next> answer_all_failed(Worker* w, ClientConnection* c, unsigned 
                                                     head_only, c->request_id));
 }
 
-net::awaitable<void> retry_pause(Worker* w, int attempt) {
+// The backoff before a retry, never past `deadline` (timeouts.total): a request out of time is
+// answered when its time is up, not a backoff later.
+net::awaitable<void> retry_pause(Worker* w, int attempt, Clock::time_point deadline) {
   std::uniform_real_distribution<double> unit(0.0, 1.0);
-  net::steady_timer pause(w->io, w->state->retry.backoff(attempt, unit(w->rng)));
+  const auto backoff = w->state->retry.backoff(attempt, unit(w->rng));
+  const auto now = coarse_now();
+  net::steady_timer pause(w->io, deadline - now < backoff ? std::max(deadline - now, Clock::duration::zero()) : backoff);
   co_await pause.async_wait(kTuple);
 }
 
@@ -1116,9 +1120,8 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     discovery::Backend* backend = state.registry.pick(*set, tried);
     if (backend == nullptr) break;
     if (attempt > 0) {
-      co_await retry_pause(w, attempt);
-      if (coarse_now() >= c->total_deadline) {
-        previous->stats.retries.fetch_add(1, std::memory_order_relaxed);
+      co_await retry_pause(w, attempt, c->total_deadline);
+      if (coarse_now() >= c->total_deadline) {  // no retry went out: none is counted
         failures += ", then timeouts.total (" + std::to_string(total.count()) + "ms) ran out";
         last_timed_out = true;
         break;

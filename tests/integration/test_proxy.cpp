@@ -858,6 +858,29 @@ TEST(ProxyTest, TotalTimeoutBoundsRetriesOnHangingBackends) {
   EXPECT_THAT(j["error"]["message"].get<std::string>(), HasSubstr("timeouts.total"));
 }
 
+// The backoff before a retry ends when timeouts.total does: the 504 came a whole backoff late
+// (here at least 2.5 s for a 300 ms limit), and the retry that never went out was counted in
+// infergate_backend_retries_total.
+TEST(ProxyTest, TotalTimeoutCutsTheRetryBackoffShortAndCountsNoRetry) {
+  auto failing = start_mocks(2, {"--fail-rate", "1", "--fail-status", "503"});
+  auto gw = start_gateway(concat(backend_args(failing), {"--set", "timeouts.total=300ms", "--set", "retries.backoff_base=5s",
+                                                         "--set", "retries.backoff_max=5s", "--set", "passive.failures=100"}));
+  wait_healthy(gw, 2);
+  const auto t0 = Clock::now();
+  auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {}, 15s);
+  EXPECT_LT(Clock::now() - t0, 2s);
+  EXPECT_EQ(r.status, 504) << r.body << r.error;
+  EXPECT_THAT(r.body, HasSubstr("after 1 attempt(s)"));
+  EXPECT_THAT(r.body, HasSubstr("then timeouts.total (300ms) ran out"));
+  const auto metrics = http_request(gw.port, "GET", "/metrics").body;
+  for (const auto& m : failing) {
+    const std::string series = "infergate_backend_retries_total{backend=\"" + m.id() + "\",node=\"127.0.0.1\",slot=\"0\"} ";
+    const auto at = metrics.find(series);
+    ASSERT_NE(at, std::string::npos) << series;
+    EXPECT_EQ(metrics.substr(at + series.size(), metrics.find('\n', at) - at - series.size()), "0") << series;
+  }
+}
+
 TEST(ProxyTest, HeadersForwardedAsAProxyShould) {
   auto mocks = start_mocks(1);
   auto gw = start_gateway(backend_args(mocks));
