@@ -112,6 +112,7 @@ struct ClientConnection final : SlowHook {
   // usually arrived by the time the connection is accepted.
   bool read_directly = true;
   std::shared_ptr<StreamRelay> handoff;  // set when a StreamRelay took the stream over
+  bool reset_on_close = false;  // a close-delimited response was cut: reset, not close (see RelayPlan)
   UsageScanner usage;  // of the response being relayed (here, not in relay_response's frame)
   // timeouts.total for the current request: no socket operation of its exchange waits past it.
   Clock::time_point total_deadline = Clock::time_point::max();
@@ -162,6 +163,18 @@ void make_request_id(Worker& w, std::string& out) {
 
 std::string_view reason_phrase(unsigned status) {
   return http::obsolete_reason(static_cast<http::status>(status));
+}
+
+// Ends a client connection: an orderly close, or a reset when the response was cut short and
+// only the close would have ended it (a reset is the one way to say "incomplete" then).
+void close_client(tcp::socket& socket, bool reset) {
+  beast::error_code ignored;
+  if (reset) {
+    socket.set_option(net::socket_base::linger(true, 0), ignored);
+  } else {
+    socket.shutdown(tcp::socket::shutdown_send, ignored);
+  }
+  socket.close(ignored);
 }
 
 void append_status_line(std::string& out, unsigned version_minor, unsigned status, std::string_view reason) {
@@ -386,6 +399,9 @@ struct RelayPlan {
   bool streamed = false;
   bool keep_alive = false;           // the client's connection
   bool upstream_keep_alive = false;
+  // The client's body ends when its connection closes (an HTTP/1.0 client, a backend body ended
+  // by its close): a response cut short must then reset the connection, or it looks complete.
+  bool close_delimited = false;
 };
 
 // Relays the response (its head is parsed in `up->head`) and then body bytes as they arrive:
@@ -854,8 +870,7 @@ void StreamRelay::finish(AttemptOutcome::Kind kind, std::string error) {
                   run_client_session(w_, std::move(client_->socket()), Listener::kGateway, std::move(slot_), true),
                   net::detached);
   } else {
-    client_->socket().shutdown(tcp::socket::shutdown_send, ignored);
-    client_->socket().close(ignored);
+    close_client(client_->socket(), kind == AttemptOutcome::kBrokenMidResponse && plan_.close_delimited);
   }
   release_counts();
 }
@@ -895,6 +910,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   }
   const bool dechunk = kind == Kind::kChunked && client_minor == 0;
   if (dechunk) plan.keep_alive = false;  // an HTTP/1.0 client gets the body raw, ended by the close
+  plan.close_delimited = dechunk || kind == Kind::kUntilClose;
   plan.framer = http1::BodyFramer(kind, rh.content_length.value_or(0), dechunk);
   plan.streamed = rh.find("content-type").starts_with("text/event-stream");
   plan.upstream_keep_alive = rh.keep_alive() && kind != Kind::kUntilClose;
@@ -950,6 +966,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
       // Nothing reached the client yet: an ordinary failed attempt, retried or answered 502.
       out.kind = head_sent ? AttemptOutcome::kBrokenMidResponse : AttemptOutcome::kFailed;
       out.error = "malformed chunked body from the backend";
+      c->reset_on_close = head_sent && plan.close_delimited;
       *upstream_reusable = false;
       co_return out;
     }
@@ -1011,8 +1028,10 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
     }
     if (rec) {
       // Bytes already reached the client: no retry is possible. Ending the client connection
-      // (without a last chunk) tells it the response is incomplete.
+      // (without a last chunk, or with a reset where the close ends the body) tells it the
+      // response is incomplete.
       out.kind = AttemptOutcome::kBrokenMidResponse;
+      c->reset_on_close = plan.close_delimited;
       out.error = rec == beast::error::timeout ? "no bytes within timeouts.idle" : rec.message();
       if (rec == beast::error::timeout && up->sock.past_cap()) {
         out.over_total = true;
@@ -1546,9 +1565,7 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
   } catch (const std::exception& e) {
     spdlog::debug("client session ended: {}", e.what());
   }
-  beast::error_code ignored;
-  c.sock.socket().shutdown(tcp::socket::shutdown_send, ignored);
-  c.sock.socket().close(ignored);
+  close_client(c.sock.socket(), c.reset_on_close);
 }
 
 }  // namespace infergate::gateway

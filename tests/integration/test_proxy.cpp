@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <signal.h>
@@ -878,6 +879,59 @@ TEST(ProxyTest, TotalTimeoutCutsTheRetryBackoffShortAndCountsNoRetry) {
     const auto at = metrics.find(series);
     ASSERT_NE(at, std::string::npos) << series;
     EXPECT_EQ(metrics.substr(at + series.size(), metrics.find('\n', at) - at - series.size()), "0") << series;
+  }
+}
+
+namespace {
+// Sends `request` on a new connection and reads until the server ends it; returns how: "eof"
+// (an orderly close), "reset", or "timeout"; `received` gets the bytes.
+std::string how_connection_ends(int port, const std::string& request, std::string& received) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<std::uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::send(fd, request.data(), request.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(request.size())) {
+    ::close(fd);
+    return "connect or send failed";
+  }
+  std::string how = "timeout";
+  for (const auto until = Clock::now() + 10s; Clock::now() < until;) {
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, 200) != 1) continue;
+    char buf[4096];
+    const auto n = ::recv(fd, buf, sizeof buf, 0);
+    if (n > 0) {
+      received.append(buf, static_cast<std::size_t>(n));
+      continue;
+    }
+    how = n == 0 ? "eof" : errno == ECONNRESET ? "reset" : std::string("error ") + std::strerror(errno);
+    break;
+  }
+  ::close(fd);
+  return how;
+}
+}  // namespace
+
+// A stream the backend cuts short reaches an HTTP/1.0 client, whose body only the close ends,
+// as a reset: an orderly close looked like a complete response. An HTTP/1.1 client still gets
+// an orderly close (the missing last chunk says it).
+TEST(ProxyTest, AStreamCutShortResetsAnHttp10ClientsConnection) {
+  auto mocks = start_mocks(1, {"--drop-mid-stream", "--tokens", "6"});
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  const auto body = chat_body(true);
+  for (const std::string version : {"1.0", "1.1"}) {
+    SCOPED_TRACE("HTTP/" + version);
+    std::string received;
+    const auto how = how_connection_ends(gw.port, "POST /v1/chat/completions HTTP/" + version + "\r\nHost: x\r\n"
+                                         "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+                                         "\r\n\r\n" + body, received);
+    EXPECT_THAT(received, StartsWith("HTTP/1." + version.substr(2) + " 200"));
+    EXPECT_THAT(received, HasSubstr("data: "));
+    EXPECT_THAT(received, Not(HasSubstr("[DONE]")));
+    EXPECT_EQ(how, version == "1.0" ? "reset" : "eof") << received;
   }
 }
 
