@@ -460,9 +460,7 @@ AttemptOutcome unanswered_outcome(const beast::error_code& ec, bool request_sent
 // An upload the backend cut short (reset, broken pipe) may have been answered first: a server
 // that refuses a request from its head alone (a body limit: 413) answers and closes with the
 // body unread, and the kernel resets the connection. What it sent before the reset is still in
-// the socket: read it, without waiting, up to `limit` bytes. Returns whether an answer came.
-// A 408 is no answer to this request: servers send it on a keep-alive connection they close for
-// idleness, so it means a stale connection (retried on a fresh one), and it is dropped.
+// the socket: read it, without waiting, up to `limit` bytes. Returns whether any bytes came.
 bool read_early_answer(UpstreamConnection& conn, std::size_t limit) {
   auto& socket = conn.sock.socket();
   if (!socket.is_open()) return false;
@@ -473,11 +471,6 @@ bool read_early_answer(UpstreamConnection& conn, std::size_t limit) {
     if (n <= 0) break;
     conn.buffer.commit(static_cast<std::size_t>(n));
     any = true;
-  }
-  const auto bytes = conn.buffer.data().substr(0, 12);
-  if (any && bytes.size() == 12 && bytes.starts_with("HTTP/1.") && bytes.substr(8) == " 408") {
-    conn.buffer.clear();
-    return false;
   }
   return any;
 }
@@ -560,6 +553,15 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
       }
       if (!wec) {
         const auto status = conn->head.status;
+        if (status == 408 && reused && !fresh_retry_used) {
+          // A 408 on a parked connection: the backend closed it for idleness as the request
+          // came (servers say so as they close), so it answers no request. Like a stale
+          // connection: tried again, once, on a fresh one.
+          watch.connection = nullptr;
+          fresh_retry_used = true;
+          w->pool.clear(backend->index());
+          continue;
+        }
         if (status == 101) {
           watch.connection = nullptr;
           co_return failed_outcome("the backend switched protocols, which the gateway does not relay", false, 502);

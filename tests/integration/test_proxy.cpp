@@ -627,6 +627,23 @@ TEST(ProxyTest, AnAnswerTheBackendGivesBeforeTakingTheBodyReachesTheClient) {
   }
 }
 
+// A 408 on a parked connection is the backend closing it for idleness as the request came, not
+// an answer: the request goes again on a fresh connection (the client got the 408 before),
+// whether the upload finished first (small body) or was cut by the close (large body).
+TEST(ProxyTest, A408OnAParkedConnectionIsRetriedOnAFreshOne) {
+  auto closing = start_mocks(1, {"--idle-408"});
+  auto gw = start_gateway(concat(backend_args(closing), {"--threads", "1", "--set", "retries.max=0"}));
+  wait_healthy(gw, 1);
+  for (const std::size_t size : {std::size_t{16}, std::size_t{16} << 20}) {
+    SCOPED_TRACE("body of " + std::to_string(size) + " bytes");
+    // The first completion parks a connection; the next one is sent on it and gets the 408.
+    ASSERT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false)).status, 200);
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions",
+                          chat_body(false, "\"pad\":\"" + std::string(size, 'x') + "\""), {}, 20s);
+    EXPECT_EQ(r.status, 200) << r.body;
+  }
+}
+
 // Counts whole Content-Length responses arriving back to back, resuming where it stopped.
 struct ResponseCounter {
   std::size_t at = 0;

@@ -52,6 +52,10 @@ struct Options {
   // Content-Length is above it is answered 413 from its head alone, and the connection closed
   // with the body unread (0: no limit).
   std::uint64_t max_body = 0;
+  // Answers every completion request after a connection's first with 408 from its head and
+  // closes with the body unread: a server closing a keep-alive connection for idleness just as
+  // a request comes.
+  bool idle_408 = false;
   // A backend that lies about framing, on non-streamed completions: "extra-bytes" (bytes past
   // the promised body, in a later write), "cl-and-te" (Content-Length and chunked at once),
   // "bad-chunk" (a malformed chunk size before any body byte).
@@ -80,7 +84,7 @@ struct Server {
                "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE] [--retry-after S]\n"
                "  [--seed S] [--hang] [--hang-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
                "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice] [--own-request-ids] [--max-body BYTES]\n"
-               "  [--quiet]\n";
+               "  [--idle-408] [--quiet]\n";
   std::exit(2);
 }
 
@@ -121,6 +125,7 @@ Options parse_options(int argc, char** argv) {
     else if (a == "--drop-delay-ms") o.drop_delay_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
     else if (a == "--close-after") o.close_after = static_cast<int>(parse_long(a, value(), 1, 1000000000));
     else if (a == "--own-request-ids") o.own_request_ids = true;
+    else if (a == "--idle-408") o.idle_408 = true;
     else if (a == "--max-body") o.max_body = static_cast<std::uint64_t>(parse_long(a, value(), 1, 1L << 40));
     else if (a == "--lie") {
       o.lie = value();
@@ -396,12 +401,22 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
   beast::flat_buffer buffer;
   const std::string self = address_of(socket);
   int served = 0;
+  int completions_seen = 0;  // for --idle-408
   for (;;) {
     http::request_parser<http::string_body> parser;
     parser.body_limit(64ULL * 1024 * 1024);
     parser.header_limit(256 * 1024);
     auto [hec, hn] = co_await http::async_read_header(socket, buffer, parser, kTuple);
     if (hec) break;
+    const std::string head_target(parser.get().target());
+    const bool completion_head = head_target.starts_with("/v1/chat/completions") || head_target.starts_with("/v1/completions");
+    if (o.idle_408 && completion_head && completions_seen++ > 0) {
+      auto res = make_response(http::status::request_timeout, "");
+      res.keep_alive(false);
+      res.prepare_payload();
+      co_await http::async_write(socket, res, kTuple);
+      break;
+    }
     if (o.max_body > 0 && parser.content_length().value_or(0) > o.max_body) {
       // Answered before the body is read, then closed with it unread (the kernel resets the
       // connection): what a server's body limit does.
