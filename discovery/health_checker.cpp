@@ -411,10 +411,13 @@ net::awaitable<void> remove_after_drain(HealthChecker::Impl* impl, std::shared_p
 }  // namespace
 
 void HealthChecker::remove_when_idle(std::shared_ptr<Backend> backend, std::chrono::milliseconds deadline) {
+  // Marked and drained in one step on the health thread: an add of the same URL in between
+  // would cancel the removal and then see its backend drained for good.
   const bool first = run_on(impl_->io, [impl = impl_.get(), &backend] {
-    return impl->pending_removal.insert(backend->index()).second;
+    const bool inserted = impl->pending_removal.insert(backend->index()).second;
+    impl->apply(*backend, impl->tracker(*backend).drain());
+    return inserted;
   });
-  drain(backend);
   if (!first) return;  // already on its way out
   net::co_spawn(impl_->io, remove_after_drain(impl_.get(), std::move(backend), Clock::now() + deadline),
                 net::detached);

@@ -711,6 +711,11 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
     up_->head.fields = {};  // the head is out; an idle stream keeps no copy of its fields
   }
 
+  // The client went away while the stream was being handed over (the session's watch saw it
+  // and closed the backend connection): the relay ends as the client's doing, not as a
+  // backend failure (its first read finds the closed socket).
+  void client_left() { client_gone_ = true; }
+
   void start(tcp::socket client, ConnectionSlot slot) {
     client_.emplace(w_->deadlines, std::move(client));
     client_->cap_at(total_deadline_);
@@ -1185,7 +1190,10 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     if (watch.client_gone && out.kind != AttemptOutcome::kServed && out.kind != AttemptOutcome::kHandedOff) {
       out.kind = AttemptOutcome::kClientGone;
     }
-    if (out.kind == AttemptOutcome::kHandedOff) co_return Next::kHandedOff;  // it reports the exchange
+    if (out.kind == AttemptOutcome::kHandedOff) {  // it reports the exchange
+      if (watch.client_gone) c->handoff->client_left();
+      co_return Next::kHandedOff;
+    }
     record_attempt(state, *backend, out, attempt_started);
     const auto& id = backend->info().id;
     if (out.kind != AttemptOutcome::kFailed) {
