@@ -79,13 +79,14 @@ struct Server {
 };
 
 [[noreturn]] void usage_error(const std::string& message) {
-  std::cerr << "infergate-mock: " << message << "\n"
+  if (!message.empty()) std::cerr << "infergate-mock: " << message << "\n";
+  (message.empty() ? std::cout : std::cerr)
             << "usage: infergate-mock [--host H] [--port P] [--port-count K] [--model M] [--tokens N]\n"
                "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE] [--retry-after S]\n"
                "  [--seed S] [--hang] [--hang-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
                "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice] [--own-request-ids] [--max-body BYTES]\n"
                "  [--idle-408] [--quiet]\n";
-  std::exit(2);
+  std::exit(message.empty() ? 0 : 2);
 }
 
 long parse_long(const std::string& flag, const std::string& v, long min, long max) {
@@ -103,7 +104,8 @@ Options parse_options(int argc, char** argv) {
       if (i + 1 >= argc) usage_error(a + ": missing value");
       return argv[++i];
     };
-    if (a == "--host") o.host = value();
+    if (a == "--help" || a == "-h") usage_error("");
+    else if (a == "--host") o.host = value();
     else if (a == "--port") o.port = static_cast<int>(parse_long(a, value(), 0, 65535));
     else if (a == "--port-count") o.port_count = static_cast<int>(parse_long(a, value(), 1, 65535));
     else if (a == "--model") o.model = value();
