@@ -1474,6 +1474,12 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
       }
     }
   }
+  // Anything else that is not a path (`GET health`, `GET ftp://x/`) is no target a backend
+  // serves: refused here, not forwarded (`OPTIONS *` aside).
+  if (!h.target.starts_with('/') && !(h.target == "*" && h.method == "OPTIONS")) {
+    co_return co_await answer_and_close(w->state, c, 400, "malformed HTTP request: the target must be a path ",
+                                        "(/v1/...) or an http(s) URL");
+  }
   c->request_size = size;
   c->request_released = false;
   ++c->requests;

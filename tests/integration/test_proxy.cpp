@@ -1125,6 +1125,14 @@ TEST(ProxyTest, AbsoluteFormTargetsAreRoutedByTheirPathAndConnectIsRefused) {
   EXPECT_THAT(chat, HasSubstr("chat.completion"));
   EXPECT_THAT(raw_exchange(gw.port, "CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n"),
               StartsWith("HTTP/1.1 405 "));
+  // Targets that are neither a path nor an http(s) URL are refused by the gateway (a forwarded
+  // one got the backend's 404).
+  for (const std::string target : {"health", "v1/models", "ftp://gateway.example/v1/models", "*"}) {
+    SCOPED_TRACE(target);
+    const auto refused = raw_exchange(gw.port, "GET " + target + " HTTP/1.1\r\nHost: x\r\n\r\n");
+    EXPECT_THAT(refused, StartsWith("HTTP/1.1 400 "));
+    EXPECT_THAT(refused, HasSubstr("the target must be a path"));
+  }
   // The head first, the body after a pause: an HTTP/1.1 client would be told to go on.
   RawConnection old_client(gw.port);
   ASSERT_TRUE(old_client.send("POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
