@@ -656,8 +656,8 @@ constexpr std::string_view kEnvPrefix = "INFERGATE_";
 // INFERGATE_* variables that are not configuration keys yet legitimately reach the gateway's
 // environment: the scripts and test harness around it set them (deploy/demo.sh,
 // tests/integration/harness.cpp, .ci/run), so warning about them would be noise.
-constexpr std::array<std::string_view, 3> kNonKeyVariables{"INFERGATE_DEMO_PORT", "INFERGATE_BIN",
-                                                           "INFERGATE_MOCK_BIN"};
+constexpr std::array<std::string_view, 4> kNonKeyVariables{"INFERGATE_DEMO_PORT", "INFERGATE_DEMO_BACKEND_PORT",
+                                                           "INFERGATE_BIN", "INFERGATE_MOCK_BIN"};
 
 // An INFERGATE_* variable the configuration does not read is most likely a typo whose setting
 // silently does nothing, so each one becomes a warning for the caller to log.

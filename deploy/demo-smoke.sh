@@ -18,10 +18,15 @@ trap cleanup EXIT
 fail() { echo "demo smoke: $*" >&2; tail -n 20 "$work/demo.err" >&2 || true; exit 1; }
 
 port_free() { ! (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
-pick() {  # a random free port in 20000-59999 on the given host, with the next one free too
+# Ports below the kernel's ephemeral range, which outgoing connections (of the tests that ran
+# before, say) take their local ports from: a port nothing listens on may still be bound there.
+read -r ephemeral_low _ < /proc/sys/net/ipv4/ip_local_port_range
+span=$(( ephemeral_low - 1 - 20000 ))
+(( span > 1000 )) || span=1000
+pick() {  # a random free port from 20000 up to the ephemeral range, with the next one free too
   local p i
   for ((i = 0; i < 200; i++)); do
-    p=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
+    p=$((20000 + (RANDOM * 32768 + RANDOM) % span))
     if port_free "$1" "$p" && port_free "$1" $((p + 1)); then echo "$p"; return; fi
   done
   echo "demo smoke: no free port" >&2; exit 1
@@ -69,5 +74,6 @@ grep -q '^data: \[DONE\]' "$work/stream.out" || fail "the stream in flight did n
 left=$(pgrep -f "infergate --listen 127.0.0.1:$gateway_port|infergate-mock --host 127.0.10.[23] --port ($base_port|$((base_port + 1))) " || true)
 [[ -z "$left" ]] || fail "processes left after the demo stopped: $left"
 grep -q "demo: stopped the gateway and the mocks" "$work/demo.err" || fail "no closing line"
+! grep -q "unknown variable" "$work/demo.err" || fail "the gateway warned about the demo's environment: $(grep "unknown variable" "$work/demo.err")"
 demo=""
 echo "demo smoke: ok (gateway on $gateway_port, mocks from $base_port; a stream in flight finished on SIGTERM)"

@@ -329,6 +329,7 @@ TEST(ConfigTest, UnknownInfergateVariablesBecomeWarnings) {
                                     "INFERGATE_THREADS",    // a key
                                     "INFERGATE_CONFIG",     // the file
                                     "INFERGATE_DEMO_PORT",  // deploy/demo.sh
+                                    "INFERGATE_DEMO_BACKEND_PORT",
                                     "INFERGATE_BIN",        // the integration tests
                                     "INFERGATE_MOCK_BIN",
                                     "INFERGATE_HEALTH_INTERVL",  // typos
