@@ -1317,7 +1317,15 @@ net::awaitable<void> drain_before_close(ClientConnection* c) {
 }
 
 // How reading a request ended.
-enum class ReadResult { kRequest, kClosed, kAnswered };
+enum class ReadResult { kRequest, kClosed, kAnswered, kHeadTimedOut, kBodyTimedOut };
+
+// A failed read of a request ends it: with a timeout the client is still there, to be told.
+// (Answered by the session, not in read_request: the extra awaits would grow its frame past
+// what Asio recycles, an allocation on every request.)
+ReadResult request_read_failed(beast::error_code ec, bool in_head) noexcept {
+  if (ec != beast::error::timeout) return ReadResult::kClosed;
+  return in_head ? ReadResult::kHeadTimedOut : ReadResult::kBodyTimedOut;
+}
 
 // The answer is built here, not by the caller: a coroutine frame keeps a slot for every
 // temporary of every co_await in it, and read_request runs for every request.
@@ -1370,6 +1378,18 @@ bool may_end_head(std::string_view data, std::size_t searched) {
   return false;
 }
 
+// A client that stopped sending halfway through a request (its head not whole within
+// timeouts.client_header, its body silent for timeouts.idle) is told why before the close.
+net::awaitable<void> answer_request_timeout(GatewayState* state, ClientConnection* c, ReadResult why) {
+  const auto& t = state->config.timeouts;
+  const auto text = why == ReadResult::kHeadTimedOut
+                        ? "the request head did not arrive whole within timeouts.client_header (" +
+                              std::to_string(t.client_header.count()) + "ms)"
+                        : "the request body stopped arriving: no bytes within timeouts.idle (" +
+                              std::to_string(t.idle.count()) + "ms)";
+  co_await answer_and_close(state, c, 408, text);
+}
+
 // Reads one request: its head into `c->head`, its body into `c->body`. The head's views point
 // into the buffer, so the head is parsed again if reading the body moved the buffer.
 net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
@@ -1401,8 +1421,9 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
       if (!header_deadline) header_deadline = coarse_now() + cfg.timeouts.client_header;
       deadline = *header_deadline;
     }
-    if (co_await read_more(c, kClientRead, deadline, between_requests)) {
-      co_return ReadResult::kClosed;  // nobody to answer
+    if (auto ec = co_await read_more(c, kClientRead, deadline, between_requests)) {
+      // A connection that sent nothing (an idle keep-alive one) is closed without a word.
+      co_return between_requests ? ReadResult::kClosed : request_read_failed(ec, true);
     }
   }
   if (parsed == http1::Parse::kTooLarge) {
@@ -1426,8 +1447,8 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
       while (c->buffer.size() < size) {
         // Room for the whole body at once: a 32 KiB prompt is one or two reads, not dozens.
         // timeouts.idle bounds each wait for more bytes, not the whole upload.
-        if (co_await read_more(c, size - c->buffer.size(), coarse_now() + cfg.timeouts.idle)) {
-          co_return ReadResult::kClosed;
+        if (auto ec = co_await read_more(c, size - c->buffer.size(), coarse_now() + cfg.timeouts.idle)) {
+          co_return request_read_failed(ec, false);
         }
       }
     }
@@ -1449,7 +1470,9 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
       if (r.bad) co_return co_await answer_and_close(w->state, c, 400, "malformed chunked request body");
       if (r.done) break;
       if (!co_await send_continue(c, &continue_sent, cfg.timeouts.idle)) co_return ReadResult::kClosed;
-      if (co_await read_more(c, kClientRead, coarse_now() + cfg.timeouts.idle)) co_return ReadResult::kClosed;
+      if (auto ec = co_await read_more(c, kClientRead, coarse_now() + cfg.timeouts.idle)) {
+        co_return request_read_failed(ec, false);
+      }
     }
   }
   if (c->buffer.data().data() != start) http1::parse_request(c->buffer.data(), max_head, c->head);
@@ -1526,7 +1549,11 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
     for (;;) {
       if (state.stopping.load(std::memory_order_relaxed)) break;
       c.sock.cap_at(Clock::time_point::max());  // the previous request's timeouts.total is done with
-      if (co_await read_request(w, &c) != ReadResult::kRequest) break;
+      const auto read = co_await read_request(w, &c);
+      if (read == ReadResult::kHeadTimedOut || read == ReadResult::kBodyTimedOut) {
+        co_await answer_request_timeout(&state, &c, read);
+      }
+      if (read != ReadResult::kRequest) break;
 
       const auto& h = c.head;
       const auto path = h.target.substr(0, h.target.find('?'));

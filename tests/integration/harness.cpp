@@ -469,4 +469,12 @@ std::string chat_body(bool stream, const std::string& extra) {
   return body + "}";
 }
 
+double metric(int port, const std::string& name, const std::string& labels) {
+  const auto body = http_request(port, "GET", "/metrics").body;
+  const auto key = name + "{" + labels + "} ";
+  const auto pos = body.find(key);
+  if (pos == std::string::npos) return -1;
+  return std::stod(body.substr(pos + key.size(), body.find('\n', pos) - pos - key.size()));
+}
+
 }  // namespace infergate::test

@@ -146,4 +146,7 @@ bool poll_until(const std::function<bool()>& condition, std::chrono::millisecond
 
 std::string chat_body(bool stream, const std::string& extra = "");
 
+// The value of a /metrics line with exactly these labels (`code="2xx"`), or -1.
+double metric(int port, const std::string& name, const std::string& labels);
+
 }  // namespace infergate::test

@@ -52,15 +52,6 @@ std::string state_of(int port, const std::string& id) {
   return "absent";
 }
 
-// The value of a metric line with exactly these labels, or -1.
-double metric(int port, const std::string& name, const std::string& labels) {
-  auto body = http_request(port, "GET", "/metrics").body;
-  auto key = name + "{" + labels + "} ";
-  auto pos = body.find(key);
-  if (pos == std::string::npos) return -1;
-  return std::stod(body.substr(pos + key.size(), body.find('\n', pos) - pos - key.size()));
-}
-
 std::string labels_for(const Mock& m) { return "backend=\"" + m.id() + "\",node=\"127.0.0.1\",slot=\"0\""; }
 
 int posted_to(const Mock& m) { return json::parse(http_request(m.port, "GET", "/mock/stats").body)["requests"]; }

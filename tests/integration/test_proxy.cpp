@@ -373,18 +373,52 @@ TEST(ProxyTest, IdleTimeoutEndsAStalledResponse) {
   EXPECT_EQ(http_request(gw.port, "GET", "/health").status, 200);  // still serving
 }
 
+// The body of a raw answer (after its head), parsed as JSON.
+json raw_answer_json(const std::string& raw) {
+  const auto body_at = raw.find("\r\n\r\n");
+  if (body_at == std::string::npos) return json();
+  return json::parse(raw.substr(body_at + 4), nullptr, false);
+}
+
+// A client that stops halfway through a request is told why (408) before the close; one that
+// sends nothing is closed without a word.
 TEST(ProxyTest, ClientTimeoutsCloseIdleAndSlowConnections) {
   auto mocks = start_mocks(1);
   auto gw = start_gateway(concat(backend_args(mocks), {"--set", "timeouts.client_header=300ms",
-                                                       "--set", "timeouts.client_idle=300ms"}));
+                                                       "--set", "timeouts.client_idle=300ms",
+                                                       "--set", "timeouts.idle=300ms"}));
+  wait_healthy(gw, 1);
   auto started = Clock::now();
   auto partial = raw_exchange(gw.port, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n", 5s);
-  EXPECT_EQ(partial, "");  // closed without an answer, well before the client's own deadline
+  EXPECT_THAT(partial, StartsWith("HTTP/1.1 408 "));  // well before the client's own deadline
+  EXPECT_THAT(partial, HasSubstr("Connection: close\r\n"));
+  const auto head_error = raw_answer_json(partial);
+  ASSERT_TRUE(head_error.is_object()) << partial;
+  EXPECT_EQ(head_error["error"]["code"], 408);
+  EXPECT_THAT(head_error["error"]["message"].get<std::string>(), HasSubstr("timeouts.client_header (300ms)"));
   EXPECT_LT(Clock::now() - started, 3s);
+
+  started = Clock::now();
+  auto half_body = raw_exchange(gw.port,
+                                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                "Content-Length: 100\r\n\r\n{\"model\":",
+                                5s);
+  EXPECT_THAT(half_body, StartsWith("HTTP/1.1 408 "));
+  const auto body_error = raw_answer_json(half_body);
+  ASSERT_TRUE(body_error.is_object()) << half_body;
+  EXPECT_THAT(body_error["error"]["message"].get<std::string>(), HasSubstr("timeouts.idle (300ms)"));
+  EXPECT_LT(Clock::now() - started, 3s);
+
   started = Clock::now();
   auto idle = raw_exchange(gw.port, "", 5s);
   EXPECT_EQ(idle, "");
   EXPECT_LT(Clock::now() - started, 3s);
+  // Answered after a whole request, then idle: closed without a word as well.
+  auto answered = raw_exchange(gw.port, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 5s);
+  EXPECT_THAT(answered, StartsWith("HTTP/1.1 200 "));
+  EXPECT_EQ(answered.find("HTTP/1.1 408"), std::string::npos) << answered;
+  // None of it reached a backend, and the 408s count as the gateway's answers.
+  EXPECT_EQ(metric(gw.port, "infergate_requests_total", "code=\"4xx\""), 2);
 }
 
 TEST(ProxyTest, BadRequestsGetClearErrors) {
