@@ -1390,6 +1390,15 @@ net::awaitable<void> answer_request_timeout(GatewayState* state, ClientConnectio
   co_await answer_and_close(state, c, 408, text);
 }
 
+// Whether the request line has not ended within the first `max_head` bytes (stray CRLFs before
+// it aside).
+bool request_line_unended(std::string_view data, std::size_t max_head) noexcept {
+  const auto start = data.find_first_not_of("\r\n");
+  if (start == std::string_view::npos) return false;
+  const auto end = data.find("\r\n", start);
+  return end == std::string_view::npos || end >= max_head;
+}
+
 // Reads one request: its head into `c->head`, its body into `c->body`. The head's views point
 // into the buffer, so the head is parsed again if reading the body moved the buffer.
 net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
@@ -1427,7 +1436,11 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     }
   }
   if (parsed == http1::Parse::kTooLarge) {
-    co_return co_await answer_and_close(w->state, c, 431, "request header exceeds limits.max_header");
+    // A request line that alone fills the limit has a target too long to take (RFC 9112 3: 414).
+    const bool line_too_long = request_line_unended(c->buffer.data(), max_head);
+    co_return co_await answer_and_close(w->state, c, line_too_long ? 414 : 431,
+                                        line_too_long ? "request target exceeds limits.max_header"
+                                                      : "request header exceeds limits.max_header");
   }
   if (parsed == http1::Parse::kBad) {
     co_return co_await answer_and_close(w->state, c, 400, "malformed HTTP request: ", c->head.error);

@@ -433,6 +433,10 @@ TEST(ProxyTest, BadRequestsGetClearErrors) {
 
   auto big_header = http_request(gw.port, "GET", "/v1/models", "", {{"X-Big", std::string(4096, 'a')}});
   EXPECT_EQ(big_header.status, 431);
+  EXPECT_THAT(big_header.body, HasSubstr("request header exceeds limits.max_header"));
+  auto long_target = http_request(gw.port, "GET", "/v1/models?q=" + std::string(4096, 'a'));
+  EXPECT_EQ(long_target.status, 414);
+  EXPECT_THAT(long_target.body, HasSubstr("request target exceeds limits.max_header"));
 
   auto malformed = raw_exchange(gw.port, "GARBAGE\r\n\r\n");
   EXPECT_THAT(malformed, HasSubstr("HTTP/1.1 400"));
