@@ -187,7 +187,7 @@ RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::str
     if (b.method != "GET" && b.method != "POST" && b.method != "PUT" && b.method != "DELETE") {
       return error_response(400, "method must be GET, POST, PUT or DELETE");
     }
-    if (body->contains("body")) {
+    if (body->contains("body") && !(*body)["body"].is_null()) {  // null: no body, as when left out
       const auto& payload = (*body)["body"];
       b.body = payload.is_string() ? payload.get<std::string>() : payload.dump();
     }

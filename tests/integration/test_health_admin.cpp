@@ -470,6 +470,12 @@ TEST(AdminTest, BroadcastReachesEveryHealthyBackend) {
   EXPECT_EQ(refused.status, 400);
   EXPECT_THAT(refused.body, HasSubstr("visible ASCII"));
   for (const auto& m : mocks) EXPECT_EQ(posted_to(m), 1);
+  // "body": null is no body, as if it were left out (the mock's /echo answers what it got).
+  auto no_body = http_request(gw.port, "POST", "/admin/broadcast", R"({"path":"/echo","body":null})");
+  ASSERT_EQ(no_body.status, 200) << no_body.body;
+  const auto echoed = json::parse(no_body.body);
+  ASSERT_EQ(echoed["results"].size(), 4u) << no_body.body;
+  for (const auto& result : echoed["results"]) EXPECT_EQ(result["body"], "") << no_body.body;
 }
 
 // A retried request's time to first token belongs to the backend that answered, from its own
