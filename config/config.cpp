@@ -530,15 +530,18 @@ void apply_yaml_value(Config& c, const KeySpec& spec, const YAML::Node& key_node
   if (!err.empty()) throw ConfigError(yaml_where(file, node) + ": " + spec.key + ": " + err);
 }
 
-void walk_yaml(Config& c, const YAML::Node& map, const std::string& prefix, const YamlSource& src) {
+// `seen`: every key given so far in the file, by its full dotted name, with its line: a key may
+// be written nested (`health: {interval: 1s}`) or dotted (`health.interval: 1s`), and either
+// way it may be given once.
+void walk_yaml(Config& c, const YAML::Node& map, const std::string& prefix, const YamlSource& src,
+               std::map<std::string, int>& seen) {
   const auto file = src.file;
-  std::map<std::string, int> seen;  // key -> its line, within this map
   for (const auto& entry : map) {
     const auto& key_node = entry.first;
     const auto& value = entry.second;
     std::string key = prefix.empty() ? key_node.Scalar() : prefix + "." + key_node.Scalar();
     // yaml-cpp keeps the last of two equal keys; the first would be silently ignored.
-    if (auto [it, fresh] = seen.emplace(key_node.Scalar(), key_node.Mark().line + 1); !fresh) {
+    if (auto [it, fresh] = seen.emplace(key, key_node.Mark().line + 1); !fresh) {
       throw ConfigError(yaml_where(file, key_node) + ": " + key + ": given twice (first on line " +
                         std::to_string(it->second) + ")");
     }
@@ -552,7 +555,7 @@ void walk_yaml(Config& c, const YAML::Node& map, const std::string& prefix, cons
       return s.key.rfind(key + ".", 0) == 0;
     });
     if (is_section && value.IsMap()) {
-      walk_yaml(c, value, key, src);
+      walk_yaml(c, value, key, src, seen);
     } else if (is_section) {
       throw ConfigError(yaml_where(file, key_node) + ": " + key + ": expected a section (a map)");
     } else {
@@ -596,7 +599,8 @@ void parse_yaml_into(Config& c, std::string_view text, std::string_view file) {
   if (root.IsNull()) return;  // an empty file is fine
   if (!root.IsMap()) throw ConfigError(std::string(file) + ": expected a YAML map at the top level");
   try {
-    walk_yaml(c, root, "", YamlSource{file, text});
+    std::map<std::string, int> seen;
+    walk_yaml(c, root, "", YamlSource{file, text}, seen);
   } catch (const YAML::Exception& e) {
     throw ConfigError(std::string(file) + ":" + std::to_string(e.mark.line + 1) + ": " + e.msg);
   }

@@ -493,6 +493,11 @@ TEST(ConfigTest, KeysGivenTwiceAndSecondDocumentsAreErrors) {
   EXPECT_THAT(yaml_error("health:\n  interval: 1s\nthreads: 1\nhealth:\n  timeout: 1s\n"),
               HasSubstr("gw.yaml:4: health: given twice (first on line 1)"));
   EXPECT_THAT(yaml_error("health:\n  interval: 1s\n  interval: 2s\n"), HasSubstr("gw.yaml:3: health.interval: given twice"));
+  // A key written dotted once and nested once is still given twice, in either order.
+  EXPECT_THAT(yaml_error("health.interval: 1s\nhealth:\n  interval: 7s\n"),
+              HasSubstr("gw.yaml:3: health.interval: given twice (first on line 1)"));
+  EXPECT_THAT(yaml_error("health:\n  interval: 7s\nhealth.interval: 1s\n"),
+              HasSubstr("gw.yaml:3: health.interval: given twice (first on line 2)"));
   EXPECT_THAT(yaml_error("threads: 3\n---\nthreads: 4\n"), HasSubstr("gw.yaml:2: a second YAML document"));
   EXPECT_THAT(yaml_error("threads: 3\n...\nthreads: 4\n"), HasSubstr("gw.yaml:3: a second YAML document"));
   // One document with its markers is fine. A lone comma once made yaml-cpp's LoadAll loop
