@@ -1572,15 +1572,17 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
       const auto path = h.target.substr(0, h.target.find('?'));
       // Scrapes, probes, the status page and admin calls are not traffic: they do not count in
       // infergate_requests_total, and monitoring does not count in flight either (a scrape would
-      // see itself). Admin calls do, so that a shutdown lets a broadcast finish.
-      const bool control = is_control_plane(path);
+      // see itself). Admin calls do, so that a shutdown lets a broadcast finish. Nothing that
+      // comes to metrics.listen is traffic: it serves scrapers, and refuses everything else.
+      const bool scraper = listener == Listener::kMetricsOnly;
+      const bool control = scraper || is_control_plane(path);
       std::optional<InflightGuard> inflight;
-      if (!is_monitoring(path)) inflight.emplace(state.inflight_requests);
+      if (!scraper && !is_monitoring(path)) inflight.emplace(state.inflight_requests);
       c.arriving.end();  // after it counts in flight: a shutdown never sees it in neither
       bool keep_alive = false;
       const bool head_only = iequals(h.method, "HEAD");
       RouteDecision decision;
-      if (listener == Listener::kMetricsOnly && path != "/metrics" && path != "/health") {
+      if (scraper && path != "/metrics" && path != "/health") {
         decision = error_response(404, "this listener (metrics.listen) serves /metrics and /health only");
       } else {
         decision = route(state, RequestView{h.method, h.target, h.find("authorization"), c.body});

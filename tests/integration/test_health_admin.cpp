@@ -684,5 +684,8 @@ TEST(MetricsTest, SeparateMetricsListenerServesOnlyMetrics) {
   auto proxied = http_request(metrics_port, "POST", "/v1/chat/completions", chat_body(false));
   EXPECT_EQ(proxied.status, 404);
   EXPECT_EQ(http_request(metrics_port, "GET", "/admin/backends").status, 404);
+  EXPECT_EQ(http_request(metrics_port, "GET", "/nothing").status, 404);
   EXPECT_EQ(http_request(gw.port, "GET", "/metrics").status, 200);  // still on the gateway port too
+  // What that listener refuses is no traffic of the gateway's.
+  EXPECT_EQ(metric(gw.port, "infergate_requests_total", "code=\"4xx\""), 0);
 }
