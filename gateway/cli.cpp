@@ -226,6 +226,22 @@ std::string help_text() {
   return out;
 }
 
+// A YAML comment line: text from the environment may hold line breaks (a value read from a
+// file), which would end the comment and leave the rest to be read as YAML.
+std::string comment_line(std::string_view text) {
+  std::string line = "#";
+  for (const char ch : text) {
+    if (ch == '\n') {
+      line += "\\n";
+    } else if (ch == '\r') {
+      line += "\\r";
+    } else {
+      line += ch;
+    }
+  }
+  return line + "\n";
+}
+
 // For `infergate config`: the slurm.* keys left null take their values from the job's
 // environment at start-up; say which, as YAML comments so the output still loads as --config.
 std::string slurm_comment(const config::Config& cfg) {
@@ -233,12 +249,12 @@ std::string slurm_comment(const config::Config& cfg) {
   std::string out;
   try {
     const auto found = discovery::discover(cfg, config::EnvLookup{});
-    if (found.slurm.empty()) return "# Slurm job: " + found.how.substr(0, found.how.find("; ")) + "\n";
-    out = "# Slurm job, as the environment resolves the slurm.* keys above:\n";
-    for (const auto& s : found.slurm) out += "#   " + s.name + ": " + s.value + "  (" + s.source + ")\n";
+    if (found.slurm.empty()) return comment_line(" Slurm job: " + found.how.substr(0, found.how.find("; ")));
+    out = comment_line(" Slurm job, as the environment resolves the slurm.* keys above:");
+    for (const auto& s : found.slurm) out += comment_line("   " + s.name + ": " + s.value + "  (" + s.source + ")");
   } catch (const std::exception& e) {
     std::cerr << "infergate: warning: " << e.what() << "\n";
-    out = std::string("# Slurm job: cannot be read: ") + e.what() + "\n";
+    out = comment_line(std::string(" Slurm job: cannot be read: ") + e.what());
   }
   return out;
 }

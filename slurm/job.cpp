@@ -393,6 +393,7 @@ std::optional<JobLayout> read_job_layout(const JobOptions& options, const EnvLoo
           InferenceServer{node + options.host_suffix + domain, node, slot, options.base_port + slot});
     }
   }
+  layout.nodelist = std::string(trimmed(layout.nodelist));  // shown in logs and `infergate config`: one line
   return layout;
 }
 

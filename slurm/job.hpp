@@ -61,7 +61,7 @@ struct InferenceServer {
 };
 
 struct JobLayout {
-  std::string nodelist;  // as read
+  std::string nodelist;  // as read, without the whitespace around it (a trailing newline)
   std::string nodelist_source;  // e.g. "SLURM_JOB_NODELIST" or "config slurm.nodelist"
   std::vector<std::string> training_hosts;
   std::vector<std::string> inference_hosts;

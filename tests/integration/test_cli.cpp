@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <regex>
 #include <sstream>
@@ -153,6 +154,17 @@ TEST(CliTest, ConfigShowsTheSlurmValuesTheEnvironmentGives) {
   EXPECT_THAT(r.out, HasSubstr("#   infer_tp: 2  (INFER_TP=2)\n"));
   EXPECT_THAT(r.out, HasSubstr("#   gpus_per_node: 4  (SLURM_GPUS_PER_NODE='4')\n"));
   EXPECT_THAT(r.out, HasSubstr("#   backends: 4  (2 inference node(s) x 2 (gpus_per_node / infer_tp))\n"));
+
+  // A nodelist read with its line break (from a file, a YAML block) is shown on one line, and
+  // the output still loads.
+  auto newline = run({"config"}, {"SLURM_JOB_NODELIST=n[1-4]\n", "INFER_TP=2", "SLURM_GPUS_PER_NODE=4"});
+  ASSERT_EQ(newline.code, 0) << newline.err;
+  EXPECT_THAT(newline.out, HasSubstr("#   nodelist: n[1-4]  (SLURM_JOB_NODELIST)\n"));
+  const auto path = std::string("/tmp/infergate-cli-nl-") + std::to_string(getpid()) + ".yaml";
+  std::ofstream(path) << newline.out;
+  auto reloaded = run({"config", "--config", path});
+  std::filesystem::remove(path);
+  EXPECT_EQ(reloaded.code, 0) << reloaded.err;
 
   auto none = run({"config"});
   ASSERT_EQ(none.code, 0) << none.err;
