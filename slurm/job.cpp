@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <map>
+#include <set>
 
 #include "slurm/hostlist.hpp"
 
@@ -70,8 +71,10 @@ Resolved resolve_int(const JobOptions& options, const std::optional<int>& option
 }
 
 // The number of GPUs in a SLURM_JOB_GPUS value: indices ("0,1,2,3"), ranges allowed ("0-3").
+// Slurm lists each GPU once; an index given twice is a value not made by Slurm.
 int count_gpu_indices(std::string_view value, const std::string& what) {
   int count = 0;
+  std::set<int> seen;
   std::size_t start = 0;
   while (start <= value.size()) {
     const auto end = std::min(value.find(',', start), value.size());
@@ -92,6 +95,12 @@ int count_gpu_indices(std::string_view value, const std::string& what) {
     if (count > kMaxGpusPerNode) {
       throw JobError(what + " lists more than " + std::to_string(kMaxGpusPerNode) +
                      " GPUs (the limit of slurm.gpus_per_node)");
+    }
+    for (int gpu = first; gpu <= last; ++gpu) {
+      if (!seen.insert(gpu).second) {
+        throw JobError(what + " lists GPU " + std::to_string(gpu) +
+                       " twice; Slurm lists each GPU once, so this is not the job's GPU list");
+      }
     }
     start = end + 1;
   }

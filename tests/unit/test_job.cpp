@@ -178,6 +178,17 @@ TEST(JobLayoutTest, JobGpusComeBeforeTheStepsOwnCount) {
       EXPECT_THAT(e.what(), ::testing::HasSubstr("SLURM_JOB_GPUS='" + bad + "'")) << e.what();
     }
   }
+  // A GPU listed twice, alone or inside a range, is not counted twice.
+  for (const std::string twice : {"0,0,0,0", "0-3,2"}) {
+    env["SLURM_JOB_GPUS"] = twice;
+    try {
+      read_job_layout({}, env_of(env));
+      ADD_FAILURE() << twice << " was accepted";
+    } catch (const JobError& e) {
+      EXPECT_THAT(e.what(), ::testing::HasSubstr("SLURM_JOB_GPUS='" + twice + "'")) << e.what();
+      EXPECT_THAT(e.what(), ::testing::HasSubstr(twice == "0,0,0,0" ? "GPU 0 twice" : "GPU 2 twice")) << e.what();
+    }
+  }
 }
 
 TEST(JobLayoutTest, ParseGpusPerNode) {
