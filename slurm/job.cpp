@@ -59,11 +59,12 @@ Resolved resolve_int(const JobOptions& options, const std::optional<int>& option
   }
   const auto what = std::string(var) + "=" + quoted(*value);
   int parsed = 0;
-  if (!allow_zero || *value != "0") {
+  const bool zero = !value->empty() && value->find_first_not_of('0') == std::string::npos;  // "0", "00"
+  if (!allow_zero || !zero) {
     try {
       parsed = parse_positive_int(*value, what);
-    } catch (const JobError&) {
-      if (!allow_zero) throw;
+    } catch (const JobError& e) {
+      if (!allow_zero || std::string_view(e.what()).ends_with("too large")) throw;
       throw JobError(what + " is not a whole number (zero or more)");
     }
   }
@@ -259,7 +260,12 @@ EnvLookup process_env() {
 }
 
 int parse_positive_int(std::string_view text, std::string_view what) {
-  if (text.empty() || text.size() > 9) throw JobError(std::string(what) + " is not a positive integer");
+  const bool digits = !text.empty() && std::all_of(text.begin(), text.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+  if (digits && text.find_first_not_of('0') != std::string_view::npos &&
+      text.size() - text.find_first_not_of('0') > 9) {
+    throw JobError(std::string(what) + " is too large");
+  }
+  if (text.empty() || text.size() > 18) throw JobError(std::string(what) + " is not a positive integer");
   int value = 0;
   for (char ch : text) {
     if (ch < '0' || ch > '9') throw JobError(std::string(what) + " is not a positive integer");

@@ -262,6 +262,12 @@ TEST(JobLayoutTest, EveryBadValueIsAOneLineErrorNamingTheVariable) {
   // Zero training nodes is allowed (every host serves), so the message says "zero or more".
   EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "x")), HasSubstr("NUM_TRAINING_NODES='x' is not a whole number (zero or more)"));
   EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "-1")), HasSubstr("NUM_TRAINING_NODES='-1' is not a whole number (zero or more)"));
+  EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "99999999999")), HasSubstr("NUM_TRAINING_NODES='99999999999' is too large"));
+  EXPECT_THAT(error_of({}, with("INFER_TP", "99999999999")), HasSubstr("INFER_TP='99999999999' is too large"));
+  // Zero written with leading zeros is zero, as 01 is one.
+  auto base_env = with("NUM_TRAINING_NODES", "00");
+  ASSERT_TRUE(read_job_layout({}, env_of(base_env)));
+  EXPECT_EQ(read_job_layout({}, env_of(base_env))->training_nodes, 0);
   EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "3")),
               HasSubstr("NUM_TRAINING_NODES=3 but the nodelist 't,i[1-2]' has only 3 host(s): no host left for inference"));
   EXPECT_THAT(error_of({}, with("SLURM_GPUS_ON_NODE", "eight")), HasSubstr("SLURM_GPUS_ON_NODE='eight'"));
