@@ -390,6 +390,19 @@ const std::vector<KeySpec>& specs() {
             return "'" + std::string(kRedacted) +
                    "' is what `infergate config` prints in place of the token; give the token itself";
           }
+          // A token no client can send would lock the admin API for good: HTTP drops the
+          // whitespace around a header value, and a header cannot hold a line break.
+          if (std::any_of(v.begin(), v.end(), [](char ch) {
+                const auto u = static_cast<unsigned char>(ch);
+                return u < 0x20 || u == 0x7f;
+              })) {
+            return "the token holds a control character (a line break from a YAML block or a file?), which no "
+                   "Authorization header can carry";
+          }
+          if (!v.empty() && (v.front() == ' ' || v.back() == ' ')) {
+            return "the token starts or ends with a space, which HTTP drops from a header value: no client "
+                   "could send it";
+          }
           c.admin_token = std::string(v);
           return {};
         },

@@ -535,6 +535,21 @@ TEST(ConfigTest, AdminTokenIsNotPrinted) {
   EXPECT_THAT(yaml_error("admin:\n  token: \"***\"\n"), HasSubstr("admin.token: '***' is what `infergate config` prints"));
 }
 
+// A token no Authorization header can carry is refused at start-up, not a locked admin API.
+TEST(ConfigTest, AdminTokenThatNoClientCanSendIsAnError) {
+  EXPECT_THAT(yaml_error("admin:\n  token: |\n    s3cret\n"), HasSubstr("gw.yaml:2: admin.token: the token holds a control character"));
+  LoadOptions options;
+  options.env = env_of({{"INFERGATE_ADMIN_TOKEN", "s3cret "}});
+  try {
+    load_config(options);
+    ADD_FAILURE() << "a token ending with a space was taken";
+  } catch (const ConfigError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("INFERGATE_ADMIN_TOKEN"));
+    EXPECT_THAT(e.what(), HasSubstr("starts or ends with a space"));
+  }
+  EXPECT_EQ(yaml_error("admin:\n  token: \"with inner space\"\n"), "no error");
+}
+
 TEST(ConfigTest, EveryKeyHasEnvNameDefaultAndHelp) {
   for (const auto& k : known_keys()) {
     EXPECT_EQ(k.env.rfind("INFERGATE_", 0), 0u) << k.key;
