@@ -104,7 +104,14 @@ DiscoveryResult discover(const config::Config& config, const config::EnvLookup& 
       how = "no Slurm nodelist (SLURM_JOB_NODELIST unset)";
     }
   } else {
-    how = "Slurm discovery disabled (--no-slurm)";
+    // Said the way it was set: the flag, or the key from the environment or the file.
+    const auto it = config.sources.find("slurm.enabled");
+    const auto source = it == config.sources.end() ? config::Source::kDefault : it->second;
+    how = source == config::Source::kEnv    ? "Slurm discovery disabled (INFERGATE_SLURM_ENABLED)"
+          : source == config::Source::kFile ? "Slurm discovery disabled (slurm.enabled in " +
+                                                  (config.config_file.empty() ? std::string("the config file")
+                                                                              : config.config_file) + ")"
+                                            : "Slurm discovery disabled (--no-slurm)";
   }
 
   for (const auto& url : config.backends) {

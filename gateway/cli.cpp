@@ -190,6 +190,12 @@ CliArgs parse_args(const std::vector<std::string>& args) {
     } else if (name == "--json") {
       out.json = true;
     } else if (name == "--config") {
+      if (out.load.config_file) {
+        // Not layered: one file is read. (A setting given by two flags takes the last, so that
+        // a wrapper's defaults can be overridden by its caller's arguments.)
+        throw config::ConfigError("--config given twice ('" + *out.load.config_file + "' and '" + value +
+                                  "'): the gateway reads one file");
+      }
       out.load.config_file = value;
     } else if (name == "--no-slurm") {
       out.load.flags.push_back({"slurm.enabled", "false", name});

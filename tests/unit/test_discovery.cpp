@@ -62,6 +62,14 @@ TEST(DiscoveryTest, NoSlurmUsesOnlyStatic) {
   auto r = discover(c, env_of({{"SLURM_JOB_NODELIST", "a,b"}}));
   EXPECT_THAT(urls(r), ::testing::ElementsAre("http://127.0.0.1:1234"));
   EXPECT_THAT(r.how, HasSubstr("disabled"));
+  // The message names how it was disabled.
+  c.sources["slurm.enabled"] = config::Source::kFlag;
+  EXPECT_THAT(discover(c, env_of({})).how, HasSubstr("Slurm discovery disabled (--no-slurm)"));
+  c.sources["slurm.enabled"] = config::Source::kEnv;
+  EXPECT_THAT(discover(c, env_of({})).how, HasSubstr("Slurm discovery disabled (INFERGATE_SLURM_ENABLED)"));
+  c.sources["slurm.enabled"] = config::Source::kFile;
+  c.config_file = "gw.yaml";
+  EXPECT_THAT(discover(c, env_of({})).how, HasSubstr("Slurm discovery disabled (slurm.enabled in gw.yaml)"));
 }
 
 TEST(DiscoveryTest, OutsideSlurmIsEmptyAndSaysWhy) {

@@ -101,6 +101,11 @@ TEST(CliTest, BadFlagsAreOneLineErrors) {
   EXPECT_THAT(error_of({"discover", "config"}), HasSubstr("two commands"));
   EXPECT_THAT(error_of({"config", "--json"}), HasSubstr("--json applies to discover only"));
   EXPECT_THAT(error_of({"--no-slurm", "launch"}), HasSubstr("unexpected argument 'launch'"));
+  // Two files are not layered: the second is refused, not silently the only one read.
+  EXPECT_THAT(error_of({"--config", "a.yaml", "--config", "b.yaml"}),
+              HasSubstr("--config given twice ('a.yaml' and 'b.yaml')"));
+  // A setting given twice takes the last (a wrapper's default, overridden by its caller).
+  EXPECT_EQ(parse_args({"--threads", "2", "--threads=3"}).load.flags.back().value, "3");
 }
 
 TEST(CliTest, HelpListsEveryFlag) {
