@@ -100,6 +100,9 @@ std::optional<std::uint64_t> parse_size(std::string_view text) {
     if (unit == name) {
       double bytes = value * factor;
       if (bytes > 1e18) return std::nullopt;
+      // A fraction of a unit is fine (1.5MiB) as long as it comes to whole bytes: 1.5 bytes is
+      // a mistake, not 2. (The slack absorbs the decimal rounding of 1.1MB and the like.)
+      if (std::abs(bytes - std::round(bytes)) > 1e-6) return std::nullopt;
       return static_cast<std::uint64_t>(std::llround(bytes));
     }
   }

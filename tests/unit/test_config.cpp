@@ -103,6 +103,12 @@ TEST(UnitsTest, Sizes) {
   EXPECT_FALSE(parse_size("64 lots"));
   EXPECT_FALSE(parse_size("MiB"));
   EXPECT_FALSE(parse_size("-5"));
+  // Fractions of a unit that come to whole bytes are taken; fractions of a byte are not.
+  EXPECT_EQ(parse_size("1.5MiB"), 3u * 512 * 1024);
+  EXPECT_EQ(parse_size("1.1MB"), 1100000u);
+  EXPECT_FALSE(parse_size("1.5"));
+  EXPECT_FALSE(parse_size("0.5B"));
+  EXPECT_FALSE(parse_size("1.0001KiB"));
 }
 
 TEST(UnitsTest, FormatRoundTrips) {
