@@ -220,7 +220,9 @@ RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::str
       if (req.method != "DELETE") return method_not_allowed("GET, DELETE");
       state.health->remove_when_idle(backend, state.config.timeouts.shutdown);
       auto j = backend_json(*backend);
-      j["removal"] = "draining, removed once idle";
+      // The health thread may have removed an idle backend already: the answer says which.
+      const bool removed = backend->state() == discovery::BackendState::kRemoved;
+      j["removal"] = removed ? "removed (it was idle)" : "draining, removed once idle";
       return json_response(202, j);
     }
     if (req.method != "POST") return method_not_allowed("POST");

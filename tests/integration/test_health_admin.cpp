@@ -269,6 +269,9 @@ TEST(AdminTest, AddDrainUndrainRemoveRoundTrip) {
 
   auto removed = http_request(gw.port, "DELETE", "/admin/backends/" + b.id());
   EXPECT_EQ(removed.status, 202);
+  // The answer's state and its removal note agree, however fast the idle backend went.
+  const auto answer = json::parse(removed.body);
+  EXPECT_EQ(answer["removal"] == "removed (it was idle)", answer["state"] == "removed") << removed.body;
   ASSERT_TRUE(poll_until([&] { return state_of(gw.port, b.id()) == "absent"; }, 5s));
 
   // Bad input: clear 4xx answers in the OpenAI error shape.
