@@ -274,9 +274,12 @@ net::awaitable<void> probe_loop(HealthChecker::Impl* impl, std::shared_ptr<Backe
     // A name that does not resolve is no warm-up state (the server may take minutes to load, its
     // node's name does not): say so once, even for a backend that has never been healthy.
     if (conn.resolve_failed && !warned_unresolved) {
-      spdlog::warn("backend {}: {}; check the host names (Slurm's node names with slurm.domain and "
-                   "slurm.host_suffix appended)",
-                   backend->info().id, result.detail);
+      spdlog::warn("backend {}: {}; {}", backend->info().id, result.detail,
+                   backend->info().source == "slurm"
+                       ? "check the host names (Slurm's node names with slurm.domain and slurm.host_suffix appended)"
+                   : backend->info().source == "admin"
+                       ? "check the host name in the URL added through the admin API"
+                       : "check the host name in its URL (backends, --backend)");
     }
     warned_unresolved = conn.resolve_failed;
     backend->set_last_probe({std::chrono::system_clock::now(), result.ok, result.detail});
