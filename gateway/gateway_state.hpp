@@ -74,6 +74,9 @@ struct GatewayState {
   void count_response(unsigned status) noexcept {
     requests_by_class[status >= 500 ? 2 : status >= 400 ? 1 : 0].fetch_add(1, std::memory_order_relaxed);
   }
+  // Proxied requests whose client left before any answer came (nginx logs them as 499): with
+  // the status classes they account for every request read.
+  std::atomic<std::uint64_t> requests_client_closed{0};
 
   std::atomic<std::int64_t> inflight_requests{0};
   // Requests whose first bytes came and which are not read whole yet: a shutdown waits for them

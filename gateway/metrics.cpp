@@ -106,12 +106,14 @@ std::string render_metrics(const GatewayState& state) {
     probes.metric.push_back(histogram_metric(labels, st.probe_duration));
   }
 
-  auto gw_requests = family("infergate_requests_total", "Requests the gateway answered, proxied or refused itself, by status class (not scrapes, probes, the status page or admin calls)", MetricType::Counter);
+  auto gw_requests = family("infergate_requests_total", "Requests the gateway answered, proxied or refused itself, by status class, and client_closed: proxied requests whose client left before any answer (not scrapes, probes, the status page or admin calls)", MetricType::Counter);
   const char* classes[] = {"2xx", "4xx", "5xx"};
   for (std::size_t i = 0; i < 3; ++i) {
     gw_requests.metric.push_back(value_metric({{"code", classes[i]}},
                                               static_cast<double>(state.requests_by_class[i].load()), MetricType::Counter));
   }
+  gw_requests.metric.push_back(value_metric({{"code", "client_closed"}},
+                                            static_cast<double>(state.requests_client_closed.load()), MetricType::Counter));
   auto connections = family("infergate_client_connections", "Open client connections on the gateway port (metrics.listen scrapers not counted)", MetricType::Gauge);
   connections.metric.push_back(value_metric({}, static_cast<double>(state.client_connections.load()), MetricType::Gauge));
   auto connection_limit = family("infergate_client_connections_limit",

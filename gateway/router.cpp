@@ -294,7 +294,11 @@ std::string backends_json(const GatewayState& state) {
         {"inflight", state.inflight_requests.load()},
         {"client_connections", state.client_connections.load()},
         {"client_connections_limit", state.max_client_connections},
-        {"requests", {{"2xx", by_class[0]}, {"4xx", by_class[1]}, {"5xx", by_class[2]}}},
+        {"requests",
+         {{"2xx", by_class[0]},
+          {"4xx", by_class[1]},
+          {"5xx", by_class[2]},
+          {"client_closed", state.requests_client_closed.load()}}},
         {"uptime_seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - state.started).count()}}},
   };
   return out.dump(-1, ' ', false, json::error_handler_t::replace);

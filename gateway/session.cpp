@@ -1197,7 +1197,11 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     record_attempt(state, *backend, out, attempt_started);
     const auto& id = backend->info().id;
     if (out.kind != AttemptOutcome::kFailed) {
-      if (out.status != 0) state.count_response(out.status);
+      if (out.status != 0) {
+        state.count_response(out.status);
+      } else if (out.kind == AttemptOutcome::kClientGone) {
+        state.requests_client_closed.fetch_add(1, std::memory_order_relaxed);  // no answer came
+      }
       if (out.kind == AttemptOutcome::kBrokenMidResponse && out.over_total) {
         spdlog::warn("{} {} {}: cut on backend {}: {}", request_id, c->method, c->target, id, out.error);
       } else if (out.kind == AttemptOutcome::kBrokenMidResponse) {

@@ -480,6 +480,29 @@ TEST(ProxyTest, ClientDisconnectCancelsTheUpstreamRequest) {
   EXPECT_LT(Clock::now() - closed_at, 1s);
 }
 
+// A client that leaves before any answer came is counted as client_closed, so that the status
+// classes and it account for every request read (and the backend is not blamed).
+TEST(ProxyTest, AClientGoneBeforeTheAnswerCountsAsClientClosed) {
+  auto mocks = start_mocks(1, {"--tokens", "100", "--token-delay-ms", "100"});  // 10 s per answer
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  {
+    RawConnection client(gw.port);
+    const auto body = chat_body(false);
+    ASSERT_TRUE(client.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body));
+    ASSERT_TRUE(poll_until([&] { return metric(gw.port, "infergate_backend_inflight", "backend=\"" + mocks[0].id() +
+                                                                                         "\",node=\"127.0.0.1\",slot=\"0\"") == 1; },
+                           5s));
+  }  // the client leaves
+  EXPECT_TRUE(poll_until([&] { return metric(gw.port, "infergate_requests_total", "code=\"client_closed\"") == 1; }, 5s))
+      << http_request(gw.port, "GET", "/metrics").body;
+  EXPECT_EQ(metric(gw.port, "infergate_requests_total", "code=\"2xx\""), 0);
+  EXPECT_EQ(metric(gw.port, "infergate_requests_total", "code=\"5xx\""), 0);
+  const auto listed = json::parse(http_request(gw.port, "GET", "/admin/backends").body);
+  EXPECT_EQ(listed["gateway"]["requests"]["client_closed"], 1);
+}
+
 TEST(ProxyTest, BackendKilledMidStreamEndsTheClientStreamPromptly) {
   auto dying = start_mocks(1, {"--tokens", "100", "--token-delay-ms", "50"});
   auto good = start_mocks(1);
