@@ -67,7 +67,7 @@ async function refresh() {
     document.getElementById("summary").textContent =
       `${gw.healthy} of ${gw.total} backends healthy · ${gw.inflight} in flight · ` +
       `${gw.client_connections} client connections · requests 2xx ${gw.requests["2xx"]}, ` +
-      `4xx ${gw.requests["4xx"]}, 5xx ${gw.requests["5xx"]}`;
+      `4xx ${gw.requests["4xx"]}, 5xx ${gw.requests["5xx"]}, client closed ${gw.requests["client_closed"]}`;
     const body = document.getElementById("backends");
     body.replaceChildren();
     for (const b of data.backends) {
