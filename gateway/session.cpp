@@ -1337,6 +1337,8 @@ net::awaitable<ReadResult> answer_and_close(GatewayState* state, ClientConnectio
                                             std::string_view message, std::string_view detail = {}) {
   std::string text(message);
   text += detail;
+  // A request refused before it had an id or a backend still gets its access-log line.
+  if (state->config.log.access) spdlog::info("- - - -> - {} {} (client {})", status, text, c->client_ip);
   co_await write_local_counted(state, c, error_response(status, text), 1, false, false, "");
   co_await drain_before_close(c);
   co_return ReadResult::kAnswered;

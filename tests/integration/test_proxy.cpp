@@ -417,8 +417,11 @@ TEST(ProxyTest, ClientTimeoutsCloseIdleAndSlowConnections) {
   auto answered = raw_exchange(gw.port, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 5s);
   EXPECT_THAT(answered, StartsWith("HTTP/1.1 200 "));
   EXPECT_EQ(answered.find("HTTP/1.1 408"), std::string::npos) << answered;
-  // None of it reached a backend, and the 408s count as the gateway's answers.
+  // None of it reached a backend, and the 408s count as the gateway's answers and are logged.
   EXPECT_EQ(metric(gw.port, "infergate_requests_total", "code=\"4xx\""), 2);
+  EXPECT_THAT(gw.process->errors(),
+              HasSubstr("- - - -> - 408 the request head did not arrive whole within timeouts.client_header (300ms) "
+                        "(client 127.0.0.1)"));
 }
 
 TEST(ProxyTest, BadRequestsGetClearErrors) {
