@@ -217,6 +217,9 @@ Parse parse_head(std::string_view data, std::size_t max_head, bool is_request, H
       return bad(out, "both Content-Length and Transfer-Encoding");  // a smuggling attempt
     }
     if (out.other_encoding) return bad(out, "unsupported Transfer-Encoding");
+    // HTTP/1.0 has no Transfer-Encoding: a proxy before us may have framed this body otherwise,
+    // so its framing cannot be trusted (RFC 9112 6.1).
+    if (is_request && out.version_minor == 0) return bad(out, "Transfer-Encoding in an HTTP/1.0 request");
     out.content_length.reset();  // a response's Transfer-Encoding overrides Content-Length
   }
   if (is_request && out.host_fields > 1) return bad(out, "more than one Host field");

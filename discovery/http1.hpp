@@ -53,8 +53,9 @@ struct Head {
   std::vector<std::string_view> connection_options;
   std::string_view error;          // for kBad
 
+  // `close` wins over `keep-alive` in either version (RFC 9112 9.3).
   bool keep_alive() const noexcept {
-    return version_minor >= 1 ? !connection_close : connection_keep_alive;
+    return !connection_close && (version_minor >= 1 || connection_keep_alive);
   }
   // The first field's value with this name (ASCII case-insensitive), or empty.
   std::string_view find(std::string_view name) const noexcept;

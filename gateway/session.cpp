@@ -343,6 +343,7 @@ void build_upstream_head(const ClientConnection& c, std::string_view request_id,
   out += h.target;
   out += " HTTP/1.1\r\n";
   std::string_view forwarded;
+  std::string forwarded_list;  // several X-Forwarded-For fields make one list (RFC 9110 5.3)
   bool has_host = false;
   for (const auto& f : h.fields) {
     if (http1::is_hop_by_hop(f.name, h.connection_options)) continue;
@@ -361,7 +362,13 @@ void build_upstream_head(const ClientConnection& c, std::string_view request_id,
         break;
       case 15:
         if (iequals(f.name, "x-forwarded-for")) {
-          forwarded = f.value;
+          if (forwarded.empty()) {
+            forwarded = f.value;
+          } else if (!f.value.empty()) {
+            if (forwarded_list.empty()) forwarded_list.assign(forwarded);
+            forwarded_list.append(", ").append(f.value);
+            forwarded = forwarded_list;
+          }
           continue;
         }
         break;
@@ -571,7 +578,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
           co_return retryable_status_outcome(status, conn->head.find("Retry-After"));
         }
         bool reusable = false;
-        auto out = co_await relay_response(w, c, conn.get(), iequals(c->method, "HEAD"), request_id, backend,
+        auto out = co_await relay_response(w, c, conn.get(), c->method == "HEAD", request_id, backend,
                                            started, &reusable, handoff);
         watch.connection = nullptr;
         if (out.kind == AttemptOutcome::kHandedOff) {
@@ -1082,7 +1089,7 @@ net::awaitable<Next> answer_no_backend(Worker* w, ClientConnection* c, const dis
   }
   if (state.config.log.access) spdlog::info("{} {} {} -> - 503 no backend", c->request_id, c->method, c->target);
   co_return next_after(co_await write_local_counted(&state, c, std::move(r), c->head.version_minor,
-                                                    c->head.keep_alive(), iequals(c->method, "HEAD"), c->request_id));
+                                                    c->head.keep_alive(), c->method == "HEAD", c->request_id));
 }
 
 // `retry_after` is set when every backend tried answered 503: the client gets a 503 too, with
@@ -1120,7 +1127,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
   c->request_started = started;
   const bool client_keep_alive = c->head.keep_alive();
   const unsigned version_minor = c->head.version_minor;
-  const bool head_only = iequals(c->method, "HEAD");
+  const bool head_only = c->method == "HEAD";
   c->upstream_head.clear();
   const auto total = state.config.timeouts.total;
   c->total_deadline = total.count() > 0 ? coarse_now() + total : Clock::time_point::max();
@@ -1495,7 +1502,7 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     }
   }
   if (c->buffer.data().data() != start) http1::parse_request(c->buffer.data(), max_head, c->head);
-  if (iequals(h.method, "CONNECT")) co_return co_await answer_and_close(w->state, c, 405, "CONNECT is not supported");
+  if (h.method == "CONNECT") co_return co_await answer_and_close(w->state, c, 405, "CONNECT is not supported");
   // An absolute-form target (RFC 9112 3.2.2, what a client configured for a forward proxy sends)
   // is routed and forwarded by its path, like any other.
   if (h.target.size() > 7 && h.target[0] != '/' && (h.target[4] == ':' || h.target[5] == ':')) {
@@ -1586,7 +1593,7 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
       if (!scraper && !is_monitoring(path)) inflight.emplace(state.inflight_requests);
       c.arriving.end();  // after it counts in flight: a shutdown never sees it in neither
       bool keep_alive = false;
-      const bool head_only = iequals(h.method, "HEAD");
+      const bool head_only = h.method == "HEAD";  // methods are case-sensitive (RFC 9110 9.1)
       RouteDecision decision;
       if (scraper && path != "/metrics" && path != "/health") {
         decision = error_response(404, "this listener (metrics.listen) serves /metrics and /health only");

@@ -263,7 +263,7 @@ HttpResult http_request(int port, const std::string& method, const std::string& 
   req.set(http::field::host, "127.0.0.1");
   bool has_content_type = false;
   for (const auto& [k, v] : headers) {
-    req.set(k, v);
+    req.insert(k, v);  // a name given twice is sent twice
     has_content_type = has_content_type || lower(k) == "content-type";
   }
   if (!body.empty() && !has_content_type) req.set(http::field::content_type, "application/json");

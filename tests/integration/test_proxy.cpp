@@ -1027,6 +1027,17 @@ TEST(ProxyTest, HeadersForwardedAsAProxyShould) {
   auto received = json::parse(r.body)["received_headers"];
   EXPECT_EQ(received["X-Forwarded-For"], "10.0.0.1, 127.0.0.1");
   EXPECT_EQ(received["Authorization"], "Bearer k");
+  // Two X-Forwarded-For fields are one list: neither part of the chain is lost.
+  auto two = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false),
+                          {{"X-Mock-Echo-Headers", "1"}, {"X-Forwarded-For", "10.0.0.1"}, {"X-Forwarded-For", "10.0.0.2"}});
+  ASSERT_EQ(two.status, 200);
+  EXPECT_EQ(json::parse(two.body)["received_headers"]["X-Forwarded-For"], "10.0.0.1, 10.0.0.2, 127.0.0.1");
+  // Methods are case-sensitive: `head` is not HEAD, and its answer keeps its body (framing the
+  // next answer on the connection right).
+  RawConnection lower(gw.port);
+  ASSERT_TRUE(lower.send("head /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"));
+  ASSERT_TRUE(lower.read_until(has_whole_response, 3s)) << lower.received();
+  EXPECT_THAT(lower.received(), HasSubstr("\r\n\r\n{"));
   EXPECT_FALSE(received.contains("X-Hop"));
   EXPECT_FALSE(received.contains("Keep-Alive"));
   ASSERT_TRUE(received.contains("X-Request-ID"));

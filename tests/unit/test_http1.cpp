@@ -38,6 +38,15 @@ TEST(Http1RequestTest, KeepAliveFollowsTheVersionAndConnection) {
   EXPECT_FALSE(h.keep_alive());
   ASSERT_EQ(parse_request("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", 8192, h), Parse::kComplete);
   EXPECT_TRUE(h.keep_alive());
+  // close wins over keep-alive, in either version (RFC 9112 9.3).
+  ASSERT_EQ(parse_request("GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n", 8192, h), Parse::kComplete);
+  EXPECT_FALSE(h.keep_alive());
+  ASSERT_EQ(parse_response("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n", 8192, h),
+            Parse::kComplete);
+  EXPECT_FALSE(h.keep_alive());
+  // HTTP/1.0 has no Transfer-Encoding: such a request's framing cannot be trusted (RFC 9112 6.1).
+  EXPECT_EQ(parse_request("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 8192, h), Parse::kBad);
+  EXPECT_EQ(h.error, "Transfer-Encoding in an HTTP/1.0 request");
   ASSERT_EQ(parse_request("GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Hop\r\n\r\n", 8192, h), Parse::kComplete);
   EXPECT_TRUE(h.keep_alive());
   EXPECT_TRUE(is_hop_by_hop("x-hop", h.connection_options));
