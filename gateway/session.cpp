@@ -161,8 +161,12 @@ void make_request_id(Worker& w, std::string& out) {
   append_hex(out, ++w.request_counter, 1);
 }
 
+// The reason phrase for a status the backend gave none for: empty when it is no status Beast
+// knows (an empty reason is valid; a made-up one is not).
 std::string_view reason_phrase(unsigned status) {
-  return http::obsolete_reason(static_cast<http::status>(status));
+  const auto known = http::obsolete_reason(static_cast<http::status>(status));
+  const std::string_view phrase(known.data(), known.size());
+  return phrase.starts_with('<') ? std::string_view() : phrase;
 }
 
 // Ends a client connection: an orderly close, or a reset when the response was cut short and
@@ -933,12 +937,22 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   head.clear();
   append_status_line(head, client_minor, rh.status, rh.reason);
   bool has_id = false;
+  bool length_sent = false;
   for (const auto& f : rh.fields) {
-    if (http1::is_hop_by_hop(f.name, rh.connection_options)) continue;
-    if (dechunk && iequals(f.name, "transfer-encoding")) continue;
+    if (http1::is_hop_by_hop(f.name, rh.connection_options)) {
+      // Trailer announces the trailers of a chunked body, which go on to the client with it
+      // (RFC 9110 6.6.2); dechunked for an HTTP/1.0 client, they are dropped, and so is it.
+      if (kind != Kind::kChunked || dechunk || !iequals(f.name, "trailer")) continue;
+    }
+    // HTTP/1.0 has no Transfer-Encoding: its body is dechunked or there is none (HEAD, 204).
+    if ((dechunk || client_minor == 0) && iequals(f.name, "transfer-encoding")) continue;
     // Chunked framing wins over a Content-Length sent alongside (RFC 9112 6.3), and a message
-    // must not carry both: the client would frame the body by whichever it trusts.
-    if (kind == Kind::kChunked && iequals(f.name, "content-length")) continue;
+    // must not carry both: the client would frame the body by whichever it trusts. Equal
+    // Content-Length fields (allowed in) go out as one.
+    if (iequals(f.name, "content-length")) {
+      if (kind == Kind::kChunked || length_sent) continue;
+      length_sent = true;
+    }
     if (!has_id && iequals(f.name, "x-request-id")) {
       // A backend that echoes the id shows which request it answers. The id of a request
       // answered before on this connection means the connection is out of step (the backend

@@ -1328,6 +1328,36 @@ TEST(ProxyTest, ConnectTimeoutAnswers504) {
   EXPECT_LT(Clock::now() - started, 3s);
 }
 
+// How answers a backend frames oddly reach the client (the mock's /mock/raw sends its body back
+// as the raw answer).
+TEST(ProxyTest, OddlyFramedAnswersAreRelayedCleanly) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  auto relay = [&](const std::string& answer, const std::string& method = "POST", unsigned minor = 1) {
+    const std::string head = method + " /mock/raw HTTP/1." + std::to_string(minor) +
+                             "\r\nHost: x\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: ";
+    return raw_exchange(gw.port, head + std::to_string(answer.size()) + "\r\n\r\n" + answer);
+  };
+  // Equal Content-Length fields (allowed in) go out as one.
+  auto twice = relay("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi");
+  EXPECT_THAT(twice, StartsWith("HTTP/1.1 200 OK\r\n"));
+  EXPECT_EQ(twice.find("Content-Length"), twice.rfind("Content-Length")) << twice;
+  EXPECT_TRUE(twice.ends_with("\r\n\r\nhi")) << twice;
+  // A status without a reason keeps none, rather than a made-up one.
+  auto bare = relay("HTTP/1.1 299 \r\nContent-Length: 0\r\n\r\n");
+  EXPECT_THAT(bare, StartsWith("HTTP/1.1 299 \r\n"));
+  // Trailer announces the trailers that follow a chunked body: kept for an HTTP/1.1 client.
+  auto trailed = relay("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+                       "2\r\nhi\r\n0\r\nX-Sum: 7\r\n\r\n");
+  EXPECT_THAT(trailed, HasSubstr("\r\nTrailer: X-Sum\r\n"));
+  EXPECT_THAT(trailed, HasSubstr("0\r\nX-Sum: 7\r\n\r\n"));
+  // An HTTP/1.0 client gets no Transfer-Encoding, even on an answer without a body.
+  auto old_client = relay("HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n", "POST", 0);
+  EXPECT_THAT(old_client, StartsWith("HTTP/1.0 204 No Content\r\n"));
+  EXPECT_EQ(old_client.find("Transfer-Encoding"), std::string::npos) << old_client;
+}
+
 TEST(ProxyTest, ExpectContinueIsAnsweredSoLargeUploadsDoNotStall) {
   auto mocks = start_mocks(1);
   auto gw = start_gateway(backend_args(mocks));

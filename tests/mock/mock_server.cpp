@@ -451,6 +451,12 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
       co_await hang_forever();
       break;
     }
+    if (path == "/mock/raw" && req.method() == http::verb::post) {
+      // The request's body is the answer, byte for byte, then the close: for framing tests
+      // (answers no server of ours would make).
+      co_await net::async_write(socket, net::buffer(req.body()), kTuple);
+      break;
+    }
     Response res;
     bool streamed = false;
     bool keep_open = true;
