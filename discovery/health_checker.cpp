@@ -50,8 +50,7 @@ struct ProbeConnection {
 constexpr std::size_t kProbeBodyLimit = 4 * 1024 * 1024;
 
 void close_probe_connection(ProbeConnection& c) {
-  beast::error_code ignored;
-  c.sock.socket().close(ignored);
+  c.sock.close();
   c.buffer.clear();
 }
 

@@ -144,7 +144,18 @@ class TimedSocket {
     if (ec && timed_out_) ec = beast::error::timeout;
     return ec;
   }
+  // Whether an operation on this connection timed out (it stays so: such a connection is not
+  // reused), until close() starts the socket afresh.
   bool timed_out() const noexcept { return timed_out_; }
+  // Closes the connection; the socket may open a new one, whose errors are its own (a timeout on
+  // the old one must not turn them into timeouts).
+  void close() noexcept {
+    beast::error_code ignored;
+    socket_.close(ignored);
+    settle({});
+    timed_out_ = false;
+    expired_at_cap_ = false;
+  }
   // Marks the armed wait as one for a next request on a kept-alive connection (cleared by
   // settle()), which a graceful shutdown may end early.
   void waiting_between_requests() noexcept {

@@ -111,6 +111,18 @@ TEST(HealthTest, ReadyNeedsTheMinimumOfHealthyBackends) {
   EXPECT_EQ(http_request(gw1.port, "GET", "/health").status, 200);
 }
 
+// A probe that timed out once (a server stuck while loading) must not make every later error on
+// the probe's socket look like a timeout: a backend that closes idle connections before the
+// next probe (uvicorn does after 5 s) would then alternate pass and fail, and never count as
+// healthy (the reused connection's close is retried on a fresh one only when it is no timeout).
+TEST(HealthTest, ABackendThatHungOnceAndClosesIdleConnectionsBecomesHealthy) {
+  auto mock = start_mock({"--hang-health-ms", "1000", "--keep-alive-ms", "100"});
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "health.timeout=300ms", "--set", "health.interval=400ms",
+                           "--set", "health.healthy_threshold=2"});
+  EXPECT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "healthy"; }, 8s))
+      << http_request(gw.port, "GET", "/admin/backends").body;
+}
+
 // A backend host name that does not resolve is a mistake, not a server still loading: the log
 // says so at once (once), and /ready's reason names the commonest probe failure.
 TEST(HealthTest, AnUnresolvableBackendNameIsWarnedAboutAndShownInReady) {

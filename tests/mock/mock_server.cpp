@@ -56,6 +56,11 @@ struct Options {
   // closes with the body unread: a server closing a keep-alive connection for idleness just as
   // a request comes.
   bool idle_408 = false;
+  // Closes a connection left idle this long between requests (uvicorn, vLLM's server, does after
+  // 5 s; 0: never).
+  int keep_alive_ms = 0;
+  // /health requests this soon after start are never answered (a server stuck while loading).
+  int hang_health_ms = 0;
   // A backend that lies about framing, on non-streamed completions: "extra-bytes" (bytes past
   // the promised body, in a later write), "cl-and-te" (Content-Length and chunked at once),
   // "bad-chunk" (a malformed chunk size before any body byte).
@@ -85,7 +90,7 @@ struct Server {
                "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE] [--retry-after S]\n"
                "  [--seed S] [--hang] [--hang-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
                "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice] [--own-request-ids] [--max-body BYTES]\n"
-               "  [--idle-408] [--quiet]\n";
+               "  [--idle-408] [--keep-alive-ms MS] [--hang-health-ms MS] [--quiet]\n";
   std::exit(message.empty() ? 0 : 2);
 }
 
@@ -128,6 +133,8 @@ Options parse_options(int argc, char** argv) {
     else if (a == "--close-after") o.close_after = static_cast<int>(parse_long(a, value(), 1, 1000000000));
     else if (a == "--own-request-ids") o.own_request_ids = true;
     else if (a == "--idle-408") o.idle_408 = true;
+    else if (a == "--keep-alive-ms") o.keep_alive_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
+    else if (a == "--hang-health-ms") o.hang_health_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
     else if (a == "--max-body") o.max_body = static_cast<std::uint64_t>(parse_long(a, value(), 1, 1L << 40));
     else if (a == "--lie") {
       o.lie = value();
@@ -404,11 +411,19 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
   const std::string self = address_of(socket);
   int served = 0;
   int completions_seen = 0;  // for --idle-408
+  net::steady_timer idle(socket.get_executor());  // for --keep-alive-ms
   for (;;) {
     http::request_parser<http::string_body> parser;
     parser.body_limit(64ULL * 1024 * 1024);
     parser.header_limit(256 * 1024);
+    if (o.keep_alive_ms > 0 && buffer.size() == 0) {
+      idle.expires_after(std::chrono::milliseconds(o.keep_alive_ms));
+      idle.async_wait([&socket](beast::error_code ec) {
+        if (!ec) socket.close(ec);  // idle for too long: closed, as uvicorn does
+      });
+    }
     auto [hec, hn] = co_await http::async_read_header(socket, buffer, parser, kTuple);
+    idle.cancel();
     if (hec) break;
     const std::string head_target(parser.get().target());
     const bool completion_head = head_target.starts_with("/v1/chat/completions") || head_target.starts_with("/v1/completions");
@@ -447,6 +462,10 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
         "cmpl-" + (request_id.empty() ? "mock-" + std::to_string(++counter) : request_id);
 
     const bool starting = Clock::now() - server->started < std::chrono::milliseconds(o.startup_delay_ms);
+    if (path == "/health" && Clock::now() - server->started < std::chrono::milliseconds(o.hang_health_ms)) {
+      co_await hang_forever();
+      break;
+    }
     if (o.hang && path != "/mock/stats") {
       co_await hang_forever();
       break;

@@ -45,6 +45,26 @@ TEST(DeadlineListTest, NearDeadlineExpiresAtTheFirstSweepAfterIt) {
   EXPECT_EQ(sock.settle(boost::asio::error::operation_aborted), boost::beast::error::timeout);
 }
 
+// A socket that timed out stays so (its connection is not reused) until it is closed: the next
+// connection on it (a health probe's reconnect) reports its own errors, not a timeout.
+TEST(DeadlineListTest, ATimeoutEndsWithTheConnection) {
+  boost::asio::io_context io;
+  DeadlineList list;
+  TimedSocket sock(list, io.get_executor());
+  const auto base = infergate::coarse_now();
+  sock.arm_at(base + 100ms);
+  ASSERT_TRUE(sweep_until_timeout(list, sock, base, base + 2s));
+  EXPECT_EQ(sock.settle(boost::asio::error::operation_aborted), boost::beast::error::timeout);
+  sock.arm_at(base + 10s);
+  EXPECT_EQ(sock.settle(boost::asio::error::eof), boost::beast::error::timeout);  // the same connection
+  sock.close();
+  EXPECT_FALSE(sock.timed_out());
+  EXPECT_EQ(list.size(), 0u);
+  sock.arm_at(base + 10s);
+  EXPECT_EQ(sock.settle(boost::asio::error::connection_refused), boost::asio::error::connection_refused);
+  EXPECT_EQ(sock.settle(boost::asio::error::eof), boost::asio::error::eof);
+}
+
 TEST(DeadlineListTest, FarDeadlineIsEnforcedNoLaterThanANearOne) {
   boost::asio::io_context io;
   DeadlineList list;
