@@ -28,13 +28,18 @@ std::optional<Clock::time_point> sweep_until_timeout(DeadlineList& list, TimedSo
   return std::nullopt;
 }
 
-}  // namespace
-
-TEST(DeadlineListTest, NearDeadlineExpiresAtTheFirstSweepAfterIt) {
+// One socket on a sweep list, and the time its test starts from.
+class TimedSocketTest : public ::testing::Test {
+ protected:
   boost::asio::io_context io;
   DeadlineList list;
-  TimedSocket sock(list, io.get_executor());
-  const auto base = infergate::coarse_now();
+  TimedSocket sock{list, io.get_executor()};
+  const std::chrono::steady_clock::time_point base = infergate::coarse_now();
+};
+
+}  // namespace
+
+TEST_F(TimedSocketTest, NearDeadlineExpiresAtTheFirstSweepAfterIt) {
   sock.arm_at(base + 300ms);
   EXPECT_EQ(list.size(), 1u);
   auto when = sweep_until_timeout(list, sock, base, base + 2s);
@@ -47,11 +52,7 @@ TEST(DeadlineListTest, NearDeadlineExpiresAtTheFirstSweepAfterIt) {
 
 // A socket that timed out stays so (its connection is not reused) until it is closed: the next
 // connection on it (a health probe's reconnect) reports its own errors, not a timeout.
-TEST(DeadlineListTest, ATimeoutEndsWithTheConnection) {
-  boost::asio::io_context io;
-  DeadlineList list;
-  TimedSocket sock(list, io.get_executor());
-  const auto base = infergate::coarse_now();
+TEST_F(TimedSocketTest, ATimeoutEndsWithTheConnection) {
   sock.arm_at(base + 100ms);
   ASSERT_TRUE(sweep_until_timeout(list, sock, base, base + 2s));
   EXPECT_EQ(sock.settle(boost::asio::error::operation_aborted), boost::beast::error::timeout);
@@ -65,11 +66,7 @@ TEST(DeadlineListTest, ATimeoutEndsWithTheConnection) {
   EXPECT_EQ(sock.settle(boost::asio::error::eof), boost::asio::error::eof);
 }
 
-TEST(DeadlineListTest, FarDeadlineIsEnforcedNoLaterThanANearOne) {
-  boost::asio::io_context io;
-  DeadlineList list;
-  TimedSocket sock(list, io.get_executor());
-  const auto base = infergate::coarse_now();
+TEST_F(TimedSocketTest, FarDeadlineIsEnforcedNoLaterThanANearOne) {
   const auto deadline = base + 60s;  // a stream's idle timeout: on the far list
   sock.arm_at(deadline);
   auto when = sweep_until_timeout(list, sock, base, base + 70s);
@@ -78,11 +75,7 @@ TEST(DeadlineListTest, FarDeadlineIsEnforcedNoLaterThanANearOne) {
   EXPECT_LT(*when, deadline + 2 * DeadlineList::kSweepInterval);
 }
 
-TEST(DeadlineListTest, ReArmingSoonerMovesAFarSocketToTheNearList) {
-  boost::asio::io_context io;
-  DeadlineList list;
-  TimedSocket sock(list, io.get_executor());
-  const auto base = infergate::coarse_now();
+TEST_F(TimedSocketTest, ReArmingSoonerMovesAFarSocketToTheNearList) {
   sock.arm_at(base + 60s);
   list.sweep(base);  // the far walk runs now, not again for a second
   sock.arm_at(base + 200ms);
@@ -109,11 +102,7 @@ TEST(DeadlineListTest, SettledSocketsLeaveTheListAndNeverTimeOut) {
   EXPECT_FALSE(far.timed_out());
 }
 
-TEST(DeadlineListTest, ACapBoundsEveryDeadlineUntilLifted) {
-  boost::asio::io_context io;
-  DeadlineList list;
-  TimedSocket sock(list, io.get_executor());
-  const auto base = infergate::coarse_now();
+TEST_F(TimedSocketTest, ACapBoundsEveryDeadlineUntilLifted) {
   sock.cap_at(base + 300ms);  // a request's timeouts.total
   sock.arm_at(base + 60s);    // a step's own timeout, far longer
   auto when = sweep_until_timeout(list, sock, base, base + 2s);
