@@ -1,6 +1,7 @@
 #include "discovery/health_checker.hpp"
 
 #include "discovery/http1.hpp"
+#include "discovery/json_depth.hpp"
 #include "discovery/resolve.hpp"
 #include "discovery/timed_socket.hpp"
 
@@ -165,6 +166,9 @@ net::awaitable<ProbeResult> http_get(ProbeConnection* c, const BackendInfo* info
 
 std::vector<Backend::Model> parse_models(const std::string& body) {
   std::vector<Backend::Model> models;
+  // Each model object is written out again (dump() recurses): a list nested too deep for that
+  // is no list of models.
+  if (!json_depth_within(body)) return models;
   auto j = nlohmann::json::parse(body, nullptr, false);
   if (j.is_discarded() || !j.is_object() || !j.contains("data") || !j["data"].is_array()) return models;
   for (const auto& m : j["data"]) {

@@ -9,6 +9,7 @@
 #include <map>
 #include <set>
 
+#include "discovery/json_depth.hpp"
 #include "gateway/errors.hpp"
 #include "gateway/metrics.hpp"
 #include "gateway/status_page.hpp"
@@ -79,31 +80,9 @@ bool authorized(const GatewayState& state, std::string_view authorization) {
   return diff == 0;
 }
 
-// JSON nested deeper than this is refused (from clients) or kept as text (from backends): the
-// JSON library writes nested values back out recursively, and 100,000 levels overflow the stack.
-constexpr int kMaxJsonDepth = 64;
 // Admin calls carry URLs and small requests to broadcast; parsing a large body holds the worker
 // thread and takes many times its size in memory.
 constexpr std::size_t kMaxAdminBody = 16 * 1024 * 1024;
-
-bool json_depth_within(std::string_view text, int max_depth) {
-  int depth = 0;
-  bool in_string = false;
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    const char ch = text[i];
-    if (in_string) {
-      if (ch == '\\') ++i;
-      else if (ch == '"') in_string = false;
-    } else if (ch == '"') {
-      in_string = true;
-    } else if (ch == '[' || ch == '{') {
-      if (++depth > max_depth) return false;
-    } else if (ch == ']' || ch == '}') {
-      --depth;
-    }
-  }
-  return true;
-}
 
 std::optional<json> parse_json_object(std::string_view body, LocalResponse* error) {
   if (body.size() > kMaxAdminBody) {

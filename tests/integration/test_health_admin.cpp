@@ -123,6 +123,29 @@ TEST(HealthTest, ABackendThatHungOnceAndClosesIdleConnectionsBecomesHealthy) {
       << http_request(gw.port, "GET", "/admin/backends").body;
 }
 
+// A backend whose /v1/models nests deeper than the JSON library can write out again (it
+// recurses) is not taken at its word: the gateway keeps serving, and lists none of its models.
+TEST(HealthTest, AModelsListNestedTooDeepIsIgnoredNotACrash) {
+  auto deep = start_mock({"--models-nesting", "200000", "--model", "deep-model"});
+  auto plain = start_mock({"--model", "plain-model"});
+  auto gw = start_gateway({"--backend", deep.url(), "--backend", plain.url()});
+  ASSERT_TRUE(poll_until([&] { return admin_backends(gw.port)["gateway"]["healthy"] == 2; }, 10s));
+  // Once the gateway has read the deep list, it must stay up.
+  ASSERT_TRUE(poll_until(
+      [&] { return json::parse(http_request(deep.port, "GET", "/mock/stats").body)["models_requests"] >= 1; }, 10s));
+  EXPECT_FALSE(poll_until([&] { return !gw.process->running(); }, 1s)) << "the gateway died reading the deep list";
+  json models;
+  ASSERT_TRUE(poll_until(
+      [&] {
+        models = json::parse(http_request(gw.port, "GET", "/v1/models").body, nullptr, false);
+        return models.is_object() && models["data"].size() == 1;
+      },
+      5s))
+      << models.dump();
+  EXPECT_EQ(models["data"][0]["id"], "plain-model");
+  EXPECT_TRUE(gw.process->running());
+}
+
 // A backend host name that does not resolve is a mistake, not a server still loading: the log
 // says so at once (once), and /ready's reason names the commonest probe failure.
 TEST(HealthTest, AnUnresolvableBackendNameIsWarnedAboutAndShownInReady) {

@@ -61,6 +61,8 @@ struct Options {
   int keep_alive_ms = 0;
   // /health requests this soon after start are never answered (a server stuck while loading).
   int hang_health_ms = 0;
+  // /v1/models gives its model object a field nested this deep (a server that lies; 0: none).
+  int models_nesting = 0;
   // A backend that lies about framing, on non-streamed completions: "extra-bytes" (bytes past
   // the promised body, in a later write), "cl-and-te" (Content-Length and chunked at once),
   // "bad-chunk" (a malformed chunk size before any body byte).
@@ -72,6 +74,7 @@ struct Stats {
   std::uint64_t requests = 0;  // completion-like requests
   std::int64_t open_connections = 0;
   std::uint64_t cancelled = 0;  // streams whose client went away before the end
+  std::uint64_t models_requests = 0;  // GET /v1/models answered
   std::uint64_t lies = 0;       // --lie extra-bytes / answer-twice: stray responses written
 };
 
@@ -90,7 +93,8 @@ struct Server {
                "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE] [--retry-after S]\n"
                "  [--seed S] [--hang] [--hang-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
                "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice] [--own-request-ids] [--max-body BYTES]\n"
-               "  [--idle-408] [--keep-alive-ms MS] [--hang-health-ms MS] [--quiet]\n";
+               "  [--idle-408] [--keep-alive-ms MS] [--hang-health-ms MS]\n"
+               "  [--models-nesting N] [--quiet]\n";
   std::exit(message.empty() ? 0 : 2);
 }
 
@@ -135,6 +139,7 @@ Options parse_options(int argc, char** argv) {
     else if (a == "--idle-408") o.idle_408 = true;
     else if (a == "--keep-alive-ms") o.keep_alive_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
     else if (a == "--hang-health-ms") o.hang_health_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
+    else if (a == "--models-nesting") o.models_nesting = static_cast<int>(parse_long(a, value(), 0, 10000000));
     else if (a == "--max-body") o.max_body = static_cast<std::uint64_t>(parse_long(a, value(), 1, 1L << 40));
     else if (a == "--lie") {
       o.lie = value();
@@ -485,17 +490,24 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
       res = make_response(http::status::ok, json{{"requests", server->stats.requests},
                                                  {"open_connections", server->stats.open_connections},
                                                  {"cancelled", server->stats.cancelled},
-                                                 {"lies", server->stats.lies}}
+                                                 {"lies", server->stats.lies},
+                                                 {"models_requests", server->stats.models_requests}}
                                                 .dump());
     } else if (starting) {
       res = make_response(http::status::service_unavailable, openai_error("server is starting", "ServiceUnavailable", 503));
     } else if (path == "/v1/models") {
+      ++server->stats.models_requests;
       res = make_response(http::status::ok,
                           json{{"object", "list"},
                                {"data", json::array({{{"id", o.model}, {"object", "model"}, {"created", unix_now()},
                                                       {"owned_by", "infergate-mock"}, {"root", o.model},
                                                       {"max_model_len", 32768}}})}}
                               .dump());
+      if (o.models_nesting > 0) {  // spliced in as text: the JSON library would recurse as deep
+        const auto at = res.body().find("\"object\":\"model\"");
+        res.body().insert(at, "\"meta\":" + std::string(static_cast<std::size_t>(o.models_nesting), '[') +
+                                  std::string(static_cast<std::size_t>(o.models_nesting), ']') + ",");
+      }
     } else if (path == "/echo" && req.method() == http::verb::post) {
       res = make_response(http::status::ok, req.body(), std::string(req[http::field::content_type]));
     } else if (completion_like && req.method() == http::verb::post) {
