@@ -200,7 +200,7 @@ RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::str
       state.health->remove_when_idle(backend, state.config.timeouts.shutdown);
       auto j = backend_json(*backend);
       // The health thread may have removed an idle backend already: the answer says which.
-      const bool removed = backend->state() == discovery::BackendState::kRemoved;
+      const bool removed = j["state"] == "removed";  // the state the answer shows, read once
       j["removal"] = removed ? "removed (it was idle)" : "draining, removed once idle";
       return json_response(202, j);
     }

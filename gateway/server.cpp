@@ -103,7 +103,11 @@ net::awaitable<void> accept_loop(Worker* w, tcp::acceptor* acceptor, Listener li
         wait_ec = ec;
         break;
       }
-      net::co_spawn(w->io, run_client_session(w, std::move(socket), listener, std::move(slot)), net::detached);
+      try {
+        net::co_spawn(w->io, run_client_session(w, std::move(socket), listener, std::move(slot)), net::detached);
+      } catch (const std::exception& e) {  // out of memory: this client is dropped, the listener stays
+        spdlog::error("could not start a client session: {}", e.what());
+      }
     }
     if (wait_ec) {
       // Out of descriptors or a transient error: keep listening, a moment later.
@@ -124,18 +128,24 @@ net::awaitable<void> sweep_worker(Worker* w) {
     timer.expires_after(DeadlineList::kSweepInterval);
     auto [ec] = co_await timer.async_wait(kTuple);
     if (ec) co_return;
-    const auto now = std::chrono::steady_clock::now();
-    w->deadlines.sweep(now);
-    if (++tick % 10 == 0) {
-      present.assign(present.size(), false);
-      // Held for the walk: a range-for keeps no temporary of its range expression alive
-      // (before C++23), and the health checker's next publish would free the list under it.
-      const auto set = w->state->registry.snapshot();
-      for (const auto& b : set->all) {
-        if (b->index() >= present.size()) present.resize(b->index() + 1, false);
-        present[b->index()] = true;
+    // An exception (out of memory) must not end the sweeps: every timeout on this worker
+    // hangs on them. The next one tries again.
+    try {
+      const auto now = std::chrono::steady_clock::now();
+      w->deadlines.sweep(now);
+      if (++tick % 10 == 0) {
+        present.assign(present.size(), false);
+        // Held for the walk: a range-for keeps no temporary of its range expression alive
+        // (before C++23), and the health checker's next publish would free the list under it.
+        const auto set = w->state->registry.snapshot();
+        for (const auto& b : set->all) {
+          if (b->index() >= present.size()) present.resize(b->index() + 1, false);
+          present[b->index()] = true;
+        }
+        w->pool.evict_expired(now, present);
       }
-      w->pool.evict_expired(now, present);
+    } catch (const std::exception& e) {
+      spdlog::error("worker {}: deadline sweep failed: {}", w->index, e.what());
     }
   }
 }

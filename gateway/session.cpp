@@ -314,8 +314,11 @@ net::awaitable<beast::error_code> connect_upstream(Worker* w, const discovery::B
     for (const auto& r : results) endpoints.push_back(r.endpoint());
     it = w->resolved.emplace(backend->index(), std::move(endpoints)).first;
   }
+  // A copy: other requests on this worker may add to or erase from `resolved` while this one
+  // waits, which would leave `it` dangling for the second try below.
+  const std::vector<tcp::endpoint> endpoints = it->second;
   sock.arm(w->state->config.timeouts.connect);
-  auto [cec, ep] = co_await net::async_connect(sock.socket(), it->second, kTuple);
+  auto [cec, ep] = co_await net::async_connect(sock.socket(), endpoints, kTuple);
   auto ec = sock.settle(cec);
   if (is_out_of_descriptors(ec) && w->pool.idle_count() > 0) {
     // Idle pooled connections are the descriptors this request can have: close them and try
@@ -324,7 +327,7 @@ net::awaitable<beast::error_code> connect_upstream(Worker* w, const discovery::B
                   w->pool.idle_count());
     w->pool.clear();
     sock.arm(w->state->config.timeouts.connect);
-    auto [again, ep2] = co_await net::async_connect(sock.socket(), it->second, kTuple);
+    auto [again, ep2] = co_await net::async_connect(sock.socket(), endpoints, kTuple);
     ec = sock.settle(again);
   }
   if (ec) {
@@ -515,6 +518,9 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
         if (ec == beast::error::timeout && conn->sock.past_cap()) co_return over_total_outcome(cfg);
         co_return connect_failed_outcome(ec, watch.client_gone);
       }
+      // A client that left during the name lookup found no socket to close: the request must
+      // not go out now, to be generated for nobody.
+      if (watch.client_gone) co_return client_gone_outcome();
     }
     conn->sock.cap_at(c->total_deadline);
     watch.connection = conn.get();
@@ -1264,6 +1270,14 @@ net::awaitable<void> broadcast_one(Worker* w, std::shared_ptr<discovery::Backend
                                    std::shared_ptr<std::vector<BroadcastResult>> results,
                                    std::size_t slot, std::shared_ptr<std::size_t> remaining,
                                    std::shared_ptr<net::steady_timer> done) {
+  // Counted down however this ends (an exception included): the admin call waits for the last.
+  struct Finish {
+    std::size_t& remaining;
+    net::steady_timer& done;
+    ~Finish() {
+      if (--remaining == 0) done.cancel();  // wakes the waiting call
+    }
+  } finish{*remaining, *done};
   auto& result = (*results)[slot];
   result.backend = backend->info().id;
   TimedSocket sock(w->deadlines, w->io.get_executor());
@@ -1291,7 +1305,6 @@ net::awaitable<void> broadcast_one(Worker* w, std::shared_ptr<discovery::Backend
     ec = sock.settle(ec);
   }
   if (ec) result.error = ec == beast::error::timeout ? "timeout" : ec.message();
-  if (--*remaining == 0) done->cancel();
 }
 
 // Sends one request to every healthy backend concurrently (weight or LoRA updates, cache
