@@ -894,7 +894,10 @@ void StreamRelay::finish(AttemptOutcome::Kind kind, std::string error) {
                   run_client_session(w_, std::move(client_->socket()), Listener::kGateway, std::move(slot_), true),
                   net::detached);
   } else {
-    close_client(client_->socket(), kind == AttemptOutcome::kBrokenMidResponse && plan_.close_delimited);
+    // A close-delimited answer not sent whole (the backend broke it, or the client was too slow
+    // to take it within timeouts.idle) ends with a reset: an orderly close would look complete.
+    const bool cut = kind == AttemptOutcome::kBrokenMidResponse || kind == AttemptOutcome::kClientGone;
+    close_client(client_->socket(), cut && plan_.close_delimited);
   }
   release_counts();
 }
@@ -1025,6 +1028,8 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
       }
       if (wec) {
         out.kind = AttemptOutcome::kClientGone;
+        // A client still there but too slow (timeouts.idle) must not take the close for the end.
+        c->reset_on_close = plan.close_delimited;
         *upstream_reusable = false;
         co_return out;
       }

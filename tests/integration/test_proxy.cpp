@@ -965,9 +965,12 @@ TEST(ProxyTest, TotalTimeoutCutsTheRetryBackoffShortAndCountsNoRetry) {
 
 namespace {
 // Sends `request` on a new connection and reads until the server ends it; returns how: "eof"
-// (an orderly close), "reset", or "timeout"; `received` gets the bytes.
-std::string how_connection_ends(int port, const std::string& request, std::string& received) {
+// (an orderly close), "reset", or "timeout"; `received` gets the bytes. `before_reading` runs
+// once the request is sent, and `receive_buffer` (bytes, 0: the default) makes a slow reader.
+std::string how_connection_ends(int port, const std::string& request, std::string& received,
+                                const std::function<void()>& before_reading = {}, int receive_buffer = 0) {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (receive_buffer > 0) ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &receive_buffer, sizeof receive_buffer);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(static_cast<std::uint16_t>(port));
@@ -977,6 +980,7 @@ std::string how_connection_ends(int port, const std::string& request, std::strin
     ::close(fd);
     return "connect or send failed";
   }
+  if (before_reading) before_reading();
   std::string how = "timeout";
   for (const auto until = Clock::now() + 10s; Clock::now() < until;) {
     pollfd p{fd, POLLIN, 0};
@@ -1014,6 +1018,27 @@ TEST(ProxyTest, AStreamCutShortResetsAnHttp10ClientsConnection) {
     EXPECT_THAT(received, Not(HasSubstr("[DONE]")));
     EXPECT_EQ(how, version == "1.0" ? "reset" : "eof") << received;
   }
+}
+
+// So does one the client is too slow to take within timeouts.idle: it is cut, not complete.
+TEST(ProxyTest, AStreamTooSlowlyReadResetsAnHttp10ClientsConnection) {
+  auto mocks = start_mocks(1, {"--tokens", "200000"});  // far more than the sockets' buffers hold
+  auto gw = start_gateway(concat(backend_args(mocks), {"--set", "timeouts.idle=300ms"}));
+  wait_healthy(gw, 1);
+  const auto body = chat_body(true);
+  std::string received;
+  const auto how = how_connection_ends(
+      gw.port,
+      "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " +
+          std::to_string(body.size()) + "\r\n\r\n" + body,
+      received,
+      [&] {  // nothing is read until the gateway has given up writing (the exchange is counted)
+        EXPECT_TRUE(poll_until([&] { return metric(gw.port, "infergate_requests_total", "code=\"2xx\"") == 1; }, 10s));
+      },
+      4096);
+  EXPECT_THAT(received, StartsWith("HTTP/1.0 200"));
+  EXPECT_THAT(received, Not(HasSubstr("[DONE]")));
+  EXPECT_EQ(how, "reset");
 }
 
 TEST(ProxyTest, HeadersForwardedAsAProxyShould) {
