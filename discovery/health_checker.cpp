@@ -355,6 +355,9 @@ void HealthChecker::report(const std::shared_ptr<Backend>& backend, bool failed)
   }
   const int in_a_row = failed ? consecutive.fetch_add(1, std::memory_order_relaxed) + 1 : 0;
   net::post(impl_->io, [impl = impl_.get(), backend, failed, in_a_row] {
+    // A request that ended after its backend was removed: there is no tracker to tell (one made
+    // now would never be freed).
+    if (backend->state() == BackendState::kRemoved) return;
     // A count above today's was made before the backend came back (apply resets it), by a
     // request that was in flight then: it says nothing about the backend in service now.
     const int now_in_a_row = backend->stats.consecutive_failures.load(std::memory_order_relaxed);
@@ -410,7 +413,9 @@ net::awaitable<void> remove_after_drain(HealthChecker::Impl* impl, std::shared_p
                  backend->info().id, left, impl->config.timeouts.shutdown.count());
   }
   impl->tracker(*backend).remove();
-  impl->registry.remove(backend->info().id);
+  // By identity, not by id alone: a second DELETE that found this backend just before an earlier
+  // removal finished, followed by an add of the same URL, must not remove the new backend.
+  if (impl->registry.find(backend->info().id) == backend) impl->registry.remove(backend->info().id);
   impl->trackers.erase(backend->index());
   spdlog::info("backend {}: removed", backend->info().id);
 }
