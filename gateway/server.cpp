@@ -390,6 +390,10 @@ int Server::run() {
   net::steady_timer drain_timer(control);
   std::atomic<bool> drain_started{false};
   std::chrono::steady_clock::time_point drain_deadline;
+  // Workers that have closed their listeners and ended their idle waits: until all have, a
+  // request whose bytes already came may not be counted anywhere yet.
+  std::atomic<std::size_t> workers_told{0};
+  bool idle_once = false;  // the previous check saw nothing in flight
 
   auto stop_workers = [this] {
     for (auto& w : impl_->workers) w->io.stop();
@@ -400,7 +404,12 @@ int Server::run() {
     // A request still arriving counts too: it is read and answered (with `Connection: close`).
     auto arriving = state.arriving_requests.load();
     auto inflight = state.inflight_requests.load() + arriving;
-    if (inflight == 0 || std::chrono::steady_clock::now() >= drain_deadline) {
+    // Nothing in flight counts once every worker has been told, and twice in a row: a read the
+    // reactor had already seen ready when the signal came is taken up in between.
+    const bool idle = inflight == 0 && workers_told.load() == impl_->workers.size();
+    const bool settled = idle && idle_once;
+    idle_once = idle;
+    if (settled || std::chrono::steady_clock::now() >= drain_deadline) {
       if (inflight != 0) {
         spdlog::warn("shutdown deadline reached with {} request(s) in flight ({} of them still arriving); closing them",
                      inflight, arriving);
@@ -437,13 +446,14 @@ int Server::run() {
       tcp::acceptor* acceptor = impl_->acceptors[i].get();
       tcp::acceptor* metrics = i == 0 ? impl_->metrics_acceptor.get() : nullptr;
       Worker* worker = impl_->workers[i].get();
-      net::post(worker->io, [acceptor, metrics, worker] {
+      net::post(worker->io, [acceptor, metrics, worker, &workers_told] {
         beast::error_code ignored;
         acceptor->close(ignored);
         if (metrics != nullptr) metrics->close(ignored);
         // Idle keep-alive clients are told now, by the close, not when the process exits;
         // requests in flight end with `Connection: close`.
         worker->deadlines.end_waits_between_requests();
+        workers_told.fetch_add(1);
       });
     }
     drain_deadline = std::chrono::steady_clock::now() + state.config.timeouts.shutdown;
