@@ -67,6 +67,7 @@ net::awaitable<beast::error_code> connect_probe(ProbeConnection& c, const Backen
   auto [cec, ep] = co_await net::async_connect(c.sock.socket(), c.endpoints, kTuple);
   auto ec = c.sock.settle(cec);
   if (ec) c.endpoints.clear();  // the address may have moved
+  if (!ec) c.sock.socket().non_blocking(true, ec);  // for send_now
   co_return ec;
 }
 
@@ -141,9 +142,14 @@ net::awaitable<ProbeResult> http_get(ProbeConnection* c, const BackendInfo* info
         co_return result;
       }
     }
-    c->sock.arm_at(c->deadline);
-    auto [wec, wn] = co_await net::async_write(c->sock.socket(), net::buffer(c->request), kTuple);
-    beast::error_code ec = c->sock.settle(wec);
+    // The request is a few dozen bytes: an empty send buffer takes it at once, without a queued
+    // completion (the reply is not there yet either way: the read waits for it).
+    beast::error_code ec;
+    if (const auto rest = send_now(c->sock.socket(), net::buffer(c->request), ec); !ec && rest.size() > 0) {
+      c->sock.arm_at(c->deadline);
+      auto [wec, wn] = co_await net::async_write(c->sock.socket(), rest, kTuple);
+      ec = c->sock.settle(wec);
+    }
     bool keep_alive = false;
     if (!ec) ec = co_await read_probe_response(*c, want_body ? &result.body : nullptr, &keep_alive);
     if (ec) {

@@ -261,4 +261,18 @@ inline std::size_t DeadlineList::end_waits_between_requests(std::size_t max,
   return ended;
 }
 
+// Sends what a non-blocking socket takes at once and returns what is left; `ec` is set by a real
+// error only. It spares the thread the completion that Asio queues even for a write that
+// finished at once. Only where nothing is read right after: that queued turn gives the peer time
+// to answer, and a read straight after a request or a response mostly finds nothing yet (tried at
+// 64 connections: failed receives went from 0.6 to 1.9 per request).
+inline net::const_buffer send_now(tcp::socket& socket, net::const_buffer bytes, beast::error_code& ec) {
+  const std::size_t sent = socket.write_some(bytes, ec);
+  if (ec == net::error::would_block || ec == net::error::try_again) {
+    ec = {};
+    return bytes;
+  }
+  return ec ? bytes : bytes + sent;
+}
+
 }  // namespace infergate

@@ -4,7 +4,8 @@
 #     through nginx (proxy_buffering off). Time to first byte added, events/s, CPU per event, RSS.
 #     The three take turns for --rounds rounds (all of them up throughout); each figure is the
 #     median over the rounds, RSS the peak.
-#  2. Health probing: one mock process listening on 1,024 ports, probed every second.
+#  2. Health probing: one mock process listening on 1,024 ports, probed every second by infergate
+#     and by HAProxy's health checks, taking turns for --rounds rounds.
 #  3. Start-up: exec to the listening line.
 # Usage: deploy/bench/stream.sh [--smoke] [--rounds N] [--only 'sse probe startup']
 set -euo pipefail
@@ -151,7 +152,10 @@ want sse && for c in "${cases[@]}"; do
   kill "$ig" "$ng" "$mpid"; wait "$ig" "$ng" "$mpid" 2>/dev/null || true
 done
 
-# ---- 2. Health probing cost: 1,024 backends probed every second
+# ---- 2. Health probing cost: 1,024 backends probed every second, infergate against HAProxy
+# checking the same servers (`option httpchk`, `check inter 1s`; HAProxy opens a connection per
+# check, infergate keeps one per backend). They take turns for --rounds rounds of 10 s; each
+# figure is the median share of one core over the rounds.
 probe_bench() {
 backends=1024
 [[ $smoke -eq 1 ]] && backends=64
@@ -167,23 +171,56 @@ pids+=("$pm")
   echo "backends:"
   for ((i = 0; i < backends; i++)); do echo "  - http://127.0.0.1:$((base + i))"; done
 } > "$work/probe.yaml"
-gport=$(free_port)
-"$infergate" --config "$work/probe.yaml" --no-slurm --listen "127.0.0.1:$gport" --threads 1 --log-level warn \
-  --set health.interval=1s --set health.healthy_threshold=1 >/dev/null 2>"$work/probe-ig.err" &
-ig=$!
-pids+=("$ig")
-wait_port "$gport" || { cat "$work/probe-ig.err" >&2; exit 1; }
-for ((i = 0; i < 100; i++)); do
-  [[ "$(curl -s "http://127.0.0.1:$gport/ready" | grep -o '"healthy":[0-9]*' | cut -d: -f2)" == "$backends" ]] && break
-  sleep 0.1
-done
+{
+  printf 'global\n  nbthread 1\n  maxconn 8000\n  pidfile %s/probe-haproxy.pid\n' "$work"
+  printf 'defaults\n  mode http\n  timeout connect 1s\n  timeout check 1s\n  timeout client 30s\n  timeout server 30s\n'
+  printf 'frontend gateway\n  bind 127.0.0.1:%s\n  default_backend inference\n' "$(free_port)"
+  printf 'backend inference\n  option httpchk\n  http-check send meth GET uri /health ver HTTP/1.1 hdr Host infergate-bench\n'
+  for ((i = 0; i < backends; i++)); do echo "  server s$i 127.0.0.1:$((base + i)) check inter 1s rise 1"; done
+} > "$work/probe-haproxy.cfg"
 seconds=$([[ $smoke -eq 1 ]] && echo 2 || echo 10)
-before=$(cpu_ticks "$ig"); sleep "$seconds"; after=$(cpu_ticks "$ig")
-share=$(awk -v t=$((after - before)) -v hz="$hz" -v s="$seconds" 'BEGIN {printf "%.2f", t / hz / s * 100}')
-healthy=$(curl -s "http://127.0.0.1:$gport/ready" | grep -o '"healthy":[0-9]*' | cut -d: -f2)
+probe_rounds=$([[ $smoke -eq 1 ]] && echo 1 || echo "$rounds")
+# The share of one core a process used over `seconds`, in hundredths of a percent.
+share_of() {
+  local before after
+  before=$(cpu_ticks "$1"); sleep "$seconds"; after=$(cpu_ticks "$1")
+  echo $(((after - before) * 10000 / (hz * seconds)))
+}
+median() { tr ' ' '\n' | grep . | sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+pct() { awk -v v="$1" 'BEGIN {printf "%.2f", v / 100}'; }
+ig_shares="" hp_shares="" healthy=0
+for ((r = 0; r < probe_rounds; r++)); do
+  gport=$(free_port)
+  "$infergate" --config "$work/probe.yaml" --no-slurm --listen "127.0.0.1:$gport" --threads 1 --log-level warn \
+    --set health.interval=1s --set health.healthy_threshold=1 >/dev/null 2>"$work/probe-ig.err" &
+  ig=$!
+  pids+=("$ig")
+  wait_port "$gport" || { cat "$work/probe-ig.err" >&2; exit 1; }
+  for ((i = 0; i < 100; i++)); do
+    [[ "$(curl -s "http://127.0.0.1:$gport/ready" | grep -o '"healthy":[0-9]*' | cut -d: -f2)" == "$backends" ]] && break
+    sleep 0.1
+  done
+  ig_shares="$ig_shares $(share_of "$ig")"
+  healthy=$(curl -s "http://127.0.0.1:$gport/ready" | grep -o '"healthy":[0-9]*' | cut -d: -f2)
+  kill "$ig"; wait "$ig" 2>/dev/null || true
+
+  haproxy -f "$work/probe-haproxy.cfg" -db >"$work/probe-haproxy.out" 2>&1 &
+  hp=$!
+  pids+=("$hp")
+  sleep 3  # HAProxy spreads its first checks over the interval; a full interval and then some
+  kill -0 "$hp" 2>/dev/null || { cat "$work/probe-haproxy.out" >&2; exit 1; }
+  hp_shares="$hp_shares $(share_of "$hp")"
+  kill "$hp"; wait "$hp" 2>/dev/null || true
+done
+ig_med=$(median <<<"$ig_shares")
+hp_med=$(median <<<"$hp_shares")
+ratio=$(awk -v a="$ig_med" -v b="$hp_med" 'BEGIN {if (b > 0) printf "%.2fx", a / b; else print "n/a"}')
 echo
-echo "health probing: $backends backends ($healthy healthy) probed every 1s: infergate used ${share}% of one core"
-kill "$ig" "$pm"; wait "$ig" "$pm" 2>/dev/null || true
+echo "health probing: $backends backends ($healthy healthy) probed every 1s, median of $probe_rounds round(s) of ${seconds}s:"
+echo "  infergate used $(pct "$ig_med")% of one core (rounds:$(for v in $ig_shares; do printf ' %s%%' "$(pct "$v")"; done))"
+echo "  HAProxy (option httpchk, check inter 1s) used $(pct "$hp_med")% (rounds:$(for v in $hp_shares; do printf ' %s%%' "$(pct "$v")"; done))"
+echo "  infergate / HAProxy: $ratio"
+kill "$pm"; wait "$pm" 2>/dev/null || true
 }
 want probe && probe_bench
 
