@@ -1,7 +1,9 @@
 #include "gateway/session.hpp"
 
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <spdlog/spdlog.h>
 
@@ -274,8 +276,54 @@ AttemptOutcome over_total_outcome(const config::Config& cfg) {
   return out;
 }
 
-bool is_reset(const beast::error_code& ec) {
-  return ec == net::error::eof || ec == net::error::connection_reset || ec == net::error::broken_pipe;
+// What a parked connection that failed before any answer shows of the request, to tell a
+// connection the backend had closed while it was parked (the request can go again on a new one:
+// it cannot be delivered twice) from a backend that read the request and then closed (a crash
+// on that prompt: an ordinary failed attempt).
+enum class RequestFate {
+  kNotTaken,      // reset (the server closed with the request unread, or the request met a
+                  // closed socket), or end of stream with request bytes unacknowledged (the
+                  // server had closed before they came; the reset they draw is on its way)
+  kAcknowledged,  // end of stream after every byte was acknowledged: read by the server, unless
+                  // the reset of a close with the request unread is still to come (a server that
+                  // shuts down its side first, then closes)
+  kUnknown,       // anything else (a timeout, a closed socket)
+};
+
+int tcp_state(tcp::socket& socket) {
+  tcp_info info{};
+  socklen_t size = sizeof info;
+  return ::getsockopt(socket.native_handle(), IPPROTO_TCP, TCP_INFO, &info, &size) == 0 ? info.tcpi_state : -1;
+}
+
+RequestFate request_fate(tcp::socket& socket, const beast::error_code& ec) {
+  if (ec == net::error::connection_reset || ec == net::error::broken_pipe) return RequestFate::kNotTaken;
+  if (ec != net::error::eof || !socket.is_open()) return RequestFate::kUnknown;
+  if (tcp_state(socket) == TCP_CLOSE) return RequestFate::kNotTaken;  // a reset came after the end of stream
+  int unacknowledged = 0;
+  if (::ioctl(socket.native_handle(), SIOCOUTQ, &unacknowledged) == 0 && unacknowledged > 0) return RequestFate::kNotTaken;
+  return RequestFate::kAcknowledged;
+}
+
+// How long an end of stream with the request acknowledged waits for the reset that says the
+// server closed without reading it: a server shutting down its side and then closing does both
+// at once, so the reset follows within a scheduling delay; one that read the request sends none.
+constexpr auto kResetWait = std::chrono::milliseconds(10);
+
+// Whether a parked connection failed because the backend had closed it before taking the
+// request (only on that rare path: the wait for a reset is a coroutine of its own, out of the
+// attempt's frame).
+net::awaitable<bool> stale_connection(tcp::socket* socket, beast::error_code ec) {
+  const auto fate = request_fate(*socket, ec);
+  if (fate != RequestFate::kAcknowledged) co_return fate == RequestFate::kNotTaken;
+  net::steady_timer timer(socket->get_executor());
+  for (auto waited = std::chrono::milliseconds(0); waited < kResetWait; waited += std::chrono::milliseconds(1)) {
+    timer.expires_after(std::chrono::milliseconds(1));
+    co_await timer.async_wait(kTuple);
+    if (!socket->is_open()) co_return false;
+    if (tcp_state(*socket) == TCP_CLOSE) co_return true;
+  }
+  co_return false;
 }
 
 bool is_out_of_descriptors(const beast::error_code& ec) {
@@ -590,11 +638,14 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
     watch.connection = nullptr;
     if (watch.client_gone) co_return client_gone_outcome();
     // A parked connection the backend had closed fails at once, with nothing of a response
-    // read: not the backend's fault, so it is tried again on a fresh connection. A close that
-    // comes later means the backend took the request and died on it (a crash mid-generation):
-    // that is an ordinary failed attempt, counted and retried elsewhere, never a silent re-send.
-    if (reused && !fresh_retry_used && is_reset(wec) && conn->buffer.size() == 0 &&
-        coarse_now() - sent_at < kStaleConnectionWindow) {
+    // read and the request not taken: not the backend's fault, so it is tried again on a fresh
+    // connection. A backend that read the request and closed (a crash on it), however soon, or
+    // that closes later, has an ordinary failed attempt, counted and retried elsewhere (or not,
+    // with retries.after_sent false), never a silent re-send.
+    if (reused && !fresh_retry_used && conn->buffer.size() == 0 && coarse_now() - sent_at < kStaleConnectionWindow &&
+        co_await stale_connection(&conn->sock.socket(), wec)) {
+      spdlog::debug("{} backend {}: the parked connection was closed before it took the request ({}); sending it on "
+                    "a new connection", request_id, backend->info().id, wec.message());
       fresh_retry_used = true;
       w->pool.clear(backend->index());
       continue;

@@ -660,17 +660,22 @@ TEST(ProxyTest, AClientLeavingMidBodyIsNotChargedToTheBackend) {
   EXPECT_EQ(b["state"], "healthy") << b.dump();
 }
 
-// A backend that takes a request and closes the connection later (it crashed mid-generation) is
-// not a stale pooled connection: the request is not sent to it again behind the client's back.
-TEST(ProxyTest, AConnectionClosedLateIsAFailedAttemptNotASilentResend) {
-  auto dying = start_mocks(1, {"--drop-request", "--drop-delay-ms", "400"});
-  auto gw = start_gateway(concat(backend_args(dying), {"--threads", "1", "--set", "retries.max=0"}));
-  wait_healthy(gw, 1);
-  // Park a connection: /echo is proxied and answered normally.
-  ASSERT_EQ(http_request(gw.port, "POST", "/echo", "{}", {{"Content-Type", "application/json"}}).status, 200);
-  auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
-  EXPECT_EQ(r.status, 502) << r.body;
-  EXPECT_EQ(json::parse(http_request(dying[0].port, "GET", "/mock/stats").body)["requests"], 1);
+// A backend that takes a request on a parked connection and closes it (it crashed on the
+// request), at once or later, is not a stale pooled connection: the request is not sent to it
+// again behind the client's back, and with retries.after_sent=false it reaches it once.
+TEST(ProxyTest, AConnectionClosedAfterTakingTheRequestIsAFailedAttemptNotASilentResend) {
+  for (const char* delay_ms : {"0", "100", "400"}) {
+    SCOPED_TRACE(std::string("closed ") + delay_ms + " ms after the request");
+    auto dying = start_mocks(1, {"--drop-request", "--drop-delay-ms", delay_ms});
+    auto gw = start_gateway(concat(backend_args(dying), {"--threads", "1", "--set", "retries.after_sent=false"}));
+    wait_healthy(gw, 1);
+    // Park a connection: /echo is proxied and answered normally.
+    ASSERT_EQ(http_request(gw.port, "POST", "/echo", "{}", {{"Content-Type", "application/json"}}).status, 200);
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    EXPECT_EQ(r.status, 502) << r.body;
+    EXPECT_THAT(r.body, HasSubstr("after 1 attempt(s)"));
+    EXPECT_EQ(json::parse(http_request(dying[0].port, "GET", "/mock/stats").body)["requests"], 1);
+  }
 }
 
 // A backend that answers from the request head alone (its body limit, 413) and closes with the
