@@ -29,6 +29,7 @@ std::optional<Transition> HealthTracker::on_probe(bool passed, Clock::time_point
     case BackendState::kStarting:
       // A server loading weights fails probes for minutes: that is not an alarm.
       if (probe_passes_ >= policy_.healthy_threshold) {
+        in_service_since_ = now;
         return move_to(BackendState::kHealthy, "passed " + std::to_string(probe_passes_) + " probes");
       }
       return std::nullopt;
@@ -43,9 +44,10 @@ std::optional<Transition> HealthTracker::on_probe(bool passed, Clock::time_point
       // The ejection backoff (ejections_) is kept here on purpose: passing probes show that
       // the health endpoint answers, not that requests succeed, and a backend whose requests
       // keep failing (a crash loop: ejected, down, restarted, healthy, failing again) must see
-      // its ejections grow as the design asks. The first request it serves successfully
-      // resets the backoff (on_request), exactly as after an ejection that ended by probe.
+      // its ejections grow as the design asks. It starts again at the base only once the
+      // backend has served passive.ejection_max without an ejection (on_request).
       if (probe_passes_ >= policy_.healthy_threshold) {
+        in_service_since_ = now;
         return move_to(BackendState::kHealthy, "passed " + std::to_string(probe_passes_) + " probes");
       }
       return std::nullopt;
@@ -56,6 +58,7 @@ std::optional<Transition> HealthTracker::on_probe(bool passed, Clock::time_point
                            (detail.empty() ? "" : ": " + detail));
       }
       if (passed && now >= ejected_until_) {
+        in_service_since_ = now;
         return move_to(BackendState::kHealthy, "ejection over and probe passed");
       }
       return std::nullopt;
@@ -69,13 +72,13 @@ std::optional<Transition> HealthTracker::on_probe(bool passed, Clock::time_point
 std::optional<Transition> HealthTracker::on_request(bool failed, Clock::time_point now, int in_a_row) {
   if (!failed) {
     request_failures_ = 0;
-    if (state_ == BackendState::kHealthy) ejections_ = 0;
     return std::nullopt;
   }
   request_failures_ = std::max(request_failures_ + 1, in_a_row);
   if (state_ != BackendState::kHealthy || request_failures_ < policy_.passive_failures) {
     return std::nullopt;
   }
+  if (now - in_service_since_ >= policy_.ejection_max) ejections_ = 0;  // served long enough since the last
   auto backoff = policy_.ejection_base;
   for (int i = 0; i < ejections_ && backoff < policy_.ejection_max; ++i) backoff *= 2;
   backoff = std::min(backoff, policy_.ejection_max);

@@ -55,8 +55,13 @@ class HealthTracker {
   int probe_passes_ = 0;
   int probe_failures_ = 0;
   int request_failures_ = 0;
-  int ejections_ = 0;            // consecutive ejections: the backoff doubles with each
+  // Ejections in a row: the backoff doubles with each. A backend that stays in service for
+  // passive.ejection_max without one starts again at the base: a success alone does not reset
+  // it, or a backend that fails every other second (flapping) would be let back at the base
+  // each time.
+  int ejections_ = 0;
   Clock::time_point ejected_until_{};
+  Clock::time_point in_service_since_{};  // when probes last brought it back to healthy
 };
 
 }  // namespace infergate::discovery

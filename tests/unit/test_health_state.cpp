@@ -108,21 +108,46 @@ TEST(HealthStateTest, PassiveFailuresEjectWithDoublingBackoff) {
   auto back = t.on_probe(true, now + 1000ms);
   ASSERT_TRUE(back);
   EXPECT_EQ(back->to, BackendState::kHealthy);
-  // Ejected again before any success: the backoff doubles, up to the maximum.
+  // Ejected again soon after each return: the backoff doubles, up to the maximum.
+  auto back_at = now + 1000ms;
   for (auto expected : {2000ms, 4000ms, 4000ms}) {
-    auto t0 = now + 10s;
+    auto t0 = back_at + 1s;
     t.on_request(true, t0);
     t.on_request(true, t0);
     ASSERT_TRUE(t.on_request(true, t0));
     EXPECT_EQ(t.ejected_until(), t0 + expected);
-    ASSERT_TRUE(t.on_probe(true, t0 + expected));
+    back_at = t0 + expected;
+    ASSERT_TRUE(t.on_probe(true, back_at));
   }
-  // A success resets the backoff.
-  t.on_request(false, now + 20s);
-  t.on_request(true, now + 20s);
-  t.on_request(true, now + 20s);
-  ASSERT_TRUE(t.on_request(true, now + 20s));
-  EXPECT_EQ(t.ejected_until(), now + 20s + 1000ms);
+  // A success does not reset the backoff; serving for ejection_max (4 s) without an ejection
+  // does.
+  t.on_request(false, back_at + 1s);
+  t.on_request(true, back_at + 3s);
+  t.on_request(true, back_at + 3s);
+  ASSERT_TRUE(t.on_request(true, back_at + 3s));
+  EXPECT_EQ(t.ejected_until(), back_at + 3s + 4000ms);
+  back_at += 7s;
+  ASSERT_TRUE(t.on_probe(true, back_at));
+  t.on_request(true, back_at + 4s);
+  t.on_request(true, back_at + 4s);
+  ASSERT_TRUE(t.on_request(true, back_at + 4s));
+  EXPECT_EQ(t.ejected_until(), back_at + 4s + 1000ms);
+}
+
+// A backend that flaps (its requests fail every other second, a success in between each time)
+// is let back after each ejection, but for ever shorter spells: the backoff keeps doubling.
+TEST(HealthStateTest, AFlappingBackendsBackoffKeepsDoubling) {
+  HealthTracker t(policy(), BackendState::kHealthy);
+  auto at = Clock::now();
+  for (auto expected : {1000ms, 2000ms, 4000ms, 4000ms}) {
+    EXPECT_FALSE(t.on_request(false, at));  // served well for a moment
+    for (int i = 0; i < 2; ++i) EXPECT_FALSE(t.on_request(true, at + 500ms));
+    ASSERT_TRUE(t.on_request(true, at + 500ms));
+    EXPECT_EQ(t.ejected_until(), at + 500ms + expected);
+    at += 500ms + expected;
+    ASSERT_TRUE(t.on_probe(true, at));
+    ASSERT_EQ(t.state(), BackendState::kHealthy);
+  }
 }
 
 TEST(HealthStateTest, SuccessBetweenFailuresPreventsEjection) {
@@ -228,8 +253,8 @@ TEST(HealthStateTest, StartingAndUndrainedBackendsStartWithoutRequestFailures) {
 }
 
 // Passing probes after an outage prove the health endpoint answers, not that requests succeed:
-// the ejection backoff keeps growing until a request succeeds.
-TEST(HealthStateTest, BackoffSurvivesRecoveryThroughUnhealthyUntilARequestSucceeds) {
+// the ejection backoff keeps growing until the backend has served ejection_max without one.
+TEST(HealthStateTest, BackoffSurvivesRecoveryThroughUnhealthyUntilTheBackendServesLongEnough) {
   HealthTracker t(policy(), BackendState::kHealthy);
   auto now = Clock::now();
   for (int i = 0; i < 3; ++i) t.on_request(true, now);
@@ -243,10 +268,12 @@ TEST(HealthStateTest, BackoffSurvivesRecoveryThroughUnhealthyUntilARequestSuccee
   ASSERT_EQ(t.state(), BackendState::kEjected);
   EXPECT_EQ(t.ejected_until(), now + 10s + 2000ms);  // doubled, not back to the base
   EXPECT_EQ(t.ejections(), 2);
-  // Back through an ejection that ends by probe; one success then resets the backoff.
+  // Back through an ejection that ends by probe; after a success and 10 s in service (more than
+  // ejection_max), the backoff starts again at the base.
   ASSERT_TRUE(t.on_probe(true, now + 20s));
   t.on_request(false, now + 20s);
-  EXPECT_EQ(t.ejections(), 0);
+  EXPECT_EQ(t.ejections(), 2);
   for (int i = 0; i < 3; ++i) t.on_request(true, now + 30s);
   EXPECT_EQ(t.ejected_until(), now + 30s + 1000ms);
+  EXPECT_EQ(t.ejections(), 1);
 }
