@@ -326,14 +326,14 @@ BodyFramer::Step BodyFramer::step(std::string_view data) {
   return out;
 }
 
-std::pair<char*, std::size_t> ByteBuffer::prepare(std::size_t min_free) {
+std::pair<char*, std::size_t> ByteBuffer::prepare(std::size_t min_free, std::size_t max_capacity) {
   if (capacity_ - end_ < min_free) {
     if (capacity_ - size() >= min_free && buf_) {
       std::memmove(buf_.get(), buf_.get() + begin_, size());
       end_ -= begin_;
       begin_ = 0;
     } else {
-      reallocate(std::max(capacity_ * 2, size() + min_free));
+      reallocate(std::max(std::min(capacity_ * 2, max_capacity), size() + min_free));
     }
   }
   return {buf_.get() + end_, capacity_ - end_};

@@ -255,8 +255,9 @@ class ByteBuffer {
   std::string_view data() const noexcept { return {buf_.get() + begin_, end_ - begin_}; }
   std::size_t size() const noexcept { return end_ - begin_; }
   std::size_t capacity() const noexcept { return capacity_; }
-  // Writable space of at least `min_free` bytes (and of at most what is there).
-  std::pair<char*, std::size_t> prepare(std::size_t min_free);
+  // Writable space of at least `min_free` bytes (and of at most what is there). When it grows,
+  // the storage doubles, but not past `max_capacity` (unless min_free needs more).
+  std::pair<char*, std::size_t> prepare(std::size_t min_free, std::size_t max_capacity = static_cast<std::size_t>(-1));
   void commit(std::size_t n) noexcept { end_ += n; }
   void consume(std::size_t n) noexcept {
     begin_ += n;

@@ -35,6 +35,7 @@ constexpr auto kTuple = net::as_tuple(net::use_awaitable);
 constexpr auto kDirect = net::as_tuple(net::deferred);
 
 constexpr std::size_t kClientRead = 2048;       // free space per client read; grows for large prompts
+constexpr std::size_t kBodyRoom = 1024 * 1024;  // room taken for a body before any of it has come
 constexpr std::size_t kUpstreamRead = 4096;     // free space for a response head
 constexpr std::size_t kRelayMax = 64 * 1024;    // a relay read grows up to this while reads fill it
 constexpr std::size_t kStreamRelay = 1024;      // an SSE stream's buffer: events are a few hundred bytes
@@ -1397,12 +1398,13 @@ net::awaitable<void> drain_before_close(ClientConnection* c) {
 }
 
 // How reading a request ended.
-enum class ReadResult { kRequest, kClosed, kAnswered, kHeadTimedOut, kBodyTimedOut };
+enum class ReadResult { kRequest, kClosed, kAnswered, kHeadTimedOut, kBodyTimedOut, kOutOfMemory };
 
 // A failed read of a request ends it: with a timeout the client is still there, to be told.
 // (Answered by the session, not in read_request: the extra awaits would grow its frame past
 // what Asio recycles, an allocation on every request.)
 ReadResult request_read_failed(beast::error_code ec, bool in_head) noexcept {
+  if (ec == net::error::no_memory) return ReadResult::kOutOfMemory;
   if (ec != beast::error::timeout) return ReadResult::kClosed;
   return in_head ? ReadResult::kHeadTimedOut : ReadResult::kBodyTimedOut;
 }
@@ -1420,11 +1422,20 @@ net::awaitable<ReadResult> answer_and_close(GatewayState* state, ClientConnectio
   co_return ReadResult::kAnswered;
 }
 
-// Reads more bytes from the client into its buffer, `min_free` bytes of room at least.
-// `between_requests`: the wait is for a next request, which a graceful shutdown may end.
-net::awaitable<beast::error_code> read_more(ClientConnection* c, std::size_t min_free,
-                                            Clock::time_point deadline, bool between_requests = false) {
-  auto [room_ptr, room] = c->buffer.prepare(min_free);
+// Reads more bytes from the client into its buffer, `min_free` bytes of room at least, the
+// buffer growing to `max_capacity` at most beyond that. `between_requests`: the wait is for a
+// next request, which a graceful shutdown may end. Memory the buffer cannot get (an address-space
+// limit: ulimit -v, Slurm's) is the error no_memory, for the session to answer.
+net::awaitable<beast::error_code> read_more(ClientConnection* c, std::size_t min_free, Clock::time_point deadline,
+                                            bool between_requests = false,
+                                            std::size_t max_capacity = static_cast<std::size_t>(-1)) {
+  char* room_ptr = nullptr;
+  std::size_t room = 0;
+  try {
+    std::tie(room_ptr, room) = c->buffer.prepare(min_free, max_capacity);
+  } catch (const std::bad_alloc&) {
+    co_return net::error::no_memory;
+  }
   if (c->read_directly) {
     c->read_directly = false;
     beast::error_code ec;
@@ -1460,10 +1471,16 @@ bool may_end_head(std::string_view data, std::size_t searched) {
   return false;
 }
 
-// A client that stopped sending halfway through a request (its head not whole within
-// timeouts.client_header, its body silent for timeouts.idle) is told why before the close.
-net::awaitable<void> answer_request_timeout(GatewayState* state, ClientConnection* c, ReadResult why) {
+// A request that could not be read whole is answered before the close: the client stopped
+// sending halfway (its head not whole within timeouts.client_header, its body silent for
+// timeouts.idle: 408), or the gateway had no memory for its body (503).
+net::awaitable<void> answer_unread_request(GatewayState* state, ClientConnection* c, ReadResult why) {
   const auto& t = state->config.timeouts;
+  if (why == ReadResult::kOutOfMemory) {
+    spdlog::error("no memory for a request body of {} bytes from {}", c->head.content_length.value_or(0), c->client_ip);
+    co_await answer_and_close(state, c, 503, "the gateway has no memory for this request body now");
+    co_return;
+  }
   const auto text = why == ReadResult::kHeadTimedOut
                         ? "the request head did not arrive whole within timeouts.client_header (" +
                               std::to_string(t.client_header.count()) + "ms)"
@@ -1540,9 +1557,12 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     if (c->buffer.size() < size) {
       if (!co_await send_continue(c, &continue_sent, cfg.timeouts.idle)) co_return ReadResult::kClosed;
       while (c->buffer.size() < size) {
-        // Room for the whole body at once: a 32 KiB prompt is one or two reads, not dozens.
-        // timeouts.idle bounds each wait for more bytes, not the whole upload.
-        if (auto ec = co_await read_more(c, size - c->buffer.size(), coarse_now() + cfg.timeouts.idle)) {
+        // Room for the body grows with what arrives (doubling from kBodyRoom), not with what
+        // the head announces: a head alone must not make the gateway take limits.max_body of
+        // memory. A 32 KiB prompt is still one or two reads, not dozens. timeouts.idle bounds
+        // each wait for more bytes, not the whole upload.
+        const std::size_t room = std::min(size - c->buffer.size(), std::max(kBodyRoom, c->buffer.size()));
+        if (auto ec = co_await read_more(c, room, coarse_now() + cfg.timeouts.idle, false, size)) {
           co_return request_read_failed(ec, false);
         }
       }
@@ -1552,10 +1572,15 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     http1::ChunkedDecoder decoder;
     bool too_big = false;
     for (;;) {
-      auto r = decoder.feed(c->buffer.data().substr(size), [&](std::string_view d) {
-        if (c->chunked_body.size() + d.size() > cfg.limits.max_body) too_big = true;
-        if (!too_big) c->chunked_body.append(d);
-      });
+      http1::ChunkedDecoder::Result r;
+      try {
+        r = decoder.feed(c->buffer.data().substr(size), [&](std::string_view d) {
+          if (c->chunked_body.size() + d.size() > cfg.limits.max_body) too_big = true;
+          if (!too_big) c->chunked_body.append(d);
+        });
+      } catch (const std::bad_alloc&) {
+        co_return ReadResult::kOutOfMemory;
+      }
       // The raw chunks are dropped once decoded (the head before them stays put): only the
       // decoded body, bounded by limits.max_body, is kept, whatever the framing's overhead.
       c->buffer.erase(size, r.consumed);
@@ -1645,8 +1670,8 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
       if (state.stopping.load(std::memory_order_relaxed)) break;
       c.sock.cap_at(Clock::time_point::max());  // the previous request's timeouts.total is done with
       const auto read = co_await read_request(w, &c);
-      if (read == ReadResult::kHeadTimedOut || read == ReadResult::kBodyTimedOut) {
-        co_await answer_request_timeout(&state, &c, read);
+      if (read == ReadResult::kHeadTimedOut || read == ReadResult::kBodyTimedOut || read == ReadResult::kOutOfMemory) {
+        co_await answer_unread_request(&state, &c, read);
       }
       if (read != ReadResult::kRequest) break;
 

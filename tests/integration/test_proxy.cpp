@@ -1183,6 +1183,46 @@ long peak_resident_kib(int pid) {
 }
 }  // namespace
 
+namespace {
+// The process's data segment (heap and anonymous mappings, touched or not), in KiB.
+long data_segment_kib(int pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmData:", 0) == 0) return std::stol(line.substr(7));
+  }
+  return -1;
+}
+}  // namespace
+
+// The memory for a body grows with what arrives, not with what the head announces: heads that
+// each declare 60 MiB and send 1 KiB made the gateway take 60 MiB apiece (under an address-space
+// limit, the requests after the first few were dropped without an answer).
+TEST(ProxyTest, AnAnnouncedBodySizeIsNotTakenBeforeTheBodyComes) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(concat(backend_args(mocks), {"--threads", "1"}));
+  wait_healthy(gw, 1);
+  const long before = data_segment_kib(gw.process->pid());
+  ASSERT_GT(before, 0);
+  constexpr long kAnnounced = 60L << 20;
+  std::vector<std::unique_ptr<RawConnection>> uploads;
+  for (int i = 0; i < 8; ++i) {
+    uploads.push_back(std::make_unique<RawConnection>(gw.port));
+    ASSERT_TRUE(uploads.back()->send("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: " +
+                                     std::to_string(kAnnounced) + "\r\n\r\n" + std::string(1024, 'a')));
+  }
+  // One worker takes the uploads' bytes before the request after them.
+  ASSERT_EQ(http_request(gw.port, "GET", "/health").status, 200);
+  const long grown_kib = data_segment_kib(gw.process->pid()) - before;
+  EXPECT_LT(grown_kib, 8 * (kAnnounced >> 10) / 4) << "the gateway took " << grown_kib << " KiB for 8 KiB of bodies";
+  // The uploads still go through whole when the rest comes.
+  const std::string rest(static_cast<std::size_t>(kAnnounced) - 1024, 'b');
+  ASSERT_TRUE(uploads[0]->send(rest));
+  ASSERT_TRUE(uploads[0]->read_until([](const std::string& got) { return has_whole_response(got); }, 30s));
+  EXPECT_THAT(uploads[0]->received(), HasSubstr("HTTP/1.1 200"));
+  EXPECT_THAT(uploads[0]->received(), HasSubstr("Content-Length: " + std::to_string(kAnnounced)));
+}
+
 // A chunked body costs the gateway its decoded size, not its framing: 1 MiB sent as one-byte
 // chunks (21 MiB on the wire) used to sit whole in the read buffer until the request ended.
 TEST(ProxyTest, ChunkedRequestFramingIsNotKeptInMemory) {
