@@ -1172,27 +1172,19 @@ TEST(ProxyTest, SigtermLetsARequestStillArrivingBeReadAndAnswered) {
 }
 
 namespace {
+// A memory figure of a process from /proc/PID/status ("VmHWM:", "VmData:"), in KiB.
+long status_kib(int pid, std::string_view field) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.starts_with(field)) return std::stol(line.substr(field.size()));
+  }
+  return -1;
+}
 // The process's peak resident memory so far.
-long peak_resident_kib(int pid) {
-  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::stol(line.substr(6));
-  }
-  return -1;
-}
-}  // namespace
-
-namespace {
-// The process's data segment (heap and anonymous mappings, touched or not), in KiB.
-long data_segment_kib(int pid) {
-  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind("VmData:", 0) == 0) return std::stol(line.substr(7));
-  }
-  return -1;
-}
+long peak_resident_kib(int pid) { return status_kib(pid, "VmHWM:"); }
+// The process's data segment (heap and anonymous mappings, touched or not).
+long data_segment_kib(int pid) { return status_kib(pid, "VmData:"); }
 }  // namespace
 
 // The memory for a body grows with what arrives, not with what the head announces: heads that
