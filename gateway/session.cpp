@@ -942,6 +942,16 @@ void StreamRelay::finish(AttemptOutcome::Kind kind, std::string error) {
 
 void adopt_upstream(StreamRelay& relay, std::unique_ptr<UpstreamConnection> up) { relay.adopt(std::move(up)); }
 
+// A response that broke before anything of it reached the client: an ordinary failed attempt
+// (retried, or 502/504), by a backend that had the whole request.
+AttemptOutcome unstarted_response_outcome(AttemptOutcome out, bool timed_out) {
+  out.kind = AttemptOutcome::kFailed;
+  out.status = 0;  // its head was never relayed: not a response of that status
+  out.timed_out = timed_out;
+  out.after_sent = true;
+  return out;
+}
+
 net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, UpstreamConnection* up,
                                               bool head_request, std::string_view request_id,
                                               discovery::Backend* backend, Clock::time_point started,
@@ -1038,14 +1048,19 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   for (;;) {
     const auto step = plan.framer.step(up->buffer.data());
     if (step.bad) {
-      // Nothing reached the client yet: an ordinary failed attempt, retried or answered 502.
-      out.kind = head_sent ? AttemptOutcome::kBrokenMidResponse : AttemptOutcome::kFailed;
       out.error = "malformed chunked body from the backend";
-      c->reset_on_close = head_sent && plan.close_delimited;
       *upstream_reusable = false;
+      if (!head_sent) co_return unstarted_response_outcome(std::move(out), false);
+      out.kind = AttemptOutcome::kBrokenMidResponse;
+      c->reset_on_close = plan.close_delimited;
       co_return out;
     }
-    if (!head_sent || !step.payload.empty()) {
+    // The head waits for the body's first bytes (a stream's first event): a backend that fails
+    // before them (it died during the prefill, its first chunk is malformed) has an ordinary
+    // failed attempt, retried elsewhere, instead of a stream cut before it began. The head and
+    // the first piece then leave in one write.
+    const bool hold_head = !head_sent && step.payload.empty() && !step.last;
+    if (!hold_head && (!head_sent || !step.payload.empty())) {
       // One buffer where possible (see kCoalesceMax): the head with a small first piece behind it.
       std::array<net::const_buffer, 2> pieces;
       std::size_t count = 0;
@@ -1104,17 +1119,18 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
       continue;
     }
     if (rec) {
-      // Bytes already reached the client: no retry is possible. Ending the client connection
-      // (without a last chunk, or with a reset where the close ends the body) tells it the
-      // response is incomplete.
-      out.kind = AttemptOutcome::kBrokenMidResponse;
-      c->reset_on_close = plan.close_delimited;
       out.error = rec == beast::error::timeout ? "no bytes within timeouts.idle" : rec.message();
       if (rec == beast::error::timeout && up->sock.past_cap()) {
         out.over_total = true;
         out.error = "the response outlasted timeouts.total";
       }
       *upstream_reusable = false;
+      if (!head_sent) co_return unstarted_response_outcome(std::move(out), rec == beast::error::timeout);
+      // Bytes already reached the client: no retry is possible. Ending the client connection
+      // (without a last chunk, or with a reset where the close ends the body) tells it the
+      // response is incomplete.
+      out.kind = AttemptOutcome::kBrokenMidResponse;
+      c->reset_on_close = plan.close_delimited;
       co_return out;
     }
     up->buffer.commit(n);

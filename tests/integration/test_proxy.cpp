@@ -361,16 +361,53 @@ TEST(ProxyTest, FirstByteTimeoutMovesToAHealthyBackend) {
   }
 }
 
+// A backend that sends a response head and dies before the first byte of the body (a stream's
+// first event: it crashed in the prefill) has an ordinary failed attempt: the request is retried
+// on another backend and the client gets a whole answer, not a 200 cut before it began. With
+// retries.after_sent=false it is not sent again: 502.
+TEST(ProxyTest, AResponseThatDiesBeforeItsFirstByteIsRetried) {
+  auto dying = start_mocks(1, {"--drop-after-header"});
+  auto good = start_mocks(1);
+  auto gw = start_gateway(concat(concat(backend_args(dying), backend_args(good)), {"--set", "passive.failures=100"}));
+  wait_healthy(gw, 2);
+  for (int i = 0; i < 4; ++i) {  // round robin: half of them start on the dying backend
+    SCOPED_TRACE("request " + std::to_string(i));
+    auto streamed = http_stream(gw.port, "POST", "/v1/chat/completions", chat_body(true), 5s);
+    EXPECT_EQ(streamed.status, 200);
+    EXPECT_TRUE(streamed.complete);
+    EXPECT_THAT(streamed.body(), HasSubstr("data: [DONE]"));
+    auto whole = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    EXPECT_EQ(whole.status, 200) << whole.body;
+    EXPECT_TRUE(json::parse(whole.body, nullptr, false).contains("choices")) << whole.body;
+  }
+  auto gw_once = start_gateway(concat(backend_args(dying), {"--set", "retries.after_sent=false"}));
+  wait_healthy(gw_once, 1);
+  auto r = http_stream(gw_once.port, "POST", "/v1/chat/completions", chat_body(true), 5s);
+  EXPECT_EQ(r.status, 502) << r.body();
+  EXPECT_THAT(r.body(), HasSubstr("not retried (retries.after_sent is false)"));
+}
+
+// A stream whose backend stalls after its head (before any event) times out after
+// timeouts.idle with nothing sent to the client: 504, not a 200 cut before it began. One that
+// stalls after its first event is cut (the client has part of it).
 TEST(ProxyTest, IdleTimeoutEndsAStalledResponse) {
   auto stalled = start_mocks(1, {"--hang-after-header"});
   auto gw = start_gateway(concat(backend_args(stalled), {"--set", "timeouts.idle=300ms"}));
   wait_healthy(gw, 1);
   auto started = Clock::now();
   auto r = http_stream(gw.port, "POST", "/v1/chat/completions", chat_body(true), 5s);
-  EXPECT_EQ(r.status, 200);
-  EXPECT_FALSE(r.complete);
+  EXPECT_EQ(r.status, 504) << r.body();
+  EXPECT_THAT(r.body(), HasSubstr("no bytes within timeouts.idle"));
   EXPECT_LT(Clock::now() - started, 3s);
   EXPECT_EQ(http_request(gw.port, "GET", "/health").status, 200);  // still serving
+
+  auto slow = start_mocks(1, {"--tokens", "3", "--token-delay-ms", "2000"});
+  auto gw_slow = start_gateway(concat(backend_args(slow), {"--set", "timeouts.idle=300ms"}));
+  wait_healthy(gw_slow, 1);
+  auto cut = http_stream(gw_slow.port, "POST", "/v1/chat/completions", chat_body(true), 5s);
+  EXPECT_EQ(cut.status, 200);
+  EXPECT_FALSE(cut.complete);
+  EXPECT_THAT(cut.body(), HasSubstr("data: "));
 }
 
 // The body of a raw answer (after its head), parsed as JSON.
@@ -917,8 +954,13 @@ TEST(ProxyTest, TotalTimeoutCutsLongResponsesWithoutBlamingTheBackend) {
     const auto t0 = Clock::now();
     auto r = http_stream(gw.port, "POST", "/v1/chat/completions", chat_body(true), 10s);
     const auto took = Clock::now() - t0;
-    EXPECT_EQ(r.status, 200);
-    EXPECT_FALSE(r.complete);
+    if (r.headers["x-backend"] == streaming[0].id()) {  // cut in the middle
+      EXPECT_EQ(r.status, 200);
+      EXPECT_FALSE(r.complete);
+    } else {  // nothing of it had come: 504, not retried past the limit
+      EXPECT_EQ(r.status, 504) << r.body();
+      EXPECT_THAT(r.body(), HasSubstr("timeouts.total"));
+    }
     EXPECT_GE(took, 550ms);
     EXPECT_LT(took, 3s);
   }

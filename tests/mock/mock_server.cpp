@@ -43,6 +43,7 @@ struct Options {
   unsigned seed = 1;
   bool hang = false;
   bool hang_after_header = false;
+  bool drop_after_header = false;  // the response head, then the close: a server dying in the prefill
   bool drop_mid_stream = false;
   bool drop_request = false;  // close the connection on a completion request without answering
   int drop_delay_ms = 0;      // ... this long after reading it (a crash mid-generation)
@@ -91,7 +92,7 @@ struct Server {
   (message.empty() ? std::cout : std::cerr)
             << "usage: infergate-mock [--host H] [--port P] [--port-count K] [--model M] [--tokens N]\n"
                "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE] [--retry-after S]\n"
-               "  [--seed S] [--hang] [--hang-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
+               "  [--seed S] [--hang] [--hang-after-header] [--drop-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
                "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice] [--own-request-ids] [--max-body BYTES]\n"
                "  [--idle-408] [--keep-alive-ms MS] [--hang-health-ms MS]\n"
                "  [--models-nesting N] [--quiet]\n";
@@ -131,6 +132,7 @@ Options parse_options(int argc, char** argv) {
     else if (a == "--seed") o.seed = static_cast<unsigned>(parse_long(a, value(), 0, 1L << 30));
     else if (a == "--hang") o.hang = true;
     else if (a == "--hang-after-header") o.hang_after_header = true;
+    else if (a == "--drop-after-header") o.drop_after_header = true;
     else if (a == "--drop-mid-stream") o.drop_mid_stream = true;
     else if (a == "--drop-request") o.drop_request = true;
     else if (a == "--drop-delay-ms") o.drop_delay_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
@@ -286,6 +288,7 @@ net::awaitable<bool> stream_completion(Server* server, tcp::socket* socket, Comp
     co_await hang_forever();
     co_return false;
   }
+  if (o.drop_after_header) co_return false;
   const auto created = g_created;
   const char* object = c.chat ? "chat.completion.chunk" : "text_completion";
   auto send = [&](const std::string& event) -> net::awaitable<bool> {
@@ -543,10 +546,10 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
         keep_open = co_await stream_completion(server, &socket, c, completion_id, request_id) && req.keep_alive();
         streamed = true;
       } else {
-        if (o.hang_after_header) {
+        if (o.hang_after_header || o.drop_after_header) {
           std::string head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
           co_await net::async_write(socket, net::buffer(head), kTuple);
-          co_await hang_forever();
+          if (o.hang_after_header) co_await hang_forever();
           break;
         }
         // Like vLLM, a non-streamed answer comes when the last token is generated.
