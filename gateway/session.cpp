@@ -261,7 +261,14 @@ struct AttemptOutcome {
   bool failure_reported = false;  // the passive-health failure went in before the response was relayed
   bool success_reported = false;  // the passive-health success went in before the response was relayed
   bool after_sent = false;  // kFailed: the backend had the whole request and did not answer
+  bool client_stalled = false;  // kClientGone: the client was there but took nothing within timeouts.idle
 };
+
+// The access log's note on how a request ended without being served whole by its client's doing.
+std::string_view client_note(const AttemptOutcome& out) {
+  if (out.kind != AttemptOutcome::kClientGone) return "";
+  return out.client_stalled ? " client-stalled" : " client-gone";
+}
 
 AttemptOutcome client_gone_outcome() {
   AttemptOutcome out;
@@ -837,7 +844,10 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
     client_->arm(w_->state->config.timeouts.idle);
     net::async_write(client_->socket(), rest,
                      [self = shared_from_this()](beast::error_code wec, std::size_t) {
-                       if (self->client_->settle(wec)) return self->finish(AttemptOutcome::kClientGone);
+                       if (auto ec = self->client_->settle(wec)) {
+                         self->out_.client_stalled = ec == beast::error::timeout;
+                         return self->finish(AttemptOutcome::kClientGone);
+                       }
                        self->after_write();
                      });
   }
@@ -918,7 +928,7 @@ void StreamRelay::finish(AttemptOutcome::Kind kind, std::string error) {
   if (state.config.log.access) {
     auto ms = std::chrono::duration<double, std::milli>(Clock::now() - request_started_).count();
     spdlog::info("{} {} {} -> {} {} {}B {:.1f}ms{}", request_id_, method, target, backend_->info().id, out_.status,
-                 out_.bytes, ms, kind == AttemptOutcome::kClientGone ? " client-gone" : "");
+                 out_.bytes, ms, client_note(out_));
   }
   if (kind == AttemptOutcome::kServed) {
     add_token_usage(*backend_, usage_);
@@ -1081,6 +1091,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
       }
       if (wec) {
         out.kind = AttemptOutcome::kClientGone;
+        out.client_stalled = wec == beast::error::timeout;
         // A client still there but too slow (timeouts.idle) must not take the close for the end.
         c->reset_on_close = plan.close_delimited;
         *upstream_reusable = false;
@@ -1298,7 +1309,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
         auto ms = std::chrono::duration<double, std::milli>(Clock::now() - started).count();
         spdlog::info("{} {} {} -> {} {} {}B {:.1f}ms retries={}{}", request_id, c->method, c->target, id,
                      out.status, out.bytes, ms, attempt,
-                     out.kind == AttemptOutcome::kClientGone ? " client-gone" : "");
+                     client_note(out));
       }
       co_return next_after(out.kind == AttemptOutcome::kServed && out.keep_alive);
     }

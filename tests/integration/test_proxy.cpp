@@ -1086,6 +1086,9 @@ TEST(ProxyTest, AStreamTooSlowlyReadResetsAnHttp10ClientsConnection) {
   EXPECT_THAT(received, StartsWith("HTTP/1.0 200"));
   EXPECT_THAT(received, Not(HasSubstr("[DONE]")));
   EXPECT_EQ(how, "reset");
+  // The access log tells a client too slow to read from one that left.
+  EXPECT_TRUE(poll_until([&] { return gw.process->errors().find(" client-stalled") != std::string::npos; }, 5s))
+      << gw.process->errors();
 }
 
 TEST(ProxyTest, HeadersForwardedAsAProxyShould) {
