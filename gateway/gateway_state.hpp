@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <random>
 #include <string>
 #include <utility>
 
@@ -53,16 +54,28 @@ class ConnectionSlot {
   std::atomic<std::int64_t>* taken_ = nullptr;
 };
 
+// This gateway's entry in the Via field of the requests it forwards (RFC 9110 7.6.3): a name of
+// its own per process, so that a request coming back to it (the gateway listed as one of its own
+// backends, or two gateways as each other's) is seen as a loop.
+inline std::string make_via() {
+  std::string via = "1.1 infergate-";
+  auto v = std::random_device{}();
+  for (int i = 0; i < 8; ++i, v >>= 4) via += "0123456789abcdef"[v & 0xf];
+  return via;
+}
+
 struct GatewayState {
   explicit GatewayState(config::Config cfg, std::string how)
       : config(std::move(cfg)),
         registry(discovery::BackendState::kStarting),
         discovery_how(std::move(how)),
+        via(make_via()),
         retry(config.retries.max, config.retries.backoff_base, config.retries.backoff_max) {}
 
   const config::Config config;
   discovery::Registry registry;
   const std::string discovery_how;  // said in 503 answers when there is no backend
+  const std::string via;            // "1.1 infergate-<random>", added to every forwarded request
   const RetryPolicy retry;
   discovery::HealthChecker* health = nullptr;  // set by the server before serving
   // Set by the server: asks every worker to close a few connections idle between requests (at

@@ -384,7 +384,7 @@ net::awaitable<beast::error_code> connect_upstream(Worker* w, const discovery::B
 // The request as a backend gets it: hop-by-hop fields dropped, X-Request-ID and
 // X-Forwarded-For set, the body re-framed with Content-Length (a chunked body was de-chunked).
 void build_upstream_head(const ClientConnection& c, std::string_view request_id, std::string_view host,
-                         std::string& out) {
+                         std::string_view via, std::string& out) {
   const auto& h = c.head;
   out.clear();
   out += h.method;
@@ -430,6 +430,7 @@ void build_upstream_head(const ClientConnection& c, std::string_view request_id,
     append_field(out, f.name, f.value);
   }
   if (!has_host) append_field(out, "Host", host);  // HTTP/1.1 servers require one
+  append_field(out, "Via", via);                   // after any the request came with
   append_field(out, "X-Request-ID", request_id);
   out += "X-Forwarded-For: ";
   if (!forwarded.empty()) {
@@ -570,7 +571,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
     // The head is built once per request (retries reuse it); head and body go out in one
     // gather write.
     if (c->upstream_head.empty()) {
-      build_upstream_head(*c, request_id, backend->info().id, c->upstream_head);
+      build_upstream_head(*c, request_id, backend->info().id, w->state->via, c->upstream_head);
       c->upstream_head_size = c->upstream_head.size();
       if (c->body.size() <= kCoalesceMax) c->upstream_head += c->body;  // one buffer, one send(2)
     }
@@ -1182,6 +1183,25 @@ net::awaitable<Next> answer_no_backend(Worker* w, ClientConnection* c, const dis
                                                     c->head.keep_alive(), c->method == "HEAD", c->request_id));
 }
 
+// Whether a request carries this gateway's own Via entry: it went out from here and came back.
+bool came_back(const http1::Head& head, std::string_view via) {
+  const auto name = via.substr(via.find(' ') + 1);  // "infergate-<random>"
+  for (const auto& f : head.fields) {
+    if (f.name.size() == 3 && iequals(f.name, "via") && f.value.find(name) != std::string_view::npos) return true;
+  }
+  return false;
+}
+
+net::awaitable<Next> answer_loop(Worker* w, ClientConnection* c) {
+  GatewayState& state = *w->state;
+  spdlog::error("{} {} {}: the request came back to this gateway (its Via field names it): is the gateway one of "
+                "its own backends?", c->request_id, c->method, c->target);
+  auto r = error_response(508, "request loop: this request came back to the gateway that forwarded it; check that "
+                               "the gateway is not one of its own backends");
+  co_return next_after(co_await write_local_counted(&state, c, std::move(r), c->head.version_minor, false,
+                                                    c->method == "HEAD", c->request_id));
+}
+
 // `retry_after` is set when every backend tried answered 503: the client gets a 503 too, with
 // the longest Retry-After they asked for (1 s when none did), so that clients that honour it
 // (OpenAI's SDKs do) back off instead of taking a 502 for a gateway fault.
@@ -1223,6 +1243,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
   c->total_deadline = total.count() > 0 ? coarse_now() + total : Clock::time_point::max();
   c->sock.cap_at(c->total_deadline);
 
+  if (came_back(c->head, state.via)) co_return co_await answer_loop(w, c);
   auto set = state.registry.snapshot();
   if (set->routable.empty()) co_return co_await answer_no_backend(w, c, *set);
 

@@ -1091,6 +1091,31 @@ TEST(ProxyTest, AStreamTooSlowlyReadResetsAnHttp10ClientsConnection) {
       << gw.process->errors();
 }
 
+// Forwarded requests carry the gateway's Via entry, and one that comes back to it (the gateway
+// added as its own backend) is answered 508 at once instead of going round until every
+// connection slot is taken.
+TEST(ProxyTest, ARequestThatComesBackToTheGatewayIsALoop) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  auto echoed = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {{"X-Mock-Echo-Headers", "1"},
+                                                                                         {"Via", "1.1 upstream-proxy"}});
+  ASSERT_EQ(echoed.status, 200) << echoed.body;
+  const auto via = json::parse(echoed.body)["received_headers"]["Via"].get<std::string>();
+  EXPECT_THAT(via, HasSubstr("1.1 upstream-proxy"));
+  EXPECT_THAT(via, ::testing::MatchesRegex(".*1\\.1 infergate-[0-9a-f]{8}"));
+
+  auto looped = start_gateway({"--no-slurm", "--set", "health.healthy_threshold=1", "--set", "health.interval=200ms"});
+  const std::string self = "http://127.0.0.1:" + std::to_string(looped.port);
+  ASSERT_EQ(http_request(looped.port, "POST", "/admin/backends", "{\"url\":\"" + self + "\"}").status, 201);
+  wait_healthy(looped, 1);  // its own /health answers the probe
+  const auto t0 = Clock::now();
+  auto r = http_request(looped.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(r.status, 508) << r.body;
+  EXPECT_THAT(r.body, HasSubstr("request loop"));
+  EXPECT_LT(Clock::now() - t0, 5s);
+}
+
 TEST(ProxyTest, HeadersForwardedAsAProxyShould) {
   auto mocks = start_mocks(1);
   auto gw = start_gateway(backend_args(mocks));

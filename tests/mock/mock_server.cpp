@@ -570,7 +570,11 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
         if (req["X-Mock-Echo-Headers"] == "1") {
           auto j = json::parse(res.body());
           json headers = json::object();
-          for (const auto& f : req) headers[std::string(f.name_string())] = std::string(f.value());
+          for (const auto& f : req) {  // a field given twice is one list (RFC 9110 5.3)
+            const std::string name(f.name_string());
+            headers[name] = headers.contains(name) ? headers[name].get<std::string>() + ", " + std::string(f.value())
+                                                   : std::string(f.value());
+          }
           j["received_headers"] = headers;
           res.body() = j.dump();
         }
