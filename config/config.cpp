@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "config/units.hpp"
+#include "slurm/hostlist.hpp"
 
 extern char** environ;
 
@@ -193,15 +194,6 @@ std::string optional_text(const std::optional<T>& v) {
   }
 }
 
-bool valid_backend_url(std::string_view url) {
-  constexpr std::string_view kScheme = "http://";
-  if (url.substr(0, kScheme.size()) != kScheme) return false;
-  auto rest = url.substr(kScheme.size());
-  if (!rest.empty() && rest.back() == '/') rest.remove_suffix(1);
-  auto ep = parse_endpoint(rest);
-  return ep && !ep->host.empty() && ep->port != 0;
-}
-
 std::string set_backends(Config& c, std::string_view v, bool append) {
   if (!append) c.backends.clear();
   std::string_view rest = v;
@@ -213,10 +205,11 @@ std::string set_backends(Config& c, std::string_view v, bool append) {
     if (!item.empty()) {
       std::string url(item);
       if (url.find("://") == std::string::npos) url = "http://" + url;
-      if (!valid_backend_url(url)) {
-        return "invalid backend URL '" + std::string(item) + "' (expected http://host:port)";
+      std::string problem;
+      if (!parse_backend_url(url, &problem)) {
+        return "invalid backend URL '" + std::string(item) + "': " + problem;
       }
-      if (url.back() == '/') url.pop_back();
+      while (url.back() == '/') url.pop_back();
       c.backends.push_back(url);
     }
     if (comma == std::string_view::npos) break;
@@ -777,6 +770,34 @@ std::optional<Endpoint> parse_endpoint(std::string_view text) {
   auto port = parse_integer(port_text);
   if (!port || *port < 0 || *port > 65535) return std::nullopt;
   ep.port = static_cast<std::uint16_t>(*port);
+  return ep;
+}
+
+std::optional<Endpoint> parse_backend_url(std::string_view url, std::string* problem) {
+  constexpr std::string_view kScheme = "http://";
+  auto rest = url;
+  if (rest.substr(0, kScheme.size()) == kScheme) {
+    rest.remove_prefix(kScheme.size());
+  } else if (rest.find("://") != std::string_view::npos) {
+    *problem = "only http:// is supported";
+    return std::nullopt;
+  }
+  while (!rest.empty() && rest.back() == '/') rest.remove_suffix(1);
+  auto ep = parse_endpoint(rest);
+  // parse_endpoint reads an empty host as every interface, which is no backend's address.
+  if (!ep || ep->port == 0 || rest.empty() || rest.front() == ':') {
+    *problem = "expected http://host:port";
+    return std::nullopt;
+  }
+  // The rules Slurm's hosts follow: a name that cannot be looked up (an empty label, a label
+  // over 63 characters) would be a backend that never becomes healthy, and "127.0.0.010" is
+  // 127.0.0.8 to inet_aton. A host in brackets is an IPv6 address, which parse_endpoint checked.
+  if (rest.front() != '[') {
+    if (auto bad = slurm::host_name_problem(ep->host); !bad.empty()) {
+      *problem = "not a valid host name: " + bad;
+      return std::nullopt;
+    }
+  }
   return ep;
 }
 

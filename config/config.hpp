@@ -35,6 +35,11 @@ struct Endpoint {
 };
 // "HOST:PORT", ":PORT" (all interfaces) or "[v6]:PORT". nullopt when malformed.
 std::optional<Endpoint> parse_endpoint(std::string_view text);
+// A backend's URL, "http://HOST:PORT" (the scheme may be left out; trailing '/' are ignored),
+// as its endpoint. The host is a host name by the rules Slurm's hosts follow
+// (slurm::host_name_problem), a dotted-quad IPv4 address or "[v6]". nullopt with `*problem`
+// set (e.g. "not a valid host name: empty label at offset 2 (...)") when it is not one.
+std::optional<Endpoint> parse_backend_url(std::string_view url, std::string* problem);
 
 struct SlurmSettings {
   bool enabled = true;

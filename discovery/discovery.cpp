@@ -8,17 +8,9 @@
 namespace infergate::discovery {
 
 BackendInfo backend_from_url(const std::string& url, const std::string& source) {
-  constexpr std::string_view kScheme = "http://";
-  std::string_view rest = url;
-  if (rest.substr(0, kScheme.size()) == kScheme) rest.remove_prefix(kScheme.size());
-  if (rest.find("://") != std::string_view::npos) {
-    throw DiscoveryError("backend URL '" + url + "': only http:// is supported");
-  }
-  while (!rest.empty() && rest.back() == '/') rest.remove_suffix(1);
-  auto ep = config::parse_endpoint(rest);
-  if (!ep || ep->port == 0 || rest.empty() || rest.front() == ':') {
-    throw DiscoveryError("backend URL '" + url + "': expected http://host:port");
-  }
+  std::string problem;
+  auto ep = config::parse_backend_url(url, &problem);
+  if (!ep) throw DiscoveryError("backend URL '" + url + "': " + problem);
   BackendInfo b;
   b.host = ep->host;
   b.port = ep->port;

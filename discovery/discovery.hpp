@@ -44,7 +44,8 @@ struct DiscoveryResult {
 // Throws DiscoveryError with a one-line message on bad input (nodelist, env, URLs).
 DiscoveryResult discover(const config::Config& config, const config::EnvLookup& env);
 
-// Parses "http://host:port" into a BackendInfo with the given source. Throws DiscoveryError.
+// Parses "http://host:port" (config::parse_backend_url) into a BackendInfo with the given
+// source. Throws DiscoveryError naming the URL and the problem.
 BackendInfo backend_from_url(const std::string& url, const std::string& source);
 
 }  // namespace infergate::discovery

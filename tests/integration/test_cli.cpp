@@ -112,6 +112,7 @@ TEST(CliTest, BadInputExitsTwoWithOneLine) {
       {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "NUM_TRAINING_NODES=x"}, "NUM_TRAINING_NODES='x'"},
       {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "NUM_TRAINING_NODES=2"}, "no host left for inference"},
       {{"discover", "--backend", "ftp://x:1"}, {}, "invalid backend URL"},
+      {{"discover", "--backend", "http://a..b:80"}, {}, "--backend: backends: invalid backend URL 'http://a..b:80': not a valid host name: empty label"},
       {{"--bogus"}, {}, "unknown flag '--bogus'"},
       {{"--threads", "lots"}, {}, "--threads: threads: expected an integer"},
       {{"--set", "health.intervall=1s"}, {}, "did you mean 'health.interval'"},

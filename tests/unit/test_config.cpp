@@ -512,6 +512,23 @@ TEST(ConfigTest, KeysGivenTwiceAndSecondDocumentsAreErrors) {
   EXPECT_EQ(yaml_error(","), "no error");
 }
 
+// Static backends follow the host-name rules of Slurm hosts and of the admin API's added
+// backends: a config error at start-up, not a backend that never resolves.
+TEST(ConfigTest, StaticBackendHostsMustBeValidHostNames) {
+  EXPECT_THAT(yaml_error("backends:\n  - http://a..b:80\n"),
+              HasSubstr("gw.yaml:2: backends: invalid backend URL 'http://a..b:80': not a valid host name: "
+                        "empty label at offset 2"));
+  EXPECT_THAT(yaml_error("backends: [\"http://" + std::string(300, 'a') + ":80\"]\n"),
+              HasSubstr("300 characters long, more than 253"));
+  EXPECT_THAT(yaml_error("backends: [\"http://" + std::string(64, 'a') + ".b:80\"]\n"),
+              HasSubstr("64 characters long, more than 63"));
+  EXPECT_THAT(yaml_error("backends: [\"http://127.0.0.01:80\"]\n"), HasSubstr("not a dotted quad"));
+  EXPECT_THAT(yaml_error("backends: [\"1.2.3:80\"]\n"), HasSubstr("not a dotted quad"));
+  EXPECT_THAT(yaml_error("backends: [\"http://:80\"]\n"), HasSubstr("expected http://host:port"));
+  EXPECT_EQ(yaml_error("backends: [\"http://gpu-a001.cluster:9000/\", \"127.0.0.1:80\", \"http://[::1]:80\"]\n"),
+            "no error");
+}
+
 TEST(ConfigTest, ValuesThatWouldBreakARequestLineOrAnAddressAreRefused) {
   EXPECT_THAT(yaml_error("health:\n  path: \"/health HTTP/1.0\\r\\nX-Evil: 1\"\n"),
               HasSubstr("health.path: must be a path without spaces"));

@@ -106,6 +106,8 @@ TEST(DiscoveryTest, BadInputIsOneLineError) {
   EXPECT_THROW(backend_from_url("http://x", "static"), DiscoveryError);
   EXPECT_THROW(backend_from_url("http://:80", "static"), DiscoveryError);
   EXPECT_EQ(backend_from_url("http://x:1/", "admin").id, "x:1");
+  EXPECT_THROW(backend_from_url("http://a..b:1", "admin"), DiscoveryError);
+  EXPECT_THROW(backend_from_url("http://127.0.0.01:1", "admin"), DiscoveryError);
 }
 
 TEST(RegistryTest, RoundRobinIsAnExactRotation) {
