@@ -115,7 +115,7 @@ class ChunkedDecoder {
   };
   State state_ = State::kSize;
   std::uint64_t remaining_ = 0;
-  unsigned digits_ = 0;
+  std::size_t digits_ = 0;  // of the current chunk-size, leading zeros included
   std::size_t extension_bytes_ = 0;
   std::size_t trailer_bytes_ = 0;
   bool trailer_colon_ = false;  // the current trailer line has its colon
@@ -135,7 +135,13 @@ ChunkedDecoder::Result ChunkedDecoder::feed(std::string_view in, OnData&& on_dat
         else if (c >= 'a' && c <= 'f') v = c - 'a' + 10;
         else if (c >= 'A' && c <= 'F') v = c - 'A' + 10;
         if (v >= 0) {
-          if (++digits_ > 15) { state_ = State::kBad; break; }
+          // chunk-size is 1*HEXDIG (RFC 9112 7.1): leading zeros may come in any number, so
+          // the value is bounded (15 digits, 2^60 - 1, far beyond any body; more could
+          // overflow), and the line like an extension, so that zeros cannot stream forever.
+          if (remaining_ >= (std::uint64_t{1} << 56) || ++digits_ > kMaxExtension) {
+            state_ = State::kBad;
+            break;
+          }
           remaining_ = remaining_ * 16 + static_cast<std::uint64_t>(v);
           ++i;
         } else if (digits_ > 0 && (c == ';' || c == ' ' || c == '\t')) {

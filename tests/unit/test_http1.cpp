@@ -237,6 +237,41 @@ TEST(Http1ChunkedTest, FindsTheEndAndTheDataWhateverTheSplit) {
   }
 }
 
+// chunk-size is 1*HEXDIG (RFC 9112 7.1): leading zeros are allowed in any number, as nginx
+// allows them; only the value is bounded.
+TEST(Http1ChunkedTest, LeadingZerosInAChunkSizeAreNoOverflow) {
+  const std::string body = "00000000000000000005\r\nhello\r\n" + std::string(40, '0') + "\r\n\r\nNEXT";
+  for (std::size_t step = 1; step <= body.size(); ++step) {
+    ChunkedDecoder d;
+    std::string data;
+    std::size_t consumed = 0;
+    for (std::size_t i = 0; i < body.size() && !d.done(); i += step) {
+      auto r = d.feed(std::string_view(body).substr(i, step), [&](std::string_view s) { data.append(s); });
+      ASSERT_FALSE(r.bad) << "step " << step;
+      consumed += r.consumed;
+    }
+    EXPECT_TRUE(d.done()) << "step " << step;
+    EXPECT_EQ(consumed, body.find("NEXT")) << "step " << step;
+    EXPECT_EQ(data, "hello") << "step " << step;
+  }
+  // The largest size (15 significant digits) still passes, zero-padded or not; one digit more
+  // is refused however many zeros lead it.
+  for (const std::string& size : {std::string("fffffffffffffff"), std::string("0000fffffffffffffff")}) {
+    ChunkedDecoder d;
+    auto r = d.feed(size + "\r\nabc");
+    EXPECT_FALSE(r.bad) << size;
+    EXPECT_EQ(r.consumed, size.size() + 5) << size;
+  }
+  for (const std::string& size : {std::string("1000000000000000"), std::string("00001000000000000000"),
+                                  std::string("ffffffffffffffffffff")}) {
+    ChunkedDecoder d;
+    EXPECT_TRUE(d.feed(size + "\r\n").bad) << size;
+  }
+  // Zeros are not an endless line either: a size line is bounded like an extension.
+  ChunkedDecoder endless;
+  EXPECT_TRUE(endless.feed(std::string(5000, '0')).bad);
+}
+
 TEST(Http1ChunkedTest, RejectsBrokenFraming) {
   const std::string long_extension = "5;" + std::string(5000, 'x') + "\r\nhello\r\n";
   for (const std::string& input : {std::string("x\r\n"), std::string("5\r\nhelloXX"), std::string("5\nhello\r\n"),
