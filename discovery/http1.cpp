@@ -128,6 +128,9 @@ Parse parse_request_line(std::string_view line, Head& out) {
   for (char c : out.target) {
     const auto u = static_cast<unsigned char>(c);
     if (u <= ' ' || u >= 0x7f) return bad(out, "invalid character in the request target");
+    // A fragment is the client's own and never sent (RFC 9112 3.2); a backend would read it as
+    // part of the path.
+    if (c == '#') return bad(out, "fragment in the request target");
   }
   if (!parse_version(line.substr(sp2 + 1), out.version_minor)) return bad(out, "unsupported HTTP version");
   return Parse::kComplete;

@@ -481,6 +481,10 @@ TEST(ProxyTest, BadRequestsGetClearErrors) {
   auto malformed = raw_exchange(gw.port, "GARBAGE\r\n\r\n");
   EXPECT_THAT(malformed, HasSubstr("HTTP/1.1 400"));
   EXPECT_THAT(malformed, HasSubstr("\"error\""));
+  auto fragment = raw_exchange(gw.port, "GET /v1/models#x HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_THAT(fragment, StartsWith("HTTP/1.1 400 "));
+  EXPECT_THAT(fragment, HasSubstr("\"error\""));
+  EXPECT_THAT(fragment, HasSubstr("fragment in the request target"));
 
   auto smuggling = raw_exchange(gw.port,
                                 "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"

@@ -99,6 +99,9 @@ TEST(Http1RequestTest, RejectsMalformedHeadsWithAReason) {
       {"GET / HTTP/2.0\r\n\r\n", "unsupported HTTP version"},
       {"G(T / HTTP/1.1\r\n\r\n", "invalid request method"},
       {"GET  HTTP/1.1\r\n\r\n", "empty request target"},
+      // A fragment is the client's own (RFC 9112 3.2): never sent, so never forwarded.
+      {"GET /v1/models#x HTTP/1.1\r\nHost: x\r\n\r\n", "fragment in the request target"},
+      {"GET http://a/v1/models?q=1# HTTP/1.1\r\nHost: x\r\n\r\n", "fragment in the request target"},
       {"GET / HTTP/1.1\r\nHost x\r\n\r\n", "header field without a colon"},
       {"GET / HTTP/1.1\r\nHo st: x\r\n\r\n", "invalid header field name"},
       {"GET / HTTP/1.1\r\nHost : x\r\n\r\n", "invalid header field name"},
