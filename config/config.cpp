@@ -137,12 +137,22 @@ Setter make_string(Field field) {
   };
 }
 
+// `aliases`: other words for a choice, as {alias, choice}; the choice is what is kept.
 template <typename Field>
-Setter make_choice(Field field, std::vector<std::string> choices) {
-  return [field, choices](Config& c, std::string_view v) -> std::string {
+Setter make_choice(Field field, std::vector<std::string> choices,
+                   std::vector<std::pair<std::string, std::string>> aliases = {}) {
+  return [field, choices, aliases](Config& c, std::string_view v) -> std::string {
+    for (const auto& [alias, choice] : aliases) {
+      if (v == alias) v = choice;
+    }
     if (std::find(choices.begin(), choices.end(), v) == choices.end()) {
       std::string all;
-      for (const auto& choice : choices) all += (all.empty() ? "" : ", ") + choice;
+      for (const auto& choice : choices) {
+        all += (all.empty() ? "" : ", ") + choice;
+        for (const auto& [alias, target] : aliases) {
+          if (target == choice) all += " (or " + alias + ")";
+        }
+      }
       return "must be one of " + all + ", got '" + std::string(v) + "'";
     }
     field(c) = std::string(v);
@@ -400,9 +410,10 @@ const std::vector<KeySpec>& specs() {
           return {};
         },
         [](const Config& c) { return c.admin_token.empty() ? "\"\"" : "\"" + std::string(kRedacted) + "\""; });
-    add("log.level", Kind::kString, "trace, debug, info, warn, error, critical, off",
+    // The log lines print "warning": the word a user copies from them means warn.
+    add("log.level", Kind::kString, "trace, debug, info, warn (or warning), error, critical, off",
         make_choice([](Config& c) -> std::string& { return c.log.level; },
-                    {"trace", "debug", "info", "warn", "error", "critical", "off"}),
+                    {"trace", "debug", "info", "warn", "error", "critical", "off"}, {{"warning", "warn"}}),
         [](const Config& c) { return c.log.level; });
     add("log.format", Kind::kString, "text or json",
         make_choice([](Config& c) -> std::string& { return c.log.format; }, {"text", "json"}),

@@ -35,7 +35,7 @@ constexpr FlagSpec kFlags[] = {
     {"--threads", "threads", "N", "worker threads (default 0: one per CPU this process may run on)"},
     {"--backend", "backends", "URL", "static backend http://host:port (repeatable)"},
     {"--no-slurm", "slurm.enabled", nullptr, "do not discover backends from the Slurm environment"},
-    {"--log-level", "log.level", "LEVEL", "trace, debug, info, warn, error, critical, off"},
+    {"--log-level", "log.level", "LEVEL", "trace, debug, info, warn (or warning), error, critical, off"},
     {"--log-format", "log.format", "FORMAT", "text or json"},
     {"--set", nullptr, "KEY=VALUE", "set any configuration key (see `infergate config`)"},
     {"--json", nullptr, nullptr, "discover: print JSON objects instead of URLs"},

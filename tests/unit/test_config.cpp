@@ -425,6 +425,22 @@ TEST(ConfigTest, DumpNamesEachSource) {
   EXPECT_EQ(back.listen.to_string(), "127.0.0.1:1");
 }
 
+// The log lines print "warning": the same word sets the level, from the file, the environment
+// and the flag alike, and means warn.
+TEST(ConfigTest, LogLevelWarningIsWarn) {
+  EXPECT_EQ(parse_yaml_text("log:\n  level: warning\n", "gw.yaml").log.level, "warn");
+  EXPECT_EQ(parse_yaml_text("log.level: warn\n", "gw.yaml").log.level, "warn");
+  LoadOptions from_env;
+  from_env.env = env_of({{"INFERGATE_LOG_LEVEL", "warning"}});
+  EXPECT_EQ(load_config(from_env).config.log.level, "warn");
+  LoadOptions from_flag;
+  from_flag.env = env_of({});
+  from_flag.flags = {{"log.level", "warning", "--log-level"}};
+  EXPECT_EQ(load_config(from_flag).config.log.level, "warn");
+  EXPECT_THAT(yaml_error("log:\n  level: warnings\n"),
+              HasSubstr("log.level: must be one of trace, debug, info, warn (or warning), error, critical, off"));
+}
+
 // `infergate config` output given back as --config means the same, whatever the values hold.
 TEST(ConfigTest, DumpReadsBackAsTheSameValues) {
   LoadOptions options;
