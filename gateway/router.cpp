@@ -93,8 +93,13 @@ std::optional<json> parse_json_object(std::string_view body, LocalResponse* erro
     *error = error_response(400, "request body nests JSON deeper than " + std::to_string(kMaxJsonDepth) + " levels");
     return std::nullopt;
   }
+  // Text that is not JSON and JSON of another shape call for different fixes: say which.
   auto j = json::parse(body, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) {
+  if (j.is_discarded()) {
+    *error = error_response(400, "request body is not valid JSON");
+    return std::nullopt;
+  }
+  if (!j.is_object()) {
     *error = error_response(400, "request body must be a JSON object");
     return std::nullopt;
   }

@@ -363,6 +363,26 @@ TEST(AdminTest, DeeplyNestedOrHugeAdminBodiesAreRefusedAndTheGatewayLives) {
   EXPECT_TRUE(gw.process->running());
 }
 
+// Text that is not JSON at all is told apart from JSON of the wrong shape: the fix differs.
+TEST(AdminTest, AnAdminBodyThatIsNotJsonSaysSo) {
+  auto a = start_mock();
+  auto gw = start_gateway({"--backend", a.url()});
+  for (const std::string path : {"/admin/backends", "/admin/broadcast"}) {
+    SCOPED_TRACE(path);
+    auto bad = http_request(gw.port, "POST", path, "{bad");
+    EXPECT_EQ(bad.status, 400);
+    EXPECT_THAT(json::parse(bad.body)["error"]["message"].get<std::string>(),
+                HasSubstr("request body is not valid JSON"));
+    auto empty = http_request(gw.port, "POST", path, "");
+    EXPECT_THAT(json::parse(empty.body)["error"]["message"].get<std::string>(),
+                HasSubstr("request body is not valid JSON"));
+    auto array = http_request(gw.port, "POST", path, R"(["http://127.0.0.1:1"])");
+    EXPECT_EQ(array.status, 400);
+    EXPECT_THAT(json::parse(array.body)["error"]["message"].get<std::string>(),
+                HasSubstr("request body must be a JSON object"));
+  }
+}
+
 // A URL whose host is no host name (the rules Slurm hosts and static backends follow) is
 // refused with the reason, not added as a backend that can never resolve.
 TEST(AdminTest, AnAddedBackendsHostMustBeAValidHostName) {
