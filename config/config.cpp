@@ -204,6 +204,15 @@ std::string optional_text(const std::optional<T>& v) {
   }
 }
 
+// Parses an address to listen on into `out`; returns why `v` is not one, or empty.
+std::string parse_listen(std::string_view v, Endpoint& out) {
+  std::string problem;
+  auto ep = parse_endpoint(v, &problem);
+  if (!ep) return problem.empty() ? "expected HOST:PORT, got '" + std::string(v) + "'" : problem;
+  out = *ep;
+  return {};
+}
+
 std::string set_backends(Config& c, std::string_view v, bool append) {
   if (!append) c.backends.clear();
   std::string_view rest = v;
@@ -235,12 +244,7 @@ const std::vector<KeySpec>& specs() {
       t.push_back(KeySpec{std::move(key), kind, std::move(help), std::move(set), std::move(get), {}});
     };
     add("listen", Kind::kEndpoint, "address the gateway listens on (HOST:PORT; port 0 = any)",
-        [](Config& c, std::string_view v) -> std::string {
-          auto ep = parse_endpoint(v);
-          if (!ep) return "expected HOST:PORT, got '" + std::string(v) + "'";
-          c.listen = *ep;
-          return {};
-        },
+        [](Config& c, std::string_view v) { return parse_listen(v, c.listen); },
         [](const Config& c) { return c.listen.to_string(); });
     add("threads", Kind::kInt, "worker threads (0 = one per hardware thread)",
         make_int([](Config& c) -> int& { return c.threads; }, 0, 1024),
@@ -427,10 +431,10 @@ const std::vector<KeySpec>& specs() {
             c.metrics_listen.reset();
             return {};
           }
-          auto ep = parse_endpoint(v);
-          if (!ep) return "expected HOST:PORT, got '" + std::string(v) + "'";
-          c.metrics_listen = *ep;
-          return {};
+          Endpoint ep;
+          auto problem = parse_listen(v, ep);
+          if (problem.empty()) c.metrics_listen = ep;
+          return problem;
         },
         [](const Config& c) { return c.metrics_listen ? c.metrics_listen->to_string() : "null"; });
     return t;
@@ -747,7 +751,7 @@ std::string Endpoint::to_string() const {
   return host + ":" + std::to_string(port);
 }
 
-std::optional<Endpoint> parse_endpoint(std::string_view text) {
+std::optional<Endpoint> parse_endpoint(std::string_view text, std::string* problem) {
   Endpoint ep;
   std::string_view port_text;
   if (!text.empty() && text.front() == '[') {
@@ -759,7 +763,17 @@ std::optional<Endpoint> parse_endpoint(std::string_view text) {
     port_text = text.substr(close + 2);
     // Brackets hold an IPv6 address, never a name, and never nothing.
     in6_addr v6{};
-    if (::inet_pton(AF_INET6, ep.host.c_str(), &v6) != 1) return std::nullopt;
+    if (::inet_pton(AF_INET6, ep.host.c_str(), &v6) != 1) {
+      if (problem != nullptr && !ep.host.empty()) {
+        const bool v4 = slurm::is_dotted_quad(ep.host);
+        *problem = slurm::quoted_for_message(text) + ": brackets hold an IPv6 address";
+        if (v4 || slurm::host_name_problem(ep.host).empty()) {
+          *problem += std::string("; write ") + (v4 ? "an IPv4 address" : "a host name") + " without them (" +
+                      ep.host + ":" + std::string(port_text) + ")";
+        }
+      }
+      return std::nullopt;
+    }
   } else {
     auto colon = text.rfind(':');
     if (colon == std::string_view::npos) return std::nullopt;
@@ -768,10 +782,17 @@ std::optional<Endpoint> parse_endpoint(std::string_view text) {
     port_text = text.substr(colon + 1);
   }
   if (ep.host.empty()) ep.host = "0.0.0.0";
-  // Digits and dots only: an IPv4 address (256.1.1.1 is not one, nor a name to look up).
-  if (std::all_of(ep.host.begin(), ep.host.end(), [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)) || ch == '.'; })) {
-    in_addr v4{};
-    if (::inet_aton(ep.host.c_str(), &v4) == 0) return std::nullopt;  // as getaddrinfo reads it: 127.1 too
+  // Digits and dots only: an IPv4 address, and as a dotted quad. 256.1.1.1 is none, nor a name
+  // to look up; inet_aton reads 1.2.3 and 127.1 too, but nothing after it did: 1.2.3 failed
+  // only at the bind, and 127.1 was taken for a host name.
+  if (std::all_of(ep.host.begin(), ep.host.end(), [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)) || ch == '.'; }) &&
+      !slurm::is_dotted_quad(ep.host)) {
+    if (problem != nullptr) {
+      *problem = slurm::quoted_for_message(ep.host) +
+                 " is not an IPv4 address: a host of digits and dots must be a dotted quad (four numbers 0-255 "
+                 "without leading zeros)";
+    }
+    return std::nullopt;
   }
   for (char ch : ep.host) {
     if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '-' || ch == '_' || ch == ':')) {
@@ -794,10 +815,11 @@ std::optional<Endpoint> parse_backend_url(std::string_view url, std::string* pro
     return std::nullopt;
   }
   while (!rest.empty() && rest.back() == '/') rest.remove_suffix(1);
-  auto ep = parse_endpoint(rest);
+  std::string why;
+  auto ep = parse_endpoint(rest, &why);
   // parse_endpoint reads an empty host as every interface, which is no backend's address.
   if (!ep || ep->port == 0 || rest.empty() || rest.front() == ':') {
-    *problem = "expected http://host:port";
+    *problem = why.empty() ? "expected http://host:port" : why;
     return std::nullopt;
   }
   // The rules Slurm's hosts follow: a name that cannot be looked up (an empty label, a label

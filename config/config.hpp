@@ -33,8 +33,10 @@ struct Endpoint {
   std::uint16_t port = 0;
   std::string to_string() const;
 };
-// "HOST:PORT", ":PORT" (all interfaces) or "[v6]:PORT". nullopt when malformed.
-std::optional<Endpoint> parse_endpoint(std::string_view text);
+// "HOST:PORT", ":PORT" (all interfaces) or "[v6]:PORT"; a HOST of digits and dots must be a
+// dotted quad. nullopt when malformed, with `*problem` set (when given) where more can be said
+// than "expected HOST:PORT" ("[127.0.0.1]:80": brackets hold an IPv6 address; "1.2.3").
+std::optional<Endpoint> parse_endpoint(std::string_view text, std::string* problem = nullptr);
 // A backend's URL, "http://HOST:PORT" (the scheme may be left out; trailing '/' are ignored),
 // as its endpoint. The host is a host name by the rules Slurm's hosts follow
 // (slurm::host_name_problem), a dotted-quad IPv4 address or "[v6]". nullopt with `*problem`

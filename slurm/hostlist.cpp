@@ -145,8 +145,13 @@ bool all_digits(std::string_view text) {
   return !text.empty() && text.find_first_not_of("0123456789") == std::string_view::npos;
 }
 
-// Four decimal numbers 0-255 without leading zeros: inet_aton reads "010" as octal 8, so a
-// zero-padded address would silently name another host.
+std::string hex_byte(unsigned char byte) {
+  constexpr char kDigits[] = "0123456789abcdef";
+  return {'0', 'x', kDigits[byte >> 4], kDigits[byte & 0xf]};
+}
+
+}  // namespace
+
 bool is_dotted_quad(std::string_view name) {
   int parts = 0;
   for (std::size_t start = 0;; ++parts) {
@@ -159,13 +164,6 @@ bool is_dotted_quad(std::string_view name) {
     start = dot + 1;
   }
 }
-
-std::string hex_byte(unsigned char byte) {
-  constexpr char kDigits[] = "0123456789abcdef";
-  return {'0', 'x', kDigits[byte >> 4], kDigits[byte & 0xf]};
-}
-
-}  // namespace
 
 std::string quoted_for_message(std::string_view text) {
   std::string out;  // appended piecewise: GCC 12 warns falsely (-Wrestrict) on "'" + s + "'"

@@ -42,6 +42,10 @@ std::vector<std::string> expand_hostlist(std::string_view list,
 // whose last label is all digits must be such an address: resolvers read "1" or "0x7f.1" as one.
 std::string host_name_problem(std::string_view name);
 
+// Four decimal numbers 0-255 without leading zeros: inet_aton reads "010" as octal 8 and "127.1"
+// as 127.0.0.1, so any other form of digits and dots would silently name another host or none.
+bool is_dotted_quad(std::string_view name);
+
 // The first character of `text` that no host name may contain, described, or empty when none:
 // for parts of a name (a suffix) that need not be a whole name.
 std::string host_name_character_problem(std::string_view text);

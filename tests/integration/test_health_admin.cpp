@@ -389,19 +389,17 @@ TEST(AdminTest, AnAddedBackendsHostMustBeAValidHostName) {
   auto a = start_mock();
   auto gw = start_gateway({"--backend", a.url()});
   const std::vector<std::pair<std::string, std::string>> cases = {
-      {"http://a..b:80", "empty label"},
-      {"http://" + std::string(300, 'a') + ":80", "more than 253"},
-      {"http://" + std::string(64, 'a') + ".b:80", "more than 63"},
-      {"http://127.0.0.01:80", "not a dotted quad"},
-      {"http://1.2.3:80", "not a dotted quad"},
-      {"http://-a:80", "starts with '-'"},
+      {"http://a..b:80", "not a valid host name: empty label"},
+      {"http://" + std::string(300, 'a') + ":80", "not a valid host name: 300 characters long, more than 253"},
+      {"http://" + std::string(64, 'a') + ".b:80", "not a valid host name: label at offset 0 is 64 characters"},
+      {"http://127.0.0.01:80", "must be a dotted quad"},
+      {"http://1.2.3:80", "must be a dotted quad"},
+      {"http://-a:80", "not a valid host name: label '-a' at offset 0 starts with '-'"},
   };
   for (const auto& [url, problem] : cases) {
     auto r = http_request(gw.port, "POST", "/admin/backends", json{{"url", url}}.dump());
     EXPECT_EQ(r.status, 400) << url << ": " << r.body;
-    const auto message = json::parse(r.body)["error"]["message"].get<std::string>();
-    EXPECT_THAT(message, HasSubstr("not a valid host name")) << url;
-    EXPECT_THAT(message, HasSubstr(problem)) << url;
+    EXPECT_THAT(json::parse(r.body)["error"]["message"].get<std::string>(), HasSubstr(problem)) << url;
   }
   EXPECT_EQ(http_request(gw.port, "GET", "/admin/backends/a..b:80").status, 404);
   auto fine = http_request(gw.port, "POST", "/admin/backends", json{{"url", "http://127.0.0.1:1"}}.dump());

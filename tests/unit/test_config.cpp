@@ -538,11 +538,37 @@ TEST(ConfigTest, StaticBackendHostsMustBeValidHostNames) {
               HasSubstr("300 characters long, more than 253"));
   EXPECT_THAT(yaml_error("backends: [\"http://" + std::string(64, 'a') + ".b:80\"]\n"),
               HasSubstr("64 characters long, more than 63"));
-  EXPECT_THAT(yaml_error("backends: [\"http://127.0.0.01:80\"]\n"), HasSubstr("not a dotted quad"));
-  EXPECT_THAT(yaml_error("backends: [\"1.2.3:80\"]\n"), HasSubstr("not a dotted quad"));
+  EXPECT_THAT(yaml_error("backends: [\"http://127.0.0.01:80\"]\n"), HasSubstr("must be a dotted quad"));
+  EXPECT_THAT(yaml_error("backends: [\"1.2.3:80\"]\n"), HasSubstr("must be a dotted quad"));
   EXPECT_THAT(yaml_error("backends: [\"http://:80\"]\n"), HasSubstr("expected http://host:port"));
   EXPECT_EQ(yaml_error("backends: [\"http://gpu-a001.cluster:9000/\", \"127.0.0.1:80\", \"http://[::1]:80\"]\n"),
             "no error");
+}
+
+// Digits and dots are an IPv4 address or nothing: "1.2.3" used to pass and fail only at bind,
+// and "127.1" was looked up as a name. Brackets hold IPv6 only.
+TEST(ConfigTest, ListenAddressesOfDigitsAndDotsMustBeDottedQuads) {
+  for (const std::string key : {"listen", "metrics.listen"}) {
+    SCOPED_TRACE(key);
+    for (const std::string host : {"1.2.3", "127.1", "1.2.3.4.5", "256.1.1.1", "127.0.0.01", "1..2.3"}) {
+      EXPECT_THAT(yaml_error(key + ": " + host + ":80\n"),
+                  HasSubstr(key + ": '" + host + "' is not an IPv4 address: a host of digits and dots must be a "
+                                  "dotted quad (four numbers 0-255 without leading zeros)"));
+    }
+    EXPECT_THAT(yaml_error(key + ": \"[127.0.0.1]:80\"\n"),
+                HasSubstr(key + ": '[127.0.0.1]:80': brackets hold an IPv6 address; write an IPv4 address "
+                                "without them (127.0.0.1:80)"));
+    EXPECT_THAT(yaml_error(key + ": \"[gpu-a001]:80\"\n"), HasSubstr("brackets hold an IPv6 address"));
+  }
+  LoadOptions flag;
+  flag.env = env_of({});
+  flag.flags = {{"listen", "1.2.3:80", "--listen"}};
+  EXPECT_THAT(load_error(flag), HasSubstr("--listen: listen: '1.2.3' is not an IPv4 address"));
+  EXPECT_EQ(yaml_error("listen: 127.0.0.1:80\nmetrics:\n  listen: 10.1.2.3:9100\n"), "no error");
+  EXPECT_EQ(yaml_error("listen: gpu-a001.cluster:80\n"), "no error");
+  EXPECT_FALSE(parse_endpoint("1.2.3:80"));
+  EXPECT_FALSE(parse_endpoint("127.1:0"));
+  EXPECT_TRUE(parse_endpoint("127.0.0.1:0"));
 }
 
 TEST(ConfigTest, ValuesThatWouldBreakARequestLineOrAnAddressAreRefused) {
@@ -554,7 +580,6 @@ TEST(ConfigTest, ValuesThatWouldBreakARequestLineOrAnAddressAreRefused) {
   EXPECT_FALSE(parse_endpoint("[host]:80"));
   EXPECT_FALSE(parse_endpoint("256.1.1.1:80"));
   EXPECT_TRUE(parse_endpoint("[::1]:0"));
-  EXPECT_TRUE(parse_endpoint("127.1:0"));
   EXPECT_TRUE(parse_endpoint("node-1.cluster:80"));
   EXPECT_EQ(parse_endpoint(":8080")->host, "0.0.0.0");
   EXPECT_THAT(yaml_error("backends:\n  - http://[]:80\n"), HasSubstr("invalid backend URL"));
