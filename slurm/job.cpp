@@ -142,12 +142,15 @@ void resolve_gpus_per_node(const JobOptions& options, const EnvLookup& env, JobL
   candidates.push_back({"SLURM_JOB_GPUS", Syntax::kIndices});
   candidates.push_back({"SLURM_GPUS_ON_NODE", Syntax::kCount});
   std::string names = "slurm.gpus_per_node";
+  std::vector<std::string> unset;  // set, but to a value that counts as unset, e.g. "SLURM_GPUS_ON_NODE=0"
   for (const auto& c : candidates) {
     names += ", " + c.var;
     auto value = env(c.var);
-    // Not set, or a job or step without GPUs here (a step run with --gres=gpu:0 has
-    // SLURM_GPUS_ON_NODE=0): the next variable says more.
-    if (!value || (c.syntax == Syntax::kIndices && value->empty()) || (c.syntax == Syntax::kCount && *value == "0")) {
+    if (!value) continue;
+    // A job or step without GPUs here (a step run with --gres=gpu:0 has SLURM_GPUS_ON_NODE=0):
+    // the next variable says more.
+    if ((c.syntax == Syntax::kIndices && value->empty()) || (c.syntax == Syntax::kCount && *value == "0")) {
+      unset.push_back(c.var + "=" + (value->empty() ? "''" : *value));
       continue;
     }
     const auto what = c.var + "=" + quoted(*value);
@@ -170,6 +173,12 @@ void resolve_gpus_per_node(const JobOptions& options, const EnvLookup& env, JobL
   layout.gpus_per_node = 8;
   layout.gpus_per_node_defaulted = true;
   layout.gpus_per_node_source = "the default: none of " + names + " is set";
+  // "none of ... is set" alone contradicts an environment where one of them is set to nothing.
+  if (!unset.empty()) {
+    layout.gpus_per_node_source += " (" + unset.front();
+    for (std::size_t i = 1; i < unset.size(); ++i) layout.gpus_per_node_source += " and " + unset[i];
+    layout.gpus_per_node_source += unset.size() == 1 ? " counts as unset)" : " count as unset)";
+  }
 }
 
 std::string_view trimmed(std::string_view text) {

@@ -140,6 +140,23 @@ TEST(JobLayoutTest, GpusPerNodePrecedence) {
   EXPECT_FALSE(on_node->gpus_per_node_defaulted);
 }
 
+// A variable that is set but counts as unset (a step without GPUs, no job GPUs on this node) is
+// named as such: "none of ... is set" alone contradicts the environment the user sees.
+TEST(JobLayoutTest, TheDefaultGpuCountNamesVariablesThatCountAsUnset) {
+  std::map<std::string, std::string> env{{"SLURM_JOB_NODELIST", "t,i1"}};
+  const std::string none =
+      "the default: none of slurm.gpus_per_node, SLURM_GPUS_PER_NODE, SLURM_JOB_GPUS, SLURM_GPUS_ON_NODE is set";
+  EXPECT_EQ(read_job_layout({}, env_of(env))->gpus_per_node_source, none);
+  env["SLURM_GPUS_ON_NODE"] = "0";
+  auto zero = read_job_layout({}, env_of(env));
+  EXPECT_TRUE(zero->gpus_per_node_defaulted);
+  EXPECT_EQ(zero->gpus_per_node, 8);
+  EXPECT_EQ(zero->gpus_per_node_source, none + " (SLURM_GPUS_ON_NODE=0 counts as unset)");
+  env["SLURM_JOB_GPUS"] = "";
+  EXPECT_EQ(read_job_layout({}, env_of(env))->gpus_per_node_source,
+            none + " (SLURM_JOB_GPUS='' and SLURM_GPUS_ON_NODE=0 count as unset)");
+}
+
 // Under a real Slurm, SLURM_GPUS_ON_NODE is the gateway's own step's: a step run with
 // --gres=gpu:1 sees 1 and one with none sees nothing, while SLURM_JOB_GPUS still lists the job's
 // GPUs on the node (also for --gres jobs, which set no SLURM_GPUS_PER_NODE).
