@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo: builds infergate, starts 4 mock inference servers laid out like a Slurm job
+# The demo: builds infergate and the mock, starts 4 mock inference servers laid out like a Slurm job
 # (1 training node + 2 inference nodes x 2 servers, INFER_TP=4 on 8 GPUs), and serves in the
 # foreground. Ctrl-C stops everything: the gateway first (it lets requests in flight finish, up
 # to timeouts.shutdown; a second Ctrl-C cuts that short), then the mocks.
@@ -14,7 +14,6 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 build="${BUILD_DIR:-$root/build}"
-"$root/deploy/build.sh" >&2
 
 port_free() {  # host port
   ! (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
@@ -29,6 +28,8 @@ pick_base_port() {  # first port P >= $1 with P and P+1 free on both inference n
   done
   echo "demo: no free port pair found" >&2; exit 1
 }
+# The variables are checked before the build, which takes minutes the first time: a typo or a
+# taken port is told at once.
 for var in INFERGATE_DEMO_PORT INFERGATE_DEMO_BACKEND_PORT; do
   value="${!var:-}"
   if [[ -n "$value" ]] && ! [[ "$value" =~ ^[0-9]+$ && "$value" -ge 1 && "$value" -le 65534 ]]; then
@@ -36,9 +37,16 @@ for var in INFERGATE_DEMO_PORT INFERGATE_DEMO_BACKEND_PORT; do
   fi
 done
 if [[ -n "${INFERGATE_DEMO_PORT:-}" ]]; then
+  port_free 127.0.0.1 "$INFERGATE_DEMO_PORT" ||
+    { echo "demo: INFERGATE_DEMO_PORT=$INFERGATE_DEMO_PORT: something already listens on 127.0.0.1:$INFERGATE_DEMO_PORT" >&2; exit 1; }
+fi
+
+# Only what the demo runs (deploy/test.sh builds everything).
+BUILD_TARGETS="infergate infergate-mock" "$root/deploy/build.sh" >&2
+
+# Free ports are picked once the build is done, so that they are still free when the demo starts.
+if [[ -n "${INFERGATE_DEMO_PORT:-}" ]]; then
   gateway_port=$INFERGATE_DEMO_PORT
-  port_free 127.0.0.1 "$gateway_port" ||
-    { echo "demo: INFERGATE_DEMO_PORT=$gateway_port: something already listens on 127.0.0.1:$gateway_port" >&2; exit 1; }
 else
   gateway_port=8080
   while ! port_free 127.0.0.1 "$gateway_port"; do gateway_port=$((gateway_port + 1)); done

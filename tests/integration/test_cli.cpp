@@ -127,6 +127,24 @@ TEST(CliTest, BadInputExitsTwoWithOneLine) {
   }
 }
 
+// deploy/demo.sh checks its port variables before it builds: a typo is told at once, not after
+// a build of minutes. The build directory it was given stays empty.
+TEST(DemoTest, BadPortVariablesAreRefusedBeforeTheBuild) {
+  const auto build_dir = std::filesystem::temp_directory_path() /
+                         ("infergate-demo-test-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(build_dir);
+  const std::vector<std::pair<std::string, std::string>> cases = {{"INFERGATE_DEMO_PORT", "80a"},
+                                                                  {"INFERGATE_DEMO_BACKEND_PORT", "65535"}};
+  for (const auto& [var, value] : cases) {
+    Process demo("/bin/bash", {INFERGATE_SOURCE_DIR "/deploy/demo.sh"},
+                 {var + "=" + value, "BUILD_DIR=" + build_dir.string()});
+    EXPECT_EQ(demo.wait_exit(10s), 2) << demo.errors();
+    EXPECT_THAT(demo.errors(), HasSubstr("demo: " + var + "='" + value + "' is not a port (1-65534)"));
+    EXPECT_TRUE(std::filesystem::is_empty(build_dir)) << var;
+  }
+  std::filesystem::remove_all(build_dir);
+}
+
 TEST(CliTest, VersionHelpAndConfig) {
   auto version = run({"--version"});
   EXPECT_EQ(version.code, 0);
