@@ -1071,6 +1071,12 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
     // failed attempt, retried elsewhere, instead of a stream cut before it began. The head and
     // the first piece then leave in one write.
     const bool hold_head = !head_sent && step.payload.empty() && !step.last;
+    if (first_body_byte && !step.payload.empty()) {
+      // Observed as it came from the backend, before the client can see it (or, with the head
+      // held, all of a short stream at once).
+      if (plan.streamed) backend->stats.ttft.observe(Clock::now() - started);
+      first_body_byte = false;
+    }
     if (!hold_head && (!head_sent || !step.payload.empty())) {
       // One buffer where possible (see kCoalesceMax): the head with a small first piece behind it.
       std::array<net::const_buffer, 2> pieces;
@@ -1106,8 +1112,6 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
       if (!step.payload.empty()) {
         out.bytes += step.payload.size();
         usage.feed(step.payload);
-        if (first_body_byte && plan.streamed) backend->stats.ttft.observe(Clock::now() - started);
-        first_body_byte = false;
       }
     }
     up->buffer.consume(step.consumed);
