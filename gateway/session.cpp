@@ -1455,9 +1455,18 @@ enum class ReadResult { kRequest, kClosed, kAnswered, kHeadTimedOut, kBodyTimedO
 // A failed read of a request ends it: with a timeout the client is still there, to be told.
 // (Answered by the session, not in read_request: the extra awaits would grow its frame past
 // what Asio recycles, an allocation on every request.)
-ReadResult request_read_failed(beast::error_code ec, bool in_head) noexcept {
+ReadResult request_read_failed(const GatewayState& state, const ClientConnection& c, beast::error_code ec,
+                                bool in_head) {
   if (ec == net::error::no_memory) return ReadResult::kOutOfMemory;
-  if (ec != beast::error::timeout) return ReadResult::kClosed;
+  if (ec != beast::error::timeout) {
+    // No answer can go to a client that left in the middle of a request, but the access log
+    // says it came: otherwise a request its client believes sent leaves no trace.
+    if (state.config.log.access) {
+      spdlog::info("- - - -> - the client left in the middle of a request's {} ({} bytes of it came; client {})",
+                   in_head ? "head" : "body", c.buffer.size(), c.client_ip);
+    }
+    return ReadResult::kClosed;
+  }
   return in_head ? ReadResult::kHeadTimedOut : ReadResult::kBodyTimedOut;
 }
 
@@ -1583,7 +1592,7 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     }
     if (auto ec = co_await read_more(c, kClientRead, deadline, between_requests)) {
       // A connection that sent nothing (an idle keep-alive one) is closed without a word.
-      co_return between_requests ? ReadResult::kClosed : request_read_failed(ec, true);
+      co_return between_requests ? ReadResult::kClosed : request_read_failed(*w->state, *c, ec, true);
     }
   }
   if (parsed == http1::Parse::kTooLarge) {
@@ -1615,7 +1624,7 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
         // each wait for more bytes, not the whole upload.
         const std::size_t room = std::min(size - c->buffer.size(), std::max(kBodyRoom, c->buffer.size()));
         if (auto ec = co_await read_more(c, room, coarse_now() + cfg.timeouts.idle, false, size)) {
-          co_return request_read_failed(ec, false);
+          co_return request_read_failed(*w->state, *c, ec, false);
         }
       }
     }
@@ -1643,7 +1652,7 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
       if (r.done) break;
       if (!co_await send_continue(c, &continue_sent, cfg.timeouts.idle)) co_return ReadResult::kClosed;
       if (auto ec = co_await read_more(c, kClientRead, coarse_now() + cfg.timeouts.idle)) {
-        co_return request_read_failed(ec, false);
+        co_return request_read_failed(*w->state, *c, ec, false);
       }
     }
   }

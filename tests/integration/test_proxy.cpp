@@ -417,6 +417,27 @@ json raw_answer_json(const std::string& raw) {
   return json::parse(raw.substr(body_at + 4), nullptr, false);
 }
 
+// A client that leaves in the middle of a request's head or body gets no answer (it is gone),
+// but the access log says the request came.
+TEST(ProxyTest, AClientLeavingMidRequestIsInTheAccessLog) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  {
+    RawConnection client(gw.port);
+    ASSERT_TRUE(client.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le"));
+  }
+  EXPECT_TRUE(poll_until([&] { return gw.process->errors().find("left in the middle of a request's head") != std::string::npos; }, 5s))
+      << gw.process->errors();
+  {
+    RawConnection client(gw.port);
+    ASSERT_TRUE(client.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\":"));
+  }
+  EXPECT_TRUE(poll_until([&] { return gw.process->errors().find("left in the middle of a request's body") != std::string::npos; }, 5s))
+      << gw.process->errors();
+  EXPECT_EQ(http_request(gw.port, "GET", "/health").status, 200);
+}
+
 // A client that stops halfway through a request is told why (408) before the close; one that
 // sends nothing is closed without a word.
 TEST(ProxyTest, ClientTimeoutsCloseIdleAndSlowConnections) {
