@@ -250,17 +250,6 @@ Clock::time_point quantized(Clock::time_point t) {
   return rem == Clock::duration::zero() ? t : t + (kSlot - rem);
 }
 
-// Enforces probe deadlines: one timer for all probes instead of one per probe.
-net::awaitable<void> sweep_deadlines(HealthChecker::Impl* impl) {
-  net::steady_timer timer(impl->io);
-  while (!impl->stopping) {
-    timer.expires_after(DeadlineList::kSweepInterval);
-    auto [ec] = co_await timer.async_wait(kTuple);
-    if (ec) co_return;
-    impl->deadlines.sweep(Clock::now());
-  }
-}
-
 net::awaitable<void> probe_loop(HealthChecker::Impl* impl, std::shared_ptr<Backend> backend) {
   net::steady_timer timer(impl->io);
   ProbeConnection conn(impl->deadlines, impl->io.get_executor());
@@ -320,7 +309,7 @@ HealthChecker::HealthChecker(const config::Config& config, Registry& registry)
 HealthChecker::~HealthChecker() { stop(); }
 
 void HealthChecker::start() {
-  net::co_spawn(impl_->io, sweep_deadlines(impl_.get()), net::detached);
+  net::co_spawn(impl_->io, sweep_forever(impl_->deadlines, "health checker", {}), net::detached);
   const auto set = impl_->registry.snapshot();  // held: a range-for would not keep it alive
   for (const auto& b : set->all) {
     net::co_spawn(impl_->io, probe_loop(impl_.get(), b), net::detached);

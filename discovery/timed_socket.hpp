@@ -2,6 +2,7 @@
 // checker), instead of a timer per read and write: arming a deadline is a store, and the sweep
 // cancels what overran. Timeouts fire up to
 // one sweep interval late, which no configured timeout is fine-grained enough to notice.
+// A thread with nothing due soon sweeps once a second instead of ten times (sweep_forever).
 #pragma once
 
 #include <sys/socket.h>
@@ -12,8 +13,18 @@
 #include <chrono>
 #include <cstddef>
 
+#include <exception>
+#include <functional>
+#include <string>
+#include <utility>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/awaitable.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
 #include <boost/beast/core/error.hpp>
+#include <spdlog/spdlog.h>
 
 namespace infergate {
 
@@ -41,6 +52,8 @@ class DeadlineList {
  public:
   static constexpr auto kSweepInterval = std::chrono::milliseconds(100);
   static constexpr auto kFarSweepInterval = std::chrono::seconds(1);
+  // How long the sweeps must have found nothing near before they slow to kFarSweepInterval.
+  static constexpr auto kQuietBeforeSlowing = std::chrono::seconds(1);
   DeadlineList() = default;
   DeadlineList(const DeadlineList&) = delete;
   DeadlineList& operator=(const DeadlineList&) = delete;
@@ -48,6 +61,16 @@ class DeadlineList {
   // on_slow() on every hook still waiting.
   void sweep(std::chrono::steady_clock::time_point now);
   std::size_t size() const noexcept { return size_; }
+  // Nothing due within kFarSweepInterval and no hook waiting: the next sweep can wait that long.
+  bool quiet() const noexcept { return head_ == nullptr && slow_head_ == nullptr; }
+  // The sweeper sleeps on `timer` until `until`: a deadline or hook that cannot wait that long
+  // cancels the timer, and the sweeper goes back to sweeping every kSweepInterval. awake() ends it.
+  void sleeping(net::steady_timer& timer, std::chrono::steady_clock::time_point until) noexcept {
+    sleeper_ = &timer;
+    sleep_until_ = until;
+  }
+  void awake() noexcept { sleeper_ = nullptr; }
+  bool sweeper_sleeping() const noexcept { return sleeper_ != nullptr; }
   // Ends waits for a next request (see TimedSocket::waiting_between_requests) on connections
   // whose client has sent nothing yet, at most `max` of them; returns how many. A graceful
   // shutdown ends them all, so idle keep-alive clients see the close at once instead of when
@@ -71,6 +94,17 @@ class DeadlineList {
   std::chrono::steady_clock::time_point next_far_sweep_{};
   std::size_t size_ = 0;
   SlowHook* slow_head_ = nullptr;
+  net::steady_timer* sleeper_ = nullptr;  // the sweeper's timer while it sleeps past kSweepInterval
+  std::chrono::steady_clock::time_point sleep_until_{};
+
+  void wake_if_due_before(std::chrono::steady_clock::time_point t) noexcept {
+    if (sleeper_ == nullptr || t >= sleep_until_) return;
+    auto* timer = std::exchange(sleeper_, nullptr);
+    try {
+      timer->cancel();
+    } catch (const std::exception&) {  // a timer's cancel reports no error; nothing to do if it did
+    }
+  }
 };
 
 class SlowHook {
@@ -99,6 +133,7 @@ inline void DeadlineList::add_slow(SlowHook& hook) noexcept {
   hook.next_ = slow_head_;
   if (slow_head_ != nullptr) slow_head_->prev_ = &hook;
   slow_head_ = &hook;
+  wake_if_due_before(coarse_now());  // due at the next sweep
 }
 
 inline void DeadlineList::remove_slow(SlowHook& hook) noexcept {
@@ -134,6 +169,8 @@ class TimedSocket {
     const bool far = t - coarse_now() >= DeadlineList::kFarSweepInterval;
     if (linked_ && far_ && !far) unlink();  // now due sooner than the far list is walked
     link(far);
+    // A far deadline is at least kFarSweepInterval away: a slowed sweeper is back before it.
+    if (!far) list_->wake_if_due_before(t);
   }
   // After an operation: no deadline while nothing is pending; a cancellation by the sweep
   // becomes a timeout error.
@@ -259,6 +296,49 @@ inline std::size_t DeadlineList::end_waits_between_requests(std::size_t max,
     }
   }
   return ended;
+}
+
+// Sweeps `list` every kSweepInterval, or every kFarSweepInterval once the sweeps have found
+// nothing near for kQuietBeforeSlowing (an idle gateway; probes, whose timeouts are seconds
+// long): each wake-up costs a thread tens of microseconds, and ten a second were half of what an
+// idle gateway spent. Calls `every_second` (if set) about once a second. Runs on the list's
+// thread until its io_context stops; `who` names the thread in the error a failed sweep logs.
+inline net::awaitable<void> sweep_forever(DeadlineList& list, std::string who,
+                                          std::function<void(std::chrono::steady_clock::time_point)> every_second) {
+  using Clock = std::chrono::steady_clock;
+  net::steady_timer timer(co_await net::this_coro::executor);
+  struct Awake {  // the list must not keep a pointer to the timer past this frame
+    DeadlineList& list;
+    ~Awake() { list.awake(); }
+  } awake{list};
+  auto quiet_since = Clock::now();
+  auto next_second = quiet_since + DeadlineList::kFarSweepInterval;
+  for (;;) {
+    const auto now = Clock::now();
+    if (!list.quiet()) quiet_since = now;
+    const bool slow = now - quiet_since >= DeadlineList::kQuietBeforeSlowing;
+    const auto wake = now + (slow ? Clock::duration(DeadlineList::kFarSweepInterval) : DeadlineList::kSweepInterval);
+    timer.expires_at(wake);
+    if (slow) list.sleeping(timer, wake);
+    auto [ec] = co_await timer.async_wait(net::as_tuple(net::use_awaitable));
+    list.awake();
+    if (ec) {  // woken: something is due before the long sleep would have ended
+      quiet_since = Clock::now();
+      continue;
+    }
+    // An exception (out of memory) must not end the sweeps: every timeout on this thread hangs
+    // on them. The next one tries again.
+    try {
+      const auto at = Clock::now();
+      list.sweep(at);
+      if (every_second && at >= next_second) {
+        next_second = at + DeadlineList::kFarSweepInterval;
+        every_second(at);
+      }
+    } catch (const std::exception& e) {
+      spdlog::error("{}: deadline sweep failed: {}", who, e.what());
+    }
+  }
 }
 
 // Sends what a non-blocking socket takes at once and returns what is left; `ec` is set by a real

@@ -118,36 +118,18 @@ net::awaitable<void> accept_loop(Worker* w, tcp::acceptor* acceptor, Listener li
   }
 }
 
-// Enforces socket deadlines every sweep interval, and closes idle pooled upstream
-// connections about once a second (and those to removed backends).
-net::awaitable<void> sweep_worker(Worker* w) {
-  net::steady_timer timer(w->io);
-  unsigned tick = 0;
+// Closes idle pooled upstream connections past their idle timeout, and those to removed
+// backends; run about once a second by the worker's deadline sweep.
+void evict_pooled(Worker* w, std::chrono::steady_clock::time_point now) {
   std::vector<bool> present;  // by backend index: still in the registry
-  for (;;) {  // also while draining: in-flight requests keep their timeouts
-    timer.expires_after(DeadlineList::kSweepInterval);
-    auto [ec] = co_await timer.async_wait(kTuple);
-    if (ec) co_return;
-    // An exception (out of memory) must not end the sweeps: every timeout on this worker
-    // hangs on them. The next one tries again.
-    try {
-      const auto now = std::chrono::steady_clock::now();
-      w->deadlines.sweep(now);
-      if (++tick % 10 == 0) {
-        present.assign(present.size(), false);
-        // Held for the walk: a range-for keeps no temporary of its range expression alive
-        // (before C++23), and the health checker's next publish would free the list under it.
-        const auto set = w->state->registry.snapshot();
-        for (const auto& b : set->all) {
-          if (b->index() >= present.size()) present.resize(b->index() + 1, false);
-          present[b->index()] = true;
-        }
-        w->pool.evict_expired(now, present);
-      }
-    } catch (const std::exception& e) {
-      spdlog::error("worker {}: deadline sweep failed: {}", w->index, e.what());
-    }
+  // Held for the walk: a range-for keeps no temporary of its range expression alive
+  // (before C++23), and the health checker's next publish would free the list under it.
+  const auto set = w->state->registry.snapshot();
+  for (const auto& b : set->all) {
+    if (b->index() >= present.size()) present.resize(b->index() + 1, false);
+    present[b->index()] = true;
   }
+  w->pool.evict_expired(now, present);
 }
 
 }  // namespace
@@ -376,7 +358,11 @@ int Server::run() {
   for (std::size_t i = 0; i < impl_->workers.size(); ++i) {
     Worker* w = impl_->workers[i].get();
     net::co_spawn(w->io, accept_loop(w, impl_->acceptors[i].get(), Listener::kGateway), net::detached);
-    net::co_spawn(w->io, sweep_worker(w), net::detached);
+    // Also while draining: in-flight requests keep their timeouts.
+    net::co_spawn(w->io,
+                  sweep_forever(w->deadlines, "worker " + std::to_string(w->index),
+                                [w](std::chrono::steady_clock::time_point now) { evict_pooled(w, now); }),
+                  net::detached);
   }
   if (impl_->metrics_acceptor) {
     Worker* w = impl_->workers.front().get();

@@ -7,6 +7,9 @@
 #include <string>
 #include <thread>
 
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
 #include <boost/asio/write.hpp>
 
 #include "discovery/timed_socket.hpp"
@@ -165,4 +168,75 @@ TEST(DeadlineListTest, EndsOnlyOldEnoughIdleWaitsWithNothingPending) {
   EXPECT_TRUE(idle.server.timed_out());
   EXPECT_FALSE(busy.server.timed_out());
   EXPECT_FALSE(talking.server.timed_out());
+}
+
+namespace {
+
+// Runs `io` in short slices until `done()` holds or `limit` has passed; returns whether it held.
+template <typename Done>
+bool run_until(boost::asio::io_context& io, Done done, Clock::duration limit) {
+  const auto deadline = Clock::now() + limit;
+  while (!done()) {
+    if (Clock::now() >= deadline) return false;
+    io.run_for(5ms);
+  }
+  return true;
+}
+
+struct CountingHook : infergate::SlowHook {
+  int calls = 0;
+  void on_slow() override { ++calls; }
+};
+
+// The sweeps on a thread with nothing due soon, driven by a real io_context. The list outlives
+// the context: the sweep's frame, destroyed with the context, tells the list it is gone.
+class SweepForeverTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    boost::asio::co_spawn(io, infergate::sweep_forever(list, "test", [this](Clock::time_point) { ++seconds; }),
+                          boost::asio::detached);
+    // Nothing is due: after kQuietBeforeSlowing the sweeper sleeps a whole kFarSweepInterval.
+    ASSERT_TRUE(run_until(io, [this] { return list.sweeper_sleeping(); }, 10s));
+    slept = Clock::now();
+  }
+  DeadlineList list;
+  boost::asio::io_context io;
+  int seconds = 0;
+  Clock::time_point slept;
+};
+
+}  // namespace
+
+// A deadline due before the long sleep ends wakes the sweeper: it is enforced as if the sweeps
+// had never slowed (within a sweep interval or two), not when the sleep would have ended.
+TEST_F(SweepForeverTest, ANearDeadlineWakesASlowedSweeper) {
+  TimedSocket sock(list, io.get_executor());
+  sock.arm(100ms);
+  ASSERT_TRUE(run_until(io, [&] { return sock.timed_out(); }, 10s));
+  EXPECT_LT(Clock::now() - slept, DeadlineList::kFarSweepInterval - 300ms);
+  EXPECT_FALSE(list.sweeper_sleeping());
+}
+
+// A far deadline leaves it asleep: the sleep ends before such a deadline is due.
+TEST_F(SweepForeverTest, AFarDeadlineLeavesItAsleep) {
+  TimedSocket sock(list, io.get_executor());
+  sock.arm(1h);
+  io.run_for(20ms);
+  EXPECT_TRUE(list.sweeper_sleeping());
+  EXPECT_FALSE(sock.timed_out());
+}
+
+// A hook waiting for the next sweep (a long exchange's client watch) wakes it too.
+TEST_F(SweepForeverTest, ASlowHookWakesASlowedSweeper) {
+  CountingHook hook;
+  list.add_slow(hook);
+  ASSERT_TRUE(run_until(io, [&] { return hook.calls == 1; }, 10s));
+  EXPECT_LT(Clock::now() - slept, DeadlineList::kFarSweepInterval - 300ms);
+}
+
+// The once-a-second work (closing idle pooled connections) goes on while the sweeps are slow.
+TEST_F(SweepForeverTest, TheSecondlyWorkGoesOnWhileSlow) {
+  const int before = seconds;
+  ASSERT_TRUE(run_until(io, [&] { return seconds >= before + 2; }, 10s));
+  EXPECT_TRUE(list.sweeper_sleeping() || list.quiet());
 }
