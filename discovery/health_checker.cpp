@@ -25,6 +25,10 @@ namespace http = boost::beast::http;
 using tcp = net::ip::tcp;
 using Clock = std::chrono::steady_clock;
 constexpr auto kTuple = net::as_tuple(net::use_awaitable);
+// For each probe's reads and waits: a deferred operation is awaited directly, without the extra
+// coroutine frame use_awaitable allocates for every operation (probes of many backends are in
+// flight together, more than Asio's per-thread cache of freed frames holds).
+constexpr auto kDirect = net::as_tuple(net::deferred);
 constexpr auto kModelsRefresh = std::chrono::seconds(30);
 
 struct ProbeResult {
@@ -84,7 +88,7 @@ net::awaitable<beast::error_code> read_probe_response(ProbeConnection& c, std::s
     if (parsed != http1::Parse::kIncomplete) co_return beast::http::error::bad_value;
     auto [room_ptr, room] = c.buffer.prepare(512);
     c.sock.arm_at(c.deadline);
-    auto [rec, n] = co_await c.sock.socket().async_read_some(net::buffer(room_ptr, room), kTuple);
+    auto [rec, n] = co_await c.sock.socket().async_read_some(net::buffer(room_ptr, room), kDirect);
     if (auto ec = c.sock.settle(rec)) co_return ec;
     c.buffer.commit(n);
   }
@@ -107,7 +111,7 @@ net::awaitable<beast::error_code> read_probe_response(ProbeConnection& c, std::s
     if (step.last) break;
     auto [room_ptr, room] = c.buffer.prepare(body != nullptr ? 16 * 1024 : 512);
     c.sock.arm_at(c.deadline);
-    auto [rec, n] = co_await c.sock.socket().async_read_some(net::buffer(room_ptr, room), kTuple);
+    auto [rec, n] = co_await c.sock.socket().async_read_some(net::buffer(room_ptr, room), kDirect);
     const auto ec = c.sock.settle(rec);
     if (ec == net::error::eof && kind == Kind::kUntilClose) {
       framer.end_of_stream();
@@ -261,7 +265,7 @@ net::awaitable<void> probe_loop(HealthChecker::Impl* impl, std::shared_ptr<Backe
   std::uniform_int_distribution<std::int64_t> first(0, std::min<std::int64_t>(interval.count(), 200));
   timer.expires_after(std::chrono::milliseconds(first(impl->rng)));
   for (;;) {
-    auto [tec] = co_await timer.async_wait(kTuple);
+    auto [tec] = co_await timer.async_wait(kDirect);
     if (tec || impl->stopping || backend->state() == BackendState::kRemoved) co_return;
     const auto started = Clock::now();
     auto result =
