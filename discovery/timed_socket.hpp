@@ -63,6 +63,11 @@ class DeadlineList {
   std::size_t size() const noexcept { return size_; }
   // Nothing due within kFarSweepInterval and no hook waiting: the next sweep can wait that long.
   bool quiet() const noexcept { return head_ == nullptr && slow_head_ == nullptr; }
+  // When the next sweep must walk the far list (max() while it is empty): a slowed sweeper that
+  // slept past it would find a deadline due before its wake-up only after it.
+  std::chrono::steady_clock::time_point next_far_walk() const noexcept {
+    return far_head_ != nullptr ? next_far_sweep_ : std::chrono::steady_clock::time_point::max();
+  }
   // The sweeper sleeps on `timer` until `until`: a deadline or hook that cannot wait that long
   // cancels the timer, and the sweeper goes back to sweeping every kSweepInterval. awake() ends it.
   void sleeping(net::steady_timer& timer, std::chrono::steady_clock::time_point until) noexcept {
@@ -317,7 +322,11 @@ inline net::awaitable<void> sweep_forever(DeadlineList& list, std::string who,
     const auto now = Clock::now();
     if (!list.quiet()) quiet_since = now;
     const bool slow = now - quiet_since >= DeadlineList::kQuietBeforeSlowing;
-    const auto wake = now + (slow ? Clock::duration(DeadlineList::kFarSweepInterval) : DeadlineList::kSweepInterval);
+    // A slowed sweeper still walks the far list on time: a deadline moved near by that walk is
+    // due within kFarSweepInterval of it, and the walk before found it further off.
+    const auto wake = slow ? std::max(now, std::min(now + Clock::duration(DeadlineList::kFarSweepInterval),
+                                                    list.next_far_walk()))
+                           : now + DeadlineList::kSweepInterval;
     timer.expires_at(wake);
     if (slow) list.sleeping(timer, wake);
     auto [ec] = co_await timer.async_wait(net::as_tuple(net::use_awaitable));

@@ -238,5 +238,20 @@ TEST_F(SweepForeverTest, ASlowHookWakesASlowedSweeper) {
 TEST_F(SweepForeverTest, TheSecondlyWorkGoesOnWhileSlow) {
   const int before = seconds;
   ASSERT_TRUE(run_until(io, [&] { return seconds >= before + 2; }, 10s));
-  EXPECT_TRUE(list.sweeper_sleeping() || list.quiet());
+  EXPECT_TRUE(run_until(io, [&] { return list.sweeper_sleeping(); }, 5s));  // and it sleeps on
+}
+
+// A far deadline (a probe's 2 s timeout, a stream's idle one) armed while the sweeps are fast is
+// moved near by a far-list walk; a sweeper that slows down in between must still make that walk
+// on time, not a second later: the deadline is enforced within a sweep interval or two.
+TEST(SweepForeverPhaseTest, AFarDeadlineIsEnforcedOnTimeWhenTheSweepsSlowDownBeforeIt) {
+  DeadlineList list;
+  boost::asio::io_context io;
+  boost::asio::co_spawn(io, infergate::sweep_forever(list, "test", {}), boost::asio::detached);
+  io.run_for(50ms);  // the first far walk has run: the next is a second later
+  TimedSocket sock(list, io.get_executor());
+  const auto armed = Clock::now();
+  sock.arm(1200ms);  // far; due after the next walk, before the sweeper's first long sleep ends
+  ASSERT_TRUE(run_until(io, [&] { return sock.timed_out(); }, 10s));
+  EXPECT_LT(Clock::now() - armed, 1200ms + 3 * DeadlineList::kSweepInterval);
 }
