@@ -4,7 +4,7 @@
 # machine, with wrk. Prints a Markdown table with ratios, since absolute numbers are noisy.
 #
 # Usage: deploy/bench/run.sh [--smoke] [--duration SECONDS] [--threads "1 2"] [--conns "1 64 256"]
-#                            [--rounds N] [--backend-workers N]
+#                            [--rounds N] [--backend-workers N] [--proxy-cpu CORES]
 #   --duration: seconds per wrk run (default 5).
 #   --rounds: interleaved rounds per case (default 3). For each thread count the three proxies are
 #     started once and stay up together; for each case (conns x body) every round runs direct,
@@ -13,6 +13,11 @@
 #     machine's speed hits all of them alike instead of showing up as a ratio.
 #   --backend-workers: worker processes of the backend nginx (default 4, as the benchmark's brief
 #     asks; on a 2-core machine 2 workers raise every target's req/s alike).
+#   --proxy-cpu: hold each proxy (its whole process tree) to CORES of CPU time (e.g. 0.5) with a
+#     cgroup CPU quota (10 ms period; cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`; needs root), so
+#     the proxy is the bottleneck however few cores the machine has. Without it the proxies share
+#     the cores with wrk and the backends, and req/s follows what all of them spend per request.
+#     Direct runs are not held (they have no proxy), so "p50 added over direct" grows with it.
 #   --smoke: 1 s per case, c=64, 1 thread, 1 round; fails if any proxy served nothing or infergate
 #     returned non-2xx or socket errors (used by CI).
 #
@@ -24,7 +29,9 @@
 # for that case. CPU is the user+system ticks of the proxy's process tree during each wrk run (and
 # separately its user-space ticks: the rest is kernel work, mostly the loopback TCP path);
 # peak RSS (VmHWM) is read once per proxy and thread count after all cases, so it is the high-water
-# mark over the whole run. "errors (ig)" sums infergate's non-2xx and socket errors over the rounds.
+# mark over the whole run. Beside each ratio, in brackets, the lowest and highest of the per-round
+# ratios (infergate's round r against the peer's round r, run within seconds of each other): the
+# spread this machine gives the same two binaries. "errors (ig)" sums infergate's non-2xx and socket errors over the rounds.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -36,6 +43,7 @@ rounds=3
 backend_workers=4
 large_body=32768
 smoke=0
+proxy_cpu=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --smoke) smoke=1; duration=1; threads_list="1"; conns_list="64"; rounds=1; shift ;;
@@ -44,12 +52,17 @@ while [[ $# -gt 0 ]]; do
     --conns) conns_list="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
     --backend-workers) backend_workers="$2"; shift 2 ;;
+    --proxy-cpu) proxy_cpu="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds needs a positive integer, not '$rounds'" >&2; exit 2; }
 [[ "$backend_workers" =~ ^[1-9][0-9]*$ ]] ||
   { echo "--backend-workers needs a positive integer, not '$backend_workers'" >&2; exit 2; }
+if [[ -n "$proxy_cpu" ]]; then
+  [[ "$proxy_cpu" =~ ^[0-9]*\.?[0-9]+$ ]] && awk -v c="$proxy_cpu" 'BEGIN { exit !(c >= 0.01) }' ||
+    { echo "--proxy-cpu needs a number of cores of at least 0.01 (like 0.5), not '$proxy_cpu'" >&2; exit 2; }
+fi
 
 "$root/deploy/install-deps.sh" --bench
 [[ -x "$build/gateway/infergate" ]] || "$root/deploy/build.sh" >&2
@@ -62,6 +75,8 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  local dir
+  for dir in "${cgroups[@]}"; do rmdir "$dir" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -116,6 +131,35 @@ peak_rss_kib() {
     total=$((total + ${v:-0}))
   done
   echo "$total"
+}
+# CPU quota groups for --proxy-cpu: cgroup v2 (cpu.max) where its cpu controller is on, else v1.
+cgroups=()
+cg_root=""
+if [[ -n "$proxy_cpu" ]]; then
+  if grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+    cg_root=/sys/fs/cgroup
+    grep -qw cpu "$cg_root/cgroup.subtree_control" || echo +cpu > "$cg_root/cgroup.subtree_control" ||
+      { echo "bench: --proxy-cpu: cannot enable the cpu controller in $cg_root (run as root)" >&2; exit 1; }
+  elif [[ -w /sys/fs/cgroup/cpu/cgroup.procs || -w /sys/fs/cgroup/cpu/tasks ]]; then
+    cg_root=/sys/fs/cgroup/cpu
+  else
+    echo "bench: --proxy-cpu needs a writable cgroup CPU controller (cgroup v2 /sys/fs/cgroup or v1 /sys/fs/cgroup/cpu; run as root)" >&2
+    exit 1
+  fi
+fi
+# cpu_cap NAME PID: move PID and its children into a group of their own held to $proxy_cpu cores.
+cpu_cap() {
+  local dir="$cg_root/infergate-bench-$$-$1" quota pid
+  quota=$(awk -v c="$proxy_cpu" 'BEGIN { printf "%d", c * 10000 }')
+  mkdir -p "$dir"
+  cgroups+=("$dir")
+  if [[ -e "$dir/cpu.max" ]]; then
+    echo "$quota 10000" > "$dir/cpu.max"
+  else
+    echo 10000 > "$dir/cpu.cfs_period_us"
+    echo "$quota" > "$dir/cpu.cfs_quota_us"
+  fi
+  for pid in $(tree_pids "$2"); do echo "$pid" > "$dir/cgroup.procs"; done
 }
 to_us() {  # wrk latency like 1.23ms / 850.00us / 1.02s -> microseconds
   awk -v v="$1" 'BEGIN {
@@ -203,6 +247,9 @@ for threads in $threads_list; do
   wait_port "$hp_port" || { cat "$work/haproxy.out" >&2; exit 1; }
 
   proxies=("infergate $ig $ig_port" "nginx $ng $ng_port" "haproxy $hp $hp_port")
+  if [[ -n "$proxy_cpu" ]]; then
+    cpu_cap "infergate-$threads" "$ig"; cpu_cap "nginx-$threads" "$ng"; cpu_cap "haproxy-$threads" "$hp"
+  fi
   for body in "${bodies[@]}"; do
     for c in $conns_list; do
       echo "== threads=$threads c=$c body=$body" >&2
@@ -225,7 +272,7 @@ done
 
 # The table: one row per infergate case, with the peers' figures for the same case. Each (target,
 # case) takes its median round by req/s (the lower middle one for an even count of rounds).
-awk -F'\t' -v rounds="$rounds" -v duration="$duration" -v workers="$backend_workers" '
+awk -F'\t' -v rounds="$rounds" -v duration="$duration" -v workers="$backend_workers" -v proxy_cpu="$proxy_cpu" '
   FILENAME == ARGV[1] { rss[$1 "/" $2] = $3; next }
   { key = ($1 == "direct" ? $3 "/" $4 : $2 "/" $3 "/" $4); t = $1 "/" key
     m = ++cnt[t]; rps[t, m] = $6; p50[t, m] = $7; p99[t, m] = $8; cpu[t, m] = $9; ucpu[t, m] = $12; bad[t] += $10 + $11
@@ -241,6 +288,20 @@ awk -F'\t' -v rounds="$rounds" -v duration="$duration" -v workers="$backend_work
     return idx[int((n + 1) / 2)]
   }
   function get(a, t, m) { return m ? a[t, m] : "-" }
+  # ratio(ti, tp, m, mp): the median rounds (m of ti, mp of tp) ratio, then "(lowest-highest)"
+  # of the per-round ratios.
+  function ratio(ti, tp, m, mp,    r, x, lo, hi, k) {
+    if (!mp || rps[tp, mp] + 0 <= 0) return "-"
+    r = sprintf("%.2fx", rps[ti, m] / rps[tp, mp])
+    lo = ""; hi = ""
+    for (k = 1; k <= cnt[ti] && k <= cnt[tp]; k++) {
+      if (rps[tp, k] + 0 <= 0) continue
+      x = rps[ti, k] / rps[tp, k]
+      if (lo == "" || x < lo) lo = x
+      if (hi == "" || x > hi) hi = x
+    }
+    return (cnt[ti] > 1 && lo != "") ? sprintf("%s (%.2f-%.2f)", r, lo, hi) : r
+  }
   END {
     print "| threads | conns | body | infergate req/s | vs HAProxy | vs nginx | p50 / p99 us | p50 added over direct us | CPU s / 1k req (ig, nginx, haproxy) | of which user space (ig, nginx, haproxy) | peak RSS MiB over the run (ig, nginx, haproxy) | errors (ig) |"
     print "|---|---|---|---|---|---|---|---|---|---|---|---|"
@@ -248,9 +309,8 @@ awk -F'\t' -v rounds="$rounds" -v duration="$duration" -v workers="$backend_work
       k = keys[i]; split(k, f, "/"); d = f[2] "/" f[3]
       ti = "infergate/" k; tn = "nginx/" k; th = "haproxy/" k; td = "direct/" d
       mi = med(ti); mn = med(tn); mh = med(th); md = med(td)
-      ri = rps[ti, mi] + 0; rn = mn ? rps[tn, mn] + 0 : 0; rh = mh ? rps[th, mh] + 0 : 0
-      hr = rh > 0 ? sprintf("%.2fx", ri / rh) : "-"
-      nr = rn > 0 ? sprintf("%.2fx", ri / rn) : "-"
+      ri = rps[ti, mi] + 0
+      hr = ratio(ti, th, mi, mh); nr = ratio(ti, tn, mi, mn)
       added = md ? p50[ti, mi] - p50[td, md] : "-"
       printf "| %s | %s | %s | %.0f | %s | %s | %s / %s | %s | %s, %s, %s | %s, %s, %s | %s, %s, %s | %d |\n",
         f[1], f[2], (f[3] == 0 ? "small" : f[3] " B"), ri, hr, nr,
@@ -259,8 +319,11 @@ awk -F'\t' -v rounds="$rounds" -v duration="$duration" -v workers="$backend_work
         ucpu[ti, mi], get(ucpu, tn, mn), get(ucpu, th, mh),
         rss["infergate/" f[1]], rss["nginx/" f[1]], rss["haproxy/" f[1]], bad[ti]
     }
-    printf "\nmedian of %d interleaved round%s, %s s each; backend nginx with %d worker%s\n", rounds,
+    printf "\nmedian of %d interleaved round%s, %s s each; backend nginx with %d worker%s", rounds,
       (rounds == 1 ? "" : "s"), duration, workers, (workers == 1 ? "" : "s")
+    if (rounds > 1) printf "; in brackets the lowest and highest per-round ratio"
+    if (proxy_cpu != "") printf "; each proxy held to %s of a core (cgroup CPU quota)", proxy_cpu
+    printf "\n"
     print ""
     print "direct (no proxy), req/s by conns/body: "
     for (i = 1; i <= nd; i++) {
