@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Streaming, health-probing and start-up benchmark, each measured against a peer in the same run:
 #  1. SSE: infergate-mock streaming 64 tokens; N concurrent streams direct, through infergate and
-#     through nginx (proxy_buffering off). Time to first byte added, events/s, CPU per event, RSS.
+#     through nginx (proxy_buffering off). Time to first byte added, events/s while every stream
+#     is open, the most streams open at once, CPU per event, RSS.
 #     The three take turns for --rounds rounds (all of them up throughout); each figure is the
 #     median over the rounds, RSS the peak.
 #  2. Health probing: one mock process listening on 1,024 ports, probed every second by infergate
@@ -83,7 +84,7 @@ else
 fi
 median() { sort -n | awk '{a[NR] = $1} END {print (NR ? a[int((NR + 1) / 2)] : 0)}'; }
 # One run of the load client against one target; appends a line to $work/sse.txt:
-# target round ttfb_p50 ttfb_p99 events/s cpu_us_per_event ok failed
+# target round ttfb_p50 ttfb_p99 events/s cpu_us_per_event ok failed steady-events/s peak-open
 sse_run() {
   local name=$1 round=$2 port=$3 pid=$4 before=0 after=0 out events
   [[ -n $pid ]] && before=$(cpu_ticks "$pid")
@@ -92,7 +93,8 @@ sse_run() {
   events=$(json_field "$out" events)
   echo "$name $round $(json_field "$out" ttfb_p50_us) $(json_field "$out" ttfb_p99_us) $(json_field "$out" events_per_s)" \
     "$(awk -v t=$((after - before)) -v hz="$hz" -v e="${events:-0}" 'BEGIN {printf "%.2f", (e > 0 ? t / hz * 1e6 / e : 0)}')" \
-    "$(json_field "$out" ok) $(json_field "$out" failed)" >>"$work/sse.txt"
+    "$(json_field "$out" ok) $(json_field "$out" failed)" \
+    "$(json_field "$out" steady_events_per_s) $(json_field "$out" peak_open)" >>"$work/sse.txt"
 }
 # column K of target NAME's lines, one per round
 sse_col() { awk -v n="$1" -v k="$2" '$1 == n {print $k}' "$work/sse.txt"; }
@@ -106,13 +108,20 @@ sse_row() {
     diff=$(paste -d ' ' <(sse_col "$name" 3) <(sse_col direct 3) | awk '{print $1 - $2}' | median)
     added=" ($(signed "$diff"))"
   fi
-  local cpu="-"
+  local cpu="-" steady
   [[ $name != direct ]] && cpu=$(sse_col "$name" 6 | median)
-  echo "| $streams | $delay | $name | $ok / $failed | $(sse_col "$name" 3 | median)$added | $(sse_col "$name" 4 | median) |" \
-    "$(sse_col "$name" 5 | median) | $cpu | $rss |"
+  steady=$(sse_col "$name" 9 | median)
+  [[ $steady == 0 ]] && steady="-"  # streams too short to be all open for 100 ms (the smoke)
+  echo "| $streams | $delay | $name | $ok / $failed | $(sse_col "$name" 10 | sort -n | head -1) |" \
+    "$(sse_col "$name" 3 | median)$added | $(sse_col "$name" 4 | median) |" \
+    "$steady | $(sse_col "$name" 5 | median) | $cpu | $rss |"
 }
-want sse && echo "| streams | ms/token | target | ok / failed (all rounds) | TTFB p50 us (added) | TTFB p99 us | events/s | CPU us/event | RSS MiB |"
-want sse && echo "|---|---|---|---|---|---|---|---|---|"
+# "held at once": the fewest, over the rounds, of the most streams open together (a proxy short of
+# file descriptors keeps the rest waiting to be accepted); "events/s, all open": the rate from the
+# end of the ramp to the first stream's end; "events/s, whole run": all events over the run's
+# length, which those waiting streams stretch.
+want sse && echo "| streams | ms/token | target | ok / failed (all rounds) | held at once | TTFB p50 us (added) | TTFB p99 us | events/s, all open | events/s, whole run | CPU us/event | RSS MiB |"
+want sse && echo "|---|---|---|---|---|---|---|---|---|---|---|"
 want sse && for c in "${cases[@]}"; do
   read -r streams delay tokens <<<"$c"
   ramp=$((streams / 2))  # ms: connections open at ~2 per ms

@@ -1,6 +1,8 @@
 // infergate-sse-load: opens N concurrent streaming chat requests against a URL and reports how
-// the streams went (time to first event, events relayed, failures) as one JSON line. No Debian
-// load tool holds thousands of slow SSE streams open and times their first byte.
+// the streams went (time to first event, events relayed, failures) as one JSON line: events_per_s
+// over the whole run, steady_events_per_s while every stream is open (after the ramp, until the
+// first one ends), and peak_open, the most streams open at once. No Debian load tool holds
+// thousands of slow SSE streams open and times their first byte.
 //
 // usage: infergate-sse-load --port P [--host H] [--streams N] [--tokens T] [--ramp-ms MS]
 //                            [--ttfb-log FILE]   (one line per stream: index, sent at us, ttfb us)
@@ -23,6 +25,7 @@ namespace http = boost::beast::http;
 using tcp = net::ip::tcp;
 using Clock = std::chrono::steady_clock;
 constexpr auto kTuple = net::as_tuple(net::use_awaitable);
+constexpr auto kSlot = std::chrono::milliseconds(10);
 
 namespace {
 
@@ -44,6 +47,12 @@ struct Totals {
   };
   std::vector<Trace> trace;
   Clock::time_point started = Clock::now();
+  // Events by the 10 ms slot they were read in, since `started`: the rate while every stream is
+  // open (after the ramp, before the first stream ends) is read off these.
+  std::vector<std::uint32_t> slots;
+  Clock::time_point first_done = Clock::time_point::max();
+  int open = 0;       // streams with their head read and their body not yet done
+  int peak_open = 0;  // the most open at once: what the target held concurrently
   std::uint64_t events = 0;
   int ok = 0;
   int failed = 0;
@@ -86,6 +95,14 @@ net::awaitable<void> one_stream(const Options* o, int index, Totals* totals) {
     totals->last_error = hec ? "header: " + hec.message() : "status " + std::to_string(parser.get().result_int());
     co_return;
   }
+  // Open from the head to the end of the body (or its failure), whichever way it ends.
+  struct OpenStream {
+    Totals* t;
+    explicit OpenStream(Totals* totals) : t(totals) { t->peak_open = std::max(t->peak_open, ++t->open); }
+    ~OpenStream() { --t->open; }
+    OpenStream(const OpenStream&) = delete;
+    OpenStream& operator=(const OpenStream&) = delete;
+  } open_stream(totals);
   char buf[8192];
   bool first = true;
   std::uint64_t events = 0;
@@ -109,12 +126,19 @@ net::awaitable<void> one_stream(const Options* o, int index, Totals* totals) {
       first = false;
     }
     std::string text = tail + std::string(buf, n);
+    const auto before = events;
     for (std::size_t pos = 0; (pos = text.find("data: ", pos)) != std::string::npos; pos += 6) {
       if (pos >= tail.size() || pos + 6 > tail.size()) ++events;
     }
     tail = text.substr(text.size() >= 5 ? text.size() - 5 : 0);
+    if (events != before) {
+      const auto slot = static_cast<std::size_t>((Clock::now() - totals->started) / kSlot);
+      if (slot >= totals->slots.size()) totals->slots.resize(slot + 1, 0);
+      totals->slots[slot] += static_cast<std::uint32_t>(events - before);
+    }
   }
   totals->events += events;
+  totals->first_done = std::min(totals->first_done, Clock::now());
   ++totals->ok;
 }
 
@@ -172,13 +196,27 @@ int main(int argc, char** argv) {
       std::cerr << "infergate-sse-load: cannot write " << o.ttfb_log << "\n";
     }
   }
+  // The rate while all streams are open: from the end of the ramp (plus a slot for the last
+  // head) to the first stream's end. A target that holds fewer streams than asked (a descriptor
+  // limit keeps the rest waiting to be accepted) shows it in peak_open, not in a diluted rate.
+  double steady = 0;
+  const auto from = static_cast<std::size_t>(std::chrono::milliseconds(o.ramp_ms) / kSlot) + 1;
+  if (totals.first_done != Clock::time_point::max()) {
+    const auto to = std::min(static_cast<std::size_t>((totals.first_done - started) / kSlot), totals.slots.size());
+    if (to >= from + 10) {  // at least 100 ms
+      std::uint64_t in_window = 0;
+      for (auto i = from; i < to; ++i) in_window += totals.slots[i];
+      steady = static_cast<double>(in_window) / std::chrono::duration<double>(kSlot * (to - from)).count();
+    }
+  }
   auto& t = totals.ttfb_us;
   std::sort(t.begin(), t.end());
   auto pct = [&](double p) { return t.empty() ? 0.0 : t[std::min(t.size() - 1, static_cast<std::size_t>(p * static_cast<double>(t.size())))]; };
   std::printf(
       "{\"streams\":%d,\"ok\":%d,\"failed\":%d,\"events\":%llu,\"seconds\":%.3f,\"events_per_s\":%.0f,"
-      "\"ttfb_p50_us\":%.0f,\"ttfb_p99_us\":%.0f,\"last_error\":\"%s\"}\n",
+      "\"steady_events_per_s\":%.0f,\"peak_open\":%d,\"ttfb_p50_us\":%.0f,\"ttfb_p99_us\":%.0f,\"last_error\":\"%s\"}\n",
       o.streams, totals.ok, totals.failed, static_cast<unsigned long long>(totals.events), seconds,
-      static_cast<double>(totals.events) / seconds, pct(0.5), pct(0.99), totals.last_error.c_str());
+      static_cast<double>(totals.events) / seconds, steady, totals.peak_open, pct(0.5), pct(0.99),
+      totals.last_error.c_str());
   return totals.failed == 0 ? 0 : 1;
 }
