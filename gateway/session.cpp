@@ -1224,13 +1224,17 @@ net::awaitable<Next> answer_all_failed(Worker* w, ClientConnection* c, unsigned 
 }
 
 // The backoff before a retry, never past `deadline` (timeouts.total): a request out of time is
-// answered when its time is up, not a backoff later.
-net::awaitable<void> retry_pause(Worker* w, int attempt, Clock::time_point deadline) {
+// answered when its time is up, not a backoff later. True when the backoff reached the deadline,
+// so no retry may go out. Decided before the pause, not by reading a clock after it: the coarse
+// clock can still read a little before the deadline when the timer (on the precise one) fires.
+net::awaitable<bool> retry_pause(Worker* w, int attempt, Clock::time_point deadline) {
   std::uniform_real_distribution<double> unit(0.0, 1.0);
   const auto backoff = w->state->retry.backoff(attempt, unit(w->rng));
-  const auto now = coarse_now();
-  net::steady_timer pause(w->io, deadline - now < backoff ? std::max(deadline - now, Clock::duration::zero()) : backoff);
+  const auto left = deadline - coarse_now();
+  const bool out_of_time = left <= backoff;
+  net::steady_timer pause(w->io, out_of_time ? std::max(left, Clock::duration::zero()) : backoff);
   co_await pause.async_wait(kTuple);
+  co_return out_of_time;
 }
 
 // Proxies one request, retrying on other backends while nothing reached the client.
@@ -1268,8 +1272,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     discovery::Backend* backend = state.registry.pick(*set, tried);
     if (backend == nullptr) break;
     if (attempt > 0) {
-      co_await retry_pause(w, attempt, c->total_deadline);
-      if (coarse_now() >= c->total_deadline) {  // no retry went out: none is counted
+      if (co_await retry_pause(w, attempt, c->total_deadline)) {  // no retry went out: none is counted
         failures += ", then timeouts.total (" + std::to_string(total.count()) + "ms) ran out";
         last_timed_out = true;
         break;
