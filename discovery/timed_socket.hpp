@@ -206,10 +206,13 @@ class TimedSocket {
   }
   // No operation's deadline goes past `t` (a whole exchange's limit); max() lifts the cap.
   void cap_at(Clock::time_point t) noexcept { cap_ = t; }
+  Clock::time_point cap() const noexcept { return cap_; }
   // Whether the cap is what ran out: a timeout at or past it is the exchange's, not the step's.
   // The sweep records whether an expiry was the cap's: its clock can run a few ms ahead of
-  // coarse_now(), so a check of the time alone could miss a cap that just ran out.
-  bool past_cap(Clock::time_point now = coarse_now()) const noexcept {
+  // coarse_now(), so a check of the time alone could miss a cap that just ran out. Steps timed
+  // by a precise timer (a DNS lookup) end at the cap by that clock, which the check reads (it is
+  // only asked after a timeout).
+  bool past_cap(Clock::time_point now = Clock::now()) const noexcept {
     return expired_at_cap_ || (cap_ != Clock::time_point::max() && now >= cap_);
   }
 

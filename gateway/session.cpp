@@ -344,9 +344,12 @@ net::awaitable<beast::error_code> connect_upstream(Worker* w, const discovery::B
   auto it = w->resolved.find(backend->index());
   if (it == w->resolved.end()) {
     // Within timeouts.connect, like the connect itself: a DNS server that does not answer is a
-    // failed attempt (retried elsewhere), not a request that waits on it.
-    auto [rec, results] = co_await discovery::resolve_by(w->io.get_executor(), info.host, std::to_string(info.port),
-                                                         coarse_now() + w->state->config.timeouts.connect);
+    // failed attempt (retried elsewhere), not a request that waits on it. Nor past the socket's
+    // cap (timeouts.total), which bounds every step of the exchange.
+    auto [rec, results] = co_await discovery::resolve_by(
+        w->io.get_executor(), info.host, std::to_string(info.port),
+        std::min(coarse_now() + std::chrono::duration_cast<Clock::duration>(w->state->config.timeouts.connect),
+                 sock.cap()));
     if (rec == beast::error::timeout) {
       spdlog::warn("DNS lookup of {} did not finish within timeouts.connect ({}ms)", info.host,
                    w->state->config.timeouts.connect.count());
@@ -1224,17 +1227,17 @@ net::awaitable<Next> answer_all_failed(Worker* w, ClientConnection* c, unsigned 
 }
 
 // The backoff before a retry, never past `deadline` (timeouts.total): a request out of time is
-// answered when its time is up, not a backoff later. True when the backoff reached the deadline,
-// so no retry may go out. Decided before the pause, not by reading a clock after it: the coarse
-// clock can still read a little before the deadline when the timer (on the precise one) fires.
+// answered when its time is up, not a backoff later. True when no retry may go out: the backoff
+// reached the deadline, or the pause ended past it (a busy worker). Both read the precise clock
+// the timer runs on: the coarse one can still read a little before the deadline when it fires.
 net::awaitable<bool> retry_pause(Worker* w, int attempt, Clock::time_point deadline) {
   std::uniform_real_distribution<double> unit(0.0, 1.0);
   const auto backoff = w->state->retry.backoff(attempt, unit(w->rng));
-  const auto left = deadline - coarse_now();
+  const auto left = deadline - Clock::now();
   const bool out_of_time = left <= backoff;
   net::steady_timer pause(w->io, out_of_time ? std::max(left, Clock::duration::zero()) : backoff);
   co_await pause.async_wait(kTuple);
-  co_return out_of_time;
+  co_return out_of_time || Clock::now() >= deadline;
 }
 
 // Proxies one request, retrying on other backends while nothing reached the client.

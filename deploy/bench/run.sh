@@ -60,8 +60,9 @@ done
 [[ "$backend_workers" =~ ^[1-9][0-9]*$ ]] ||
   { echo "--backend-workers needs a positive integer, not '$backend_workers'" >&2; exit 2; }
 if [[ -n "$proxy_cpu" ]]; then
-  [[ "$proxy_cpu" =~ ^[0-9]*\.?[0-9]+$ ]] && awk -v c="$proxy_cpu" 'BEGIN { exit !(c >= 0.01) }' ||
-    { echo "--proxy-cpu needs a number of cores of at least 0.01 (like 0.5), not '$proxy_cpu'" >&2; exit 2; }
+  # The kernel takes no quota under 1 ms, a tenth of the 10 ms period.
+  [[ "$proxy_cpu" =~ ^[0-9]*\.?[0-9]+$ ]] && awk -v c="$proxy_cpu" 'BEGIN { exit !(c >= 0.1) }' ||
+    { echo "--proxy-cpu needs a number of cores of at least 0.1 (like 0.5), not '$proxy_cpu'" >&2; exit 2; }
 fi
 
 "$root/deploy/install-deps.sh" --bench
@@ -138,8 +139,11 @@ cg_root=""
 if [[ -n "$proxy_cpu" ]]; then
   if grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
     cg_root=/sys/fs/cgroup
-    grep -qw cpu "$cg_root/cgroup.subtree_control" || echo +cpu > "$cg_root/cgroup.subtree_control" ||
-      { echo "bench: --proxy-cpu: cannot enable the cpu controller in $cg_root (run as root)" >&2; exit 1; }
+    if ! grep -qw cpu "$cg_root/cgroup.subtree_control"; then
+      err=$( { echo +cpu > "$cg_root/cgroup.subtree_control"; } 2>&1 ) ||
+        { echo "bench: --proxy-cpu: cannot enable the cpu controller for groups under $cg_root ($err; it needs" \
+               "root, a writable cgroup mount, and no processes in $cg_root itself)" >&2; exit 1; }
+    fi
   elif [[ -w /sys/fs/cgroup/cpu/cgroup.procs || -w /sys/fs/cgroup/cpu/tasks ]]; then
     cg_root=/sys/fs/cgroup/cpu
   else
@@ -150,7 +154,7 @@ fi
 # cpu_cap NAME PID: move PID and its children into a group of their own held to $proxy_cpu cores.
 cpu_cap() {
   local dir="$cg_root/infergate-bench-$$-$1" quota pid
-  quota=$(awk -v c="$proxy_cpu" 'BEGIN { printf "%d", c * 10000 }')
+  quota=$(awk -v c="$proxy_cpu" 'BEGIN { printf "%d", c * 10000 + 0.5 }')
   mkdir -p "$dir"
   cgroups+=("$dir")
   if [[ -e "$dir/cpu.max" ]]; then

@@ -72,7 +72,8 @@ rss_mib() {
   echo $((total / 1024))
 }
 signed() { if (($1 >= 0)); then echo "+$1"; else echo "$1"; fi; }
-json_field() { sed -E "s/.*\"$2\":\"?([^,\"}]*).*/\1/" <<<"$1"; }
+# A field of the load client's JSON line; 0 when it is missing (a load client built before it).
+json_field() { local v; v=$(sed -nE "s/.*\"$2\":\"?([^,\"}]*).*/\1/p" <<<"$1"); echo "${v:-0}"; }
 hz=$(getconf CLK_TCK)
 
 # ---- 1. SSE

@@ -99,7 +99,10 @@ net::awaitable<void> one_stream(const Options* o, int index, Totals* totals) {
   struct OpenStream {
     Totals* t;
     explicit OpenStream(Totals* totals) : t(totals) { t->peak_open = std::max(t->peak_open, ++t->open); }
-    ~OpenStream() { --t->open; }
+    ~OpenStream() {  // the first stream to end, however, ends the window with every stream open
+      --t->open;
+      t->first_done = std::min(t->first_done, Clock::now());
+    }
     OpenStream(const OpenStream&) = delete;
     OpenStream& operator=(const OpenStream&) = delete;
   } open_stream(totals);
@@ -138,7 +141,6 @@ net::awaitable<void> one_stream(const Options* o, int index, Totals* totals) {
     }
   }
   totals->events += events;
-  totals->first_done = std::min(totals->first_done, Clock::now());
   ++totals->ok;
 }
 

@@ -295,15 +295,23 @@ TEST(ProxyTest, AnswersBadGatewayNamingEveryBackendTriedWhenOneWasNotJustUnavail
 // timeouts.connect like the connect itself, so the request is retried on another backend
 // instead of waiting on getaddrinfo. (The shim answers the health checker's first lookup, so
 // the backend is healthy, and hangs every later one.)
+namespace {
+// The gateway's environment for a resolver that answers the first lookup of dns-hangs.test (the
+// health checker's) and hangs every later one.
+std::vector<std::string> hanging_dns_env() {
+  std::string asan = std::getenv("ASAN_OPTIONS") != nullptr ? std::getenv("ASAN_OPTIONS") : "";
+  return {"LD_PRELOAD=" INFERGATE_HANGING_RESOLVER, "IG_TEST_HANG_HOST=dns-hangs.test", "IG_TEST_HANG_AFTER=1",
+          "ASAN_OPTIONS=" + asan + (asan.empty() ? "" : ":") + "verify_asan_link_order=0"};
+}
+}  // namespace
+
 TEST(ProxyTest, AHangingDnsLookupIsAConnectTimeoutAndRetriedElsewhere) {
   auto unresolvable = start_mock();
   auto good = start_mocks(1);
-  std::string asan = std::getenv("ASAN_OPTIONS") != nullptr ? std::getenv("ASAN_OPTIONS") : "";
   auto gw = start_gateway(
       concat({"--backend", "http://dns-hangs.test:" + std::to_string(unresolvable.port)},
              concat(backend_args(good), {"--set", "timeouts.connect=400ms", "--set", "passive.failures=1000"})),
-      {"LD_PRELOAD=" INFERGATE_HANGING_RESOLVER, "IG_TEST_HANG_HOST=dns-hangs.test",
-       "IG_TEST_HANG_AFTER=1", "ASAN_OPTIONS=" + asan + (asan.empty() ? "" : ":") + "verify_asan_link_order=0"});
+      hanging_dns_env());
   wait_healthy(gw, 2);
   for (int i = 0; i < 4; ++i) {
     const auto started = Clock::now();
@@ -320,6 +328,21 @@ TEST(ProxyTest, AHangingDnsLookupIsAConnectTimeoutAndRetriedElsewhere) {
   const auto stopping = Clock::now();
   EXPECT_EQ(gw.process->signal_and_wait(SIGTERM, 10s), 0);
   EXPECT_LT(Clock::now() - stopping, 3s);
+}
+
+// timeouts.total bounds the lookup too: a request whose only backend's DNS hangs is answered
+// when its total time is up, not when the (longer) connect timeout would end the lookup.
+TEST(ProxyTest, AHangingDnsLookupEndsAtTimeoutsTotal) {
+  auto unresolvable = start_mock();
+  auto gw = start_gateway({"--backend", "http://dns-hangs.test:" + std::to_string(unresolvable.port), "--set",
+                           "timeouts.connect=5s", "--set", "timeouts.total=400ms", "--set", "passive.failures=1000"},
+                          hanging_dns_env());
+  wait_healthy(gw, 1);
+  const auto started = Clock::now();
+  auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {}, 15s);
+  EXPECT_LT(Clock::now() - started, 2s);
+  EXPECT_EQ(r.status, 504) << r.error << r.body;
+  EXPECT_THAT(r.body, HasSubstr("timeouts.total (400ms)"));
 }
 
 TEST(ProxyTest, RetriesAfterResetBeforeAnyResponseByte) {
