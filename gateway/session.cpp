@@ -849,6 +849,10 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
     net::async_write(client_->socket(), rest,
                      [self = shared_from_this()](beast::error_code wec, std::size_t) {
                        if (auto ec = self->client_->settle(wec)) {
+                         if (ec == beast::error::timeout && self->client_->past_cap()) {
+                           self->out_.over_total = true;  // the gateway's limit, not a slow client
+                           return self->finish(AttemptOutcome::kBrokenMidResponse, "the stream outlasted timeouts.total");
+                         }
                          self->out_.client_stalled = ec == beast::error::timeout;
                          return self->finish(AttemptOutcome::kClientGone);
                        }
@@ -1098,6 +1102,16 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
         wec = c->sock.settle(ec);
       } else {
         wec = co_await write_all(c->sock, std::span<const net::const_buffer>(pieces.data(), count), idle);
+      }
+      if (wec == beast::error::timeout && c->sock.past_cap()) {
+        // timeouts.total ran out while the client was taking the response: the gateway's limit,
+        // not the client's slowness (timeouts.idle) nor the backend's doing.
+        out.over_total = true;
+        out.error = "the response outlasted timeouts.total";
+        out.kind = AttemptOutcome::kBrokenMidResponse;
+        c->reset_on_close = plan.close_delimited;
+        *upstream_reusable = false;
+        co_return out;
       }
       if (wec) {
         out.kind = AttemptOutcome::kClientGone;

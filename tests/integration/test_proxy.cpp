@@ -1139,6 +1139,49 @@ TEST(ProxyTest, AStreamTooSlowlyReadResetsAnHttp10ClientsConnection) {
       << gw.process->errors();
 }
 
+// A response the client takes too slowly for timeouts.total (but not for timeouts.idle) is cut by
+// the gateway's own limit: logged as such, not as a stalled client, and not against the backend.
+// Both ways a response is relayed: a streamed one and a large JSON answer.
+TEST(ProxyTest, AResponseCutByTimeoutsTotalWhileTheClientReadsIsNotBlamedOnTheClient) {
+  // 1,000,000 tokens: a 9.4 MB JSON answer, more than the sockets' buffers hold (4 MiB at most).
+  auto mocks = start_mocks(1, {"--tokens", "1000000"});
+  auto gw = start_gateway(
+      concat(backend_args(mocks), {"--set", "timeouts.idle=30s", "--set", "timeouts.total=1500ms"}));
+  wait_healthy(gw, 1);
+  auto cuts = [&] {
+    const auto log = gw.process->errors();
+    int n = 0;
+    for (auto at = log.find("outlasted timeouts.total"); at != std::string::npos;
+         at = log.find("outlasted timeouts.total", at + 1)) {
+      ++n;
+    }
+    return n;
+  };
+  for (const bool stream : {true, false}) {
+    const auto body = chat_body(stream);
+    std::string received;
+    const auto started = Clock::now();
+    const auto how = how_connection_ends(
+        gw.port,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " +
+            std::to_string(body.size()) + "\r\n\r\n" + body,
+        received,
+        [&] {  // nothing is read until the gateway has given up writing
+          EXPECT_TRUE(poll_until([&] { return cuts() == (stream ? 1 : 2); }, 10s))
+              << "stream " << stream << ": " << gw.process->errors();
+        },
+        4096);
+    EXPECT_LT(Clock::now() - started, 8s) << "stream " << stream;  // well before timeouts.idle
+    EXPECT_THAT(received, StartsWith("HTTP/1.1 200")) << "stream " << stream;
+    EXPECT_NE(how, "timeout") << "stream " << stream;
+  }
+  EXPECT_THAT(gw.process->errors(), HasSubstr("cut on backend"));
+  EXPECT_THAT(gw.process->errors(), Not(HasSubstr(" client-stalled")));
+  EXPECT_EQ(metric(gw.port, "infergate_backend_requests_total",
+                   "backend=\"" + mocks[0].id() + "\",node=\"127.0.0.1\",slot=\"0\",code=\"error\""),
+            0);
+}
+
 // Forwarded requests carry the gateway's Via entry, and one that comes back to it (the gateway
 // added as its own backend) is answered 508 at once instead of going round until every
 // connection slot is taken.
