@@ -204,18 +204,31 @@ void append_field(std::string& out, std::string_view name, std::string_view valu
 // per call than the copy (perf: sendmsg 62% of the gateway's CPU against HAProxy's sendto 58%).
 constexpr std::size_t kCoalesceMax = 16 * 1024;
 
+// Writes every byte. `timeout` bounds each wait for progress (the peer taking any of the bytes),
+// not the whole write: a 64 MiB request body to a backend that reads it steadily but slowly, or a
+// large answer to a slow client, is not cut while it moves. One send(2) in the usual case, as
+// before: the loop only turns again for a write the socket could not take whole. `Rest` is a
+// single buffer (sent with send(2), cheaper than sendmsg(2)) or a buffers_suffix.
+template <typename Rest>
+net::awaitable<beast::error_code> write_progressing(TimedSocket& sock, Rest rest, std::chrono::milliseconds timeout) {
+  while (beast::buffer_bytes(rest) > 0) {
+    sock.arm(timeout);
+    auto [ec, n] = co_await sock.socket().async_write_some(rest, kDirect);
+    if (auto settled = sock.settle(ec)) co_return settled;
+    if constexpr (std::is_same_v<Rest, net::const_buffer>) rest += n;
+    else rest.consume(n);
+  }
+  co_return beast::error_code{};
+}
+
 net::awaitable<beast::error_code> write_all(TimedSocket& sock, net::const_buffer bytes,
                                             std::chrono::milliseconds timeout) {
-  sock.arm(timeout);
-  auto [ec, n] = co_await net::async_write(sock.socket(), bytes, kDirect);
-  co_return sock.settle(ec);
+  return write_progressing(sock, bytes, timeout);
 }
 
 net::awaitable<beast::error_code> write_all(TimedSocket& sock, std::span<const net::const_buffer> pieces,
                                             std::chrono::milliseconds timeout) {
-  sock.arm(timeout);
-  auto [ec, n] = co_await net::async_write(sock.socket(), pieces, kDirect);
-  co_return sock.settle(ec);
+  return write_progressing(sock, beast::buffers_suffix<std::span<const net::const_buffer>>(pieces), timeout);
 }
 
 constexpr auto kLocalWriteTimeout = std::chrono::seconds(30);
@@ -509,7 +522,7 @@ AttemptOutcome unanswered_outcome(const beast::error_code& ec, bool request_sent
                                                           : ec.message();
   if (timed_out) {
     why = request_sent ? "no response within timeouts.first_byte (" + std::to_string(cfg.timeouts.first_byte.count()) + "ms)"
-                       : "the backend took no request bytes within timeouts.idle (" +
+                       : "the backend took no more request bytes for timeouts.idle (" +
                              std::to_string(cfg.timeouts.idle.count()) + "ms)";
   }
   auto out = failed_outcome(std::move(why), timed_out);

@@ -781,6 +781,34 @@ TEST(ProxyTest, AnAnswerTheBackendGivesBeforeTakingTheBodyReachesTheClient) {
   }
 }
 
+// timeouts.idle bounds each wait for the backend to take more of a request, not the whole upload:
+// a backend reading a 16 MiB prompt steadily at 8 MB/s (longer than idle in all) is served, and
+// one that stops reading is cut after idle.
+TEST(ProxyTest, AnUploadIsCutOnlyWhenTheBackendStopsTakingIt) {
+  const auto body = chat_body(false, "\"pad\":\"" + std::string(std::size_t{16} << 20, 'x') + "\"");
+  {
+    auto slow = start_mocks(1, {"--read-rate", "8000000"});
+    auto gw = start_gateway(concat(backend_args(slow), {"--set", "timeouts.idle=400ms", "--set", "retries.max=0"}));
+    wait_healthy(gw, 1);
+    const auto started = Clock::now();
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", body, {}, 30s);
+    const auto took = Clock::now() - started;
+    EXPECT_EQ(r.status, 200) << r.body;
+    EXPECT_GT(took, 1s) << "the upload did not outlast timeouts.idle, so this case shows nothing";
+    EXPECT_EQ(json::parse(http_request(slow[0].port, "GET", "/mock/stats").body)["requests"], 1);
+  }
+  {
+    auto stuck = start_mocks(1, {"--read-rate", "1"});  // reads 64 KiB, then waits for hours
+    auto gw = start_gateway(concat(backend_args(stuck), {"--set", "timeouts.idle=400ms", "--set", "retries.max=0"}));
+    wait_healthy(gw, 1);
+    const auto started = Clock::now();
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", body, {}, 30s);
+    EXPECT_EQ(r.status, 504) << r.body;
+    EXPECT_THAT(r.body, HasSubstr("the backend took no more request bytes for timeouts.idle (400ms)"));
+    EXPECT_LT(Clock::now() - started, 5s);
+  }
+}
+
 // A 408 on a parked connection is the backend closing it for idleness as the request came, not
 // an answer: the request goes again on a fresh connection (the client got the 408 before),
 // whether the upload finished first (small body) or was cut by the close (large body).

@@ -68,6 +68,9 @@ struct Options {
   // the promised body, in a later write), "cl-and-te" (Content-Length and chunked at once),
   // "bad-chunk" (a malformed chunk size before any body byte).
   std::string lie;
+  // Reads request bodies no faster than this many bytes per second (0: as fast as they come): a
+  // server that takes a large prompt steadily but slowly.
+  long read_rate = 0;
   bool quiet = false;
 };
 
@@ -95,7 +98,7 @@ struct Server {
                "  [--seed S] [--hang] [--hang-after-header] [--drop-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
                "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice] [--own-request-ids] [--max-body BYTES]\n"
                "  [--idle-408] [--keep-alive-ms MS] [--hang-health-ms MS]\n"
-               "  [--models-nesting N] [--quiet]\n";
+               "  [--models-nesting N] [--read-rate BYTES_PER_S] [--quiet]\n";
   std::exit(message.empty() ? 0 : 2);
 }
 
@@ -142,6 +145,7 @@ Options parse_options(int argc, char** argv) {
     else if (a == "--keep-alive-ms") o.keep_alive_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
     else if (a == "--hang-health-ms") o.hang_health_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
     else if (a == "--models-nesting") o.models_nesting = static_cast<int>(parse_long(a, value(), 0, 10000000));
+    else if (a == "--read-rate") o.read_rate = parse_long(a, value(), 1, 1L << 40);
     else if (a == "--max-body") o.max_body = static_cast<std::uint64_t>(parse_long(a, value(), 1, 1L << 40));
     else if (a == "--lie") {
       o.lie = value();
@@ -453,7 +457,25 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
       co_await http::async_write(socket, res, kTuple);
       break;
     }
-    auto [rec, rn] = co_await http::async_read(socket, buffer, parser, kTuple);
+    beast::error_code rec;
+    if (o.read_rate > 0) {
+      // A read takes what is there (at most 64 KiB); the next waits until the bytes read so far
+      // are due at the rate.
+      buffer.reserve(64 * 1024);
+      const auto start = Clock::now();
+      std::uint64_t taken = 0;
+      while (!rec && !parser.is_done()) {
+        auto [ec, n] = co_await http::async_read_some(socket, buffer, parser, kTuple);
+        rec = ec;
+        taken += n;
+        const auto due = start + std::chrono::microseconds(taken * 1000000 / static_cast<std::uint64_t>(o.read_rate));
+        if (due > Clock::now()) {
+          co_await sleep_for(std::chrono::ceil<std::chrono::milliseconds>(due - Clock::now()));
+        }
+      }
+    } else {
+      rec = std::get<0>(co_await http::async_read(socket, buffer, parser, kTuple));
+    }
     if (rec) break;
     auto req = parser.release();
     const std::string target(req.target());
@@ -640,6 +662,9 @@ int main(int argc, char** argv) {
       tcp::endpoint endpoint(address, static_cast<unsigned short>(port));
       acceptor->open(endpoint.protocol());
       acceptor->set_option(net::socket_base::reuse_address(true));
+      // A slow reader's bytes wait in the sender's buffers, not in a receive buffer the kernel
+      // would grow to tens of MiB (accepted connections inherit the listener's size).
+      if (server.options.read_rate > 0) acceptor->set_option(net::socket_base::receive_buffer_size(64 * 1024));
       acceptor->bind(endpoint);
       acceptor->listen(net::socket_base::max_listen_connections);
       std::printf("infergate-mock listening on %s:%u\n", server.options.host.c_str(),
