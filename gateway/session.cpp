@@ -1249,6 +1249,9 @@ net::awaitable<Next> answer_all_failed(Worker* w, ClientConnection* c, unsigned 
   }
   auto response = error_response(status, message);
   if (retry_after) response.headers.emplace_back("Retry-After", std::to_string(retry_after->count()));
+  // timeouts.total may be what ended the attempts: the answer saying so has its own write bound,
+  // not the spent one (which would cut it at once if the client's buffers were full).
+  c->sock.cap_at(Clock::time_point::max());
   co_return next_after(co_await write_local_counted(&state, c, std::move(response), version_minor, keep_alive,
                                                     head_only, c->request_id));
 }
