@@ -372,6 +372,10 @@ const std::vector<KeySpec>& specs() {
         "client connections held at once; more wait in the listen backlog (0: from the open-file limit)",
         make_int([](Config& c) -> int& { return c.limits.max_client_connections; }, 0, 10000000),
         [](const Config& c) { return std::to_string(c.limits.max_client_connections); });
+    add("limits.max_body_memory", Kind::kSize,
+        "request-body bytes held at once across all connections; a body past it gets 503 (0: automatic)",
+        make_size([](Config& c) -> std::uint64_t& { return c.limits.max_body_memory; }, 0),
+        [](const Config& c) { return format_size(c.limits.max_body_memory); });
     add("limits.upstream_idle_timeout", Kind::kDuration, "idle upstream connections are closed after",
         make_positive_duration([](Config& c) -> milliseconds& { return c.limits.upstream_idle_timeout; }),
         [](const Config& c) { return format_duration(c.limits.upstream_idle_timeout); });
@@ -651,6 +655,12 @@ void validate(const Config& c) {
                       origin(c, "retries.backoff_max") + ") must be at least retries.backoff_base (" +
                       format_duration(c.retries.backoff_base) + ", from " + origin(c, "retries.backoff_base") +
                       ")");
+  }
+  if (c.limits.max_body_memory != 0 && c.limits.max_body_memory < c.limits.max_body) {
+    throw ConfigError("limits.max_body_memory (" + format_size(c.limits.max_body_memory) + ", from " +
+                      origin(c, "limits.max_body_memory") + ") must be at least limits.max_body (" +
+                      format_size(c.limits.max_body) + ", from " + origin(c, "limits.max_body") +
+                      "), or 0 for automatic: a body the gateway accepts must fit");
   }
   if (c.metrics_listen && c.metrics_listen->port != 0 && c.metrics_listen->port == c.listen.port &&
       (c.metrics_listen->host == c.listen.host || c.metrics_listen->host == "0.0.0.0" ||

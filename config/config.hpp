@@ -91,6 +91,10 @@ struct LimitSettings {
   // Open client connections the gateway holds at once; further clients wait in the listen
   // backlog. 0: derived from the open-file limit (two descriptors per proxied request).
   int max_client_connections = 0;
+  // Request-body bytes held at once across all connections (bodies over 64 KiB count); a body
+  // that would go past it is answered 503 with Retry-After. 0: a quarter of the memory the
+  // gateway may use (physical memory or its cgroup's limit), and never below max_body.
+  std::uint64_t max_body_memory = 0;
   milliseconds upstream_idle_timeout{60000};
 };
 

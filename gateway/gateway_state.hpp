@@ -54,6 +54,38 @@ class ConnectionSlot {
   std::atomic<std::int64_t>* taken_ = nullptr;
 };
 
+// The request-body bytes one request holds, counted against limits.max_body_memory with every
+// other connection's (`held`); given back when the request is done with (release) or the
+// connection ends.
+class BodyReservation {
+ public:
+  explicit BodyReservation(std::atomic<std::uint64_t>* held) noexcept : held_(held) {}
+  BodyReservation(const BodyReservation&) = delete;
+  BodyReservation& operator=(const BodyReservation&) = delete;
+  ~BodyReservation() { release(); }
+  // Holds `total` bytes in all (more than now) if every connection's together stay within
+  // `limit`; false, holding what it held, if not.
+  bool grow_to(std::uint64_t total, std::uint64_t limit) noexcept {
+    if (total <= bytes_) return true;
+    const auto more = total - bytes_;
+    auto n = held_->load(std::memory_order_relaxed);
+    do {
+      if (n + more > limit) return false;
+    } while (!held_->compare_exchange_weak(n, n + more, std::memory_order_relaxed));
+    bytes_ = total;
+    return true;
+  }
+  void release() noexcept {
+    if (bytes_ != 0) held_->fetch_sub(bytes_, std::memory_order_relaxed);
+    bytes_ = 0;
+  }
+  std::uint64_t bytes() const noexcept { return bytes_; }
+
+ private:
+  std::atomic<std::uint64_t>* held_;
+  std::uint64_t bytes_ = 0;
+};
+
 // This gateway's entry in the Via field of the requests it forwards (RFC 9110 7.6.3): a name of
 // its own per process, so that a request coming back to it (the gateway listed as one of its own
 // backends, or two gateways as each other's) is seen as a loop.
@@ -101,6 +133,10 @@ struct GatewayState {
   // listen backlog.
   std::int64_t max_client_connections = 0;
   std::atomic<std::int64_t> connection_slots{0};
+  // The effective limits.max_body_memory, set before serving, and the request-body bytes held
+  // of it now (see BodyReservation).
+  std::uint64_t max_body_memory = 0;
+  std::atomic<std::uint64_t> body_memory{0};
   std::atomic<bool> stopping{false};
   const std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
 };

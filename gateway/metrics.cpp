@@ -121,6 +121,14 @@ std::string render_metrics(const GatewayState& state) {
                                  MetricType::Gauge);
   connection_limit.metric.push_back(
       value_metric({}, static_cast<double>(state.max_client_connections), MetricType::Gauge));
+  auto body_memory = family("infergate_request_body_bytes",
+                            "Request-body bytes held at once, bodies over 64 KiB (limits.max_body_memory bounds them)",
+                            MetricType::Gauge);
+  body_memory.metric.push_back(value_metric({}, static_cast<double>(state.body_memory.load()), MetricType::Gauge));
+  auto body_memory_limit = family("infergate_request_body_bytes_limit",
+                                  "limits.max_body_memory in effect: a body past it is answered 503 with Retry-After",
+                                  MetricType::Gauge);
+  body_memory_limit.metric.push_back(value_metric({}, static_cast<double>(state.max_body_memory), MetricType::Gauge));
   auto inflight_all = family("infergate_inflight_requests", "Requests in flight through the gateway, admin calls included (not scrapes, probes or the status page)", MetricType::Gauge);
   inflight_all.metric.push_back(value_metric({}, static_cast<double>(state.inflight_requests.load()), MetricType::Gauge));
   auto healthy = family("infergate_healthy_backends", "Backends receiving traffic", MetricType::Gauge);
@@ -129,7 +137,7 @@ std::string render_metrics(const GatewayState& state) {
   build.metric.push_back(value_metric({{"version", INFERGATE_VERSION}}, 1, MetricType::Gauge));
 
   for (auto* f : {&up, &states, &inflight, &requests, &duration, &ttft, &retries, &ejections, &tokens,
-                  &probes, &gw_requests, &connections, &connection_limit, &inflight_all, &healthy, &build}) {
+                  &probes, &gw_requests, &connections, &connection_limit, &body_memory, &body_memory_limit, &inflight_all, &healthy, &build}) {
     families.push_back(std::move(*f));
   }
   return prometheus::TextSerializer().Serialize(families);

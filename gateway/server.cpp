@@ -14,12 +14,17 @@
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <thread>
 #include <vector>
 
+#include "config/units.hpp"
 #include "discovery/health_checker.hpp"
 #include "gateway/gateway_state.hpp"
 #include "gateway/net.hpp"
@@ -142,6 +147,54 @@ std::int64_t client_connection_limit(int configured, std::uint64_t open_file_lim
   return static_cast<std::int64_t>(std::min<std::uint64_t>((open_file_limit - reserved) / 2, 1ULL << 40));
 }
 
+std::uint64_t body_memory_limit(std::uint64_t configured, std::uint64_t max_body, std::uint64_t physical,
+                                std::optional<std::uint64_t> cgroup_limit) {
+  if (configured > 0) return configured;
+  const auto usable = cgroup_limit ? std::min(physical, *cgroup_limit) : physical;
+  return std::max(usable / 4, max_body);
+}
+
+namespace {
+
+std::optional<std::uint64_t> read_limit_file(const std::string& path) {
+  std::ifstream in(path);
+  std::string text;
+  if (!(in >> text) || text.empty() || text.find_first_not_of("0123456789") != std::string::npos) {
+    return std::nullopt;  // absent, unreadable, or "max"
+  }
+  const auto v = std::strtoull(text.c_str(), nullptr, 10);
+  if (v >= (std::uint64_t{1} << 62)) return std::nullopt;  // cgroup v1 says "no limit" so
+  return v;
+}
+
+}  // namespace
+
+std::optional<std::uint64_t> cgroup_memory_limit(const std::string& self_cgroup, const std::string& root) {
+  std::optional<std::uint64_t> lowest;
+  auto take = [&lowest](std::optional<std::uint64_t> v) {
+    if (v && (!lowest || *v < *lowest)) lowest = v;
+  };
+  std::istringstream lines(self_cgroup);
+  for (std::string line; std::getline(lines, line);) {
+    // hierarchy-ID:controllers:path
+    const auto first = line.find(':');
+    const auto second = first == std::string::npos ? first : line.find(':', first + 1);
+    if (second == std::string::npos) continue;
+    const auto controllers = line.substr(first + 1, second - first - 1);
+    std::string path = line.substr(second + 1);
+    if (line.compare(0, first, "0") == 0 && controllers.empty()) {  // v2: walk up to the mount's top
+      for (;;) {
+        take(read_limit_file(root + path + (path.ends_with('/') ? "" : "/") + "memory.max"));
+        if (path.empty() || path == "/") break;
+        path.erase(path.rfind('/'));
+      }
+    } else if (("," + controllers + ",").find(",memory,") != std::string::npos) {
+      take(read_limit_file(root + "/memory" + path + "/memory.limit_in_bytes"));
+    }
+  }
+  return lowest;
+}
+
 struct Server::Impl {
   Impl(config::Config config, discovery::DiscoveryResult discovered)
       : state(std::move(config), std::move(discovered.how)), health(state.config, state.registry) {
@@ -157,6 +210,20 @@ struct Server::Impl {
     spdlog::info("holding up to {} client connections at once (limits.max_client_connections{}; open-file limit {})",
                  state.max_client_connections, state.config.limits.max_client_connections == 0 ? ": automatic" : "",
                  open_files);
+    const auto pages = sysconf(_SC_PHYS_PAGES);
+    const auto page_size = sysconf(_SC_PAGE_SIZE);
+    const std::uint64_t physical = pages > 0 && page_size > 0 ? static_cast<std::uint64_t>(pages) *
+                                                                    static_cast<std::uint64_t>(page_size)
+                                                              : std::uint64_t{1} << 40;
+    std::ifstream self("/proc/self/cgroup");
+    const std::string self_cgroup((std::istreambuf_iterator<char>(self)), std::istreambuf_iterator<char>());
+    const auto cgroup = cgroup_memory_limit(self_cgroup, "/sys/fs/cgroup");
+    state.max_body_memory =
+        body_memory_limit(state.config.limits.max_body_memory, state.config.limits.max_body, physical, cgroup);
+    const auto mib = [](std::uint64_t bytes) { return fmt::format("{} MiB", bytes >> 20); };
+    spdlog::info("holding up to {} of request bodies at once (limits.max_body_memory{}; memory {}, cgroup limit {})",
+                 mib(state.max_body_memory), state.config.limits.max_body_memory == 0 ? ": automatic" : "",
+                 mib(physical), cgroup ? mib(*cgroup) : std::string("none"));
     const int n = state.config.effective_threads();
     for (int i = 0; i < n; ++i) {
       workers.push_back(std::make_unique<Worker>(state, static_cast<std::size_t>(i)));

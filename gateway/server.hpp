@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "config/config.hpp"
@@ -17,6 +18,18 @@ namespace infergate::gateway {
 // A client the gateway cannot pair with a backend connection would only get an error; past
 // the limit it waits in the listen backlog instead and is served when a connection closes.
 std::int64_t client_connection_limit(int configured, std::uint64_t open_file_limit, std::size_t backends);
+
+// The effective limits.max_body_memory: `configured`, or (0) a quarter of the memory the gateway
+// may use, `physical` or its cgroup's `cgroup_limit` if lower (a Slurm job's memory limit is
+// what the kernel enforces), and never below `max_body`: the largest body accepted must fit.
+std::uint64_t body_memory_limit(std::uint64_t configured, std::uint64_t max_body, std::uint64_t physical,
+                                std::optional<std::uint64_t> cgroup_limit);
+
+// The memory limit of the cgroup a process is in, if any: `self_cgroup` is the text of
+// /proc/self/cgroup and `root` where cgroups are mounted (/sys/fs/cgroup). For cgroup v2 the
+// lowest memory.max from the process's group up to the mount's top; for v1 the memory
+// controller's memory.limit_in_bytes.
+std::optional<std::uint64_t> cgroup_memory_limit(const std::string& self_cgroup, const std::string& root);
 
 class Server {
  public:

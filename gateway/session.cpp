@@ -18,6 +18,7 @@
 
 #include <boost/container/small_vector.hpp>
 
+#include "config/units.hpp"
 #include "discovery/http1.hpp"
 #include "discovery/resolve.hpp"
 #include "gateway/errors.hpp"
@@ -84,7 +85,10 @@ class ArrivingRequest {
 // One client connection's state, kept between its requests so buffers are reused.
 struct ClientConnection final : SlowHook {
   ClientConnection(Worker* w, tcp::socket s)
-      : sock(w->deadlines, std::move(s)), stopping(&w->state->stopping), arriving(w->state->arriving_requests) {}
+      : sock(w->deadlines, std::move(s)),
+        stopping(&w->state->stopping),
+        arriving(w->state->arriving_requests),
+        body_memory(&w->state->body_memory) {}
   ~ClientConnection() = default;
   // Whether the answer to the current request may keep the connection open: the client asked
   // for it and the gateway is not shutting down (then the answer says `Connection: close`).
@@ -92,6 +96,7 @@ struct ClientConnection final : SlowHook {
   TimedSocket sock;
   const std::atomic<bool>* stopping;
   ArrivingRequest arriving;  // from the request's first byte until it is counted in flight
+  BodyReservation body_memory;  // the current request's body, against limits.max_body_memory
   http1::ByteBuffer buffer;
   http1::Head head;             // the current request's head: views into `buffer`
   std::string_view body;        // the current request's body: in `buffer` or `chunked_body`
@@ -139,6 +144,7 @@ struct ClientConnection final : SlowHook {
     upstream_head = std::string();
     head.fields = {};
     body = {};
+    body_memory.release();
     request_size = 0;
     request_released = true;
   }
@@ -1486,7 +1492,11 @@ net::awaitable<void> drain_before_close(ClientConnection* c) {
 }
 
 // How reading a request ended.
-enum class ReadResult { kRequest, kClosed, kAnswered, kHeadTimedOut, kBodyTimedOut, kOutOfMemory };
+enum class ReadResult { kRequest, kClosed, kAnswered, kHeadTimedOut, kBodyTimedOut, kOutOfMemory, kOverBodyMemory };
+
+// Bodies up to this size are not counted against limits.max_body_memory: limits.max_client_connections
+// bounds what they can hold, and most requests are this small (an atomic update each would cost more).
+constexpr std::uint64_t kUncountedBody = 64 * 1024;
 
 // A failed read of a request ends it: with a timeout the client is still there, to be told.
 // (Answered by the session, not in read_request: the extra awaits would grow its frame past
@@ -1509,12 +1519,15 @@ ReadResult request_read_failed(const GatewayState& state, const ClientConnection
 // The answer is built here, not by the caller: a coroutine frame keeps a slot for every
 // temporary of every co_await in it, and read_request runs for every request.
 net::awaitable<ReadResult> answer_and_close(GatewayState* state, ClientConnection* c, unsigned status,
-                                            std::string_view message, std::string_view detail = {}) {
+                                            std::string_view message, std::string_view detail = {},
+                                            bool retry_soon = false) {
   std::string text(message);
   text += detail;
   // A request refused before it had an id or a backend still gets its access-log line.
   if (state->config.log.access) spdlog::info("- - - -> - {} {} (client {})", status, text, c->client_ip);
-  co_await write_local_counted(state, c, error_response(status, text), 1, false, false, "");
+  auto response = error_response(status, text);
+  if (retry_soon) response.headers.emplace_back("Retry-After", "1");
+  co_await write_local_counted(state, c, std::move(response), 1, false, false, "");
   co_await drain_before_close(c);
   co_return ReadResult::kAnswered;
 }
@@ -1570,9 +1583,21 @@ bool may_end_head(std::string_view data, std::size_t searched) {
 
 // A request that could not be read whole is answered before the close: the client stopped
 // sending halfway (its head not whole within timeouts.client_header, its body silent for
-// timeouts.idle: 408), or the gateway had no memory for its body (503).
+// timeouts.idle: 408), or the gateway had no memory for its body (503; with Retry-After when
+// other requests' bodies hold limits.max_body_memory: it is free again once they are done).
 net::awaitable<void> answer_unread_request(GatewayState* state, ClientConnection* c, ReadResult why) {
   const auto& t = state->config.timeouts;
+  if (why == ReadResult::kOverBodyMemory) {
+    const auto held = state->body_memory.load(std::memory_order_relaxed);
+    spdlog::warn("a request body from {} would take the request bodies held at once past limits.max_body_memory ({}; "
+                 "{} held now): answered 503 with Retry-After",
+                 c->client_ip, config::format_size(state->max_body_memory), config::format_size(held));
+    co_await answer_and_close(state, c, 503,
+                              "the gateway holds as many request bodies as limits.max_body_memory allows (" +
+                                  config::format_size(state->max_body_memory) + "); try again shortly",
+                              {}, true);
+    co_return;
+  }
   if (why == ReadResult::kOutOfMemory) {
     spdlog::error("no memory for a request body of {} bytes from {}", c->head.content_length.value_or(0), c->client_ip);
     co_await answer_and_close(state, c, 503, "the gateway has no memory for this request body now");
@@ -1650,6 +1675,12 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     if (*h.content_length > cfg.limits.max_body) {
       co_return co_await answer_and_close(w->state, c, 413, "request body exceeds limits.max_body");
     }
+    // Taken before the body is read (or a 100 Continue sent): a client refused here has sent
+    // none of it.
+    if (*h.content_length > kUncountedBody &&
+        !c->body_memory.grow_to(*h.content_length, w->state->max_body_memory)) {
+      co_return ReadResult::kOverBodyMemory;
+    }
     size = h.size + static_cast<std::size_t>(*h.content_length);
     if (c->buffer.size() < size) {
       if (!co_await send_continue(c, &continue_sent, cfg.timeouts.idle)) co_return ReadResult::kClosed;
@@ -1668,12 +1699,17 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     c->chunked_body.clear();
     http1::ChunkedDecoder decoder;
     bool too_big = false;
+    bool over_memory = false;
     for (;;) {
       http1::ChunkedDecoder::Result r;
       try {
         r = decoder.feed(c->buffer.data().substr(size), [&](std::string_view d) {
-          if (c->chunked_body.size() + d.size() > cfg.limits.max_body) too_big = true;
-          if (!too_big) c->chunked_body.append(d);
+          const auto need = c->chunked_body.size() + d.size();
+          if (need > cfg.limits.max_body) too_big = true;
+          if (!too_big && !over_memory && need > kUncountedBody) {
+            over_memory = !c->body_memory.grow_to(need, w->state->max_body_memory);
+          }
+          if (!too_big && !over_memory) c->chunked_body.append(d);
         });
       } catch (const std::bad_alloc&) {
         co_return ReadResult::kOutOfMemory;
@@ -1684,6 +1720,7 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
       if (too_big) {
         co_return co_await answer_and_close(w->state, c, 413, "request body exceeds limits.max_body");
       }
+      if (over_memory) co_return ReadResult::kOverBodyMemory;
       if (r.bad) co_return co_await answer_and_close(w->state, c, 400, "malformed chunked request body");
       if (r.done) break;
       if (!co_await send_continue(c, &continue_sent, cfg.timeouts.idle)) co_return ReadResult::kClosed;
@@ -1767,7 +1804,8 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
       if (state.stopping.load(std::memory_order_relaxed)) break;
       c.sock.cap_at(Clock::time_point::max());  // the previous request's timeouts.total is done with
       const auto read = co_await read_request(w, &c);
-      if (read == ReadResult::kHeadTimedOut || read == ReadResult::kBodyTimedOut || read == ReadResult::kOutOfMemory) {
+      if (read == ReadResult::kHeadTimedOut || read == ReadResult::kBodyTimedOut || read == ReadResult::kOutOfMemory ||
+          read == ReadResult::kOverBodyMemory) {
         co_await answer_unread_request(&state, &c, read);
       }
       if (read != ReadResult::kRequest) break;
@@ -1819,6 +1857,7 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
       if (!keep_alive) break;
       c.buffer.consume(c.request_size);
       c.request_size = 0;
+      c.body_memory.release();
       // Empty lines between requests (RFC 9112 2.2) are dropped here: a client that ends its body
       // with a stray CRLF is idle, not in the middle of a head.
       while (c.buffer.data().starts_with("\r\n")) c.buffer.consume(2);

@@ -477,4 +477,11 @@ double metric(int port, const std::string& name, const std::string& labels) {
   return std::stod(body.substr(pos + key.size(), body.find('\n', pos) - pos - key.size()));
 }
 
+double gauge(int port, const std::string& name) {
+  const auto body = http_request(port, "GET", "/metrics").body;
+  std::smatch m;
+  const std::regex line("\n" + name + " ([0-9.e+]+)");
+  return std::regex_search(body, m, line) ? std::stod(m[1]) : -1.0;
+}
+
 }  // namespace infergate::test

@@ -148,5 +148,7 @@ std::string chat_body(bool stream, const std::string& extra = "");
 
 // The value of a /metrics line with exactly these labels (`code="2xx"`), or -1.
 double metric(int port, const std::string& name, const std::string& labels);
+// A metric without labels (a gateway-wide gauge) from /metrics on `port`; -1 if absent.
+double gauge(int port, const std::string& name);
 
 }  // namespace infergate::test

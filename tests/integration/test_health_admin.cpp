@@ -659,7 +659,8 @@ TEST(MetricsTest, LiveScrapePassesPromtool) {
                     "infergate_backend_ttft_seconds_count", "infergate_backend_retries_total",
                     "infergate_backend_ejections_total", "infergate_backend_tokens_total",
                     "infergate_health_probe_duration_seconds_count", "infergate_requests_total",
-                    "infergate_client_connections", "infergate_build_info"}) {
+                    "infergate_client_connections", "infergate_request_body_bytes",
+                    "infergate_request_body_bytes_limit", "infergate_build_info"}) {
     EXPECT_THAT(scrape.body, HasSubstr(name));
   }
   // Tokens from `usage` (mock: 2 prompt words, 16 completion tokens per response). An exchange

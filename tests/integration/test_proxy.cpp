@@ -809,6 +809,52 @@ TEST(ProxyTest, AnUploadIsCutOnlyWhenTheBackendStopsTakingIt) {
   }
 }
 
+// limits.max_body_memory bounds the request bodies held at once across connections: while one
+// 12 MiB prompt is held (its backend reads it slowly, for 2 s), a second that would pass the limit is
+// answered 503 with Retry-After, whether its length is announced or it comes chunked; once the
+// first is done its memory is free again and the same request is served.
+TEST(ProxyTest, RequestBodiesPastMaxBodyMemoryAreRefusedWithRetryAfterUntilMemoryIsFree) {
+  auto slow = start_mocks(1, {"--read-rate", "4000000"});
+  auto gw = start_gateway(concat(backend_args(slow), {"--set", "limits.max_body=16MiB", "--set",
+                                                      "limits.max_body_memory=20MiB", "--set", "retries.max=0"}));
+  wait_healthy(gw, 1);
+  EXPECT_EQ(gauge(gw.port, "infergate_request_body_bytes_limit"), 20 << 20);
+  const auto first_body = chat_body(false, "\"pad\":\"" + std::string(std::size_t{12} << 20, 'x') + "\"");
+  const auto second_body = chat_body(false, "\"pad\":\"" + std::string(std::size_t{8} << 20, 'y') + "\"");
+  HttpResult first;
+  std::thread uploader([&] { first = http_request(gw.port, "POST", "/v1/chat/completions", first_body, {}, 30s); });
+  const bool held = poll_until(
+      [&] { return gauge(gw.port, "infergate_request_body_bytes") == static_cast<double>(first_body.size()); }, 10s);
+  // Sent while the first is held.
+  auto refused = http_request(gw.port, "POST", "/v1/chat/completions", second_body);
+  std::string chunked = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        "Transfer-Encoding: chunked\r\n\r\n";
+  for (std::size_t at = 0; at < second_body.size(); at += 1 << 20) {
+    const auto piece = second_body.substr(at, 1 << 20);
+    char size[32];
+    std::snprintf(size, sizeof size, "%zx\r\n", piece.size());
+    chunked += size + piece + "\r\n";
+  }
+  chunked += "0\r\n\r\n";
+  const auto refused_chunked = raw_exchange(gw.port, chunked, 10s);
+  uploader.join();
+  ASSERT_TRUE(held) << "the first body never showed as held";
+  EXPECT_EQ(first.status, 200) << first.body;
+  EXPECT_EQ(refused.status, 503) << refused.body;
+  EXPECT_EQ(refused.header("Retry-After"), "1");
+  EXPECT_THAT(refused.body, HasSubstr("limits.max_body_memory allows (20MiB)"));
+  EXPECT_THAT(refused_chunked, StartsWith("HTTP/1.1 503"));
+  EXPECT_THAT(refused_chunked, HasSubstr("limits.max_body_memory allows (20MiB)"));
+  EXPECT_THAT(gw.process->errors(), HasSubstr("past limits.max_body_memory (20MiB"));
+  // Neither refused request reached the backend.
+  EXPECT_EQ(json::parse(http_request(slow[0].port, "GET", "/mock/stats").body)["requests"], 1);
+  // The first request's memory is given back: the same request is served now.
+  EXPECT_TRUE(poll_until([&] { return gauge(gw.port, "infergate_request_body_bytes") == 0; }, 5s));
+  EXPECT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", second_body, {}, 30s).status, 200);
+  // Given back once the answer is out (the client may read it a moment before).
+  EXPECT_TRUE(poll_until([&] { return gauge(gw.port, "infergate_request_body_bytes") == 0; }, 5s));
+}
+
 // A 408 on a parked connection is the backend closing it for idleness as the request came, not
 // an answer: the request goes again on a fresh connection (the client got the 408 before),
 // whether the upload finished first (small body) or was cut by the close (large body).
@@ -1784,12 +1830,7 @@ TEST(ProxyTest, ClientsPastMaxClientConnectionsWaitInTheBacklogAndAreServed) {
   const int metrics_port =
       std::stoi(gw.process->wait_for_line(std::regex(R"(infergate metrics on http://127\.0\.0\.1:(\d+)/metrics)")));
   wait_healthy(gw, 1);
-  auto gauge = [&](const std::string& name) {
-    auto scrape = http_request(metrics_port, "GET", "/metrics");
-    std::smatch m;
-    const std::regex line("\n" + name + " ([0-9.e+]+)");
-    return std::regex_search(scrape.body, m, line) ? std::stod(m[1]) : -1.0;
-  };
+  auto gauge = [&](const std::string& name) { return infergate::test::gauge(metrics_port, name); };
   EXPECT_EQ(gauge("infergate_client_connections_limit"), 2);
   // Probe connections of wait_healthy are gone before the two held ones are counted.
   ASSERT_TRUE(poll_until([&] { return gauge("infergate_client_connections") == 0; }, 5s));

@@ -276,6 +276,9 @@ TEST(ConfigTest, InvalidValuesNameKeyFileAndLine) {
   EXPECT_THAT(yaml_error("threads: [1, 2]\n"), HasSubstr("threads: expected a single value"));
   EXPECT_THAT(yaml_error("- a\n- b\n"), HasSubstr("expected a YAML map"));
   EXPECT_THAT(yaml_error("threads: [1, 2\n"), HasSubstr("invalid YAML"));
+  EXPECT_THAT(yaml_error("limits:\n  max_body: 64MiB\n  max_body_memory: 32MiB\n"),
+              HasSubstr("limits.max_body_memory (32MiB, from the config file) must be at least limits.max_body (64MiB"));
+  EXPECT_THAT(yaml_error("limits:\n  max_body_memory: lots\n"), HasSubstr("limits.max_body_memory: invalid size 'lots'"));
   EXPECT_THAT(yaml_error("retries:\n  backoff_base: 2s\n  backoff_max: 1s\n"),
               HasSubstr("retries.backoff_max (1s, from the config file) must be at least retries.backoff_base "
                         "(2s, from the config file)"));

@@ -1,6 +1,10 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
 
 #include "gateway/cli.hpp"
 #include "gateway/errors.hpp"
@@ -165,6 +169,58 @@ TEST(ConnectionLimitTest, ConfiguredLimitWinsAndTinyLimitsStillServe) {
   EXPECT_EQ(client_connection_limit(5, 20000, 1), 5);
   EXPECT_EQ(client_connection_limit(50000, 1024, 1), 50000);  // the operator's choice
   EXPECT_EQ(client_connection_limit(0, 10, 100), 1);          // never zero: one client at a time
+}
+
+TEST(BodyMemoryTest, AutomaticLimitIsAQuarterOfTheMemoryTheGatewayMayUse) {
+  constexpr std::uint64_t GiB = 1ULL << 30;
+  constexpr std::uint64_t MiB = 1ULL << 20;
+  EXPECT_EQ(body_memory_limit(0, 64 * MiB, 24 * GiB, std::nullopt), 6 * GiB);
+  EXPECT_EQ(body_memory_limit(0, 64 * MiB, 1024 * GiB, 16 * GiB), 4 * GiB);  // a Slurm job's cgroup
+  EXPECT_EQ(body_memory_limit(0, 64 * MiB, 1024 * GiB, 128 * MiB), 64 * MiB);  // one largest body fits
+  EXPECT_EQ(body_memory_limit(3 * GiB, 64 * MiB, 24 * GiB, 1 * GiB), 3 * GiB);  // the operator's choice
+}
+
+TEST(BodyMemoryTest, CgroupLimitIsTheLowestOnThePathUpOrTheV1Controllers) {
+  const auto root = std::filesystem::temp_directory_path() / ("infergate-cgroup-" + std::to_string(::getpid()));
+  std::filesystem::remove_all(root);
+  auto write = [&](const std::string& rel, const std::string& text) {
+    std::filesystem::create_directories((root / rel).parent_path());
+    std::ofstream(root / rel) << text;
+  };
+  // v2: the step's group has no limit of its own ("max"), the job's has 8 GiB, the user's 16 GiB.
+  write("user/job_7/step_0/memory.max", "max\n");
+  write("user/job_7/memory.max", "8589934592\n");
+  write("user/memory.max", "17179869184\n");
+  EXPECT_EQ(cgroup_memory_limit("0::/user/job_7/step_0\n", root.string()), 8589934592ULL);
+  EXPECT_EQ(cgroup_memory_limit("0::/elsewhere\n", root.string()), std::nullopt);
+  EXPECT_EQ(cgroup_memory_limit("", root.string()), std::nullopt);
+  // v1: the memory controller's line; its "no limit" value is no limit.
+  write("memory/slurm/uid_1/job_9/memory.limit_in_bytes", "4294967296\n");
+  EXPECT_EQ(cgroup_memory_limit("12:cpuset:/slurm\n11:memory:/slurm/uid_1/job_9\n", root.string()), 4294967296ULL);
+  write("memory/free/memory.limit_in_bytes", "9223372036854771712\n");
+  EXPECT_EQ(cgroup_memory_limit("4:memory:/free\n", root.string()), std::nullopt);
+  std::filesystem::remove_all(root);
+}
+
+TEST(BodyMemoryTest, ReservationsShareTheLimitAndGiveBackWhatTheyHeld) {
+  std::atomic<std::uint64_t> held{0};
+  {
+    BodyReservation a(&held);
+    BodyReservation b(&held);
+    EXPECT_TRUE(a.grow_to(600, 1000));
+    EXPECT_TRUE(a.grow_to(500, 1000));  // already held: nothing more taken
+    EXPECT_EQ(held.load(), 600u);
+    EXPECT_FALSE(b.grow_to(500, 1000));  // 1,100 would pass the limit: nothing taken
+    EXPECT_EQ(held.load(), 600u);
+    EXPECT_TRUE(b.grow_to(400, 1000));
+    EXPECT_EQ(held.load(), 1000u);
+    EXPECT_FALSE(a.grow_to(700, 1000));  // a chunked body growing: refused, what it held kept
+    EXPECT_EQ(a.bytes(), 600u);
+    a.release();
+    EXPECT_EQ(held.load(), 400u);
+    EXPECT_TRUE(a.grow_to(600, 1000));
+  }
+  EXPECT_EQ(held.load(), 0u);  // both gave theirs back when they ended
 }
 
 TEST(ConnectionLimitTest, SlotsAreTakenUpToTheLimitAndFollowTheirOwner) {
