@@ -182,14 +182,24 @@ std::optional<std::uint64_t> cgroup_memory_limit(const std::string& self_cgroup,
     if (second == std::string::npos) continue;
     const auto controllers = line.substr(first + 1, second - first - 1);
     std::string path = line.substr(second + 1);
-    if (line.compare(0, first, "0") == 0 && controllers.empty()) {  // v2: walk up to the mount's top
-      for (;;) {
-        take(read_limit_file(root + path + (path.ends_with('/') ? "" : "/") + "memory.max"));
-        if (path.empty() || path == "/") break;
-        path.erase(path.rfind('/'));
-      }
+    // The group's own file and every parent's up to the mount's top: a limit is often set on a
+    // parent (a Slurm job's, above its step's group), and a container sees its own group at the
+    // top of the mount whatever path the file names.
+    std::string dir;
+    std::string file;
+    if (line.compare(0, first, "0") == 0 && controllers.empty()) {
+      dir = root;  // v2
+      file = "memory.max";
     } else if (("," + controllers + ",").find(",memory,") != std::string::npos) {
-      take(read_limit_file(root + "/memory" + path + "/memory.limit_in_bytes"));
+      dir = root + "/memory";  // v1
+      file = "memory.limit_in_bytes";
+    } else {
+      continue;
+    }
+    for (;;) {
+      take(read_limit_file(dir + path + (path.ends_with('/') ? "" : "/") + file));
+      if (path.empty() || path == "/") break;
+      path.erase(path.rfind('/'));
     }
   }
   return lowest;

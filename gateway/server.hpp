@@ -26,9 +26,9 @@ std::uint64_t body_memory_limit(std::uint64_t configured, std::uint64_t max_body
                                 std::optional<std::uint64_t> cgroup_limit);
 
 // The memory limit of the cgroup a process is in, if any: `self_cgroup` is the text of
-// /proc/self/cgroup and `root` where cgroups are mounted (/sys/fs/cgroup). For cgroup v2 the
-// lowest memory.max from the process's group up to the mount's top; for v1 the memory
-// controller's memory.limit_in_bytes.
+// /proc/self/cgroup and `root` where cgroups are mounted (/sys/fs/cgroup): the lowest limit
+// from the process's group up to the mount's top (memory.max for cgroup v2, the memory
+// controller's memory.limit_in_bytes for v1).
 std::optional<std::uint64_t> cgroup_memory_limit(const std::string& self_cgroup, const std::string& root);
 
 class Server {

@@ -211,8 +211,8 @@ void append_field(std::string& out, std::string_view name, std::string_view valu
 constexpr std::size_t kCoalesceMax = 16 * 1024;
 
 // Writes every byte. `timeout` bounds each wait for progress (the peer taking any of the bytes),
-// not the whole write: a 64 MiB request body to a backend that reads it steadily but slowly, or a
-// large answer to a slow client, is not cut while it moves. One send(2) in the usual case, as
+// not the whole write: a 64 MiB request body to a backend that reads it steadily but slowly is
+// not cut while it moves. (Relayed responses go out in pieces of at most one upstream read.) One send(2) in the usual case, as
 // before: the loop only turns again for a write the socket could not take whole. `Rest` is a
 // single buffer (sent with send(2), cheaper than sendmsg(2)) or a buffers_suffix.
 template <typename Rest>
@@ -1474,20 +1474,23 @@ net::awaitable<std::vector<BroadcastResult>> run_broadcast(Worker* w, BroadcastR
   co_return *results;
 }
 
-// After an error answer, the client may still be sending (a body over the limit): read and
-// discard for a moment so closing does not reset the connection before it reads the answer.
+// After an error answer, the client may still be sending (a body over a limit): read and discard
+// what it sends, so that closing does not reset the connection before it reads the answer (a
+// reset can discard the answer, and a client failing on its send may never look at it). Like
+// nginx's lingering close: as long as bytes keep coming, up to 30 s, and 2 s after the last.
 net::awaitable<void> drain_before_close(ClientConnection* c) {
+  constexpr auto kLingerTotal = std::chrono::seconds(30);
+  constexpr auto kLingerQuiet = std::chrono::seconds(2);
   beast::error_code ignored;
   c->sock.socket().shutdown(tcp::socket::shutdown_send, ignored);
-  const auto deadline = Clock::now() + std::chrono::seconds(2);
-  std::size_t drained = 0;
-  while (Clock::now() < deadline && drained < 256 * 1024 * 1024) {
-    c->buffer.clear();
+  const auto deadline = coarse_now() + kLingerTotal;
+  c->buffer.clear();
+  c->buffer.release();  // a refused body's room is not kept while draining
+  for (;;) {
     auto [room_ptr, room] = c->buffer.prepare(64 * 1024);
-    c->sock.arm_at(deadline);
+    c->sock.arm_at(std::min(deadline, coarse_now() + kLingerQuiet));
     auto [ec, n] = co_await c->sock.socket().async_read_some(net::buffer(room_ptr, room), kTuple);
     if (c->sock.settle(ec)) break;
-    drained += n;
   }
 }
 
@@ -1497,6 +1500,29 @@ enum class ReadResult { kRequest, kClosed, kAnswered, kHeadTimedOut, kBodyTimedO
 // Bodies up to this size are not counted against limits.max_body_memory: limits.max_client_connections
 // bounds what they can hold, and most requests are this small (an atomic update each would cost more).
 constexpr std::uint64_t kUncountedBody = 64 * 1024;
+
+// Makes room for `need` bytes in a de-chunked body, whose storage is what its reservation
+// counts: it doubles, as std::string's would, or grows to what limits.max_body_memory still
+// allows. False, with nothing changed, if `need` does not fit.
+bool grow_dechunked_body(GatewayState& state, ClientConnection& c, std::size_t need) {
+  auto& body = c.chunked_body;
+  if (need <= body.capacity()) return true;
+  const auto limit = state.max_body_memory;
+  std::uint64_t grown = std::min<std::uint64_t>(std::max<std::uint64_t>(need, 2 * body.capacity()),
+                                                state.config.limits.max_body);
+  if (grown > kUncountedBody && !c.body_memory.grow_to(grown, limit)) {
+    const auto held = state.body_memory.load(std::memory_order_relaxed);
+    grown = std::min<std::uint64_t>(grown, c.body_memory.bytes() + (limit - std::min(limit, held)));
+    if (grown < need || !c.body_memory.grow_to(grown, limit)) return false;
+  }
+  // A fresh string's first allocation is exactly what is asked (a reserve on a full one may
+  // double past it, uncounted).
+  std::string fresh;
+  fresh.reserve(grown);
+  fresh.append(body);
+  body.swap(fresh);
+  return true;
+}
 
 // A failed read of a request ends it: with a timeout the client is still there, to be told.
 // (Answered by the session, not in read_request: the extra awaits would grow its frame past
@@ -1675,10 +1701,11 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     if (*h.content_length > cfg.limits.max_body) {
       co_return co_await answer_and_close(w->state, c, 413, "request body exceeds limits.max_body");
     }
-    // Taken before the body is read (or a 100 Continue sent): a client refused here has sent
-    // none of it.
+    // A body that cannot fit now is refused from the head (before a 100 Continue: a client that
+    // waits for one sends none of it). Memory is taken as the body arrives, below, not as the
+    // head announces: a head alone must not hold limits.max_body_memory from everyone else.
     if (*h.content_length > kUncountedBody &&
-        !c->body_memory.grow_to(*h.content_length, w->state->max_body_memory)) {
+        w->state->body_memory.load(std::memory_order_relaxed) + *h.content_length > w->state->max_body_memory) {
       co_return ReadResult::kOverBodyMemory;
     }
     size = h.size + static_cast<std::size_t>(*h.content_length);
@@ -1690,6 +1717,10 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
         // memory. A 32 KiB prompt is still one or two reads, not dozens. timeouts.idle bounds
         // each wait for more bytes, not the whole upload.
         const std::size_t room = std::min(size - c->buffer.size(), std::max(kBodyRoom, c->buffer.size()));
+        const std::uint64_t body_room = c->buffer.size() + room - h.size;  // what the body may take after this read
+        if (body_room > kUncountedBody && !c->body_memory.grow_to(body_room, w->state->max_body_memory)) {
+          co_return ReadResult::kOverBodyMemory;
+        }
         if (auto ec = co_await read_more(c, room, coarse_now() + cfg.timeouts.idle, false, size)) {
           co_return request_read_failed(*w->state, *c, ec, false);
         }
@@ -1706,10 +1737,9 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
         r = decoder.feed(c->buffer.data().substr(size), [&](std::string_view d) {
           const auto need = c->chunked_body.size() + d.size();
           if (need > cfg.limits.max_body) too_big = true;
-          if (!too_big && !over_memory && need > kUncountedBody) {
-            over_memory = !c->body_memory.grow_to(need, w->state->max_body_memory);
-          }
-          if (!too_big && !over_memory) c->chunked_body.append(d);
+          if (too_big || over_memory) return;
+          over_memory = !grow_dechunked_body(*w->state, *c, need);
+          if (!over_memory) c->chunked_body.append(d);
         });
       } catch (const std::bad_alloc&) {
         co_return ReadResult::kOutOfMemory;
@@ -1857,11 +1887,17 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
       if (!keep_alive) break;
       c.buffer.consume(c.request_size);
       c.request_size = 0;
-      c.body_memory.release();
       // Empty lines between requests (RFC 9112 2.2) are dropped here: a client that ends its body
       // with a stray CRLF is idle, not in the middle of a head.
       while (c.buffer.data().starts_with("\r\n")) c.buffer.consume(2);
-      if (c.buffer.size() == 0 && c.buffer.capacity() > 256 * 1024) c.buffer.release();  // after a huge prompt
+      // The request's body memory goes with its reservation: a huge prompt's buffer or de-chunked
+      // copy is not kept for the connection's next requests.
+      if (c.buffer.capacity() > 256 * 1024) {
+        if (c.buffer.size() == 0) c.buffer.release();
+        else c.buffer.reallocate(c.buffer.size());  // pipelined bytes: kept, in a buffer their size
+      }
+      if (c.chunked_body.capacity() > kUncountedBody) c.chunked_body = std::string();
+      c.body_memory.release();
     }
   } catch (const std::exception& e) {
     spdlog::debug("client session ended: {}", e.what());

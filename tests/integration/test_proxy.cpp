@@ -820,7 +820,7 @@ TEST(ProxyTest, RequestBodiesPastMaxBodyMemoryAreRefusedWithRetryAfterUntilMemor
   wait_healthy(gw, 1);
   EXPECT_EQ(gauge(gw.port, "infergate_request_body_bytes_limit"), 20 << 20);
   const auto first_body = chat_body(false, "\"pad\":\"" + std::string(std::size_t{12} << 20, 'x') + "\"");
-  const auto second_body = chat_body(false, "\"pad\":\"" + std::string(std::size_t{8} << 20, 'y') + "\"");
+  const auto second_body = chat_body(false, "\"pad\":\"" + std::string(std::size_t{10} << 20, 'y') + "\"");
   HttpResult first;
   std::thread uploader([&] { first = http_request(gw.port, "POST", "/v1/chat/completions", first_body, {}, 30s); });
   const bool held = poll_until(
@@ -852,6 +852,37 @@ TEST(ProxyTest, RequestBodiesPastMaxBodyMemoryAreRefusedWithRetryAfterUntilMemor
   EXPECT_TRUE(poll_until([&] { return gauge(gw.port, "infergate_request_body_bytes") == 0; }, 5s));
   EXPECT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", second_body, {}, 30s).status, 200);
   // Given back once the answer is out (the client may read it a moment before).
+  EXPECT_TRUE(poll_until([&] { return gauge(gw.port, "infergate_request_body_bytes") == 0; }, 5s));
+}
+
+// Body memory is taken as a body arrives, not as its head announces: clients that send a head
+// with a large Content-Length and then nothing (or a byte now and then) do not lock everyone
+// else's large prompts out.
+TEST(ProxyTest, HeadsThatAnnounceLargeBodiesHoldNoMoreMemoryThanTheyHaveSent) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(concat(backend_args(mocks), {"--set", "limits.max_body=16MiB", "--set",
+                                                       "limits.max_body_memory=20MiB"}));
+  wait_healthy(gw, 1);
+  std::vector<int> stalled;
+  for (int i = 0; i < 3; ++i) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<std::uint16_t>(gw.port));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    const std::string head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             "Content-Length: 16000000\r\n\r\n{\"model\":";
+    ASSERT_EQ(::send(fd, head.data(), head.size(), MSG_NOSIGNAL), static_cast<ssize_t>(head.size()));
+    stalled.push_back(fd);
+  }
+  // Each holds what came and the room of its next read (1 MiB), not the 16 MB it announced.
+  EXPECT_TRUE(poll_until([&] { return gauge(gw.port, "infergate_request_body_bytes") == 3 * ((1 << 20) + 9); }, 5s))
+      << gauge(gw.port, "infergate_request_body_bytes");
+  const auto body = chat_body(false, "\"pad\":\"" + std::string(std::size_t{12} << 20, 'x') + "\"");
+  auto r = http_request(gw.port, "POST", "/v1/chat/completions", body, {}, 30s);
+  EXPECT_EQ(r.status, 200) << r.body;
+  for (const int fd : stalled) ::close(fd);
   EXPECT_TRUE(poll_until([&] { return gauge(gw.port, "infergate_request_body_bytes") == 0; }, 5s));
 }
 

@@ -199,6 +199,12 @@ TEST(BodyMemoryTest, CgroupLimitIsTheLowestOnThePathUpOrTheV1Controllers) {
   EXPECT_EQ(cgroup_memory_limit("12:cpuset:/slurm\n11:memory:/slurm/uid_1/job_9\n", root.string()), 4294967296ULL);
   write("memory/free/memory.limit_in_bytes", "9223372036854771712\n");
   EXPECT_EQ(cgroup_memory_limit("4:memory:/free\n", root.string()), std::nullopt);
+  // A Slurm task's group under its job's, which holds the limit.
+  write("memory/slurm/uid_1/job_9/step_0/task_0/memory.limit_in_bytes", "9223372036854771712\n");
+  EXPECT_EQ(cgroup_memory_limit("11:memory:/slurm/uid_1/job_9/step_0/task_0\n", root.string()), 4294967296ULL);
+  // A container: the file names the host's path, the mount's top is the container's own group.
+  write("memory/memory.limit_in_bytes", "2147483648\n");
+  EXPECT_EQ(cgroup_memory_limit("11:memory:/docker/0123abcd\n", root.string()), 2147483648ULL);
   std::filesystem::remove_all(root);
 }
 
