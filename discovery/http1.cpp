@@ -336,7 +336,7 @@ std::pair<char*, std::size_t> ByteBuffer::prepare(std::size_t min_free, std::siz
       end_ -= begin_;
       begin_ = 0;
     } else {
-      reallocate(std::max(std::min(capacity_ * 2, max_capacity), size() + min_free));
+      reallocate(capacity_for(min_free, max_capacity));
     }
   }
   return {buf_.get() + end_, capacity_ - end_};

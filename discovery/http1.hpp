@@ -264,6 +264,11 @@ class ByteBuffer {
   // Writable space of at least `min_free` bytes (and of at most what is there). When it grows,
   // the storage doubles, but not past `max_capacity` (unless min_free needs more).
   std::pair<char*, std::size_t> prepare(std::size_t min_free, std::size_t max_capacity = static_cast<std::size_t>(-1));
+  // The capacity prepare(min_free, max_capacity) would leave (what a caller about to read holds).
+  std::size_t capacity_for(std::size_t min_free, std::size_t max_capacity = static_cast<std::size_t>(-1)) const noexcept {
+    if (capacity_ - size() >= min_free) return capacity_;
+    return std::max(std::min(capacity_ * 2, max_capacity), size() + min_free);
+  }
   void commit(std::size_t n) noexcept { end_ += n; }
   void consume(std::size_t n) noexcept {
     begin_ += n;

@@ -1484,11 +1484,18 @@ net::awaitable<void> drain_before_close(ClientConnection* c) {
   beast::error_code ignored;
   c->sock.socket().shutdown(tcp::socket::shutdown_send, ignored);
   const auto deadline = coarse_now() + kLingerTotal;
+  // The request is over: its memory is given back now, not after the linger, and a shutdown does
+  // not wait for it as for a request still arriving.
   c->buffer.clear();
-  c->buffer.release();  // a refused body's room is not kept while draining
-  for (;;) {
+  c->buffer.release();
+  c->chunked_body = std::string();
+  c->body_memory.release();
+  c->arriving.end();
+  while (!c->stopping->load(std::memory_order_relaxed)) {
     auto [room_ptr, room] = c->buffer.prepare(64 * 1024);
     c->sock.arm_at(std::min(deadline, coarse_now() + kLingerQuiet));
+    // Like an idle keep-alive wait: a shutdown, or clients waiting for a connection slot, end it.
+    c->sock.waiting_between_requests();
     auto [ec, n] = co_await c->sock.socket().async_read_some(net::buffer(room_ptr, room), kTuple);
     if (c->sock.settle(ec)) break;
   }
@@ -1500,6 +1507,12 @@ enum class ReadResult { kRequest, kClosed, kAnswered, kHeadTimedOut, kBodyTimedO
 // Bodies up to this size are not counted against limits.max_body_memory: limits.max_client_connections
 // bounds what they can hold, and most requests are this small (an atomic update each would cost more).
 constexpr std::uint64_t kUncountedBody = 64 * 1024;
+
+// Counts `bytes` of body memory for the current request (bodies up to kUncountedBody are not
+// counted). False if that would pass limits.max_body_memory.
+bool hold_body(GatewayState& state, ClientConnection& c, std::uint64_t bytes) {
+  return bytes <= kUncountedBody || c.body_memory.grow_to(bytes, state.max_body_memory);
+}
 
 // Makes room for `need` bytes in a de-chunked body, whose storage is what its reservation
 // counts: it doubles, as std::string's would, or grows to what limits.max_body_memory still
@@ -1709,6 +1722,9 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
       co_return ReadResult::kOverBodyMemory;
     }
     size = h.size + static_cast<std::size_t>(*h.content_length);
+    if (!hold_body(*w->state, *c, std::min(c->buffer.size(), size) - h.size)) {
+      co_return ReadResult::kOverBodyMemory;  // what came with the head
+    }
     if (c->buffer.size() < size) {
       if (!co_await send_continue(c, &continue_sent, cfg.timeouts.idle)) co_return ReadResult::kClosed;
       while (c->buffer.size() < size) {
@@ -1717,9 +1733,8 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
         // memory. A 32 KiB prompt is still one or two reads, not dozens. timeouts.idle bounds
         // each wait for more bytes, not the whole upload.
         const std::size_t room = std::min(size - c->buffer.size(), std::max(kBodyRoom, c->buffer.size()));
-        const std::uint64_t body_room = c->buffer.size() + room - h.size;  // what the body may take after this read
-        if (body_room > kUncountedBody && !c->body_memory.grow_to(body_room, w->state->max_body_memory)) {
-          co_return ReadResult::kOverBodyMemory;
+        if (!hold_body(*w->state, *c, std::min(c->buffer.capacity_for(room, size), size) - h.size)) {
+          co_return ReadResult::kOverBodyMemory;  // what the buffer will hold for it, read or not
         }
         if (auto ec = co_await read_more(c, room, coarse_now() + cfg.timeouts.idle, false, size)) {
           co_return request_read_failed(*w->state, *c, ec, false);

@@ -811,8 +811,9 @@ TEST(ProxyTest, AnUploadIsCutOnlyWhenTheBackendStopsTakingIt) {
 
 // limits.max_body_memory bounds the request bodies held at once across connections: while one
 // 12 MiB prompt is held (its backend reads it slowly, for 2 s), a second that would pass the limit is
-// answered 503 with Retry-After, whether its length is announced or it comes chunked; once the
-// first is done its memory is free again and the same request is served.
+// answered 503 with Retry-After, whether its length is announced (a client waiting for 100
+// Continue is refused from the head) or it comes chunked (its memory is free again while the
+// refused client is still drained); once the first is done the same request is served.
 TEST(ProxyTest, RequestBodiesPastMaxBodyMemoryAreRefusedWithRetryAfterUntilMemoryIsFree) {
   auto slow = start_mocks(1, {"--read-rate", "4000000"});
   auto gw = start_gateway(concat(backend_args(slow), {"--set", "limits.max_body=16MiB", "--set",
@@ -827,6 +828,10 @@ TEST(ProxyTest, RequestBodiesPastMaxBodyMemoryAreRefusedWithRetryAfterUntilMemor
       [&] { return gauge(gw.port, "infergate_request_body_bytes") == static_cast<double>(first_body.size()); }, 10s);
   // Sent while the first is held.
   auto refused = http_request(gw.port, "POST", "/v1/chat/completions", second_body);
+  // A client that waits for 100 Continue is refused from the head: it is never asked for the body.
+  const auto refused_early = raw_exchange(
+      gw.port, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: "
+               "100-continue\r\nContent-Length: " + std::to_string(second_body.size()) + "\r\n\r\n", 10s);
   std::string chunked = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                         "Transfer-Encoding: chunked\r\n\r\n";
   for (std::size_t at = 0; at < second_body.size(); at += 1 << 20) {
@@ -835,15 +840,24 @@ TEST(ProxyTest, RequestBodiesPastMaxBodyMemoryAreRefusedWithRetryAfterUntilMemor
     std::snprintf(size, sizeof size, "%zx\r\n", piece.size());
     chunked += size + piece + "\r\n";
   }
-  chunked += "0\r\n\r\n";
-  const auto refused_chunked = raw_exchange(gw.port, chunked, 10s);
+  RawConnection chunked_client(gw.port);
+  chunked_client.send(chunked);  // no last chunk: the client is still sending when refused
+  chunked_client.read_until(has_whole_response, 10s);
+  const auto refused_chunked = chunked_client.received();
+  // While the refused client is still drained, the memory its body took is free again.
+  chunked_client.send("100000\r\n" + std::string(1 << 20, 'z'));
+  const bool given_back = poll_until(
+      [&] { return gauge(gw.port, "infergate_request_body_bytes") == static_cast<double>(first_body.size()); }, 1500ms);
   uploader.join();
   ASSERT_TRUE(held) << "the first body never showed as held";
   EXPECT_EQ(first.status, 200) << first.body;
   EXPECT_EQ(refused.status, 503) << refused.body;
   EXPECT_EQ(refused.header("Retry-After"), "1");
   EXPECT_THAT(refused.body, HasSubstr("limits.max_body_memory allows (20MiB)"));
+  EXPECT_THAT(refused_early, StartsWith("HTTP/1.1 503"));  // no 100 Continue before it
+  EXPECT_THAT(refused_early, HasSubstr("Retry-After: 1"));
   EXPECT_THAT(refused_chunked, StartsWith("HTTP/1.1 503"));
+  EXPECT_TRUE(given_back) << gauge(gw.port, "infergate_request_body_bytes");
   EXPECT_THAT(refused_chunked, HasSubstr("limits.max_body_memory allows (20MiB)"));
   EXPECT_THAT(gw.process->errors(), HasSubstr("past limits.max_body_memory (20MiB"));
   // Neither refused request reached the backend.

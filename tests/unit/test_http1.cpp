@@ -307,6 +307,21 @@ TEST(Http1BufferTest, EraseKeepsWhatComesBefore) {
   EXPECT_EQ(b.data(), "HEADTAIL");
 }
 
+// capacity_for says what prepare will leave, so that memory can be counted before it is taken.
+TEST(Http1BufferTest, CapacityForIsWhatPrepareLeaves) {
+  ByteBuffer b;
+  const std::pair<std::size_t, std::size_t> steps[] = {{100, 1000}, {50, 1000}, {300, 1000}, {900, 1000}, {10, 64}};
+  for (const auto& [min_free, max_capacity] : steps) {
+    const auto expected = b.capacity_for(min_free, max_capacity);
+    auto [p, room] = b.prepare(min_free, max_capacity);
+    EXPECT_EQ(b.capacity(), expected) << "prepare(" << min_free << ", " << max_capacity << ")";
+    EXPECT_GE(room, min_free);
+    std::memset(p, 'x', min_free / 2);
+    b.commit(min_free / 2);
+  }
+  EXPECT_EQ(ByteBuffer(64).capacity_for(0), 64u);  // nothing needed: nothing grows
+}
+
 TEST(Http1BufferTest, GrowsCompactsAndReleases) {
   ByteBuffer b(8);
   auto [p, room] = b.prepare(4);
