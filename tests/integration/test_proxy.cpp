@@ -1451,6 +1451,32 @@ TEST(ProxyTest, SigtermLetsARequestStillArrivingBeReadAndAnswered) {
   EXPECT_EQ(gw.process->wait_exit(10s), 0);
 }
 
+// A refused client that goes on sending is drained so that it reads the answer, but that is no
+// request in flight: SIGTERM ends the draining and the gateway exits at once.
+TEST(ProxyTest, SigtermDoesNotWaitForARefusedClientStillSending) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(concat(backend_args(mocks), {"--threads", "1", "--set", "limits.max_body=1KiB"}));
+  wait_healthy(gw, 1);
+  RawConnection refused(gw.port);
+  ASSERT_TRUE(refused.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n" +
+                           std::string(64 * 1024, 'x')));
+  ASSERT_TRUE(refused.read_until(has_whole_response, 5s)) << refused.received();
+  EXPECT_THAT(refused.received(), StartsWith("HTTP/1.1 413"));
+  std::atomic<bool> stop{false};
+  std::thread sender([&] {  // a byte every 100 ms: the drain's quiet limit (2 s) never comes
+    while (!stop && refused.send("x")) std::this_thread::sleep_for(100ms);
+  });
+  const auto signalled = Clock::now();
+  ASSERT_EQ(::kill(gw.process->pid(), SIGTERM), 0);
+  const int code = gw.process->wait_exit(10s);
+  const auto took = Clock::now() - signalled;
+  stop = true;
+  sender.join();
+  EXPECT_EQ(code, 0);
+  EXPECT_LT(took, 1500ms);
+  EXPECT_THAT(gw.process->errors(), HasSubstr("and 0 still arriving"));
+}
+
 namespace {
 // A memory figure of a process from /proc/PID/status ("VmHWM:", "VmData:"), in KiB.
 long status_kib(int pid, std::string_view field) {
