@@ -410,8 +410,11 @@ TEST(AdminTest, AnAddedBackendsHostMustBeAValidHostName) {
 TEST(AdminTest, ConcurrentAddsOfOneUrlAddItOnce) {
   auto a = start_mock();
   auto gw = start_gateway({"--backend", a.url()});
+  // Every round's mock stays up to the end: a new one could otherwise get the port, and so the
+  // URL, of one an earlier round added (then every add answers 200).
+  std::vector<Mock> extras;
   for (int round = 0; round < 10; ++round) {
-    auto extra = start_mock();
+    const auto& extra = extras.emplace_back(start_mock());
     std::vector<int> statuses(4);
     std::vector<std::thread> adders;
     for (int i = 0; i < 4; ++i) {
