@@ -1473,8 +1473,9 @@ TEST(ProxyTest, SigtermDoesNotWaitForARefusedClientStillSending) {
   stop = true;
   sender.join();
   EXPECT_EQ(code, 0);
-  EXPECT_LT(took, 1500ms);
-  EXPECT_THAT(gw.process->errors(), HasSubstr("and 0 still arriving"));
+  // Not timeouts.shutdown (30 s), nor the drain's 30 s. (Whether the signal's log line still
+  // counts the refused request as arriving is a race with the answer's write: not checked.)
+  EXPECT_LT(took, 5s);
 }
 
 namespace {
