@@ -600,8 +600,14 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
     const bool coalesced = c->upstream_head.size() != c->upstream_head_size || c->body.empty();
     std::array<net::const_buffer, 2> request_bytes{net::buffer(c->upstream_head),
                                                    net::buffer(c->body.data(), coalesced ? 0 : c->body.size())};
-    auto wec = coalesced ? co_await write_all(conn->sock, request_bytes[0], cfg.timeouts.idle)
-                         : co_await write_all(conn->sock, request_bytes, cfg.timeouts.idle);
+    // An if, not a conditional expression: GCC 12 miscompiles co_await inside one (nested in
+    // an experiment, it sent each request twice).
+    beast::error_code wec;
+    if (coalesced) {
+      wec = co_await write_all(conn->sock, request_bytes[0], cfg.timeouts.idle);
+    } else {
+      wec = co_await write_all(conn->sock, request_bytes, cfg.timeouts.idle);
+    }
     const auto sent_at = coarse_now();
     const bool request_sent = !wec;
     // The backend's answer to a request it would not take whole is relayed like any other, on a
