@@ -66,10 +66,7 @@ DiscoveryResult discover(const config::Config& config, const config::EnvLookup& 
         result.notes.push_back(layout->training_nodes_source + ": treating the first host (" +
                                layout->training_hosts.front() + ") as the only training node");
       }
-      if (layout->gpus_per_node_defaulted) {
-        result.notes.push_back(layout->gpus_per_node_source + ": assuming " + std::to_string(layout->gpus_per_node) +
-                               " GPUs per inference node");
-      }
+      result.warnings = layout->warnings;
       result.notes.push_back(how + " (" + layout->infer_tp_source + ", " + std::to_string(layout->gpus_per_node) +
                              " GPUs per node from " + layout->gpus_per_node_source + ")");
       result.slurm = {

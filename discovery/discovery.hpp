@@ -38,6 +38,7 @@ struct DiscoveryResult {
   std::vector<BackendInfo> backends;  // union of the sources, duplicates removed, stable order
   std::string how;                    // one line: how discovery was tried (for 503 messages)
   std::vector<std::string> notes;     // things worth logging (defaults applied, ...)
+  std::vector<std::string> warnings;  // guesses that may be wrong for this job (slurm::JobLayout::warnings)
   std::vector<ResolvedSetting> slurm;  // empty unless a Slurm nodelist was found
 };
 

@@ -305,6 +305,7 @@ int run_cli(int argc, char** argv) {
   }
   if (cli.command == Command::kDiscover) {
     for (const auto& note : discovered.notes) std::cerr << "infergate: " << note << "\n";  // stdout stays parseable
+    for (const auto& warning : discovered.warnings) std::cerr << "infergate: warning: " << warning << "\n";
     if (discovered.backends.empty()) std::cerr << "infergate: no backends found (" << discovered.how << ")\n";
     return print_discovery(discovered, cli.json);
   }
@@ -317,6 +318,7 @@ int run_cli(int argc, char** argv) {
   std::signal(SIGHUP, SIG_IGN);
   for (const auto& w : loaded.warnings) spdlog::warn("{}", w);
   for (const auto& note : discovered.notes) spdlog::info("{}", note);
+  for (const auto& warning : discovered.warnings) spdlog::warn("{}", warning);
   if (discovered.backends.empty()) {
     spdlog::warn("no backends found ({}); requests get 503 until some are added", discovered.how);
   } else {

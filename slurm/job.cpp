@@ -33,6 +33,14 @@ std::string setting(const JobOptions& options, std::string_view key, std::string
   return text;
 }
 
+std::string_view trimmed(std::string_view text) {
+  while (!text.empty() && std::isspace(static_cast<unsigned char>(text.front())))
+    text.remove_prefix(1);
+  while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back())))
+    text.remove_suffix(1);
+  return text;
+}
+
 struct Resolved {
   int value = 0;
   std::string source;  // "VAR=N", "KEY=N (from ORIGIN)" or "the default VAR=N (...)"
@@ -51,6 +59,7 @@ Resolved resolve_int(const JobOptions& options, const std::optional<int>& option
     return {*option, source, false};
   }
   auto value = env(var);
+  if (value) value = std::string(trimmed(*value));  // "2\n" from a script's $(...)
   if (!value) {
     return {fallback,
             "the default " + std::string(var) + "=" + std::to_string(fallback) + " (neither " +
@@ -138,14 +147,17 @@ void resolve_gpus_per_node(const JobOptions& options, const EnvLookup& env, JobL
     candidates.push_back({"SLURM_GPUS_PER_NODE" + group, Syntax::kPerNode});
     candidates.push_back({"SLURM_GPUS_ON_NODE" + group, Syntax::kCount});
   }
+  const std::size_t own_variables = candidates.size();  // the group's own, with het_group
   candidates.push_back({"SLURM_GPUS_PER_NODE", Syntax::kPerNode});
   candidates.push_back({"SLURM_JOB_GPUS", Syntax::kIndices});
   candidates.push_back({"SLURM_GPUS_ON_NODE", Syntax::kCount});
   std::string names = "slurm.gpus_per_node";
   std::vector<std::string> unset;  // set, but to a value that counts as unset, e.g. "SLURM_GPUS_ON_NODE=0"
-  for (const auto& c : candidates) {
+  for (std::size_t i = 0; i < candidates.size(); ++i) {
+    const auto& c = candidates[i];
     names += ", " + c.var;
     auto value = env(c.var);
+    if (value) value = std::string(trimmed(*value));
     if (!value) continue;
     // A job or step without GPUs here (a step run with --gres=gpu:0 has SLURM_GPUS_ON_NODE=0):
     // the next variable says more.
@@ -168,6 +180,14 @@ void resolve_gpus_per_node(const JobOptions& options, const EnvLookup& env, JobL
       }
       layout.gpus_per_node_source = c.var + "=" + std::to_string(layout.gpus_per_node);
     }
+    if (options.het_group && i >= own_variables) {
+      const auto group = std::to_string(*options.het_group);
+      layout.warnings.push_back(
+          "GPUs per node for heterogeneous group " + group + " taken from " + layout.gpus_per_node_source +
+          ", which describes the job's first component: neither SLURM_GPUS_PER_NODE_HET_GROUP_" + group +
+          " nor SLURM_GPUS_ON_NODE_HET_GROUP_" + group + " is set; set slurm.gpus_per_node if group " + group +
+          "'s nodes differ");
+    }
     return;
   }
   layout.gpus_per_node = 8;
@@ -179,14 +199,8 @@ void resolve_gpus_per_node(const JobOptions& options, const EnvLookup& env, JobL
     for (std::size_t i = 1; i < unset.size(); ++i) layout.gpus_per_node_source += " and " + unset[i];
     layout.gpus_per_node_source += unset.size() == 1 ? " counts as unset)" : " count as unset)";
   }
-}
-
-std::string_view trimmed(std::string_view text) {
-  while (!text.empty() && std::isspace(static_cast<unsigned char>(text.front())))
-    text.remove_prefix(1);
-  while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back())))
-    text.remove_suffix(1);
-  return text;
+  layout.warnings.push_back(layout.gpus_per_node_source + ": assuming " + std::to_string(layout.gpus_per_node) +
+                            " GPUs per inference node; set slurm.gpus_per_node if that is wrong");
 }
 
 // The job's hosts and, for errors, where each one came from.
@@ -346,6 +360,18 @@ std::optional<JobLayout> read_job_layout(const JobOptions& options, const EnvLoo
     return std::nullopt;
   }
 
+  // In a heterogeneous job the plain nodelist is the first component's alone.
+  std::string het_hint;
+  if (!options.het_group && !options.nodelist) {
+    if (auto size = env("SLURM_HET_SIZE")) {
+      het_hint = "; this is a heterogeneous job (SLURM_HET_SIZE=" + quoted(trimmed(*size)) + ") and " +
+                 layout.nodelist_source +
+                 " lists its first component only: set slurm.het_group (INFERGATE_SLURM_HET_GROUP) to the "
+                 "component that runs the inference servers";
+      layout.warnings.push_back(het_hint.substr(2));
+    }
+  }
+
   NodelistHosts list;
   list.nodelist = layout.nodelist_source + " " + quoted(trimmed(layout.nodelist));
   try {
@@ -361,8 +387,23 @@ std::optional<JobLayout> read_job_layout(const JobOptions& options, const EnvLoo
   }
   const auto& hosts = list.hosts;
 
-  const auto training = resolve_int(options, options.training_nodes, "slurm.training_nodes", env,
-                                    "NUM_TRAINING_NODES", 1, true);
+  // A heterogeneous job's components are its own groups of nodes: trainers in one, inference
+  // servers in another, and NUM_TRAINING_NODES counts the job's trainers, not the first hosts of
+  // the group read here. Only slurm.training_nodes says this group's first hosts train.
+  Resolved training;
+  if (options.het_group && !options.training_nodes) {
+    const auto group = std::to_string(*options.het_group);
+    training = {0, "slurm.het_group=" + group + " (every host of the group serves; slurm.training_nodes is not set)",
+                false};
+    if (auto count = env("NUM_TRAINING_NODES")) {
+      layout.warnings.push_back("NUM_TRAINING_NODES=" + quoted(trimmed(*count)) + " is not applied to heterogeneous group " +
+                                group + ": every host of " + layout.nodelist_source +
+                                " is taken as an inference node (set slurm.training_nodes if its first hosts train)");
+    }
+  } else {
+    training = resolve_int(options, options.training_nodes, "slurm.training_nodes", env, "NUM_TRAINING_NODES", 1,
+                           true);
+  }
   layout.training_nodes = training.value;
   layout.training_nodes_source = training.source;
   layout.training_nodes_defaulted = training.defaulted;
@@ -377,6 +418,11 @@ std::optional<JobLayout> read_job_layout(const JobOptions& options, const EnvLoo
   domain += options.domain;
   check_hosts(options, list, domain);
 
+  if (layout.infer_tp > layout.gpus_per_node) {
+    throw JobError(layout.infer_tp_source + " is more than the " + std::to_string(layout.gpus_per_node) +
+                   " GPUs per node (from " + layout.gpus_per_node_source +
+                   "): a server's tensor-parallel group must fit on one node");
+  }
   if (layout.gpus_per_node % layout.infer_tp != 0) {
     throw JobError(layout.infer_tp_source + " does not divide the " +
                    std::to_string(layout.gpus_per_node) + " GPUs per node (from " +
@@ -385,7 +431,7 @@ std::optional<JobLayout> read_job_layout(const JobOptions& options, const EnvLoo
   if (static_cast<std::size_t>(layout.training_nodes) >= hosts.size()) {
     throw JobError(layout.training_nodes_source + " but the nodelist " +
                    quoted(trimmed(layout.nodelist)) + " has only " + std::to_string(hosts.size()) +
-                   " host(s): no host left for inference");
+                   " host(s): no host left for inference" + het_hint);
   }
   layout.servers_per_node = layout.gpus_per_node / layout.infer_tp;
   if (options.base_port < 1 || options.base_port + layout.servers_per_node - 1 > 65535) {

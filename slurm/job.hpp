@@ -80,6 +80,10 @@ struct JobLayout {
   bool gpus_per_node_defaulted = false;  // no setting nor variable gave it: callers log it
   int servers_per_node = 8;
   std::vector<InferenceServer> servers;  // node-major order: node0 slot0, node0 slot1, ...
+  // Guesses the layout rests on that may be wrong for this job (callers log them as warnings):
+  // a GPU count assumed or read from another component's variables, a heterogeneous job read
+  // without slurm.het_group, NUM_TRAINING_NODES set but not applied to a component.
+  std::vector<std::string> warnings;
 };
 
 // Parses a strictly positive decimal integer; throws JobError naming `what` otherwise.

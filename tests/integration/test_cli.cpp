@@ -75,6 +75,8 @@ TEST(CliTest, DiscoverTakesGpusPerNodeFromSlurmAndSaysWhereFrom) {
 
   auto defaulted = run({"discover"}, {"SLURM_JOB_NODELIST=n[1-2]", "NUM_TRAINING_NODES=1", "INFER_TP=8"});
   ASSERT_EQ(defaulted.code, 0) << defaulted.err;
+  // A guess that may be wrong for the job is a warning.
+  EXPECT_THAT(defaulted.err, HasSubstr("infergate: warning: the default: none of slurm.gpus_per_node"));
   EXPECT_THAT(defaulted.err, HasSubstr("assuming 8 GPUs per inference node"));
 }
 

@@ -241,16 +241,78 @@ TEST(JobLayoutTest, SuffixAndDomainAreAppendedToHosts) {
             "n1-ib.already.dotted");
 }
 
+// The group read is a component of its own: every host of it serves. NUM_TRAINING_NODES counts
+// the job's trainers (another component), so it is not applied to this group's first hosts;
+// slurm.training_nodes is.
 TEST(JobLayoutTest, HeterogeneousJobGroup) {
   JobOptions o;
   o.het_group = 1;
-  auto layout = read_job_layout(o, env_of({{"SLURM_JOB_NODELIST", "x[1-9]"},
-                                           {"SLURM_JOB_NODELIST_HET_GROUP_1", "h[1-2]"},
-                                           {"INFER_TP", "8"}}));
-  ASSERT_EQ(layout->servers.size(), 1u);
-  EXPECT_EQ(layout->servers[0].host, "h2");
+  const std::map<std::string, std::string> env{{"SLURM_JOB_NODELIST", "x[1-9]"},
+                                               {"SLURM_JOB_NODELIST_HET_GROUP_1", "h[1-2]"},
+                                               {"SLURM_GPUS_PER_NODE_HET_GROUP_1", "8"},
+                                               {"INFER_TP", "8"}};
+  auto layout = read_job_layout(o, env_of(env));
+  ASSERT_EQ(layout->servers.size(), 2u);
+  EXPECT_EQ(layout->servers[0].host, "h1");
+  EXPECT_EQ(layout->servers[1].host, "h2");
+  EXPECT_EQ(layout->training_nodes, 0);
+  EXPECT_THAT(layout->training_nodes_source, HasSubstr("slurm.het_group=1"));
   EXPECT_EQ(layout->nodelist_source, "SLURM_JOB_NODELIST_HET_GROUP_1");
+  EXPECT_TRUE(layout->warnings.empty()) << layout->warnings.front();
+
+  auto with_count = env;
+  with_count["NUM_TRAINING_NODES"] = "1";
+  auto counted = read_job_layout(o, env_of(with_count));
+  ASSERT_EQ(counted->servers.size(), 2u);
+  ASSERT_EQ(counted->warnings.size(), 1u);
+  EXPECT_THAT(counted->warnings[0], HasSubstr("NUM_TRAINING_NODES='1' is not applied to heterogeneous group 1"));
+  EXPECT_THAT(counted->warnings[0], HasSubstr("set slurm.training_nodes"));
+
+  auto training = o;
+  training.training_nodes = 1;
+  auto trained = read_job_layout(training, env_of(with_count));
+  ASSERT_EQ(trained->servers.size(), 1u);
+  EXPECT_EQ(trained->servers[0].host, "h2");
+  EXPECT_TRUE(trained->warnings.empty());
   EXPECT_THAT(error_of(o, {{"SLURM_JOB_NODELIST", "x"}}), HasSubstr("SLURM_JOB_NODELIST_HET_GROUP_1 is not set"));
+}
+
+// Without slurm.het_group, a heterogeneous job's plain nodelist is its first component alone:
+// said in a warning, and in the error when that leaves no inference host.
+TEST(JobLayoutTest, AHeterogeneousJobReadWithoutItsGroupIsFlagged) {
+  EXPECT_THAT(error_of({}, {{"SLURM_HET_SIZE", "2"}, {"SLURM_JOB_NODELIST", "trn1"}}),
+              HasSubstr("no host left for inference; this is a heterogeneous job (SLURM_HET_SIZE='2') and "
+                        "SLURM_JOB_NODELIST lists its first component only: set slurm.het_group"));
+  auto layout = read_job_layout({}, env_of({{"SLURM_HET_SIZE", "2"}, {"SLURM_JOB_NODELIST", "t,i1"},
+                                            {"SLURM_GPUS_PER_NODE", "1"}}));
+  ASSERT_EQ(layout->servers.size(), 1u);
+  ASSERT_EQ(layout->warnings.size(), 1u);
+  EXPECT_THAT(layout->warnings[0], HasSubstr("set slurm.het_group (INFERGATE_SLURM_HET_GROUP)"));
+  auto plain = read_job_layout({}, env_of({{"SLURM_JOB_NODELIST", "t,i1"}, {"SLURM_GPUS_PER_NODE", "1"}}));
+  EXPECT_TRUE(plain->warnings.empty());
+}
+
+// Counts written by a script's $(...) carry a newline; the nodelist already allowed for it.
+TEST(JobLayoutTest, WhitespaceAroundCountsIsIgnored) {
+  auto layout = read_job_layout({}, env_of({{"SLURM_JOB_NODELIST", "t,i[1-2]"},
+                                            {"NUM_TRAINING_NODES", " 1\n"},
+                                            {"INFER_TP", "2\n"},
+                                            {"SLURM_GPUS_ON_NODE", "4 "}}));
+  ASSERT_TRUE(layout);
+  EXPECT_EQ(layout->training_nodes, 1);
+  EXPECT_EQ(layout->infer_tp, 2);
+  EXPECT_EQ(layout->gpus_per_node, 4);
+  EXPECT_EQ(layout->servers.size(), 4u);
+}
+
+// An assumed GPU count is a warning: on a node with fewer GPUs, most of the backends it makes
+// do not exist.
+TEST(JobLayoutTest, AnAssumedGpuCountIsAWarning) {
+  auto layout = read_job_layout({}, env_of({{"SLURM_JOB_NODELIST", "t,i1"}}));
+  ASSERT_EQ(layout->warnings.size(), 1u);
+  EXPECT_THAT(layout->warnings[0], HasSubstr("assuming 8 GPUs per inference node; set slurm.gpus_per_node"));
+  EXPECT_TRUE(read_job_layout({}, env_of({{"SLURM_JOB_NODELIST", "t,i1"}, {"SLURM_GPUS_ON_NODE", "4"}}))
+                  ->warnings.empty());
 }
 
 TEST(JobLayoutTest, EveryBadValueIsAOneLineErrorNamingTheVariable) {
@@ -275,7 +337,9 @@ TEST(JobLayoutTest, EveryBadValueIsAOneLineErrorNamingTheVariable) {
   zero_gpus.gpus_per_node = 0;
   EXPECT_THAT(error_of(zero_gpus, base),
               HasSubstr("slurm.gpus_per_node=0 must be a positive integer"));
-  EXPECT_THAT(error_of({}, with("INFER_TP", "16")), HasSubstr("INFER_TP=16 does not divide"));
+  EXPECT_THAT(error_of({}, with("INFER_TP", "16")),
+              HasSubstr("INFER_TP=16 is more than the 8 GPUs per node (from the default: none of"));
+  EXPECT_THAT(error_of({}, with("INFER_TP", "16")), HasSubstr("must fit on one node"));
   // Zero training nodes is allowed (every host serves), so the message says "zero or more".
   EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "x")), HasSubstr("NUM_TRAINING_NODES='x' is not a whole number (zero or more)"));
   EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "-1")), HasSubstr("NUM_TRAINING_NODES='-1' is not a whole number (zero or more)"));
@@ -504,14 +568,18 @@ TEST(JobLayoutTest, HeterogeneousJobGroupGpuVariables) {
   auto per_node = with(
       {{"SLURM_GPUS_PER_NODE_HET_GROUP_1", "gpu:h100:2"}, {"SLURM_GPUS_ON_NODE_HET_GROUP_1", "4"}});
   EXPECT_EQ(per_node->gpus_per_node, 2);
-  EXPECT_EQ(per_node->servers.size(), 2u);
+  EXPECT_EQ(per_node->servers.size(), 4u);  // both hosts of the group serve
   EXPECT_EQ(per_node->gpus_per_node_source, "SLURM_GPUS_PER_NODE_HET_GROUP_1='gpu:h100:2'");
+  EXPECT_TRUE(per_node->warnings.empty());
   auto on_node = with({{"SLURM_GPUS_ON_NODE_HET_GROUP_1", "4"}});
   EXPECT_EQ(on_node->gpus_per_node, 4);
   EXPECT_EQ(on_node->gpus_per_node_source, "SLURM_GPUS_ON_NODE_HET_GROUP_1=4");
   auto plain = with({});  // falls back to the plain variables
   EXPECT_EQ(plain->gpus_per_node, 8);
   EXPECT_EQ(plain->gpus_per_node_source, "SLURM_GPUS_PER_NODE='8'");
+  ASSERT_EQ(plain->warnings.size(), 1u);  // the first component's count may not be this group's
+  EXPECT_THAT(plain->warnings[0], HasSubstr("GPUs per node for heterogeneous group 1 taken from "
+                                            "SLURM_GPUS_PER_NODE='8', which describes the job's first component"));
   // Another group's variables are not this group's.
   auto other = with({{"SLURM_GPUS_PER_NODE_HET_GROUP_0", "1"}});
   EXPECT_EQ(other->gpus_per_node, 8);
