@@ -278,7 +278,6 @@ struct AttemptOutcome {
   std::uint64_t bytes = 0;
   std::chrono::seconds retry_after{0};  // kFailed on a 503: the backend's Retry-After, if it sent one
   bool failure_reported = false;  // the passive-health failure went in before the response was relayed
-  bool success_reported = false;  // the passive-health success went in before the response was relayed
   bool after_sent = false;  // kFailed: the backend had the whole request and did not answer
   bool client_stalled = false;  // kClientGone: the client was there but took nothing within timeouts.idle
 };
@@ -757,9 +756,8 @@ void record_attempt(GatewayState& state, discovery::Backend& backend, const Atte
       return;  // says nothing about the backend (a handed-off stream is recorded when it ends)
   }
   if (failed && !out.error.empty()) backend.set_last_error(out.error);
-  // Reported already when the response head came (before the client saw it), unless the relay
-  // then broke: that failure is news.
-  const bool reported = failed ? out.failure_reported : (out.success_reported || out.failure_reported);
+  // A 5xx was reported when its head came (before the client saw it); everything else now.
+  const bool reported = out.failure_reported;
   if (state.health != nullptr && !reported) state.health->report(backend.shared_from_this(), failed);
 }
 
@@ -1005,13 +1003,15 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   RelayPlan plan;
   plan.keep_alive = c->keep_alive();
   out.status = rh.status;
-  // The answer counts for or against the backend before the client sees it: a client that sends
-  // its next request on reading this one must find the ejection a 5xx may cause already decided,
-  // and a success reported later (by another worker, say) must not erase failures that came
-  // after it.
-  if (w->state->health != nullptr) {
-    w->state->health->report(backend->shared_from_this(), rh.status >= 500);
-    (rh.status >= 500 ? out.failure_reported : out.success_reported) = true;
+  // A 5xx counts against the backend before the client sees it: a client that sends its next
+  // request on reading this one must find the ejection it may cause already decided. A success
+  // counts only once the whole response is through (when the outcome is recorded): a head is no
+  // proof, as a server that sends its head before the prefill (vLLM streams) and then dies,
+  // stalls or breaks every response would otherwise reset its failure count with each head and
+  // never be ejected.
+  if (w->state->health != nullptr && rh.status >= 500) {
+    w->state->health->report(backend->shared_from_this(), true);
+    out.failure_reported = true;
   }
 
   using Kind = http1::BodyFramer::Kind;

@@ -215,6 +215,26 @@ TEST(HealthTest, PassiveFailuresEjectButClientErrorsDoNot) {
   }
 }
 
+// A success counts only once the response is through, not at its head: a backend that sends
+// its head and then breaks every response (here: the head, then the close, as a server dying in
+// the prefill after sending its SSE head) is ejected after passive.failures like any other.
+TEST(HealthTest, ResponsesThatBreakAfterTheirHeadCountAsFailures) {
+  auto breaking = start_mock({"--drop-after-header"});
+  auto good = start_mock();
+  auto gw = start_gateway({"--backend", breaking.url(), "--backend", good.url(), "--set", "passive.failures=3",
+                           "--set", "passive.ejection_base=30s", "--set", "passive.ejection_max=60s"});
+  ASSERT_TRUE(poll_until([&] { return admin_backends(gw.port)["gateway"]["healthy"] == 2; }, 10s));
+  // Each break comes before any body byte reached the client: retried on the other backend.
+  for (int i = 0; i < 8; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(true));
+    EXPECT_EQ(r.status, 200) << r.body;
+    EXPECT_EQ(r.header("X-Backend"), good.id());
+  }
+  EXPECT_TRUE(poll_until([&] { return state_of(gw.port, breaking.id()) == "ejected"; }, 5s));
+  EXPECT_EQ(metric(gw.port, "infergate_backend_ejections_total", labels_for(breaking)), 1);
+  EXPECT_EQ(metric(gw.port, "infergate_backend_requests_total", labels_for(breaking) + ",code=\"error\""), 3);
+}
+
 // A backend that fails again soon after each return (a flapping one) is let back for ever
 // shorter spells: the ejection backoff doubles across incidents even with successes between
 // them; only serving passive.ejection_max without an ejection starts it again at the base (unit
