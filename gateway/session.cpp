@@ -504,8 +504,19 @@ AttemptOutcome failed_outcome(std::string error, bool timed_out = false, unsigne
 // to about 1 KiB (larger ones are a malloc/free pair per request, and each evicts a cached
 // smaller frame).
 
-AttemptOutcome connect_failed_outcome(const beast::error_code& ec, bool client_gone) {
-  auto out = failed_outcome(ec == beast::error::timeout ? "connect timeout" : "connect: " + ec.message(),
+// The backend had the whole request and answered with something that cannot be relayed (a
+// malformed head, one over limits.max_header, a protocol switch): it may have acted on the
+// request, so it is not sent elsewhere when retries.after_sent is false.
+AttemptOutcome sent_but_unusable_outcome(std::string error) {
+  auto out = failed_outcome(std::move(error));
+  out.after_sent = true;
+  return out;
+}
+
+AttemptOutcome connect_failed_outcome(const beast::error_code& ec, bool client_gone, std::chrono::milliseconds limit) {
+  auto out = failed_outcome(ec == beast::error::timeout
+                                ? "no connection within timeouts.connect (" + std::to_string(limit.count()) + "ms)"
+                                : "connect: " + ec.message(),
                             ec == beast::error::timeout);
   if (client_gone) out.kind = AttemptOutcome::kClientGone;
   return out;
@@ -580,7 +591,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
       watch.connection = nullptr;
       if (ec) {
         if (ec == beast::error::timeout && conn->sock.past_cap()) co_return over_total_outcome(cfg);
-        co_return connect_failed_outcome(ec, watch.client_gone);
+        co_return connect_failed_outcome(ec, watch.client_gone, cfg.timeouts.connect);
       }
       // A client that left during the name lookup found no socket to close: the request must
       // not go out now, to be generated for nobody.
@@ -626,9 +637,9 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
         }
         if (parsed == http1::Parse::kBad || parsed == http1::Parse::kTooLarge) {
           watch.connection = nullptr;
-          co_return failed_outcome(parsed == http1::Parse::kBad
-                                       ? "malformed response head: " + std::string(conn->head.error)
-                                       : "response head exceeds limits.max_header");
+          co_return sent_but_unusable_outcome(parsed == http1::Parse::kBad
+                                                  ? "malformed response head: " + std::string(conn->head.error)
+                                                  : "response head exceeds limits.max_header");
         }
         if (parsed == http1::Parse::kComplete) break;
         auto [room_ptr, room] = conn->buffer.prepare(kUpstreamRead);
@@ -640,10 +651,12 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
       }
       if (!wec) {
         const auto status = conn->head.status;
-        if (status == 408 && reused && !fresh_retry_used) {
-          // A 408 on a parked connection: the backend closed it for idleness as the request
-          // came (servers say so as they close), so it answers no request. Like a stale
-          // connection: tried again, once, on a fresh one.
+        if (status == 408 && reused && !fresh_retry_used && !conn->head.keep_alive() &&
+            coarse_now() - sent_at < kStaleConnectionWindow) {
+          // A 408 on a parked connection, at once and closing it: the backend closed it for
+          // idleness as the request came (servers say so as they close), so it answers no
+          // request. Like a stale connection: tried again, once, on a fresh one. A 408 that took
+          // longer, or keeps the connection, is the backend's answer to this request, relayed.
           watch.connection = nullptr;
           fresh_retry_used = true;
           w->pool.clear(backend->index());
@@ -651,7 +664,9 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
         }
         if (status == 101) {
           watch.connection = nullptr;
-          co_return failed_outcome("the backend switched protocols, which the gateway does not relay", false, 502);
+          auto out = sent_but_unusable_outcome("the backend switched protocols, which the gateway does not relay");
+          out.status = 502;
+          co_return out;
         }
         if (RetryPolicy::is_retryable_status(status)) {
           watch.connection = nullptr;
@@ -1064,6 +1079,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
         out.status = 0;
         out.error = "the backend sent an answer to an earlier request on this connection again: the connection "
                     "was out of step";
+        out.after_sent = true;  // it has this request, and its answer may be on the way
         *upstream_reusable = false;
         co_return out;
       }

@@ -80,6 +80,7 @@ struct Stats {
   std::uint64_t cancelled = 0;  // streams whose client went away before the end
   std::uint64_t models_requests = 0;  // GET /v1/models answered
   std::uint64_t lies = 0;       // --lie extra-bytes / answer-twice: stray responses written
+  std::uint64_t raw_requests = 0;  // POST /mock/raw answered
 };
 
 struct Server {
@@ -503,6 +504,7 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
     if (path == "/mock/raw" && req.method() == http::verb::post) {
       // The request's body is the answer, byte for byte, then the close: for framing tests
       // (answers no server of ours would make).
+      ++server->stats.raw_requests;
       co_await net::async_write(socket, net::buffer(req.body()), kTuple);
       break;
     }
@@ -516,6 +518,7 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
                                                  {"open_connections", server->stats.open_connections},
                                                  {"cancelled", server->stats.cancelled},
                                                  {"lies", server->stats.lies},
+                                                 {"raw_requests", server->stats.raw_requests},
                                                  {"models_requests", server->stats.models_requests}}
                                                 .dump());
     } else if (starting) {
