@@ -1298,6 +1298,17 @@ net::awaitable<bool> retry_pause(Worker* w, int attempt, Clock::time_point deadl
   co_return out_of_time || Clock::now() >= deadline;
 }
 
+// Whether the client left (closed, reset, or half-closed: gone, as for the watch) while no
+// attempt watched it: a retry then goes out to nobody. One non-blocking peek, on the retry path
+// only; bytes of a pipelined next request say it is still there.
+bool client_has_left(tcp::socket& client) {
+  if (!client.is_open()) return true;
+  char byte = 0;
+  const auto n = ::recv(client.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+  if (n > 0) return false;
+  return n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
 // Proxies one request, retrying on other backends while nothing reached the client.
 net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
   GatewayState& state = *w->state;
@@ -1337,6 +1348,13 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
         failures += ", then timeouts.total (" + std::to_string(total.count()) + "ms) ran out";
         last_timed_out = true;
         break;
+      }
+      // The client is not watched between attempts: one that left during the pause gets no retry.
+      if (client_has_left(c->sock.socket())) {
+        state.requests_client_closed.fetch_add(1, std::memory_order_relaxed);
+        spdlog::info("{} {} {}: the client left before retry {}; not sent again ({})", request_id, c->method,
+                     c->target, attempt, failures);
+        co_return Next::kClose;
       }
       // And again after the pause.
       set = state.registry.snapshot();

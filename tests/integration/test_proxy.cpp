@@ -591,6 +591,31 @@ TEST(ProxyTest, AClientGoneBeforeTheAnswerCountsAsClientClosed) {
   EXPECT_EQ(listed["gateway"]["requests"]["client_closed"], 1);
 }
 
+// The client is not watched between attempts: one that leaves during the backoff before a retry
+// gets no retry (it would be generated for nobody), and is counted as client_closed.
+TEST(ProxyTest, AClientGoneDuringTheBackoffGetsNoRetry) {
+  auto mocks = start_mocks(2, {"--fail-rate", "1", "--fail-status", "503"});
+  auto gw = start_gateway(concat(backend_args(mocks), {"--set", "retries.backoff_base=4s", "--set",
+                                                       "retries.backoff_max=4s", "--set", "passive.failures=100"}));
+  wait_healthy(gw, 2);
+  auto received = [&] {
+    int n = 0;
+    for (const auto& m : mocks) n += json::parse(http_request(m.port, "GET", "/mock/stats").body)["requests"].get<int>();
+    return n;
+  };
+  {
+    RawConnection client(gw.port);
+    const auto body = chat_body(false);
+    ASSERT_TRUE(client.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body));
+    ASSERT_TRUE(poll_until([&] { return received() == 1; }, 5s));  // the first attempt's 503; the backoff (2-4 s) runs
+  }  // the client leaves
+  EXPECT_TRUE(poll_until([&] { return metric(gw.port, "infergate_requests_total", "code=\"client_closed\"") == 1; }, 8s))
+      << http_request(gw.port, "GET", "/metrics").body;
+  EXPECT_EQ(received(), 1);
+  EXPECT_THAT(gw.process->errors(), HasSubstr("the client left before retry 1; not sent again"));
+}
+
 TEST(ProxyTest, BackendKilledMidStreamEndsTheClientStreamPromptly) {
   auto dying = start_mocks(1, {"--tokens", "100", "--token-delay-ms", "50"});
   auto good = start_mocks(1);
