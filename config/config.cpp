@@ -594,6 +594,7 @@ void parse_yaml_into(Config& c, std::string_view text, std::string_view file) {
   // yaml-cpp's LoadAll loops forever on some inputs (a lone ",").
   {
     bool content = false;  // a line of the first document seen
+    bool started = false;  // its "---" start marker or a line of it seen
     bool ended = false;    // its "..." end marker seen
     int line_number = 0;
     for (std::size_t at = 0; at <= text.size(); ++line_number) {
@@ -606,12 +607,16 @@ void parse_yaml_into(Config& c, std::string_view text, std::string_view file) {
       };
       const auto first = line.find_first_not_of(" \t");
       const bool blank = first == std::string_view::npos || line[first] == '#';
+      // Directives (%YAML 1.2, %TAG) stand before the first document's "---"; they are not
+      // its content, or that "---" would read as the start of a second document.
+      const bool directive = !started && !line.empty() && line[0] == '%';
       if ((is_marker("---") && content) || (!blank && ended && !is_marker("..."))) {
         throw ConfigError(std::string(file) + ":" + std::to_string(line_number + 1) +
                           ": a second YAML document; the configuration is one document");
       }
       if (is_marker("...")) ended = content;
-      else if (!blank && !is_marker("---")) content = true;
+      else if (!blank && !directive && !is_marker("---")) content = true;
+      if (!blank && !directive) started = true;
     }
   }
   YAML::Node root;

@@ -531,6 +531,18 @@ TEST(ConfigTest, KeysGivenTwiceAndSecondDocumentsAreErrors) {
   EXPECT_EQ(yaml_error(","), "no error");
 }
 
+// Directives belong to the document after them: "%YAML 1.2\n---" is one document, not two.
+TEST(ConfigTest, DirectivesBeforeTheFirstDocumentAreAccepted) {
+  EXPECT_EQ(yaml_error("%YAML 1.2\n---\nthreads: 2\n"), "no error");
+  EXPECT_EQ(yaml_error("# infergate\n%TAG !e! tag:example.com,2000:\n---\nthreads: 2\n...\n"), "no error");
+  EXPECT_EQ(parse_yaml_text("%YAML 1.2\n---\nthreads: 3\n", "gw.yaml").threads, 3);
+  // After the first document starts, a directive line is no longer before it: a directive
+  // after "..." opens a second document.
+  EXPECT_THAT(yaml_error("%YAML 1.2\n---\nthreads: 2\n...\n%YAML 1.2\n---\nthreads: 3\n"),
+              HasSubstr("gw.yaml:5: a second YAML document"));
+  EXPECT_THAT(yaml_error("threads: 2\n---\n%YAML 1.2\n"), HasSubstr("gw.yaml:2: a second YAML document"));
+}
+
 // Static backends follow the host-name rules of Slurm hosts and of the admin API's added
 // backends: a config error at start-up, not a backend that never resolves.
 TEST(ConfigTest, StaticBackendHostsMustBeValidHostNames) {
