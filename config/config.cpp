@@ -129,14 +129,6 @@ Setter make_bool(Field field) {
   };
 }
 
-template <typename Field>
-Setter make_string(Field field) {
-  return [field](Config& c, std::string_view v) -> std::string {
-    field(c) = std::string(v);
-    return {};
-  };
-}
-
 // `aliases`: other words for a choice, as {alias, choice}; the choice is what is kept.
 template <typename Field>
 Setter make_choice(Field field, std::vector<std::string> choices,
@@ -287,11 +279,26 @@ const std::vector<KeySpec>& specs() {
     add("slurm.base_port", Kind::kInt, "port of the first inference server on each node",
         make_int([](Config& c) -> int& { return c.slurm.base_port; }, 1, 65535),
         [](const Config& c) { return std::to_string(c.slurm.base_port); });
+    // The suffix and the domain are checked here, where the key's origin is known, and not
+    // only by Slurm discovery: that runs only inside a job, so a typo would pass `infergate
+    // config` and fail later on the cluster. The rules are discovery's (slurm/hostlist.hpp).
     add("slurm.host_suffix", Kind::kString, "appended to each host name (e.g. -ib)",
-        make_string([](Config& c) -> std::string& { return c.slurm.host_suffix; }),
+        [](Config& c, std::string_view v) -> std::string {
+          if (auto problem = slurm::host_name_character_problem(v); !problem.empty()) {
+            return slurm::quoted_for_message(v) + ": " + problem;
+          }
+          c.slurm.host_suffix = std::string(v);
+          return {};
+        },
         [](const Config& c) { return yaml_quoted(c.slurm.host_suffix); });
     add("slurm.domain", Kind::kString, "domain appended to each host name (e.g. cluster.local)",
-        make_string([](Config& c) -> std::string& { return c.slurm.domain; }),
+        [](Config& c, std::string_view v) -> std::string {
+          if (auto problem = slurm::domain_problem(v); !problem.empty()) {
+            return slurm::quoted_for_message(v) + " is not a valid domain: " + problem;
+          }
+          c.slurm.domain = std::string(v);
+          return {};
+        },
         [](const Config& c) { return yaml_quoted(c.slurm.domain); });
     add("slurm.het_group", Kind::kInt, "heterogeneous job: read SLURM_JOB_NODELIST_HET_GROUP_<N>",
         make_optional_int([](Config& c) -> std::optional<int>& { return c.slurm.het_group; }, 0, 1000),

@@ -234,6 +234,11 @@ std::string host_name_problem(std::string_view name) {
   return {};
 }
 
+std::string domain_problem(std::string_view domain) {
+  if (domain.empty()) return {};
+  return host_name_problem(domain.front() == '.' ? domain.substr(1) : domain);
+}
+
 HostlistError::HostlistError(std::string_view list, std::size_t position, std::string_view problem)
     : std::runtime_error("hostlist " + quoted_for_message(list) + ": position " +
                          std::to_string(position) + ": " + std::string(problem)),

@@ -42,6 +42,11 @@ std::vector<std::string> expand_hostlist(std::string_view list,
 // whose last label is all digits must be such an address: resolvers read "1" or "0x7f.1" as one.
 std::string host_name_problem(std::string_view name);
 
+// Why `domain` (slurm.domain, which follows a '.' after each host name and may be written with
+// that '.') is not a valid domain, or empty when it is one or empty (no domain). The problem is
+// host_name_problem's, for the domain without its leading '.'.
+std::string domain_problem(std::string_view domain);
+
 // Four decimal numbers 0-255 without leading zeros: inet_aton reads "010" as octal 8 and "127.1"
 // as 127.0.0.1, so any other form of digits and dots would silently name another host or none.
 bool is_dotted_quad(std::string_view name);

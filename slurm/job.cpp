@@ -223,11 +223,9 @@ void check_hosts(const JobOptions& options, const NodelistHosts& list, std::stri
     throw JobError(setting(options, "slurm.host_suffix", quoted(options.host_suffix)) + ": " +
                    problem);
   }
-  if (!options.domain.empty()) {
-    if (auto problem = host_name_problem(domain.substr(1)); !problem.empty()) {
-      throw JobError(setting(options, "slurm.domain", quoted(options.domain)) +
-                     " is not a valid domain: " + problem);
-    }
+  if (auto problem = domain_problem(options.domain); !problem.empty()) {
+    throw JobError(setting(options, "slurm.domain", quoted(options.domain)) +
+                   " is not a valid domain: " + problem);
   }
   std::map<std::string, std::size_t> seen;  // lower-cased: DNS ignores case
   std::string name;

@@ -451,7 +451,7 @@ TEST(ConfigTest, DumpReadsBackAsTheSameValues) {
   options.flags = {{"listen", "[::1]:0", "--listen"},
                    {"backends", "http://[::1]:9000", "--backend"},
                    {"backends", "http://h:1", "--backend"},
-                   {"slurm.host_suffix", "#x", "--set"},
+                   {"slurm.host_suffix", "true", "--set"},
                    {"slurm.domain", "null", "--set"},
                    {"slurm.nodelist", "a[1-2],b: c", "--set"},
                    {"health.path", "/h#x?a=[1]", "--set"},
@@ -461,7 +461,7 @@ TEST(ConfigTest, DumpReadsBackAsTheSameValues) {
   const auto back = parse_yaml_text(dump, "dump.yaml");
   EXPECT_EQ(back.listen.to_string(), "[::1]:0");
   EXPECT_EQ(back.backends, c.backends);
-  EXPECT_EQ(back.slurm.host_suffix, "#x");
+  EXPECT_EQ(back.slurm.host_suffix, "true");
   EXPECT_EQ(back.slurm.domain, "null");
   EXPECT_EQ(back.slurm.nodelist, "a[1-2],b: c");
   EXPECT_EQ(back.health.path, "/h#x?a=[1]");
@@ -499,11 +499,37 @@ TEST(ConfigTest, AQuoteLeftOpenIsAnErrorNotTheRestOfTheFile) {
               HasSubstr("gw.yaml:2: the quoted value does not end on this line (a missing \"?)"));
   EXPECT_THAT(yaml_error("backends:\n  - 'http://a:1\n  - http://b:2\n"), HasSubstr("gw.yaml:2: the quoted value"));
   // Quotes that do end, with their escapes, and apostrophes inside plain values are fine.
-  auto c = parse_yaml_text("admin:\n  token: 'it''s'\nslurm:\n  domain: o'brien.local\n  host_suffix: \"a\\\"b\"\n",
+  auto c = parse_yaml_text("admin:\n  token: 'it''s'\nslurm:\n  nodelist: o'brien[1-2]\nhealth:\n  path: \"/a\\\"b\"\n",
                            "q.yaml");
   EXPECT_EQ(c.admin_token, "it's");
-  EXPECT_EQ(c.slurm.domain, "o'brien.local");
-  EXPECT_EQ(c.slurm.host_suffix, "a\"b");
+  EXPECT_EQ(c.slurm.nodelist, "o'brien[1-2]");
+  EXPECT_EQ(c.health.path, "/a\"b");
+}
+
+// The suffix and domain complete Slurm's host names; a bad one is a config error where it was
+// given, not only at discovery inside a job (where `infergate config` never looks).
+TEST(ConfigTest, SlurmHostSuffixAndDomainAreCheckedWhereTheyAreGiven) {
+  EXPECT_THAT(yaml_error("slurm:\n  host_suffix: bad suffix!\n"),
+              HasSubstr("gw.yaml:2: slurm.host_suffix: 'bad suffix!': character ' ' at offset 3 is not allowed in "
+                        "a host name (only ASCII letters, digits, '-', '_' and '.')"));
+  EXPECT_THAT(yaml_error("slurm:\n  domain: ..x\n"),
+              HasSubstr("gw.yaml:2: slurm.domain: '..x' is not a valid domain: empty label at offset 0"));
+  LoadOptions from_env;
+  from_env.env = env_of({{"INFERGATE_SLURM_DOMAIN", "cluster_.-local"}});
+  EXPECT_THAT(load_error(from_env),
+              HasSubstr("environment INFERGATE_SLURM_DOMAIN: slurm.domain: 'cluster_.-local' is not a valid domain"));
+  LoadOptions from_flag;
+  from_flag.env = env_of({});
+  from_flag.flags = {{"slurm.host_suffix", "-ib:1", "--set"}};
+  EXPECT_THAT(load_error(from_flag), HasSubstr("--set: slurm.host_suffix: '-ib:1': character ':' at offset 3"));
+  from_flag.flags = {{"slurm.domain", std::string(254, 'a'), "--set"}};
+  EXPECT_THAT(load_error(from_flag), HasSubstr("254 characters long, more than 253"));
+  // What discovery accepts is accepted: a suffix of name characters, a domain with or without
+  // its leading '.', and nothing at all.
+  auto c = parse_yaml_text("slurm:\n  host_suffix: -ib_0.rack\n  domain: .cluster.local\n", "gw.yaml");
+  EXPECT_EQ(c.slurm.host_suffix, "-ib_0.rack");
+  EXPECT_EQ(c.slurm.domain, ".cluster.local");
+  EXPECT_EQ(yaml_error("slurm:\n  host_suffix: ''\n  domain:\n"), "no error");
 }
 
 TEST(ConfigTest, AOneLetterKeySuggestsNothing) {
