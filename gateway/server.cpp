@@ -230,10 +230,12 @@ struct Server::Impl {
     const auto cgroup = cgroup_memory_limit(self_cgroup, "/sys/fs/cgroup");
     state.max_body_memory =
         body_memory_limit(state.config.limits.max_body_memory, state.config.limits.max_body, physical, cgroup);
-    const auto mib = [](std::uint64_t bytes) { return fmt::format("{} MiB", bytes >> 20); };
+    // Exact sizes, as the config and the 503 answer write them: whole MiB would print a limit
+    // under 1 MiB as 0 and round the automatic one away from the memory it is a quarter of.
     spdlog::info("holding up to {} of request bodies at once (limits.max_body_memory{}; memory {}, cgroup limit {})",
-                 mib(state.max_body_memory), state.config.limits.max_body_memory == 0 ? ": automatic" : "",
-                 mib(physical), cgroup ? mib(*cgroup) : std::string("none"));
+                 config::format_size(state.max_body_memory),
+                 state.config.limits.max_body_memory == 0 ? ": automatic" : "", config::format_size(physical),
+                 cgroup ? config::format_size(*cgroup) : std::string("none"));
     const int n = state.config.effective_threads();
     for (int i = 0; i < n; ++i) {
       workers.push_back(std::make_unique<Worker>(state, static_cast<std::size_t>(i)));

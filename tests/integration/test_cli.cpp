@@ -257,6 +257,17 @@ TEST(HarnessTest, SeesALinePrintedJustBeforeTheProcessExits) {
   }
 }
 
+// The start-up log gives limits.max_body_memory as the config writes sizes: a limit under 1 MiB
+// is not "0 MiB".
+TEST(CliTest, TheBodyMemoryLimitIsLoggedAsGiven) {
+  Process gw(gateway_binary(), {"--no-slurm", "--listen", "127.0.0.1:0", "--set", "limits.max_body=100KiB", "--set",
+                                "limits.max_body_memory=100KiB"});
+  gw.wait_for_line(std::regex(R"(infergate listening on http://127\.0\.0\.1:\d+\n)"));
+  ASSERT_TRUE(poll_until([&] { return gw.errors().find("of request bodies at once") != std::string::npos; }, 5s))
+      << gw.errors();
+  EXPECT_THAT(gw.errors(), HasSubstr("holding up to 100KiB of request bodies at once (limits.max_body_memory; memory "));
+}
+
 // The listening line is a URL scripts can use as it is: an IPv6 host in brackets.
 TEST(CliTest, AnIpv6ListenAddressIsPrintedAsAUsableUrl) {
   Process gw(gateway_binary(), {"--no-slurm", "--listen", "[::1]:0", "--log-level", "warn"});
