@@ -11,6 +11,9 @@
 #              INFERGATE_DEMO_BACKEND_PORT (the mocks' first port: they take the first free pair
 #                from it, default 9000),
 #              DEMO_TOKEN_DELAY_MS (mock per-token delay, default 20).
+# The simulated allocation replaces an enclosing one (run inside salloc or srun, the SLURM_*
+# variables are not passed on; nor are INFERGATE_SLURM_*, INFERGATE_BACKENDS, INFERGATE_CONFIG):
+# see deploy/demo-allocation.sh.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 build="${BUILD_DIR:-$root/build}"
@@ -85,8 +88,8 @@ for node in 2 3; do
   done
 done
 
-export SLURM_JOB_NODELIST="127.0.10.[1-3]" NUM_TRAINING_NODES=1 INFER_TP=4 SLURM_GPUS_ON_NODE=8
-export INFERGATE_SLURM_BASE_PORT=$base_port
+source "$root/deploy/demo-allocation.sh"
+demo_allocation "$base_port"
 cat >&2 <<MSG
 
 infergate demo: mocks on 127.0.10.2-3 ports $base_port-$((base_port + 1)) as Slurm job nodes $SLURM_JOB_NODELIST

@@ -147,6 +147,30 @@ TEST(DemoTest, BadPortVariablesAreRefusedBeforeTheBuild) {
   std::filesystem::remove_all(build_dir);
 }
 
+// deploy/demo.sh run inside salloc or srun: the enclosing job's variables and the operator's
+// INFERGATE_* layout settings do not change the demo's allocation (SLURM_JOB_GPUS=0 came before
+// the demo's GPU count and left INFER_TP=4 no room). `infergate discover` under the demo's
+// environment finds its 4 mock servers and nothing else.
+TEST(DemoTest, TheSimulatedAllocationIgnoresAnEnclosingJob) {
+  Process discover("/bin/bash",
+                   {"-c", "source \"$1\" && demo_allocation 9100 && exec \"$2\" discover", "demo",
+                    INFERGATE_SOURCE_DIR "/deploy/demo-allocation.sh", gateway_binary()},
+                   {"SLURM_JOB_GPUS=0", "SLURM_GPUS_PER_NODE=1", "SLURM_GPUS_ON_NODE=1", "SLURM_JOB_NODELIST=gpu[1-4]",
+                    "SLURM_NODELIST=gpu[1-4]", "SLURM_HET_SIZE=2", "SLURM_JOB_NODELIST_HET_GROUP_1=gpu[3-4]",
+                    "SLURM_GPUS_PER_NODE_HET_GROUP_1=1", "NUM_TRAINING_NODES=2", "INFER_TP=1",
+                    "INFERGATE_SLURM_HET_GROUP=1", "INFERGATE_SLURM_TRAINING_NODES=2",
+                    "INFERGATE_SLURM_HOST_SUFFIX=-ib", "INFERGATE_BACKENDS=http://10.0.0.1:80",
+                    "INFERGATE_CONFIG=/nonexistent/infergate.yaml"});
+  ASSERT_EQ(discover.wait_exit(10s), 0) << discover.errors();
+  EXPECT_EQ(discover.output(),
+            "http://127.0.10.2:9100\nhttp://127.0.10.2:9101\nhttp://127.0.10.3:9100\nhttp://127.0.10.3:9101\n");
+  // One line, no warning (a heterogeneous job, another GPU count) about the enclosing job.
+  const auto err = discover.errors();
+  EXPECT_THAT(err, HasSubstr("Slurm nodelist '127.0.10.[1-3]' from SLURM_JOB_NODELIST: 2 inference node(s) x 2 "
+                             "server(s) (INFER_TP=4, 8 GPUs per node from SLURM_GPUS_PER_NODE='8')"));
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+}
+
 TEST(CliTest, VersionHelpAndConfig) {
   auto version = run({"--version"});
   EXPECT_EQ(version.code, 0);
