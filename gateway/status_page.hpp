@@ -25,12 +25,15 @@ inline constexpr std::string_view kStatusPage = R"HTML(<!doctype html>
   .unhealthy { background: #c62828; } .ejected { background: #ef6c00; }
   .draining { background: #1565c0; } .removed { background: #424242; }
   #error { color: #c62828; }
+  #auth { margin-bottom: 1em; }
 </style>
 </head>
 <body>
 <h1>infergate</h1>
 <div id="summary">loading…</div>
 <div id="error"></div>
+<div id="auth" hidden>The admin API needs its token (admin.token) to show the backends.
+<button id="enter-token" type="button">Enter token</button></div>
 <table>
   <thead><tr><th>backend</th><th>node</th><th>slot</th><th>state</th><th>in flight</th>
   <th>req/s</th><th>requests</th><th>failures</th><th>last probe</th><th>last error</th></tr></thead>
@@ -40,10 +43,23 @@ inline constexpr std::string_view kStatusPage = R"HTML(<!doctype html>
 "use strict";
 const previous = new Map();
 let lastPoll = 0;
+// Set when the token prompt is cancelled: the page then waits for the button instead of
+// prompting again on every refresh, which would leave the operator no way out of the dialog.
+let waitingForToken = false;
 function headers() {
   const token = localStorage.getItem("infergateAdminToken");
   return token ? { Authorization: "Bearer " + token } : {};
 }
+function askForToken() {
+  const token = prompt("Admin token");
+  waitingForToken = !token;
+  document.getElementById("auth").hidden = !waitingForToken;
+  if (token) {
+    localStorage.setItem("infergateAdminToken", token);
+    refresh();
+  }
+}
+document.getElementById("enter-token").addEventListener("click", askForToken);
 function cell(row, text, cls) {
   const td = document.createElement("td");
   td.textContent = text;
@@ -52,11 +68,12 @@ function cell(row, text, cls) {
   return td;
 }
 async function refresh() {
+  if (waitingForToken) return;
   try {
     const response = await fetch("/admin/backends", { headers: headers(), cache: "no-store" });
     if (response.status === 401) {
-      const token = prompt("Admin token");
-      if (token) localStorage.setItem("infergateAdminToken", token);
+      // A refresh still in flight when the prompt was cancelled must not ask again.
+      if (!waitingForToken) askForToken();
       return;
     }
     const data = await response.json();

@@ -56,6 +56,26 @@ std::string labels_for(const Mock& m) { return "backend=\"" + m.id() + "\",node=
 
 int posted_to(const Mock& m) { return json::parse(http_request(m.port, "GET", "/mock/stats").body)["requests"]; }
 
+// The DOM headless Chromium has built from `url` after `virtual_time` of the page's timers, or
+// empty (and a test failure) when it gives none within a minute.
+std::string chromium_dom(const std::string& url, std::chrono::milliseconds virtual_time = 3s) {
+  auto profile = std::filesystem::temp_directory_path() / ("infergate-chromium-" + std::to_string(getpid()));
+  Process chromium("/usr/bin/chromium",
+                   {"--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--user-data-dir=" + profile.string(),
+                    "--virtual-time-budget=" + std::to_string(virtual_time.count()), "--dump-dom", url});
+  std::string dom;
+  try {
+    dom = chromium.wait_for_line(std::regex(R"(([\s\S]*</html>))"), 60s);
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << e.what();
+  }
+  std::error_code ignored;
+  std::filesystem::remove_all(profile, ignored);
+  return dom;
+}
+
 }  // namespace
 
 TEST(HealthTest, KilledBackendGoesDownThenComesBackAndGetsNoTrafficMeanwhile) {
@@ -747,23 +767,7 @@ TEST(StatusPageTest, HeadlessChromiumSeesOneRowPerBackendAndAnUnhealthyOne) {
   EXPECT_THAT(page.body, ::testing::Not(HasSubstr("https://")));
 
   if (access("/usr/bin/chromium", X_OK) != 0) GTEST_SKIP() << "chromium (Debian package) is not installed";
-  auto dump_dom = [&] {
-    auto profile = std::filesystem::temp_directory_path() / ("infergate-chromium-" + std::to_string(getpid()));
-    Process chromium("/usr/bin/chromium",
-                     {"--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                      "--user-data-dir=" + profile.string(), "--virtual-time-budget=3000", "--dump-dom",
-                      "http://127.0.0.1:" + std::to_string(gw.port) + "/"});
-    std::string dom;
-    try {
-      dom = chromium.wait_for_line(std::regex(R"(([\s\S]*</html>))"), 60s);
-    } catch (const std::exception& e) {
-      ADD_FAILURE() << e.what();
-    }
-    std::error_code ignored;
-    std::filesystem::remove_all(profile, ignored);
-    return dom;
-  };
+  auto dump_dom = [&] { return chromium_dom("http://127.0.0.1:" + std::to_string(gw.port) + "/"); };
   auto count_rows = [](const std::string& dom, const std::string& state) {
     std::regex row("<tr class=\"backend\" data-id=\"[^\"]+\" data-state=\"" + state + "\"");
     return std::distance(std::sregex_iterator(dom.begin(), dom.end(), row), std::sregex_iterator());
@@ -777,6 +781,68 @@ TEST(StatusPageTest, HeadlessChromiumSeesOneRowPerBackendAndAnUnhealthyOne) {
   dom = dump_dom();
   EXPECT_EQ(count_rows(dom, "unhealthy"), 1);
   EXPECT_THAT(dom, HasSubstr("data-id=\"" + mocks[2].id() + "\" data-state=\"unhealthy\""));
+}
+
+// A cancelled admin token prompt is not asked again on every refresh (it came back each second
+// and left the operator no way out): the page says the token is needed and asks again only when
+// its button is clicked. Headless Chromium cannot answer a prompt, so the served page runs with
+// prompt() and fetch() stood in for: fetch answers as the gateway did (401 without the token, its
+// /admin/backends with it).
+TEST(StatusPageTest, ACancelledTokenPromptWaitsForTheButton) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "admin.token=secret"});
+  HttpResult backends;
+  ASSERT_TRUE(poll_until(
+      [&] {
+        backends = http_request(gw.port, "GET", "/admin/backends", "", {{"Authorization", "Bearer secret"}});
+        return backends.status == 200 && json::parse(backends.body)["gateway"]["healthy"] == 1;
+      },
+      10s))
+      << backends.body;
+  ASSERT_EQ(http_request(gw.port, "GET", "/admin/backends").status, 401);
+  auto page = http_request(gw.port, "GET", "/");
+  ASSERT_EQ(page.status, 200);
+  if (access("/usr/bin/chromium", X_OK) != 0) GTEST_SKIP() << "chromium (Debian package) is not installed";
+
+  const std::string stand_ins = R"(<script>
+"use strict";
+(() => {
+  const html = document.documentElement;
+  let prompts = 0;
+  let answer = null;  // a cancel, until the button is clicked
+  window.prompt = () => { html.dataset.prompts = ++prompts; return answer; };
+  window.fetch = async (url, options) => {
+    const authorized = options.headers.Authorization === "Bearer secret";
+    return new Response(authorized ? BACKENDS : "{}", { status: authorized ? 200 : 401 });
+  };
+  // Three refreshes after the first: record what the operator sees, then click the button.
+  setTimeout(() => {
+    const auth = document.getElementById("auth");
+    html.dataset.beforeClick = prompts + (auth && !auth.hidden ? " prompt(s), message shown" : " prompt(s), no message");
+    answer = "secret";
+    const button = document.getElementById("enter-token");
+    if (button) button.click();
+  }, 3500);
+})();
+</script>
+)";
+  auto script = stand_ins;
+  script.replace(script.find("BACKENDS"), 8, json(backends.body).dump());  // as a JavaScript string
+  auto html = page.body;
+  const auto head = html.find("<head>");
+  ASSERT_NE(head, std::string::npos);
+  html.insert(head + 6, script);
+  const auto dir = std::filesystem::temp_directory_path() / ("infergate-status-page-" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "status.html") << html;
+  const auto dom = chromium_dom("file://" + (dir / "status.html").string(), 6s);
+  std::error_code ignored;
+  std::filesystem::remove_all(dir, ignored);
+  EXPECT_THAT(dom, HasSubstr("data-before-click=\"1 prompt(s), message shown\"")) << dom.substr(0, 2000);
+  // The button asked once more, the token was taken, and the backends are shown.
+  EXPECT_THAT(dom, HasSubstr("data-prompts=\"2\""));
+  EXPECT_THAT(dom, HasSubstr("<tr class=\"backend\" data-id=\"" + mock.id() + "\" data-state=\"healthy\""));
+  EXPECT_THAT(dom, HasSubstr("<div id=\"auth\" hidden=\"\">"));
 }
 
 TEST(MetricsTest, SeparateMetricsListenerServesOnlyMetrics) {
