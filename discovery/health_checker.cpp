@@ -342,9 +342,14 @@ void HealthChecker::watch(std::shared_ptr<Backend> backend) {
   net::co_spawn(impl_->io, probe_loop(impl_.get(), std::move(backend)), net::detached);
 }
 
-void HealthChecker::report(const std::shared_ptr<Backend>& backend, bool failed) {
+void HealthChecker::report(const std::shared_ptr<Backend>& backend, bool failed, std::uint64_t failures_at_head) {
   auto& consecutive = backend->stats.consecutive_failures;
+  if (failed) backend->stats.failures_reported.fetch_add(1, std::memory_order_relaxed);
   if (!failed) {
+    if (failures_at_head != kNoSnapshot &&
+        backend->stats.failures_reported.load(std::memory_order_relaxed) != failures_at_head) {
+      return;  // failures came after this response began: they are the newer news
+    }
     // The common case touches two relaxed loads: only a success after failures, or the first
     // one after the backend came back, is news.
     auto& first_since_back = backend->stats.report_next_success;

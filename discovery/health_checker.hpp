@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <functional>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <thread>
@@ -34,8 +35,12 @@ class HealthChecker {
   // removal of it is cancelled. Thread-safe.
   std::pair<std::shared_ptr<Backend>, bool> add(BackendInfo info);
 
-  // Passive health from the request path. Thread-safe and cheap when nothing changes.
-  void report(const std::shared_ptr<Backend>& backend, bool failed);
+  // Passive health from the request path. Thread-safe and cheap when nothing changes. A success
+  // is reported when its response is through, which for a stream may be minutes after its head:
+  // `failures_at_head` (stats.failures_reported read when the head came) keeps it from erasing
+  // failures reported since, which are newer news about the backend.
+  static constexpr std::uint64_t kNoSnapshot = ~std::uint64_t{0};
+  void report(const std::shared_ptr<Backend>& backend, bool failed, std::uint64_t failures_at_head = kNoSnapshot);
 
   // Operator actions; thread-safe, return once applied. False when the action did not apply.
   bool drain(const std::shared_ptr<Backend>& backend);

@@ -51,6 +51,9 @@ struct BackendStats {
   std::atomic<std::uint64_t> prompt_tokens{0};
   std::atomic<std::uint64_t> completion_tokens{0};
   std::atomic<int> consecutive_failures{0};  // passive health: reset by a success
+  // Every failure reported (passive health): a success reported when its long response ends
+  // resets consecutive_failures only if none came after its head (see HealthChecker::report).
+  std::atomic<std::uint64_t> failures_reported{0};
   // Set when the backend comes back: its next successful request is reported to the health
   // checker even though no failure came before it (that success resets the ejection backoff).
   std::atomic<bool> report_next_success{false};

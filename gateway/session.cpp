@@ -278,6 +278,9 @@ struct AttemptOutcome {
   std::uint64_t bytes = 0;
   std::chrono::seconds retry_after{0};  // kFailed on a 503: the backend's Retry-After, if it sent one
   bool failure_reported = false;  // the passive-health failure went in before the response was relayed
+  // The backend's stats.failures_reported when the response head came: a success reported at
+  // the end must not erase failures reported since (HealthChecker::report).
+  std::uint64_t failures_at_head = discovery::HealthChecker::kNoSnapshot;
   bool after_sent = false;  // kFailed: the backend had the whole request and did not answer
   bool client_stalled = false;  // kClientGone: the client was there but took nothing within timeouts.idle
 };
@@ -507,9 +510,9 @@ AttemptOutcome failed_outcome(std::string error, bool timed_out = false, unsigne
 // The backend had the whole request and answered with something that cannot be relayed (a
 // malformed head, one over limits.max_header, a protocol switch): it may have acted on the
 // request, so it is not sent elsewhere when retries.after_sent is false.
-AttemptOutcome sent_but_unusable_outcome(std::string error) {
+AttemptOutcome sent_but_unusable_outcome(std::string error, bool request_sent) {
   auto out = failed_outcome(std::move(error));
-  out.after_sent = true;
+  out.after_sent = request_sent;  // false for an early answer to an upload the backend cut short
   return out;
 }
 
@@ -639,7 +642,8 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
           watch.connection = nullptr;
           co_return sent_but_unusable_outcome(parsed == http1::Parse::kBad
                                                   ? "malformed response head: " + std::string(conn->head.error)
-                                                  : "response head exceeds limits.max_header");
+                                                  : "response head exceeds limits.max_header",
+                                              request_sent);
         }
         if (parsed == http1::Parse::kComplete) break;
         auto [room_ptr, room] = conn->buffer.prepare(kUpstreamRead);
@@ -664,7 +668,8 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
         }
         if (status == 101) {
           watch.connection = nullptr;
-          auto out = sent_but_unusable_outcome("the backend switched protocols, which the gateway does not relay");
+          auto out = sent_but_unusable_outcome("the backend switched protocols, which the gateway does not relay",
+                                               request_sent);
           out.status = 502;
           co_return out;
         }
@@ -676,6 +681,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
         auto out = co_await relay_response(w, c, conn.get(), c->method == "HEAD", request_id, backend,
                                            started, &reusable, handoff);
         watch.connection = nullptr;
+        if (!request_sent) out.after_sent = false;  // an early answer: the backend did not take it whole
         if (out.kind == AttemptOutcome::kHandedOff) {
           adopt_upstream(**handoff, std::move(conn));
           co_return out;
@@ -743,7 +749,16 @@ struct InflightGuard {
 // Per-backend counters and passive health for one attempt's outcome.
 void record_attempt(GatewayState& state, discovery::Backend& backend, const AttemptOutcome& out,
                     Clock::time_point started) {
-  if (out.over_total) return;  // cut by the gateway's own limit: says nothing about the backend
+  if (out.over_total || out.kind == AttemptOutcome::kClientGone) {
+    // Cut by the gateway's own limit (timeouts.total) or left by its client: nothing against the
+    // backend, but a response that was flowing when it ended shows the backend working (users
+    // stop streams routinely; without this, failures either side of such streams would count as
+    // consecutive).
+    if (out.bytes > 0 && !out.failure_reported && state.health != nullptr) {
+      state.health->report(backend.shared_from_this(), false, out.failures_at_head);
+    }
+    return;
+  }
   auto& st = backend.stats;
   bool failed = false;
   switch (out.kind) {
@@ -766,14 +781,15 @@ void record_attempt(GatewayState& state, discovery::Backend& backend, const Atte
       st.errors.fetch_add(1, std::memory_order_relaxed);
       failed = true;
       break;
-    case AttemptOutcome::kClientGone:
+    case AttemptOutcome::kClientGone:  // handled above
     case AttemptOutcome::kHandedOff:
-      return;  // says nothing about the backend (a handed-off stream is recorded when it ends)
+      return;  // a handed-off stream is recorded when it ends
   }
   if (failed && !out.error.empty()) backend.set_last_error(out.error);
   // A 5xx was reported when its head came (before the client saw it); everything else now.
-  const bool reported = out.failure_reported;
-  if (state.health != nullptr && !reported) state.health->report(backend.shared_from_this(), failed);
+  if (state.health != nullptr && !out.failure_reported) {
+    state.health->report(backend.shared_from_this(), failed, out.failures_at_head);
+  }
 }
 
 // The rest of an SSE stream, relayed with plain completion handlers once its head is out: an
@@ -1024,6 +1040,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   // proof, as a server that sends its head before the prefill (vLLM streams) and then dies,
   // stalls or breaks every response would otherwise reset its failure count with each head and
   // never be ejected.
+  out.failures_at_head = backend->stats.failures_reported.load(std::memory_order_relaxed);
   if (w->state->health != nullptr && rh.status >= 500) {
     w->state->health->report(backend->shared_from_this(), true);
     out.failure_reported = true;
@@ -1352,8 +1369,11 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
       // The client is not watched between attempts: one that left during the pause gets no retry.
       if (client_has_left(c->sock.socket())) {
         state.requests_client_closed.fetch_add(1, std::memory_order_relaxed);
-        spdlog::info("{} {} {}: the client left before retry {}; not sent again ({})", request_id, c->method,
-                     c->target, attempt, failures);
+        if (state.config.log.access) {  // as the access log writes a request no answer reached
+          auto ms = std::chrono::duration<double, std::milli>(Clock::now() - started).count();
+          spdlog::info("{} {} {} -> - 0 0B {:.1f}ms retries={} client-gone (before retry {}; not sent again)",
+                       request_id, c->method, c->target, ms, attempt - 1, attempt);
+        }
         co_return Next::kClose;
       }
       // And again after the pause.

@@ -185,7 +185,7 @@ void resolve_gpus_per_node(const JobOptions& options, const EnvLookup& env, JobL
       layout.warnings.push_back(
           "GPUs per node for heterogeneous group " + group + " taken from " + layout.gpus_per_node_source +
           ", which describes the job's first component: neither SLURM_GPUS_PER_NODE_HET_GROUP_" + group +
-          " nor SLURM_GPUS_ON_NODE_HET_GROUP_" + group + " is set; set slurm.gpus_per_node if group " + group +
+          " nor SLURM_GPUS_ON_NODE_HET_GROUP_" + group + " gives a count; set slurm.gpus_per_node if group " + group +
           "'s nodes differ");
     }
     return;
@@ -389,7 +389,7 @@ std::optional<JobLayout> read_job_layout(const JobOptions& options, const EnvLoo
   // servers in another, and NUM_TRAINING_NODES counts the job's trainers, not the first hosts of
   // the group read here. Only slurm.training_nodes says this group's first hosts train.
   Resolved training;
-  if (options.het_group && !options.training_nodes) {
+  if (options.het_group && !options.training_nodes && !options.nodelist) {
     const auto group = std::to_string(*options.het_group);
     training = {0, "slurm.het_group=" + group + " (every host of the group serves; slurm.training_nodes is not set)",
                 false};

@@ -255,6 +255,59 @@ TEST(HealthTest, ResponsesThatBreakAfterTheirHeadCountAsFailures) {
   EXPECT_EQ(metric(gw.port, "infergate_backend_requests_total", labels_for(breaking) + ",code=\"error\""), 3);
 }
 
+// A stream's success is reported when it ends, possibly long after its head: it must not erase
+// failures reported since (they are newer news), so a backend that fails new requests while an
+// older stream finishes is still ejected.
+TEST(HealthTest, AStreamEndingWellDoesNotEraseFailuresThatCameAfterItsHead) {
+  auto mock = start_mock({"--tokens", "40", "--token-delay-ms", "50"});  // 2 s per stream
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "passive.failures=3", "--set",
+                           "passive.ejection_base=30s", "--set", "passive.ejection_max=60s"});
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "healthy"; }, 10s));
+  const auto body = chat_body(true);
+  RawConnection stream(gw.port);
+  ASSERT_TRUE(stream.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body));
+  ASSERT_TRUE(stream.read_until([](const std::string& got) { return got.find("data: ") != std::string::npos; }));
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {{"X-Mock-Fail", "500"}}).status,
+              500);
+  }
+  ASSERT_TRUE(stream.read_until([](const std::string& got) { return got.find("data: [DONE]") != std::string::npos; }));
+  EXPECT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {{"X-Mock-Fail", "500"}}).status,
+            500);
+  EXPECT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "ejected"; }, 5s));
+}
+
+// A response its client stopped taking (users stop streams routinely) showed the backend
+// working: it breaks a run of failures like a success, instead of vanishing from it.
+TEST(HealthTest, AStreamItsClientStoppedCountsForTheBackend) {
+  auto mock = start_mock({"--tokens", "100", "--token-delay-ms", "50"});
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "passive.failures=3", "--set",
+                           "passive.ejection_base=30s", "--set", "passive.ejection_max=60s"});
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "healthy"; }, 10s));
+  auto fail = [&] {
+    EXPECT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {{"X-Mock-Fail", "500"}}).status,
+              500);
+  };
+  fail();
+  fail();
+  {
+    const auto body = chat_body(true);
+    RawConnection stream(gw.port);
+    ASSERT_TRUE(stream.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body));
+    ASSERT_TRUE(stream.read_until([](const std::string& got) { return got.find("data: ") != std::string::npos; }));
+  }  // the client stops the stream
+  ASSERT_TRUE(poll_until([&] { return json::parse(http_request(mock.port, "GET", "/mock/stats").body)["cancelled"] == 1; },
+                         5s));
+  fail();
+  // Two failures, a working stream, one failure: not three in a row.
+  EXPECT_EQ(state_of(gw.port, mock.id()), "healthy");
+  fail();
+  fail();
+  EXPECT_TRUE(poll_until([&] { return state_of(gw.port, mock.id()) == "ejected"; }, 5s));
+}
+
 // A backend that fails again soon after each return (a flapping one) is let back for ever
 // shorter spells: the ejection backoff doubles across incidents even with successes between
 // them; only serving passive.ejection_max without an ejection starts it again at the base (unit

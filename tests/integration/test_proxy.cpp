@@ -613,7 +613,7 @@ TEST(ProxyTest, AClientGoneDuringTheBackoffGetsNoRetry) {
   EXPECT_TRUE(poll_until([&] { return metric(gw.port, "infergate_requests_total", "code=\"client_closed\"") == 1; }, 8s))
       << http_request(gw.port, "GET", "/metrics").body;
   EXPECT_EQ(received(), 1);
-  EXPECT_THAT(gw.process->errors(), HasSubstr("the client left before retry 1; not sent again"));
+  EXPECT_THAT(gw.process->errors(), HasSubstr("client-gone (before retry 1; not sent again)"));
 }
 
 TEST(ProxyTest, BackendKilledMidStreamEndsTheClientStreamPromptly) {

@@ -275,6 +275,13 @@ TEST(JobLayoutTest, HeterogeneousJobGroup) {
   EXPECT_EQ(trained->servers[0].host, "h2");
   EXPECT_TRUE(trained->warnings.empty());
   EXPECT_THAT(error_of(o, {{"SLURM_JOB_NODELIST", "x"}}), HasSubstr("SLURM_JOB_NODELIST_HET_GROUP_1 is not set"));
+
+  // With slurm.nodelist given, the list is not a component: NUM_TRAINING_NODES applies.
+  auto listed = o;
+  listed.nodelist = "a,b";
+  auto given = read_job_layout(listed, env_of(with_count));
+  ASSERT_EQ(given->servers.size(), 1u);
+  EXPECT_EQ(given->servers[0].host, "b");
 }
 
 // Without slurm.het_group, a heterogeneous job's plain nodelist is its first component alone:
