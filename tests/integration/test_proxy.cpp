@@ -806,6 +806,23 @@ TEST(ProxyTest, AnAnswerTheBackendGivesBeforeTakingTheBodyReachesTheClient) {
   }
 }
 
+// An early answer to an upload the backend cut short (it never took the body) says nothing the
+// backend acted on: even when that answer cannot be relayed (a malformed head), the request is
+// tried on another backend with retries.after_sent=false.
+TEST(ProxyTest, AnUnusableEarlyAnswerToACutUploadIsRetriedEvenWithoutAfterSent) {
+  auto liar = start_mocks(1, {"--max-body", "1000", "--lie", "bad-early-answer"});
+  auto good = start_mocks(1);
+  auto gw = start_gateway(concat(concat(backend_args(liar), backend_args(good)),
+                                 {"--set", "retries.after_sent=false", "--set", "passive.failures=100"}));
+  wait_healthy(gw, 2);
+  const auto body = chat_body(false, "\"pad\":\"" + std::string(std::size_t{16} << 20, 'x') + "\"");
+  for (int i = 0; i < 2; ++i) {  // round robin: one of the two starts on the liar
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", body);
+    EXPECT_EQ(r.status, 200) << r.body;
+  }
+  EXPECT_EQ(json::parse(http_request(liar[0].port, "GET", "/mock/stats").body)["lies"], 1);
+}
+
 // timeouts.idle bounds each wait for the backend to take more of a request, not the whole upload:
 // a backend reading a 16 MiB prompt steadily at 8 MB/s (longer than idle in all) is served, and
 // one that stops reading is cut after idle.

@@ -97,7 +97,7 @@ struct Server {
             << "usage: infergate-mock [--host H] [--port P] [--port-count K] [--model M] [--tokens N]\n"
                "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE] [--retry-after S]\n"
                "  [--seed S] [--hang] [--hang-after-header] [--drop-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
-               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice] [--own-request-ids] [--max-body BYTES]\n"
+               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice|bad-early-answer] [--own-request-ids] [--max-body BYTES]\n"
                "  [--idle-408] [--keep-alive-ms MS] [--hang-health-ms MS]\n"
                "  [--models-nesting N] [--read-rate BYTES_PER_S] [--quiet]\n";
   std::exit(message.empty() ? 0 : 2);
@@ -150,8 +150,9 @@ Options parse_options(int argc, char** argv) {
     else if (a == "--max-body") o.max_body = static_cast<std::uint64_t>(parse_long(a, value(), 1, 1L << 40));
     else if (a == "--lie") {
       o.lie = value();
-      if (o.lie != "extra-bytes" && o.lie != "cl-and-te" && o.lie != "bad-chunk" && o.lie != "answer-twice") {
-        usage_error("--lie: expected extra-bytes, cl-and-te, bad-chunk or answer-twice");
+      if (o.lie != "extra-bytes" && o.lie != "cl-and-te" && o.lie != "bad-chunk" && o.lie != "answer-twice" &&
+          o.lie != "bad-early-answer") {
+        usage_error("--lie: expected extra-bytes, cl-and-te, bad-chunk, answer-twice or bad-early-answer");
       }
     } else if (a == "--quiet") o.quiet = true;
     else usage_error("unknown flag '" + a + "'");
@@ -445,6 +446,13 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
       res.keep_alive(false);
       res.prepare_payload();
       co_await http::async_write(socket, res, kTuple);
+      break;
+    }
+    if (o.max_body > 0 && parser.content_length().value_or(0) > o.max_body && o.lie == "bad-early-answer") {
+      // The same early answer, with a malformed head (bare LF line ends).
+      const std::string bad = "HTTP/1.1 413 Payload Too Large\nContent-Length: 0\n\n";
+      co_await net::async_write(socket, net::buffer(bad), kTuple);
+      ++server->stats.lies;
       break;
     }
     if (o.max_body > 0 && parser.content_length().value_or(0) > o.max_body) {
