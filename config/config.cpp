@@ -600,30 +600,42 @@ void parse_yaml_into(Config& c, std::string_view text, std::string_view file) {
   // A second document would be ignored by YAML::Load; found by its marker line, since
   // yaml-cpp's LoadAll loops forever on some inputs (a lone ",").
   {
-    bool content = false;  // a line of the first document seen
-    bool started = false;  // its "---" start marker or a line of it seen
-    bool ended = false;    // its "..." end marker seen
+    bool content = false;   // a line of the first document seen
+    bool marked = false;    // its "---" start marker seen
+    bool anything = false;  // a directive, a marker or content seen
+    bool ended = false;     // a "..." end marker seen
     int line_number = 0;
     for (std::size_t at = 0; at <= text.size(); ++line_number) {
       auto end = std::min(text.find('\n', at), text.size());
       auto line = text.substr(at, end - at);
       at = end + 1;
       if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+      if (line_number == 0 && line.starts_with("\xEF\xBB\xBF")) line.remove_prefix(3);  // a UTF-8 BOM
       auto is_marker = [&](std::string_view m) {
         return line.substr(0, 3) == m && (line.size() == 3 || line[3] == ' ' || line[3] == '\t');
       };
       const auto first = line.find_first_not_of(" \t");
       const bool blank = first == std::string_view::npos || line[first] == '#';
-      // Directives (%YAML 1.2, %TAG) stand before the first document's "---"; they are not
-      // its content, or that "---" would read as the start of a second document.
-      const bool directive = !started && !line.empty() && line[0] == '%';
-      if ((is_marker("---") && content) || (!blank && ended && !is_marker("..."))) {
+      // Directives (%YAML 1.2, %TAG) stand before the first document's "---"; they are not its
+      // content. One at column 0 after the "---" or content starts another document, as does a
+      // second "---", or anything after a "..." (yaml-cpp would read the first, empty, or
+      // ignore the rest).
+      const bool directive = !blank && line[0] == '%';
+      const bool dashes = is_marker("---");
+      const bool dots = is_marker("...");
+      if ((dashes && (marked || content || ended)) || (!blank && !dots && ended) || (directive && (marked || content))) {
         throw ConfigError(std::string(file) + ":" + std::to_string(line_number + 1) +
                           ": a second YAML document; the configuration is one document");
       }
-      if (is_marker("...")) ended = content;
-      else if (!blank && !directive && !is_marker("---")) content = true;
-      if (!blank && !directive) started = true;
+      if (dots) {
+        ended = true;  // even before anything: yaml-cpp reads what follows as another document
+      } else if (dashes) {
+        marked = anything = true;
+      } else if (directive) {
+        anything = true;
+      } else if (!blank) {
+        content = anything = true;
+      }
     }
   }
   YAML::Node root;

@@ -231,11 +231,19 @@ struct Server::Impl {
     state.max_body_memory =
         body_memory_limit(state.config.limits.max_body_memory, state.config.limits.max_body, physical, cgroup);
     // Exact sizes, as the config and the 503 answer write them: whole MiB would print a limit
-    // under 1 MiB as 0 and round the automatic one away from the memory it is a quarter of.
+    // under 1 MiB as 0 and round the automatic one away from the memory it is a quarter of. A
+    // size in no whole unit gets "bytes", and a large one its size in MiB beside it.
+    const auto size = [](std::uint64_t bytes) {
+      auto text = config::format_size(bytes);
+      if (text.find_first_not_of("0123456789") == std::string::npos) text += " bytes";
+      if (bytes >= (std::uint64_t{1} << 20) && bytes % (std::uint64_t{1} << 20) != 0) {
+        text += " (" + std::to_string(bytes >> 20) + " MiB)";
+      }
+      return text;
+    };
     spdlog::info("holding up to {} of request bodies at once (limits.max_body_memory{}; memory {}, cgroup limit {})",
-                 config::format_size(state.max_body_memory),
-                 state.config.limits.max_body_memory == 0 ? ": automatic" : "", config::format_size(physical),
-                 cgroup ? config::format_size(*cgroup) : std::string("none"));
+                 size(state.max_body_memory), state.config.limits.max_body_memory == 0 ? ": automatic" : "",
+                 size(physical), cgroup ? size(*cgroup) : std::string("none"));
     const int n = state.config.effective_threads();
     for (int i = 0; i < n; ++i) {
       workers.push_back(std::make_unique<Worker>(state, static_cast<std::size_t>(i)));

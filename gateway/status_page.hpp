@@ -70,10 +70,12 @@ function cell(row, text, cls) {
 async function refresh() {
   if (waitingForToken) return;
   try {
+    const sentWith = localStorage.getItem("infergateAdminToken");
     const response = await fetch("/admin/backends", { headers: headers(), cache: "no-store" });
     if (response.status === 401) {
-      // A refresh still in flight when the prompt was cancelled must not ask again.
-      if (!waitingForToken) askForToken();
+      // Refreshes overlap (one a second, whatever the last did): one sent before the prompt was
+      // cancelled, or before a token was entered, must not ask again.
+      if (!waitingForToken && sentWith === localStorage.getItem("infergateAdminToken")) askForToken();
       return;
     }
     const data = await response.json();

@@ -861,6 +861,7 @@ TEST(StatusPageTest, ACancelledTokenPromptWaitsForTheButton) {
 "use strict";
 (() => {
   const html = document.documentElement;
+  localStorage.removeItem("infergateAdminToken");  // a token left by an earlier page in the profile
   let prompts = 0;
   let answer = null;  // a cancel, until the button is clicked
   window.prompt = () => { html.dataset.prompts = ++prompts; return answer; };
@@ -894,6 +895,58 @@ TEST(StatusPageTest, ACancelledTokenPromptWaitsForTheButton) {
   EXPECT_THAT(dom, HasSubstr("data-before-click=\"1 prompt(s), message shown\"")) << dom.substr(0, 2000);
   // The button asked once more, the token was taken, and the backends are shown.
   EXPECT_THAT(dom, HasSubstr("data-prompts=\"2\""));
+  EXPECT_THAT(dom, HasSubstr("<tr class=\"backend\" data-id=\"" + mock.id() + "\" data-state=\"healthy\""));
+  EXPECT_THAT(dom, HasSubstr("<div id=\"auth\" hidden=\"\">"));
+}
+
+// Refreshes overlap when the gateway answers slower than the page's 1 s tick: one sent before the
+// token was entered must not prompt again when its 401 comes back.
+TEST(StatusPageTest, AnAnswerToARefreshSentBeforeTheTokenDoesNotPromptAgain) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "admin.token=secret"});
+  HttpResult backends;
+  ASSERT_TRUE(poll_until(
+      [&] {
+        backends = http_request(gw.port, "GET", "/admin/backends", "", {{"Authorization", "Bearer secret"}});
+        return backends.status == 200 && json::parse(backends.body)["gateway"]["healthy"] == 1;
+      },
+      10s))
+      << backends.body;
+  auto page = http_request(gw.port, "GET", "/");
+  ASSERT_EQ(page.status, 200);
+  if (access("/usr/bin/chromium", X_OK) != 0) GTEST_SKIP() << "chromium (Debian package) is not installed";
+
+  const std::string stand_ins = R"(<script>
+"use strict";
+(() => {
+  const html = document.documentElement;
+  localStorage.removeItem("infergateAdminToken");  // a token left by an earlier page in the profile
+  let prompts = 0;
+  window.prompt = () => { html.dataset.prompts = ++prompts; return "secret"; };
+  // A slow gateway for requests without the token: each 401 comes 1.5 s later, so the second
+  // refresh (sent at 1 s, before the token) is answered after the token was entered.
+  window.fetch = async (url, options) => {
+    const authorized = options.headers.Authorization === "Bearer secret";
+    if (!authorized) await new Promise((done) => setTimeout(done, 1500));
+    return new Response(authorized ? BACKENDS : "{}", { status: authorized ? 200 : 401 });
+  };
+  setTimeout(() => { html.dataset.done = prompts; }, 4000);
+})();
+</script>
+)";
+  auto script = stand_ins;
+  script.replace(script.find("BACKENDS"), 8, json(backends.body).dump());  // as a JavaScript string
+  auto html = page.body;
+  const auto head = html.find("<head>");
+  ASSERT_NE(head, std::string::npos);
+  html.insert(head + 6, script);
+  const auto dir = std::filesystem::temp_directory_path() / ("infergate-status-race-" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "status.html") << html;
+  const auto dom = chromium_dom("file://" + (dir / "status.html").string(), 6s);
+  std::error_code ignored;
+  std::filesystem::remove_all(dir, ignored);
+  EXPECT_THAT(dom, HasSubstr("data-done=\"1\"")) << dom.substr(0, 2000);
   EXPECT_THAT(dom, HasSubstr("<tr class=\"backend\" data-id=\"" + mock.id() + "\" data-state=\"healthy\""));
   EXPECT_THAT(dom, HasSubstr("<div id=\"auth\" hidden=\"\">"));
 }

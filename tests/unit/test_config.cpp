@@ -567,6 +567,17 @@ TEST(ConfigTest, DirectivesBeforeTheFirstDocumentAreAccepted) {
   EXPECT_THAT(yaml_error("%YAML 1.2\n---\nthreads: 2\n...\n%YAML 1.2\n---\nthreads: 3\n"),
               HasSubstr("gw.yaml:5: a second YAML document"));
   EXPECT_THAT(yaml_error("threads: 2\n---\n%YAML 1.2\n"), HasSubstr("gw.yaml:2: a second YAML document"));
+  // A directive does not open the way for a second start or end marker: yaml-cpp would read an
+  // empty first document and drop the configuration after it.
+  EXPECT_THAT(yaml_error("%YAML 1.2\n...\n---\nthreads: 4\n"), HasSubstr("gw.yaml:3: a second YAML document"));
+  EXPECT_THAT(yaml_error("%YAML 1.2\n...\nthreads: 4\n"), HasSubstr("gw.yaml:3: a second YAML document"));
+  EXPECT_THAT(yaml_error("%YAML 1.2\n---\n---\nthreads: 3\n"), HasSubstr("gw.yaml:3: a second YAML document"));
+  EXPECT_THAT(yaml_error("---\n---\nthreads: 3\n"), HasSubstr("gw.yaml:2: a second YAML document"));
+  EXPECT_THAT(yaml_error("...\nthreads: 3\n"), HasSubstr("gw.yaml:2: a second YAML document"));
+  // A directive at column 0 after content starts another document.
+  EXPECT_THAT(yaml_error("threads: 3\n%YAML 1.2\nlisten: 1.2.3.4:99\n"), HasSubstr("gw.yaml:2: a second YAML document"));
+  // A UTF-8 byte-order mark before the directive is not content.
+  EXPECT_EQ(parse_yaml_text("\xEF\xBB\xBF%YAML 1.2\n---\nthreads: 3\n", "gw.yaml").threads, 3);
 }
 
 // Static backends follow the host-name rules of Slurm hosts and of the admin API's added
