@@ -76,6 +76,48 @@ std::string chromium_dom(const std::string& url, std::chrono::milliseconds virtu
   return dom;
 }
 
+// /admin/backends with the token "secret", once it lists one healthy backend.
+std::string authorized_backends(int port) {
+  HttpResult backends;
+  EXPECT_TRUE(poll_until(
+      [&] {
+        backends = http_request(port, "GET", "/admin/backends", "", {{"Authorization", "Bearer secret"}});
+        return backends.status == 200 && json::parse(backends.body)["gateway"]["healthy"] == 1;
+      },
+      10s))
+      << backends.body;
+  return backends.body;
+}
+
+// The DOM Chromium ends with for the status page as the gateway serves it (`page`), with
+// `stand_ins` (script replacing prompt() and fetch(), in which BACKENDS becomes `backends` as a
+// JavaScript string) run before the page's own script, in a function where `html` is the
+// document element and `prompts` counts the prompts, with no admin token stored. Headless
+// Chromium cannot answer a prompt, hence the stand-ins.
+std::string status_page_dom(const std::string& page, std::string stand_ins, const std::string& backends,
+                            std::chrono::milliseconds virtual_time) {
+  stand_ins.replace(stand_ins.find("BACKENDS"), 8, json(backends).dump());
+  const std::string script = "<script>\n\"use strict\";\n(() => {\n"
+                             "  const html = document.documentElement;\n"
+                             "  localStorage.removeItem(\"infergateAdminToken\");  // one left in the profile\n"
+                             "  let prompts = 0;\n" +
+                             stand_ins + "})();\n</script>\n";
+  auto html = page;
+  const auto head = html.find("<head>");
+  EXPECT_NE(head, std::string::npos);
+  if (head == std::string::npos) return {};
+  html.insert(head + 6, script);
+  static int pages = 0;
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("infergate-status-page-" + std::to_string(getpid()) + "-" + std::to_string(++pages));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "status.html") << html;
+  const auto dom = chromium_dom("file://" + (dir / "status.html").string(), virtual_time);
+  std::error_code ignored;
+  std::filesystem::remove_all(dir, ignored);
+  return dom;
+}
+
 }  // namespace
 
 TEST(HealthTest, KilledBackendGoesDownThenComesBackAndGetsNoTrafficMeanwhile) {
@@ -844,25 +886,13 @@ TEST(StatusPageTest, HeadlessChromiumSeesOneRowPerBackendAndAnUnhealthyOne) {
 TEST(StatusPageTest, ACancelledTokenPromptWaitsForTheButton) {
   auto mock = start_mock();
   auto gw = start_gateway({"--backend", mock.url(), "--set", "admin.token=secret"});
-  HttpResult backends;
-  ASSERT_TRUE(poll_until(
-      [&] {
-        backends = http_request(gw.port, "GET", "/admin/backends", "", {{"Authorization", "Bearer secret"}});
-        return backends.status == 200 && json::parse(backends.body)["gateway"]["healthy"] == 1;
-      },
-      10s))
-      << backends.body;
+  const auto backends = authorized_backends(gw.port);
   ASSERT_EQ(http_request(gw.port, "GET", "/admin/backends").status, 401);
   auto page = http_request(gw.port, "GET", "/");
   ASSERT_EQ(page.status, 200);
   if (access("/usr/bin/chromium", X_OK) != 0) GTEST_SKIP() << "chromium (Debian package) is not installed";
 
-  const std::string stand_ins = R"(<script>
-"use strict";
-(() => {
-  const html = document.documentElement;
-  localStorage.removeItem("infergateAdminToken");  // a token left by an earlier page in the profile
-  let prompts = 0;
+  const std::string stand_ins = R"(
   let answer = null;  // a cancel, until the button is clicked
   window.prompt = () => { html.dataset.prompts = ++prompts; return answer; };
   window.fetch = async (url, options) => {
@@ -877,21 +907,8 @@ TEST(StatusPageTest, ACancelledTokenPromptWaitsForTheButton) {
     const button = document.getElementById("enter-token");
     if (button) button.click();
   }, 3500);
-})();
-</script>
 )";
-  auto script = stand_ins;
-  script.replace(script.find("BACKENDS"), 8, json(backends.body).dump());  // as a JavaScript string
-  auto html = page.body;
-  const auto head = html.find("<head>");
-  ASSERT_NE(head, std::string::npos);
-  html.insert(head + 6, script);
-  const auto dir = std::filesystem::temp_directory_path() / ("infergate-status-page-" + std::to_string(getpid()));
-  std::filesystem::create_directories(dir);
-  std::ofstream(dir / "status.html") << html;
-  const auto dom = chromium_dom("file://" + (dir / "status.html").string(), 6s);
-  std::error_code ignored;
-  std::filesystem::remove_all(dir, ignored);
+  const auto dom = status_page_dom(page.body, stand_ins, backends, 6s);
   EXPECT_THAT(dom, HasSubstr("data-before-click=\"1 prompt(s), message shown\"")) << dom.substr(0, 2000);
   // The button asked once more, the token was taken, and the backends are shown.
   EXPECT_THAT(dom, HasSubstr("data-prompts=\"2\""));
@@ -904,24 +921,12 @@ TEST(StatusPageTest, ACancelledTokenPromptWaitsForTheButton) {
 TEST(StatusPageTest, AnAnswerToARefreshSentBeforeTheTokenDoesNotPromptAgain) {
   auto mock = start_mock();
   auto gw = start_gateway({"--backend", mock.url(), "--set", "admin.token=secret"});
-  HttpResult backends;
-  ASSERT_TRUE(poll_until(
-      [&] {
-        backends = http_request(gw.port, "GET", "/admin/backends", "", {{"Authorization", "Bearer secret"}});
-        return backends.status == 200 && json::parse(backends.body)["gateway"]["healthy"] == 1;
-      },
-      10s))
-      << backends.body;
+  const auto backends = authorized_backends(gw.port);
   auto page = http_request(gw.port, "GET", "/");
   ASSERT_EQ(page.status, 200);
   if (access("/usr/bin/chromium", X_OK) != 0) GTEST_SKIP() << "chromium (Debian package) is not installed";
 
-  const std::string stand_ins = R"(<script>
-"use strict";
-(() => {
-  const html = document.documentElement;
-  localStorage.removeItem("infergateAdminToken");  // a token left by an earlier page in the profile
-  let prompts = 0;
+  const std::string stand_ins = R"(
   window.prompt = () => { html.dataset.prompts = ++prompts; return "secret"; };
   // A slow gateway for requests without the token: each 401 comes 1.5 s later, so the second
   // refresh (sent at 1 s, before the token) is answered after the token was entered.
@@ -931,21 +936,8 @@ TEST(StatusPageTest, AnAnswerToARefreshSentBeforeTheTokenDoesNotPromptAgain) {
     return new Response(authorized ? BACKENDS : "{}", { status: authorized ? 200 : 401 });
   };
   setTimeout(() => { html.dataset.done = prompts; }, 4000);
-})();
-</script>
 )";
-  auto script = stand_ins;
-  script.replace(script.find("BACKENDS"), 8, json(backends.body).dump());  // as a JavaScript string
-  auto html = page.body;
-  const auto head = html.find("<head>");
-  ASSERT_NE(head, std::string::npos);
-  html.insert(head + 6, script);
-  const auto dir = std::filesystem::temp_directory_path() / ("infergate-status-race-" + std::to_string(getpid()));
-  std::filesystem::create_directories(dir);
-  std::ofstream(dir / "status.html") << html;
-  const auto dom = chromium_dom("file://" + (dir / "status.html").string(), 6s);
-  std::error_code ignored;
-  std::filesystem::remove_all(dir, ignored);
+  const auto dom = status_page_dom(page.body, stand_ins, backends, 6s);
   EXPECT_THAT(dom, HasSubstr("data-done=\"1\"")) << dom.substr(0, 2000);
   EXPECT_THAT(dom, HasSubstr("<tr class=\"backend\" data-id=\"" + mock.id() + "\" data-state=\"healthy\""));
   EXPECT_THAT(dom, HasSubstr("<div id=\"auth\" hidden=\"\">"));
