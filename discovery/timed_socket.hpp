@@ -85,6 +85,8 @@ class DeadlineList {
   // about to send.
   std::size_t end_waits_between_requests(std::size_t max = static_cast<std::size_t>(-1),
                                          std::chrono::steady_clock::duration min_wait = {}) noexcept;
+  // Ends every wait under way as if its deadline had passed (a shutdown's deadline).
+  void expire_all() noexcept;
 
   // The next sweep calls hook.on_slow() unless remove_slow() comes first: work that only long
   // exchanges need (most requests finish well within one sweep interval).
@@ -284,6 +286,16 @@ inline void DeadlineList::sweep(std::chrono::steady_clock::time_point now) {
     SlowHook* hook = slow_head_;
     remove_slow(*hook);
     hook->on_slow();
+  }
+}
+
+inline void DeadlineList::expire_all() noexcept {
+  for (auto* head : {head_, far_head_}) {
+    for (auto* s = head; s != nullptr;) {
+      auto* next = s->next_;  // expire() unlinks s
+      s->expire();
+      s = next;
+    }
   }
 }
 

@@ -138,6 +138,9 @@ struct GatewayState {
   std::uint64_t max_body_memory = 0;
   std::atomic<std::uint64_t> body_memory{0};
   std::atomic<bool> stopping{false};
+  // timeouts.shutdown ran out: every wait still under way was ended, requests that had no answer
+  // yet get a 503 saying so, and nothing that breaks now counts against a backend.
+  std::atomic<bool> shutdown_cut{false};
   const std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
 };
 

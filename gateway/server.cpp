@@ -40,6 +40,8 @@ constexpr auto kTuple = net::as_tuple(net::use_awaitable);
 // connection's place is taken within this long, at no cost while below the limit.
 constexpr auto kConnectionRoomPoll = std::chrono::milliseconds(5);
 constexpr auto kLimitWarningEvery = std::chrono::seconds(10);
+// After timeouts.shutdown: how long the 503s to requests still waiting have to go out.
+constexpr auto kShutdownAnswerGrace = std::chrono::seconds(1);
 constexpr std::size_t kReclaimAtLimit = 16;
 constexpr int kReclaimEveryPolls = 20;  // 100 ms
 constexpr auto kReclaimMinIdle = std::chrono::milliseconds(500);  // a client that just connected is about to send
@@ -482,11 +484,20 @@ int Server::run() {
     const bool idle = inflight == 0 && workers_told.load() == impl_->workers.size();
     const bool settled = idle && idle_once;
     idle_once = idle;
-    if (settled || std::chrono::steady_clock::now() >= drain_deadline) {
-      if (inflight != 0) {
-        spdlog::warn("shutdown deadline reached with {} request(s) in flight ({} of them still arriving); closing them",
-                     inflight, arriving);
+    const auto now = std::chrono::steady_clock::now();
+    if (!settled && now >= drain_deadline && !state.shutdown_cut.load()) {
+      // Requests with no answer yet get one (a 503 saying the gateway is shutting down) rather
+      // than a closed connection: every wait under way ends now, and the answers have
+      // kShutdownAnswerGrace to go out.
+      spdlog::warn("shutdown deadline reached with {} request(s) in flight ({} of them still arriving); ending them",
+                   inflight, arriving);
+      state.shutdown_cut.store(true);
+      for (auto& w : impl_->workers) {
+        net::post(w->io, [worker = w.get()] { worker->deadlines.expire_all(); });
       }
+      drain_deadline = now + kShutdownAnswerGrace;
+    } else if (settled || (state.shutdown_cut.load() && (inflight == 0 || now >= drain_deadline))) {
+      if (inflight != 0) spdlog::warn("{} request(s) still in flight; closing them", inflight);
       stop_workers();
       signals.cancel();
       return;

@@ -749,6 +749,8 @@ struct InflightGuard {
 // Per-backend counters and passive health for one attempt's outcome.
 void record_attempt(GatewayState& state, discovery::Backend& backend, const AttemptOutcome& out,
                     Clock::time_point started) {
+  // What breaks once the shutdown's deadline ended every wait says nothing about the backend.
+  if (state.shutdown_cut.load(std::memory_order_relaxed)) return;
   if (out.over_total || out.kind == AttemptOutcome::kClientGone) {
     // Cut by the gateway's own limit (timeouts.total) or left by its client: nothing against the
     // backend, but a response that was flowing when it ended shows the backend working (users
@@ -1301,6 +1303,19 @@ net::awaitable<Next> answer_all_failed(Worker* w, ClientConnection* c, unsigned 
                                                     head_only, c->request_id));
 }
 
+// The answer to a request still waiting for its backend when timeouts.shutdown ran out (its
+// attempt was ended for it): a 503 that says so, on a connection that closes.
+net::awaitable<Next> answer_shutdown(Worker* w, ClientConnection* c, unsigned version_minor, bool head_only) {
+  GatewayState& state = *w->state;
+  auto message = "the gateway is shutting down: timeouts.shutdown (" +
+                 std::to_string(state.config.timeouts.shutdown.count()) + "ms) ran out before the backend answered";
+  if (state.config.log.access) spdlog::info("{} {} {} -> - 503 {}", c->request_id, c->method, c->target, message);
+  c->sock.cap_at(Clock::time_point::max());
+  co_await write_local_counted(&state, c, error_response(503, std::move(message)), version_minor, false, head_only,
+                               c->request_id);
+  co_return Next::kClose;
+}
+
 // The backoff before a retry, never past `deadline` (timeouts.total): a request out of time is
 // answered when its time is up, not a backoff later. True when no retry may go out: the backoff
 // reached the deadline, or the pause ended past it (a busy worker). Both read the precise clock
@@ -1366,6 +1381,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
         last_timed_out = true;
         break;
       }
+      if (state.shutdown_cut.load(std::memory_order_relaxed)) co_return co_await answer_shutdown(w, c, version_minor, head_only);
       // The client is not watched between attempts: one that left during the pause gets no retry.
       if (client_has_left(c->sock.socket())) {
         state.requests_client_closed.fetch_add(1, std::memory_order_relaxed);
@@ -1417,6 +1433,10 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     if (out.kind == AttemptOutcome::kHandedOff) {  // it reports the exchange
       if (watch.client_gone) c->handoff->client_left();
       co_return Next::kHandedOff;
+    }
+    // Ended by the shutdown's deadline, not by the backend: an answer saying so, if none began.
+    if (out.kind == AttemptOutcome::kFailed && state.shutdown_cut.load(std::memory_order_relaxed)) {
+      co_return co_await answer_shutdown(w, c, version_minor, head_only);
     }
     record_attempt(state, *backend, out, attempt_started);
     const auto& id = backend->info().id;
@@ -1700,6 +1720,12 @@ net::awaitable<void> answer_unread_request(GatewayState* state, ClientConnection
   if (why == ReadResult::kOutOfMemory) {
     spdlog::error("no memory for a request body of {} bytes from {}", c->head.content_length.value_or(0), c->client_ip);
     co_await answer_and_close(state, c, 503, "the gateway has no memory for this request body now");
+    co_return;
+  }
+  if (state->shutdown_cut.load(std::memory_order_relaxed)) {
+    co_await answer_and_close(state, c, 503,
+                              "the gateway is shutting down: timeouts.shutdown (" +
+                                  std::to_string(t.shutdown.count()) + "ms) ran out before the request arrived whole");
     co_return;
   }
   const auto text = why == ReadResult::kHeadTimedOut

@@ -1531,6 +1531,39 @@ TEST(ProxyTest, SigtermLetsARequestStillArrivingBeReadAndAnswered) {
   EXPECT_EQ(gw.process->wait_exit(10s), 0);
 }
 
+// A request still waiting for its backend when timeouts.shutdown runs out gets an answer (503,
+// naming the key, on a closing connection), not a connection closed under it; the gateway
+// still exits promptly, with 0.
+TEST(ProxyTest, ARequestStillWaitingAtTheShutdownDeadlineGetsA503) {
+  auto mocks = start_mocks(1, {"--tokens", "100", "--token-delay-ms", "100"});  // 10 s per answer
+  auto gw = start_gateway(concat(backend_args(mocks), {"--set", "timeouts.shutdown=500ms"}));
+  wait_healthy(gw, 1);
+  RawConnection client(gw.port);
+  const auto body = chat_body(false);
+  ASSERT_TRUE(client.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body));
+  ASSERT_TRUE(poll_until([&] { return metric(gw.port, "infergate_backend_inflight", "backend=\"" + mocks[0].id() +
+                                                                                       "\",node=\"127.0.0.1\",slot=\"0\"") == 1; },
+                         5s));
+  // And one still arriving: its body stops halfway.
+  RawConnection uploader(gw.port);
+  ASSERT_TRUE(uploader.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body.substr(0, 10)));
+  ASSERT_TRUE(poll_until([&] { return !unread_bytes_at(gw.port); }, 5s));  // the gateway has read what came
+  const auto signalled = Clock::now();
+  ASSERT_EQ(::kill(gw.process->pid(), SIGTERM), 0);
+  ASSERT_TRUE(client.read_until(has_whole_response, 5s)) << client.received();
+  const auto& answer = client.received();
+  EXPECT_THAT(answer, StartsWith("HTTP/1.1 503 "));
+  EXPECT_THAT(answer, HasSubstr("Connection: close\r\n"));
+  EXPECT_THAT(answer, HasSubstr("the gateway is shutting down: timeouts.shutdown (500ms) ran out before the backend answered"));
+  ASSERT_TRUE(uploader.read_until(has_whole_response, 5s)) << uploader.received();
+  EXPECT_THAT(uploader.received(), StartsWith("HTTP/1.1 503 "));
+  EXPECT_THAT(uploader.received(), HasSubstr("ran out before the request arrived whole"));
+  EXPECT_EQ(gw.process->wait_exit(10s), 0);
+  EXPECT_LT(Clock::now() - signalled, 3s);
+}
+
 // A refused client that goes on sending is drained so that it reads the answer, but that is no
 // request in flight: SIGTERM ends the draining and the gateway exits at once.
 TEST(ProxyTest, SigtermDoesNotWaitForARefusedClientStillSending) {
