@@ -469,6 +469,11 @@ std::string chat_body(bool stream, const std::string& extra) {
   return body + "}";
 }
 
+std::string raw_chat_request(const std::string& body) {
+  return "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " +
+         std::to_string(body.size()) + "\r\n\r\n" + body;
+}
+
 double metric(int port, const std::string& name, const std::string& labels) {
   const auto body = http_request(port, "GET", "/metrics").body;
   const auto key = name + "{" + labels + "} ";

@@ -145,6 +145,9 @@ bool poll_until(const std::function<bool()>& condition, std::chrono::millisecond
                 std::chrono::milliseconds every = 20ms);
 
 std::string chat_body(bool stream, const std::string& extra = "");
+// A whole POST /v1/chat/completions request carrying `body` (Content-Length framed), for a
+// RawConnection.
+std::string raw_chat_request(const std::string& body);
 
 // The value of a /metrics line with exactly these labels (`code="2xx"`), or -1.
 double metric(int port, const std::string& name, const std::string& labels);

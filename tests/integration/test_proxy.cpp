@@ -67,6 +67,11 @@ std::vector<Mock> start_mocks(int n, const std::vector<std::string>& args = {}) 
   return mocks;
 }
 
+// The gateway's in-flight gauge for a mock on 127.0.0.1.
+double inflight_on(int port, const Mock& mock) {
+  return metric(port, "infergate_backend_inflight", "backend=\"" + mock.id() + "\",node=\"127.0.0.1\",slot=\"0\"");
+}
+
 }  // namespace
 
 TEST(ProxyTest, RoundRobinIsAnExactRotation) {
@@ -577,11 +582,8 @@ TEST(ProxyTest, AClientGoneBeforeTheAnswerCountsAsClientClosed) {
   {
     RawConnection client(gw.port);
     const auto body = chat_body(false);
-    ASSERT_TRUE(client.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                            "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body));
-    ASSERT_TRUE(poll_until([&] { return metric(gw.port, "infergate_backend_inflight", "backend=\"" + mocks[0].id() +
-                                                                                         "\",node=\"127.0.0.1\",slot=\"0\"") == 1; },
-                           5s));
+    ASSERT_TRUE(client.send(raw_chat_request(body)));
+    ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, mocks[0]) == 1; }, 5s));
   }  // the client leaves
   EXPECT_TRUE(poll_until([&] { return metric(gw.port, "infergate_requests_total", "code=\"client_closed\"") == 1; }, 5s))
       << http_request(gw.port, "GET", "/metrics").body;
@@ -606,8 +608,7 @@ TEST(ProxyTest, AClientGoneDuringTheBackoffGetsNoRetry) {
   {
     RawConnection client(gw.port);
     const auto body = chat_body(false);
-    ASSERT_TRUE(client.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                            "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body));
+    ASSERT_TRUE(client.send(raw_chat_request(body)));
     ASSERT_TRUE(poll_until([&] { return received() == 1; }, 5s));  // the first attempt's 503; the backoff (2-4 s) runs
   }  // the client leaves
   EXPECT_TRUE(poll_until([&] { return metric(gw.port, "infergate_requests_total", "code=\"client_closed\"") == 1; }, 8s))
@@ -1470,8 +1471,7 @@ TEST(ProxyTest, SigtermClosesIdleKeepAliveConnectionsAtOnceAndInFlightAnswersSay
 
   RawConnection busy(gw.port);  // a non-streamed answer that takes 2 s to generate
   const auto body = chat_body(false);
-  ASSERT_TRUE(busy.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                        "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body));
+  ASSERT_TRUE(busy.send(raw_chat_request(body)));
   ASSERT_TRUE(poll_until(
       [&] { return json::parse(http_request(mocks[0].port, "GET", "/mock/stats").body)["requests"] == 1; }, 5s));
 
@@ -1540,11 +1540,8 @@ TEST(ProxyTest, ARequestStillWaitingAtTheShutdownDeadlineGetsA503) {
   wait_healthy(gw, 1);
   RawConnection client(gw.port);
   const auto body = chat_body(false);
-  ASSERT_TRUE(client.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                          "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body));
-  ASSERT_TRUE(poll_until([&] { return metric(gw.port, "infergate_backend_inflight", "backend=\"" + mocks[0].id() +
-                                                                                       "\",node=\"127.0.0.1\",slot=\"0\"") == 1; },
-                         5s));
+  ASSERT_TRUE(client.send(raw_chat_request(body)));
+  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, mocks[0]) == 1; }, 5s));
   // And one still arriving: its body stops halfway.
   RawConnection uploader(gw.port);
   ASSERT_TRUE(uploader.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -2076,8 +2073,7 @@ TEST(ProxyTest, ASilentNewConnectionGetsTheHeaderTimeoutNotTheIdleOne) {
   // After a streamed answer too (its relay hands the connection back to a new session).
   RawConnection streamed(gw.port);
   const auto body = chat_body(true);
-  ASSERT_TRUE(streamed.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                            "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body));
+  ASSERT_TRUE(streamed.send(raw_chat_request(body)));
   ASSERT_TRUE(streamed.read_until([](const std::string& got) { return got.find("\r\n0\r\n\r\n") != std::string::npos; }));
   EXPECT_FALSE(answered.wait_closed(1s)) << "an answered keep-alive connection was closed before timeouts.client_idle";
   EXPECT_FALSE(streamed.wait_closed(100ms)) << "a connection answered with a stream was closed before timeouts.client_idle";
