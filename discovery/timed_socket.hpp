@@ -85,8 +85,10 @@ class DeadlineList {
   // about to send.
   std::size_t end_waits_between_requests(std::size_t max = static_cast<std::size_t>(-1),
                                          std::chrono::steady_clock::duration min_wait = {}) noexcept;
-  // Ends every wait under way as if its deadline had passed (a shutdown's deadline).
+  // Ends every wait under way as if its deadline had passed (a shutdown's deadline), and every
+  // wait armed from now on at the next sweep.
   void expire_all() noexcept;
+  bool cut() const noexcept { return cut_; }
 
   // The next sweep calls hook.on_slow() unless remove_slow() comes first: work that only long
   // exchanges need (most requests finish well within one sweep interval).
@@ -101,6 +103,7 @@ class DeadlineList {
   std::chrono::steady_clock::time_point next_far_sweep_{};
   std::size_t size_ = 0;
   SlowHook* slow_head_ = nullptr;
+  bool cut_ = false;  // expire_all() ran: every deadline armed since is due at once
   net::steady_timer* sleeper_ = nullptr;  // the sweeper's timer while it sleeps past kSweepInterval
   std::chrono::steady_clock::time_point sleep_until_{};
 
@@ -172,6 +175,7 @@ class TimedSocket {
   }
   void arm_at(Clock::time_point t) noexcept {
     t = std::min(t, cap_);
+    if (list_->cut_) t = std::min(t, coarse_now());
     deadline_ = t;
     const bool far = t - coarse_now() >= DeadlineList::kFarSweepInterval;
     if (linked_ && far_ && !far) unlink();  // now due sooner than the far list is walked
@@ -290,6 +294,7 @@ inline void DeadlineList::sweep(std::chrono::steady_clock::time_point now) {
 }
 
 inline void DeadlineList::expire_all() noexcept {
+  cut_ = true;
   for (auto* head : {head_, far_head_}) {
     for (auto* s = head; s != nullptr;) {
       auto* next = s->next_;  // expire() unlinks s

@@ -485,7 +485,7 @@ int Server::run() {
     const bool settled = idle && idle_once;
     idle_once = idle;
     const auto now = std::chrono::steady_clock::now();
-    if (!settled && now >= drain_deadline && !state.shutdown_cut.load()) {
+    if (!settled && inflight != 0 && now >= drain_deadline && !state.shutdown_cut.load()) {
       // Requests with no answer yet get one (a 503 saying the gateway is shutting down) rather
       // than a closed connection: every wait under way ends now, and the answers have
       // kShutdownAnswerGrace to go out.
@@ -493,10 +493,14 @@ int Server::run() {
                    inflight, arriving);
       state.shutdown_cut.store(true);
       for (auto& w : impl_->workers) {
-        net::post(w->io, [worker = w.get()] { worker->deadlines.expire_all(); });
+        net::post(w->io, [worker = w.get()] {
+          worker->deadlines.expire_all();
+          for (auto* pause : worker->pauses) pause->cancel();  // retry backoffs: answered now
+        });
       }
       drain_deadline = now + kShutdownAnswerGrace;
-    } else if (settled || (state.shutdown_cut.load() && (inflight == 0 || now >= drain_deadline))) {
+    } else if (settled || (now >= drain_deadline && inflight == 0) ||
+               (state.shutdown_cut.load() && (inflight == 0 || now >= drain_deadline))) {
       if (inflight != 0) spdlog::warn("{} request(s) still in flight; closing them", inflight);
       stop_workers();
       signals.cancel();

@@ -602,6 +602,11 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
     }
     conn->sock.cap_at(c->total_deadline);
     watch.connection = conn.get();
+    // Past the shutdown's deadline no request goes out (a connect or lookup may end in its grace).
+    if (w->state->shutdown_cut.load(std::memory_order_relaxed)) {
+      watch.connection = nullptr;
+      co_return failed_outcome("the gateway is shutting down");
+    }
 
     // The head is built once per request (retries reuse it); head and body go out in one
     // gather write.
@@ -750,7 +755,7 @@ struct InflightGuard {
 void record_attempt(GatewayState& state, discovery::Backend& backend, const AttemptOutcome& out,
                     Clock::time_point started) {
   // What breaks once the shutdown's deadline ended every wait says nothing about the backend.
-  if (state.shutdown_cut.load(std::memory_order_relaxed)) return;
+  if (out.kind != AttemptOutcome::kServed && state.shutdown_cut.load(std::memory_order_relaxed)) return;
   if (out.over_total || out.kind == AttemptOutcome::kClientGone) {
     // Cut by the gateway's own limit (timeouts.total) or left by its client: nothing against the
     // backend, but a response that was flowing when it ended shows the backend working (users
@@ -983,7 +988,10 @@ void StreamRelay::finish(AttemptOutcome::Kind kind, std::string error) {
   state.count_response(out_.status);
   const std::string_view method = std::string_view(labels_).substr(0, method_size_);
   const std::string_view target = std::string_view(labels_).substr(method_size_);
-  if (kind == AttemptOutcome::kBrokenMidResponse && out_.over_total) {
+  if (kind == AttemptOutcome::kBrokenMidResponse && state.shutdown_cut.load(std::memory_order_relaxed)) {
+    spdlog::warn("{} {} {}: cut on backend {} at the shutdown deadline (timeouts.shutdown)", request_id_, method,
+                 target, backend_->info().id);
+  } else if (kind == AttemptOutcome::kBrokenMidResponse && out_.over_total) {
     spdlog::warn("{} {} {}: cut on backend {}: {}", request_id_, method, target, backend_->info().id, out_.error);
   } else if (kind == AttemptOutcome::kBrokenMidResponse) {
     spdlog::warn("{} {} {}: backend {} broke the response after it started: {}", request_id_, method, target,
@@ -1326,7 +1334,9 @@ net::awaitable<bool> retry_pause(Worker* w, int attempt, Clock::time_point deadl
   const auto left = deadline - Clock::now();
   const bool out_of_time = left <= backoff;
   net::steady_timer pause(w->io, out_of_time ? std::max(left, Clock::duration::zero()) : backoff);
+  w->pauses.push_back(&pause);
   co_await pause.async_wait(kTuple);
+  std::erase(w->pauses, &pause);
   co_return out_of_time || Clock::now() >= deadline;
 }
 
@@ -1446,7 +1456,10 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
       } else if (out.kind == AttemptOutcome::kClientGone) {
         state.requests_client_closed.fetch_add(1, std::memory_order_relaxed);  // no answer came
       }
-      if (out.kind == AttemptOutcome::kBrokenMidResponse && out.over_total) {
+      if (out.kind == AttemptOutcome::kBrokenMidResponse && state.shutdown_cut.load(std::memory_order_relaxed)) {
+        spdlog::warn("{} {} {}: cut on backend {} at the shutdown deadline (timeouts.shutdown)", request_id,
+                     c->method, c->target, id);
+      } else if (out.kind == AttemptOutcome::kBrokenMidResponse && out.over_total) {
         spdlog::warn("{} {} {}: cut on backend {}: {}", request_id, c->method, c->target, id, out.error);
       } else if (out.kind == AttemptOutcome::kBrokenMidResponse) {
         spdlog::warn("{} {} {}: backend {} broke the response after it started: {}", request_id,

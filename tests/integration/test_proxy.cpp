@@ -67,6 +67,13 @@ std::vector<Mock> start_mocks(int n, const std::vector<std::string>& args = {}) 
   return mocks;
 }
 
+// Completion requests the mocks received, all told.
+int requests_received(const std::vector<Mock>& mocks) {
+  int n = 0;
+  for (const auto& m : mocks) n += json::parse(http_request(m.port, "GET", "/mock/stats").body)["requests"].get<int>();
+  return n;
+}
+
 // The gateway's in-flight gauge for a mock on 127.0.0.1.
 double inflight_on(int port, const Mock& mock) {
   return metric(port, "infergate_backend_inflight", "backend=\"" + mock.id() + "\",node=\"127.0.0.1\",slot=\"0\"");
@@ -600,11 +607,7 @@ TEST(ProxyTest, AClientGoneDuringTheBackoffGetsNoRetry) {
   auto gw = start_gateway(concat(backend_args(mocks), {"--set", "retries.backoff_base=4s", "--set",
                                                        "retries.backoff_max=4s", "--set", "passive.failures=100"}));
   wait_healthy(gw, 2);
-  auto received = [&] {
-    int n = 0;
-    for (const auto& m : mocks) n += json::parse(http_request(m.port, "GET", "/mock/stats").body)["requests"].get<int>();
-    return n;
-  };
+  auto received = [&] { return requests_received(mocks); };
   {
     RawConnection client(gw.port);
     const auto body = chat_body(false);
@@ -1559,6 +1562,26 @@ TEST(ProxyTest, ARequestStillWaitingAtTheShutdownDeadlineGetsA503) {
   EXPECT_THAT(uploader.received(), HasSubstr("ran out before the request arrived whole"));
   EXPECT_EQ(gw.process->wait_exit(10s), 0);
   EXPECT_LT(Clock::now() - signalled, 3s);
+}
+
+// The same for a request in a retry backoff at the deadline (its pause is ended, not waited out
+// past the grace), and a retry is never sent after it.
+TEST(ProxyTest, ARequestInARetryBackoffAtTheShutdownDeadlineGetsA503) {
+  auto mocks = start_mocks(2, {"--fail-rate", "1", "--fail-status", "502"});
+  auto gw = start_gateway(concat(backend_args(mocks), {"--set", "retries.backoff_base=4s", "--set",
+                                                       "retries.backoff_max=4s", "--set", "timeouts.shutdown=300ms",
+                                                       "--set", "passive.failures=100"}));
+  wait_healthy(gw, 2);
+  auto received = [&] { return requests_received(mocks); };
+  RawConnection client(gw.port);
+  ASSERT_TRUE(client.send(raw_chat_request(chat_body(false))));
+  ASSERT_TRUE(poll_until([&] { return received() == 1; }, 5s));  // the first attempt's 502; a 2-4 s backoff runs
+  ASSERT_EQ(::kill(gw.process->pid(), SIGTERM), 0);
+  ASSERT_TRUE(client.read_until(has_whole_response, 5s)) << client.received();
+  EXPECT_THAT(client.received(), StartsWith("HTTP/1.1 503 "));
+  EXPECT_THAT(client.received(), HasSubstr("the gateway is shutting down"));
+  EXPECT_EQ(gw.process->wait_exit(10s), 0);
+  EXPECT_EQ(received(), 1);
 }
 
 // A refused client that goes on sending is drained so that it reads the answer, but that is no

@@ -88,6 +88,25 @@ TEST_F(TimedSocketTest, ReArmingSoonerMovesAFarSocketToTheNearList) {
   EXPECT_LT(*when, base + 200ms + DeadlineList::kSweepInterval);
 }
 
+// A shutdown's deadline ends every wait under way at once, near or far, and any wait armed after
+// it at the next sweep, however long its own deadline.
+TEST_F(TimedSocketTest, ExpireAllEndsEveryWaitAndThoseArmedAfterIt) {
+  TimedSocket far{list, io.get_executor()};
+  sock.arm_at(base + 300ms);
+  far.arm_at(base + 1h);
+  ASSERT_EQ(list.size(), 2u);
+  EXPECT_FALSE(list.cut());
+  list.expire_all();
+  EXPECT_TRUE(list.cut());
+  EXPECT_TRUE(sock.timed_out());
+  EXPECT_TRUE(far.timed_out());
+  EXPECT_EQ(list.size(), 0u);
+  TimedSocket later{list, io.get_executor()};
+  later.arm_at(infergate::coarse_now() + 1h);
+  list.sweep(infergate::coarse_now() + DeadlineList::kSweepInterval);
+  EXPECT_TRUE(later.timed_out());
+}
+
 TEST(DeadlineListTest, SettledSocketsLeaveTheListAndNeverTimeOut) {
   boost::asio::io_context io;
   DeadlineList list;
