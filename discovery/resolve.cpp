@@ -4,6 +4,7 @@
 #include <exception>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/ip/address.hpp>
@@ -33,7 +34,8 @@ struct PendingLookup {
 }  // namespace
 
 net::awaitable<std::pair<beast::error_code, tcp::resolver::results_type>> resolve_by(
-    net::any_io_executor executor, std::string host, std::string port, std::chrono::steady_clock::time_point deadline) {
+    net::any_io_executor executor, std::string host, std::string port, std::chrono::steady_clock::time_point deadline,
+    std::vector<net::steady_timer*>* waits) {
   // An address needs no lookup, and must not wait in Asio's one lookup thread behind a name
   // whose server does not answer.
   beast::error_code parse_ec;
@@ -60,7 +62,9 @@ net::awaitable<std::pair<beast::error_code, tcp::resolver::results_type>> resolv
                                    lookup->results = std::move(results);
                                    lookup->timer.cancel();
                                  });
+  if (waits != nullptr) waits->push_back(&lookup->timer);
   co_await lookup->timer.async_wait(net::as_tuple(net::use_awaitable));
+  if (waits != nullptr) std::erase(*waits, &lookup->timer);
   if (!lookup->done) {
     lookup->resolver.cancel();
     co_return std::pair{beast::error_code(beast::error::timeout), tcp::resolver::results_type{}};

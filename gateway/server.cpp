@@ -495,7 +495,7 @@ int Server::run() {
       for (auto& w : impl_->workers) {
         net::post(w->io, [worker = w.get()] {
           worker->deadlines.expire_all();
-          for (auto* pause : worker->pauses) pause->cancel();  // retry backoffs: answered now
+          for (auto* wait : worker->waits) wait->cancel();  // retry backoffs, lookups: answered now
         });
       }
       drain_deadline = now + kShutdownAnswerGrace;

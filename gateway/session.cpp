@@ -367,11 +367,15 @@ net::awaitable<beast::error_code> connect_upstream(Worker* w, const discovery::B
     // Within timeouts.connect, like the connect itself: a DNS server that does not answer is a
     // failed attempt (retried elsewhere), not a request that waits on it. Nor past the socket's
     // cap (timeouts.total), which bounds every step of the exchange.
+    // Nor past a shutdown's deadline, which ends the wait (as the lookup's timer is listed in
+    // `waits`) or refuses to start one.
+    if (w->state->shutdown_cut.load(std::memory_order_relaxed)) co_return beast::error_code(net::error::operation_aborted);
     auto [rec, results] = co_await discovery::resolve_by(
         w->io.get_executor(), info.host, std::to_string(info.port),
         std::min(coarse_now() + std::chrono::duration_cast<Clock::duration>(w->state->config.timeouts.connect),
-                 sock.cap()));
-    if (rec == beast::error::timeout) {
+                 sock.cap()),
+        &w->waits);
+    if (rec == beast::error::timeout && !w->state->shutdown_cut.load(std::memory_order_relaxed)) {
       spdlog::warn("DNS lookup of {} did not finish within timeouts.connect ({}ms)", info.host,
                    w->state->config.timeouts.connect.count());
     }
@@ -1334,9 +1338,9 @@ net::awaitable<bool> retry_pause(Worker* w, int attempt, Clock::time_point deadl
   const auto left = deadline - Clock::now();
   const bool out_of_time = left <= backoff;
   net::steady_timer pause(w->io, out_of_time ? std::max(left, Clock::duration::zero()) : backoff);
-  w->pauses.push_back(&pause);
+  w->waits.push_back(&pause);
   co_await pause.async_wait(kTuple);
-  std::erase(w->pauses, &pause);
+  std::erase(w->waits, &pause);
   co_return out_of_time || Clock::now() >= deadline;
 }
 

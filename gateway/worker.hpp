@@ -38,8 +38,8 @@ struct Worker {
   // Resolved addresses per backend index; dropped when a connect to them fails.
   std::unordered_map<std::size_t, std::vector<tcp::endpoint>> resolved;
   std::uint64_t request_counter = 0;
-  // Retry backoffs under way (their timers), which a shutdown's deadline ends.
-  std::vector<net::steady_timer*> pauses;
+  // Retry backoffs and name lookups under way (their timers), which a shutdown's deadline ends.
+  std::vector<net::steady_timer*> waits;
 };
 
 }  // namespace infergate::gateway

@@ -1584,6 +1584,27 @@ TEST(ProxyTest, ARequestInARetryBackoffAtTheShutdownDeadlineGetsA503) {
   EXPECT_EQ(received(), 1);
 }
 
+// And for a request whose backend's name lookup hangs at the deadline: the lookup is not waited
+// out (timeouts.connect, 10 s here) past the grace.
+TEST(ProxyTest, ARequestInANameLookupAtTheShutdownDeadlineGetsA503) {
+  auto unresolvable = start_mock();
+  auto gw = start_gateway({"--backend", "http://dns-hangs.test:" + std::to_string(unresolvable.port), "--set",
+                           "timeouts.connect=10s", "--set", "timeouts.shutdown=300ms", "--set", "passive.failures=1000"},
+                          hanging_dns_env());
+  wait_healthy(gw, 1);
+  RawConnection client(gw.port);
+  ASSERT_TRUE(client.send(raw_chat_request(chat_body(false))));
+  ASSERT_TRUE(poll_until([&] { return gauge(gw.port, "infergate_inflight_requests") == 1; }, 5s));
+  const auto signalled = Clock::now();
+  ASSERT_EQ(::kill(gw.process->pid(), SIGTERM), 0);
+  ASSERT_TRUE(client.read_until(has_whole_response, 5s)) << client.received();
+  EXPECT_THAT(client.received(), StartsWith("HTTP/1.1 503 "));
+  EXPECT_THAT(client.received(), HasSubstr("the gateway is shutting down"));
+  EXPECT_EQ(gw.process->wait_exit(10s), 0);
+  EXPECT_LT(Clock::now() - signalled, 3s);
+  EXPECT_EQ(gw.process->errors().find("did not finish within timeouts.connect"), std::string::npos) << gw.process->errors();
+}
+
 // A refused client that goes on sending is drained so that it reads the answer, but that is no
 // request in flight: SIGTERM ends the draining and the gateway exits at once.
 TEST(ProxyTest, SigtermDoesNotWaitForARefusedClientStillSending) {

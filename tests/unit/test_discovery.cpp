@@ -237,17 +237,20 @@ TEST(ResolveTest, NamesAreLookedUpAndCountedUntilAnswered) {
   boost::asio::io_context io;
   boost::beast::error_code ec;
   std::size_t found = 0;
+  std::vector<boost::asio::steady_timer*> waits;
   boost::asio::co_spawn(io,
                         resolve_by(io.get_executor(), "localhost", "9000",
-                                   std::chrono::steady_clock::now() + std::chrono::seconds(5)),
+                                   std::chrono::steady_clock::now() + std::chrono::seconds(5), &waits),
                         [&](std::exception_ptr, auto result) {
                           ec = result.first;
                           found = result.second.size();
                         });
   io.poll_one();  // runs the lookup up to its wait: started, not yet answered here
   EXPECT_EQ(lookups_in_flight(), 1);
+  EXPECT_EQ(waits.size(), 1u);  // the wait's timer, for a shutdown to end
   io.run();
   EXPECT_FALSE(ec) << ec.message();
   EXPECT_GT(found, 0u);
   EXPECT_EQ(lookups_in_flight(), 0);
+  EXPECT_TRUE(waits.empty());
 }
