@@ -315,6 +315,15 @@ std::vector<std::string> hanging_dns_env() {
   return {"LD_PRELOAD=" INFERGATE_HANGING_RESOLVER, "IG_TEST_HANG_HOST=dns-hangs.test", "IG_TEST_HANG_AFTER=1",
           "ASAN_OPTIONS=" + asan + (asan.empty() ? "" : ":") + "verify_asan_link_order=0"};
 }
+
+// A gateway whose one backend, `mock`, is named dns-hangs.test, with `settings` as --set flags
+// (and passive health off).
+Gateway start_gateway_behind_hanging_dns(const Mock& mock, const std::vector<std::string>& settings) {
+  std::vector<std::string> args{"--backend", "http://dns-hangs.test:" + std::to_string(mock.port), "--set",
+                                "passive.failures=1000"};
+  for (const auto& setting : settings) args.insert(args.end(), {"--set", setting});
+  return start_gateway(args, hanging_dns_env());
+}
 }  // namespace
 
 TEST(ProxyTest, AHangingDnsLookupIsAConnectTimeoutAndRetriedElsewhere) {
@@ -346,9 +355,7 @@ TEST(ProxyTest, AHangingDnsLookupIsAConnectTimeoutAndRetriedElsewhere) {
 // when its total time is up, not when the (longer) connect timeout would end the lookup.
 TEST(ProxyTest, AHangingDnsLookupEndsAtTimeoutsTotal) {
   auto unresolvable = start_mock();
-  auto gw = start_gateway({"--backend", "http://dns-hangs.test:" + std::to_string(unresolvable.port), "--set",
-                           "timeouts.connect=5s", "--set", "timeouts.total=400ms", "--set", "passive.failures=1000"},
-                          hanging_dns_env());
+  auto gw = start_gateway_behind_hanging_dns(unresolvable, {"timeouts.connect=5s", "timeouts.total=400ms"});
   wait_healthy(gw, 1);
   const auto started = Clock::now();
   auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {}, 15s);
@@ -1588,9 +1595,7 @@ TEST(ProxyTest, ARequestInARetryBackoffAtTheShutdownDeadlineGetsA503) {
 // out (timeouts.connect, 10 s here) past the grace.
 TEST(ProxyTest, ARequestInANameLookupAtTheShutdownDeadlineGetsA503) {
   auto unresolvable = start_mock();
-  auto gw = start_gateway({"--backend", "http://dns-hangs.test:" + std::to_string(unresolvable.port), "--set",
-                           "timeouts.connect=10s", "--set", "timeouts.shutdown=300ms", "--set", "passive.failures=1000"},
-                          hanging_dns_env());
+  auto gw = start_gateway_behind_hanging_dns(unresolvable, {"timeouts.connect=10s", "timeouts.shutdown=300ms"});
   wait_healthy(gw, 1);
   RawConnection client(gw.port);
   ASSERT_TRUE(client.send(raw_chat_request(chat_body(false))));
