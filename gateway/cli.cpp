@@ -110,7 +110,8 @@ int print_discovery(const discovery::DiscoveryResult& result, bool json) {
   } else {
     for (const auto& b : result.backends) std::cout << b.url << "\n";
   }
-  return 0;
+  // As grep does: a script can tell "nothing found" (1) from a bad environment (2).
+  return result.backends.empty() ? 1 : 0;
 }
 
 }  // namespace

@@ -85,10 +85,13 @@ TEST(CliTest, DiscoverWithoutSlurmSaysWhyNothingWasFound) {
     GTEST_SKIP() << "the tests run inside a Slurm job";
   }
   auto r = run({"discover"});
-  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.code, 1) << r.err;  // nothing found: neither success nor a bad environment (2)
   EXPECT_EQ(r.out, "");
   EXPECT_THAT(r.err, HasSubstr("no backends found"));
   EXPECT_THAT(r.err, HasSubstr("SLURM_JOB_NODELIST"));
+  auto json = run({"discover", "--json"});
+  EXPECT_EQ(json.code, 1) << json.err;
+  EXPECT_EQ(json.out, "[]\n");
 }
 
 TEST(CliTest, UnknownInfergateVariablesAreWarnedAbout) {
