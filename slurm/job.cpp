@@ -159,9 +159,10 @@ void resolve_gpus_per_node(const JobOptions& options, const EnvLookup& env, JobL
     auto value = env(c.var);
     if (value) value = std::string(trimmed(*value));
     if (!value) continue;
-    // A job or step without GPUs here (a step run with --gres=gpu:0 has SLURM_GPUS_ON_NODE=0):
-    // the next variable says more.
-    if ((c.syntax == Syntax::kIndices && value->empty()) || (c.syntax == Syntax::kCount && *value == "0")) {
+    // A job or step without GPUs here (a step run with --gres=gpu:0 has SLURM_GPUS_ON_NODE=0,
+    // a job without GPUs on this node an empty SLURM_JOB_GPUS), or a variable a wrapper script
+    // exported empty: the next variable says more.
+    if (value->empty() || (c.syntax == Syntax::kCount && *value == "0")) {
       unset.push_back(c.var + "=" + (value->empty() ? "''" : *value));
       continue;
     }

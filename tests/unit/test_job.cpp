@@ -155,6 +155,13 @@ TEST(JobLayoutTest, TheDefaultGpuCountNamesVariablesThatCountAsUnset) {
   env["SLURM_JOB_GPUS"] = "";
   EXPECT_EQ(read_job_layout({}, env_of(env))->gpus_per_node_source,
             none + " (SLURM_JOB_GPUS='' and SLURM_GPUS_ON_NODE=0 count as unset)");
+  // Empty is unset for every variable alike (a wrapper's `export SLURM_GPUS_ON_NODE=$N` with no N).
+  env["SLURM_GPUS_ON_NODE"] = " ";
+  env["SLURM_GPUS_PER_NODE"] = "";
+  EXPECT_EQ(read_job_layout({}, env_of(env))->gpus_per_node_source,
+            none + " (SLURM_GPUS_PER_NODE='' and SLURM_JOB_GPUS='' and SLURM_GPUS_ON_NODE='' count as unset)");
+  env["SLURM_GPUS_ON_NODE"] = "4";
+  EXPECT_EQ(read_job_layout({}, env_of(env))->gpus_per_node, 4);
 }
 
 // Under a real Slurm, SLURM_GPUS_ON_NODE is the gateway's own step's: a step run with
