@@ -981,7 +981,11 @@ LoadResult load_config(const LoadOptions& options) {
     if (!spec) throw ConfigError(flag.flag + ": " + unknown_key_message(flag.key));
     if (spec->kind == Kind::kList && cleared_lists.insert(spec->key).second) spec->clear(c);
     auto err = spec->set(c, flag.value);
-    if (!err.empty()) throw ConfigError(flag.flag + ": " + spec->key + ": " + err);
+    if (!err.empty()) {
+      // "--set timeouts.connect: ...", or "--threads: threads: ..." where the flag is not the key.
+      const bool flag_names_key = flag.flag == "--set " + spec->key;
+      throw ConfigError(flag.flag + ": " + (flag_names_key ? "" : spec->key + ": ") + err);
+    }
     c.sources[spec->key] = Source::kFlag;
   }
 
