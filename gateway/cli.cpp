@@ -52,21 +52,63 @@ const FlagSpec* find_flag(std::string_view name) {
 
 // The message as a JSON string's contents: log lines carry request targets and ids, which must
 // not be able to end the string and add keys of their own.
+// The length of the well-formed UTF-8 sequence at the start of `s` (RFC 3629: no overlong
+// forms, no surrogates, nothing past U+10FFFF), or 0.
+std::size_t utf8_sequence_length(std::string_view s) {
+  const auto byte = [&](std::size_t i) { return static_cast<unsigned char>(s[i]); };
+  const auto lead = byte(0);
+  std::size_t n = 0;
+  unsigned char low = 0x80, high = 0xbf;  // the range of the second byte
+  if (lead >= 0xc2 && lead <= 0xdf) {
+    n = 2;
+  } else if (lead >= 0xe0 && lead <= 0xef) {
+    n = 3;
+    if (lead == 0xe0) low = 0xa0;
+    if (lead == 0xed) high = 0x9f;
+  } else if (lead >= 0xf0 && lead <= 0xf4) {
+    n = 4;
+    if (lead == 0xf0) low = 0x90;
+    if (lead == 0xf4) high = 0x8f;
+  } else {
+    return 0;
+  }
+  if (s.size() < n || byte(1) < low || byte(1) > high) return 0;
+  for (std::size_t i = 2; i < n; ++i) {
+    if (byte(i) < 0x80 || byte(i) > 0xbf) return 0;
+  }
+  return n;
+}
+
+void append_json_escaped(std::string_view text, spdlog::memory_buf_t& out) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  const auto put = [&out](std::string_view piece) { out.append(piece.data(), piece.data() + piece.size()); };
+  for (std::size_t i = 0; i < text.size();) {
+    const auto u = static_cast<unsigned char>(text[i]);
+    if (u == '"' || u == '\\') {
+      const char escaped[] = {'\\', text[i]};
+      put({escaped, 2});
+      ++i;
+    } else if (u < 0x20 || u == 0x7f) {
+      const char escaped[] = {'\\', 'u', '0', '0', kHex[u >> 4], kHex[u & 15]};
+      put({escaped, 6});
+      ++i;
+    } else if (u < 0x80) {
+      put(text.substr(i, 1));
+      ++i;
+    } else if (const auto n = utf8_sequence_length(text.substr(i)); n != 0) {
+      put(text.substr(i, n));
+      i += n;
+    } else {
+      put("\\ufffd");  // a byte that is not UTF-8 (JSON text must be): the replacement character
+      ++i;
+    }
+  }
+}
+
 class JsonEscapedMessage final : public spdlog::custom_flag_formatter {
  public:
   void format(const spdlog::details::log_msg& msg, const std::tm&, spdlog::memory_buf_t& dest) override {
-    static constexpr char kHex[] = "0123456789abcdef";
-    for (char c : std::string_view(msg.payload.data(), msg.payload.size())) {
-      const auto u = static_cast<unsigned char>(c);
-      if (c == '"' || c == '\\') {
-        dest.push_back('\\');
-        dest.push_back(c);
-      } else if (u < 0x20 || u == 0x7f) {
-        for (char e : {'\\', 'u', '0', '0', kHex[u >> 4], kHex[u & 15]}) dest.push_back(e);
-      } else {
-        dest.push_back(c);
-      }
-    }
+    append_json_escaped(std::string_view(msg.payload.data(), msg.payload.size()), dest);
   }
   std::unique_ptr<custom_flag_formatter> clone() const override { return std::make_unique<JsonEscapedMessage>(); }
 };
@@ -297,11 +339,21 @@ int run_cli(int argc, char** argv) {
     return 0;
   }
 
+  if (cli.command == Command::kServe) {
+    // Before discovery, so that its warnings and its error are written as the log is.
+    setup_logging(cfg);
+    for (const auto& w : loaded.warnings) spdlog::warn("{}", w);
+  }
   discovery::DiscoveryResult discovered;
   try {
     discovered = discovery::discover(cfg, config::EnvLookup{});
   } catch (const std::exception& e) {
-    std::cerr << "infergate: " << e.what() << "\n";
+    if (cli.command == Command::kServe && cfg.log.format == "json") {
+      // The line saying why the job's gateway did not start, where a JSON log pipeline reads it.
+      spdlog::critical("{}", e.what());
+    } else {
+      std::cerr << "infergate: " << e.what() << "\n";
+    }
     return 2;
   }
   if (cli.command == Command::kDiscover) {
@@ -311,13 +363,11 @@ int run_cli(int argc, char** argv) {
     return print_discovery(discovered, cli.json);
   }
 
-  setup_logging(cfg);
   raise_fd_limit();
   std::signal(SIGPIPE, SIG_IGN);
   // Ignored from the start: the server's handler (which logs it) is installed only when it runs,
   // after the listening line a script may already have acted on.
   std::signal(SIGHUP, SIG_IGN);
-  for (const auto& w : loaded.warnings) spdlog::warn("{}", w);
   for (const auto& note : discovered.notes) spdlog::info("{}", note);
   for (const auto& warning : discovered.warnings) spdlog::warn("{}", warning);
   if (discovered.backends.empty()) {
@@ -356,6 +406,12 @@ int run_cli(int argc, char** argv) {
     spdlog::critical("{}", e.what());
     return 1;
   }
+}
+
+std::string json_escaped(std::string_view text) {
+  spdlog::memory_buf_t out;
+  append_json_escaped(text, out);
+  return {out.data(), out.size()};
 }
 
 }  // namespace infergate::gateway

@@ -3,6 +3,7 @@
 
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "config/config.hpp"
@@ -22,6 +23,10 @@ CliArgs parse_args(const std::vector<std::string>& args);
 
 std::string help_text();
 std::string version_text();
+
+// `text` as the characters of a JSON string (the JSON log's message): quotes, backslashes and
+// control characters escaped, bytes that are not UTF-8 replaced by \ufffd.
+std::string json_escaped(std::string_view text);
 
 // Runs the whole program; returns the exit code (0 ok, 1 runtime failure, 2 bad input).
 int run_cli(int argc, char** argv);

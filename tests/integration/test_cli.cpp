@@ -275,6 +275,25 @@ TEST(CliTest, JsonLogLinesStayJsonWhateverTheClientSends) {
   EXPECT_GT(parsed, 2);
 }
 
+// With --log-format json, the line saying why the gateway did not start is JSON too (a log
+// pipeline reads it), and so is a warning carrying bytes that are not UTF-8.
+TEST(CliTest, AStartUpErrorIsAJsonLineWithTheJsonLogFormat) {
+  auto r = run({"--log-format", "json", "--listen", "127.0.0.1:0"},
+               {"SLURM_JOB_NODELIST=n[1-2]", "INFER_TP=3", "INFERGATE_X\xff=1"});
+  EXPECT_EQ(r.code, 2) << r.err;
+  std::istringstream lines(r.err);
+  std::string line;
+  std::vector<nlohmann::json> parsed;
+  while (std::getline(lines, line)) {
+    parsed.push_back(nlohmann::json::parse(line, nullptr, false));
+    ASSERT_TRUE(parsed.back().is_object()) << line;
+  }
+  ASSERT_FALSE(parsed.empty());
+  EXPECT_EQ(parsed.back()["level"], "critical");
+  EXPECT_THAT(parsed.back()["msg"].get<std::string>(), HasSubstr("INFER_TP=3 does not divide the 8 GPUs per node"));
+  EXPECT_THAT(r.err, HasSubstr("INFERGATE_X\\ufffd")) << r.err;
+}
+
 // The harness itself: a line printed just before the process exits is still seen (the reader
 // thread may drain the pipe after the exit is noticed; a CI run once failed on that race).
 TEST(HarnessTest, SeesALinePrintedJustBeforeTheProcessExits) {

@@ -295,3 +295,21 @@ TEST(UpstreamConnectionTest, RemembersTheLastFewAnsweredIds) {
   EXPECT_FALSE(conn.answered_before("req-5"));
   EXPECT_FALSE(conn.answered_before(""));
 }
+
+// The JSON log's message: every line must parse as JSON, whatever bytes a message carries (an
+// environment variable's name, a value from a file).
+TEST(JsonLogTest, MessagesAreEscapedAndBytesThatAreNotUtf8Replaced) {
+  EXPECT_EQ(json_escaped("plain text"), "plain text");
+  EXPECT_EQ(json_escaped("a \"quoted\" \\ path"), "a \\\"quoted\\\" \\\\ path");
+  EXPECT_EQ(json_escaped(std::string("nl\nnul\0del\x7f", 11)), "nl\\u000anul\\u0000del\\u007f");
+  EXPECT_EQ(json_escaped("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80"), "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80");
+  EXPECT_EQ(json_escaped("INFERGATE_X\xff"), "INFERGATE_X\\ufffd");
+  EXPECT_EQ(json_escaped("\xc3"), "\\ufffd");                      // cut short
+  EXPECT_EQ(json_escaped("\xc0\xaf"), "\\ufffd\\ufffd");            // overlong '/'
+  EXPECT_EQ(json_escaped("\xed\xa0\x80"), "\\ufffd\\ufffd\\ufffd");  // a surrogate
+  EXPECT_EQ(json_escaped("\xf4\x90\x80\x80"), "\\ufffd\\ufffd\\ufffd\\ufffd");  // past U+10FFFF
+  for (const std::string raw : {"\xff\xfe", "x\xe2\x82", "\"\\\x01\xc3\xa9\x80"}) {
+    const auto parsed = nlohmann::json::parse("\"" + json_escaped(raw) + "\"");  // throws if not JSON
+    EXPECT_TRUE(parsed.is_string());
+  }
+}
