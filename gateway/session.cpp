@@ -310,13 +310,16 @@ AttemptOutcome over_total_outcome(const config::Config& cfg) {
 // it cannot be delivered twice) from a backend that read the request and then closed (a crash
 // on that prompt: an ordinary failed attempt).
 enum class RequestFate {
-  kNotTaken,      // reset (the server closed with the request unread, or the request met a
-                  // closed socket), or end of stream with request bytes unacknowledged (the
-                  // server had closed before they came; the reset they draw is on its way)
+  kNotTaken,      // reset as the request was written (it met a closed socket), end of stream
+                  // and then a reset (the server had closed, and the request it did not read drew
+                  // the reset), or end of stream with request bytes unacknowledged (the server
+                  // had closed before they came; the reset they draw is on its way)
   kAcknowledged,  // end of stream after every byte was acknowledged: read by the server, unless
                   // the reset of a close with the request unread is still to come (a server that
                   // shuts down its side first, then closes)
-  kUnknown,       // anything else (a timeout, a closed socket)
+  kUnknown,       // anything else (a timeout, a closed socket, a reset with no end of stream
+                  // before it once the request was out: a server that read it and aborted the
+                  // connection, as well as one that died with it unread)
 };
 
 int tcp_state(tcp::socket& socket) {
@@ -325,8 +328,13 @@ int tcp_state(tcp::socket& socket) {
   return ::getsockopt(socket.native_handle(), IPPROTO_TCP, TCP_INFO, &info, &size) == 0 ? info.tcpi_state : -1;
 }
 
-RequestFate request_fate(tcp::socket& socket, const beast::error_code& ec) {
-  if (ec == net::error::connection_reset || ec == net::error::broken_pipe) return RequestFate::kNotTaken;
+RequestFate request_fate(tcp::socket& socket, const beast::error_code& ec, bool request_written) {
+  if (ec == net::error::connection_reset || ec == net::error::broken_pipe) {
+    // A server closing a parked connection sends its end of stream first, and a read sees that
+    // (below) before the reset. A reset alone, after the request went out, may come from one
+    // that read it: not to be sent twice.
+    return request_written ? RequestFate::kUnknown : RequestFate::kNotTaken;
+  }
   if (ec != net::error::eof || !socket.is_open()) return RequestFate::kUnknown;
   if (tcp_state(socket) == TCP_CLOSE) return RequestFate::kNotTaken;  // a reset came after the end of stream
   int unacknowledged = 0;
@@ -342,8 +350,8 @@ constexpr auto kResetWait = std::chrono::milliseconds(10);
 // Whether a parked connection failed because the backend had closed it before taking the
 // request (only on that rare path: the wait for a reset is a coroutine of its own, out of the
 // attempt's frame).
-net::awaitable<bool> stale_connection(tcp::socket* socket, beast::error_code ec) {
-  const auto fate = request_fate(*socket, ec);
+net::awaitable<bool> stale_connection(tcp::socket* socket, beast::error_code ec, bool request_written) {
+  const auto fate = request_fate(*socket, ec, request_written);
   if (fate != RequestFate::kAcknowledged) co_return fate == RequestFate::kNotTaken;
   net::steady_timer timer(socket->get_executor());
   for (auto waited = std::chrono::milliseconds(0); waited < kResetWait; waited += std::chrono::milliseconds(1)) {
@@ -709,7 +717,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
     // that closes later, has an ordinary failed attempt, counted and retried elsewhere (or not,
     // with retries.after_sent false), never a silent re-send.
     if (reused && !fresh_retry_used && conn->buffer.size() == 0 && coarse_now() - sent_at < kStaleConnectionWindow &&
-        co_await stale_connection(&conn->sock.socket(), wec)) {
+        co_await stale_connection(&conn->sock.socket(), wec, request_sent)) {
       spdlog::debug("{} backend {}: the parked connection was closed before it took the request ({}); sending it on "
                     "a new connection", request_id, backend->info().id, wec.message());
       fresh_retry_used = true;

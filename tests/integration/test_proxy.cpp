@@ -1141,6 +1141,23 @@ TEST(ProxyTest, RetriesAfterSentFalseSendsARequestToOneBackendOnly) {
   EXPECT_THAT(retried.body, HasSubstr("after 2 attempt(s)"));
 }
 
+// A backend that read a request on a parked connection and then reset the connection (no end
+// of stream first) may have acted on it: an ordinary failed attempt, never a silent re-send on a
+// fresh connection, so with retries.after_sent=false it gets the request once.
+TEST(ProxyTest, ABackendThatResetsAfterReadingARequestGetsItOnce) {
+  auto mocks = start_mocks(1, {"--lie", "reset-after-reading"});
+  auto gw = start_gateway(concat(backend_args(mocks), {"--threads", "1", "--set", "retries.after_sent=false", "--set",
+                                                       "passive.failures=100"}));
+  wait_healthy(gw, 1);
+  auto first = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+  ASSERT_EQ(first.status, 200) << first.body;  // its connection is parked
+  auto second = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(second.status, 502) << second.body;
+  EXPECT_THAT(second.body, HasSubstr("not retried (retries.after_sent is false)"));
+  EXPECT_EQ(requests_received(mocks), 2);
+  EXPECT_EQ(json::parse(http_request(mocks[0].port, "GET", "/mock/stats").body)["lies"], 1);
+}
+
 // An answer that cannot be relayed (a malformed head, a protocol switch, one out of step) came
 // from a backend that had the whole request and may have acted on it: with
 // retries.after_sent=false it is not sent to another.

@@ -66,7 +66,9 @@ struct Options {
   int models_nesting = 0;
   // A backend that lies about framing, on non-streamed completions: "extra-bytes" (bytes past
   // the promised body, in a later write), "cl-and-te" (Content-Length and chunked at once),
-  // "bad-chunk" (a malformed chunk size before any body byte).
+  // "bad-chunk" (a malformed chunk size before any body byte); "reset-after-reading" answers a
+  // connection's first completion request, then reads the next one whole and resets the
+  // connection (a server that aborts on a request it has read).
   std::string lie;
   // Reads request bodies no faster than this many bytes per second (0: as fast as they come): a
   // server that takes a large prompt steadily but slowly.
@@ -97,7 +99,7 @@ struct Server {
             << "usage: infergate-mock [--host H] [--port P] [--port-count K] [--model M] [--tokens N]\n"
                "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE] [--retry-after S]\n"
                "  [--seed S] [--hang] [--hang-after-header] [--drop-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
-               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice|bad-early-answer] [--own-request-ids] [--max-body BYTES]\n"
+               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice|bad-early-answer|reset-after-reading] [--own-request-ids] [--max-body BYTES]\n"
                "  [--idle-408] [--keep-alive-ms MS] [--hang-health-ms MS]\n"
                "  [--models-nesting N] [--read-rate BYTES_PER_S] [--quiet]\n";
   std::exit(message.empty() ? 0 : 2);
@@ -151,8 +153,9 @@ Options parse_options(int argc, char** argv) {
     else if (a == "--lie") {
       o.lie = value();
       if (o.lie != "extra-bytes" && o.lie != "cl-and-te" && o.lie != "bad-chunk" && o.lie != "answer-twice" &&
-          o.lie != "bad-early-answer") {
-        usage_error("--lie: expected extra-bytes, cl-and-te, bad-chunk, answer-twice or bad-early-answer");
+          o.lie != "bad-early-answer" && o.lie != "reset-after-reading") {
+        usage_error("--lie: expected extra-bytes, cl-and-te, bad-chunk, answer-twice, bad-early-answer or "
+                    "reset-after-reading");
       }
     } else if (a == "--quiet") o.quiet = true;
     else usage_error("unknown flag '" + a + "'");
@@ -425,6 +428,7 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
   const std::string self = address_of(socket);
   int served = 0;
   int completions_seen = 0;  // for --idle-408
+  int completions_read = 0;  // for --lie reset-after-reading
   net::steady_timer idle(socket.get_executor());  // for --keep-alive-ms
   for (;;) {
     http::request_parser<http::string_body> parser;
@@ -492,6 +496,13 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
     const std::string request_id(req["X-Request-ID"]);
     const bool completion_like = path == "/v1/chat/completions" || path == "/v1/completions" || path == "/generate";
     if (completion_like) ++server->stats.requests;
+    if (completion_like && o.lie == "reset-after-reading" && completions_read++ > 0) {
+      ++server->stats.lies;
+      beast::error_code ignored;
+      socket.set_option(net::socket_base::linger(true, 0), ignored);  // the close sends a reset, no FIN
+      socket.close(ignored);
+      co_return;
+    }
     if (completion_like && o.drop_request) {
       if (o.drop_delay_ms > 0) co_await sleep_for(std::chrono::milliseconds(o.drop_delay_ms));
       break;
@@ -594,7 +605,7 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
           }
         }
         res = make_response(http::status::ok, full_completion(c, completion_id));
-        if (!o.lie.empty()) {
+        if (o.lie == "extra-bytes" || o.lie == "cl-and-te" || o.lie == "bad-chunk" || o.lie == "answer-twice") {
           keep_open = co_await tell_lie(server, socket, res.body(), request_id) && req.keep_alive();
           ++served;
           if (!keep_open) break;
