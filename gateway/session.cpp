@@ -162,11 +162,7 @@ void append_hex(std::string& out, std::uint64_t v, int min_digits) {
 
 // "ig-<worker>-<random>-<counter>": unique across workers and restarts, built without printf.
 void make_request_id(Worker& w, std::string& out) {
-  out.assign("ig-");
-  append_hex(out, w.index, 1);
-  out += '-';
-  append_hex(out, static_cast<std::uint32_t>(w.rng()), 8);
-  out += '-';
+  out.assign(w.request_id_prefix);
   append_hex(out, ++w.request_counter, 1);
 }
 
@@ -1108,12 +1104,13 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
       length_sent = true;
     }
     if (!has_id && iequals(f.name, "x-request-id")) {
-      // A backend that echoes the id shows which request it answers. The id of a request
-      // answered before on this connection means the connection is out of step (the backend
-      // sent an answer nobody asked for, which arrived late): this answer belongs to someone
-      // else and must not reach this client. (A backend that makes up its own ids does not
-      // repeat earlier requests' ids.) The error does not quote the id: it was another client's.
-      if (f.value != request_id && up->answered_before(f.value)) {
+      // A backend that echoes the id shows which request it answers. Another id this worker
+      // gave a request (however long ago), or a client's id answered before on this
+      // connection, means the connection is out of step (the backend sent an answer nobody
+      // asked for, which arrived late): this answer belongs to someone else and must not reach
+      // this client. (A backend that makes up its own ids does not make up ours.) The error
+      // does not quote the id: it was another client's.
+      if (f.value != request_id && (f.value.starts_with(w->request_id_prefix) || up->answered_before(f.value))) {
         out.kind = AttemptOutcome::kFailed;
         out.status = 0;
         out.error = "the backend sent an answer to an earlier request on this connection again: the connection "

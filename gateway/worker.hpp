@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <memory>
 #include <random>
 #include <string>
@@ -24,7 +25,15 @@ struct Worker {
         io(BOOST_ASIO_CONCURRENCY_HINT_UNSAFE_IO),
         pool(static_cast<std::size_t>(shared.config.limits.upstream_idle_per_backend),
              shared.config.limits.upstream_idle_timeout),
-        rng(std::random_device{}() + static_cast<unsigned>(worker_index)) {}
+        rng(std::random_device{}() + static_cast<unsigned>(worker_index)),
+        request_id_prefix(make_request_id_prefix(worker_index, static_cast<std::uint32_t>(rng()))) {}
+
+  // "ig-<worker>-<random>-": the ids this worker gives requests are this and a counter.
+  static std::string make_request_id_prefix(std::size_t worker_index, std::uint32_t nonce) {
+    char prefix[48];
+    std::snprintf(prefix, sizeof prefix, "ig-%zx-%08x-", worker_index, static_cast<unsigned>(nonce));
+    return prefix;
+  }
 
   GatewayState* state;
   std::size_t index;
@@ -37,6 +46,9 @@ struct Worker {
   std::minstd_rand rng;
   // Resolved addresses per backend index; dropped when a connect to them fails.
   std::unordered_map<std::size_t, std::vector<tcp::endpoint>> resolved;
+  // Unique across workers and (by its random part) restarts: an answer on this worker's
+  // connections that carries another of these ids belongs to another request.
+  std::string request_id_prefix;
   std::uint64_t request_counter = 0;
   // Retry backoffs and name lookups under way (their timers), which a shutdown's deadline ends.
   std::vector<net::steady_timer*> waits;

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <regex>
+#include <set>
 #include <atomic>
 #include <mutex>
 #include <thread>
@@ -727,6 +728,29 @@ TEST(ProxyTest, AnAnswerCarryingAnotherRequestsIdNeverReachesTheClient) {
   }
   EXPECT_GE(out_of_step, 1) << "the liar's extra answers were never caught";
   EXPECT_GE(json::parse(http_request(liar[0].port, "GET", "/mock/stats").body)["lies"].get<int>(), 1);
+}
+
+// However late the extra answer comes: one carrying the id the gateway gave an earlier request
+// is caught after any number of requests in between (here five, more than the ids of the last
+// four kept per connection for the clients' own ids).
+TEST(ProxyTest, ALateAnswerCarryingAnEarlierGatewayIdIsCaught) {
+  auto liar = start_mocks(1, {"--lie", "answer-late"});
+  auto gw = start_gateway(concat(backend_args(liar), {"--threads", "1", "--set", "passive.failures=1000"}));
+  wait_healthy(gw, 1);
+  std::set<std::string> ids;
+  int out_of_step = 0;
+  for (int i = 0; i < 8; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+    if (r.status == 502) {
+      EXPECT_THAT(r.body, HasSubstr("out of step"));
+      ++out_of_step;
+      continue;
+    }
+    ASSERT_EQ(r.status, 200) << r.body;
+    EXPECT_TRUE(ids.insert(r.header("X-Request-ID")).second) << "an answer given twice: " << r.header("X-Request-ID");
+  }
+  EXPECT_EQ(out_of_step, 1);
+  EXPECT_EQ(json::parse(http_request(liar[0].port, "GET", "/mock/stats").body)["lies"].get<int>(), 1);
 }
 
 // Backends (or routers in front of them) that answer with ids of their own are not out of step.

@@ -68,7 +68,9 @@ struct Options {
   // the promised body, in a later write), "cl-and-te" (Content-Length and chunked at once),
   // "bad-chunk" (a malformed chunk size before any body byte); "reset-after-reading" answers a
   // connection's first completion request, then reads the next one whole and resets the
-  // connection (a server that aborts on a request it has read).
+  // connection (a server that aborts on a request it has read); "answer-late" sends a
+  // connection's first completion answer again just before its sixth (an answer that comes
+  // late, after the connection carried more requests than a short memory of ids covers).
   std::string lie;
   // Reads request bodies no faster than this many bytes per second (0: as fast as they come): a
   // server that takes a large prompt steadily but slowly.
@@ -99,7 +101,7 @@ struct Server {
             << "usage: infergate-mock [--host H] [--port P] [--port-count K] [--model M] [--tokens N]\n"
                "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE] [--retry-after S]\n"
                "  [--seed S] [--hang] [--hang-after-header] [--drop-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
-               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice|bad-early-answer|reset-after-reading] [--own-request-ids] [--max-body BYTES]\n"
+               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice|bad-early-answer|reset-after-reading|answer-late] [--own-request-ids] [--max-body BYTES]\n"
                "  [--idle-408] [--keep-alive-ms MS] [--hang-health-ms MS]\n"
                "  [--models-nesting N] [--read-rate BYTES_PER_S] [--quiet]\n";
   std::exit(message.empty() ? 0 : 2);
@@ -153,9 +155,9 @@ Options parse_options(int argc, char** argv) {
     else if (a == "--lie") {
       o.lie = value();
       if (o.lie != "extra-bytes" && o.lie != "cl-and-te" && o.lie != "bad-chunk" && o.lie != "answer-twice" &&
-          o.lie != "bad-early-answer" && o.lie != "reset-after-reading") {
-        usage_error("--lie: expected extra-bytes, cl-and-te, bad-chunk, answer-twice, bad-early-answer or "
-                    "reset-after-reading");
+          o.lie != "bad-early-answer" && o.lie != "reset-after-reading" && o.lie != "answer-late") {
+        usage_error("--lie: expected extra-bytes, cl-and-te, bad-chunk, answer-twice, bad-early-answer, "
+                    "reset-after-reading or answer-late");
       }
     } else if (a == "--quiet") o.quiet = true;
     else usage_error("unknown flag '" + a + "'");
@@ -429,6 +431,8 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
   int served = 0;
   int completions_seen = 0;  // for --idle-408
   int completions_read = 0;  // for --lie reset-after-reading
+  int completions_answered = 0;  // for --lie answer-late
+  std::string first_answer;      // for --lie answer-late
   net::steady_timer idle(socket.get_executor());  // for --keep-alive-ms
   for (;;) {
     http::request_parser<http::string_body> parser;
@@ -635,6 +639,17 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
       }
       res.keep_alive(req.keep_alive());
       res.prepare_payload();
+      if (o.lie == "answer-late" && completion_like) {
+        ++completions_answered;
+        if (completions_answered == 1) {
+          std::ostringstream first;
+          first << res;
+          first_answer = first.str();
+        } else if (completions_answered == 6) {
+          auto [lec, ln] = co_await net::async_write(socket, net::buffer(first_answer), kTuple);
+          if (!lec) ++server->stats.lies;
+        }
+      }
       auto [wec, wn] = co_await http::async_write(socket, res, kTuple);
       keep_open = !wec && req.keep_alive();
     }
