@@ -748,6 +748,7 @@ void watch_client(tcp::socket& client, const std::shared_ptr<ClientWatch>& watch
 void ClientConnection::on_slow() {
   if (!watch || !watch->active || watching) return;
   watching = true;
+  spdlog::trace("watching the client of a request that outlived a deadline sweep");
   watch_client(sock.socket(), watch);
 }
 
@@ -1480,7 +1481,9 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
                      out.status, out.bytes, ms, attempt,
                      client_note(out));
       }
-      co_return next_after(out.kind == AttemptOutcome::kServed && out.keep_alive);
+      // A client that half-closed while it waited has its answer and then the close: it sends
+      // nothing more, and its end of stream, already seen by the watch, would wake no read.
+      co_return next_after(out.kind == AttemptOutcome::kServed && out.keep_alive && !watch.client_gone);
     }
     spdlog::warn("{} {} {}: attempt {} on {} failed: {}", request_id, c->method, c->target, attempt + 1,
                  id, out.error);

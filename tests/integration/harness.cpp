@@ -409,6 +409,11 @@ bool RawConnection::send(const std::string& bytes) {
   return !ec;
 }
 
+void RawConnection::shutdown_write() {
+  beast::error_code ignored;
+  impl_->socket.shutdown(tcp::socket::shutdown_send, ignored);
+}
+
 // A timeout cancels the read and leaves the connection open (unlike beast::tcp_stream's).
 bool RawConnection::read_until(const std::function<bool(const std::string&)>& done, std::chrono::milliseconds timeout) {
   const auto until = Clock::now() + timeout;

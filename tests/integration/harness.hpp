@@ -123,6 +123,8 @@ class RawConnection {
   RawConnection(const RawConnection&) = delete;
   RawConnection& operator=(const RawConnection&) = delete;
   bool send(const std::string& bytes);
+  // Sends the end of stream (a half-close): the connection stays open for reading.
+  void shutdown_write();
   // Reads until `done(everything received so far)` holds, the peer closes, or the timeout
   // passes; returns whether `done` held.
   bool read_until(const std::function<bool(const std::string&)>& done, std::chrono::milliseconds timeout = 5s);

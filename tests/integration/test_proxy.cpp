@@ -1538,9 +1538,11 @@ TEST(ProxyTest, SigtermClosesIdleKeepAliveConnectionsAtOnceAndInFlightAnswersSay
 }
 
 namespace {
-// Whether an established TCP connection on local port `port` has bytes its owner has not read
-// (the receive queue in /proc/net/tcp and tcp6).
-bool unread_bytes_at(int port) {
+enum class PortSide { kLocal, kRemote };
+
+// Whether an established TCP connection on local (or remote) port `port` has bytes its owner
+// has not read (the receive queue in /proc/net/tcp and tcp6).
+bool unread_bytes_at(int port, PortSide side = PortSide::kLocal) {
   for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
     std::ifstream in(table);
     std::string line;
@@ -1549,15 +1551,37 @@ bool unread_bytes_at(int port) {
       std::istringstream fields(line);
       std::string slot, local, remote, state, queues;
       fields >> slot >> local >> remote >> state >> queues;
-      const auto colon = local.rfind(':');
+      const auto& address = side == PortSide::kLocal ? local : remote;
+      const auto colon = address.rfind(':');
       if (colon == std::string::npos || state != "01") continue;
-      if (std::stoi(local.substr(colon + 1), nullptr, 16) != port) continue;
+      if (std::stoi(address.substr(colon + 1), nullptr, 16) != port) continue;
       if (std::stoul(queues.substr(queues.find(':') + 1), nullptr, 16) != 0) return true;
     }
   }
   return false;
 }
 }  // namespace
+
+// A client that half-closes while its answer is on the way, the end of stream and the answer
+// coming together: it gets the answer and then the close, not a connection held open until
+// timeouts.client_idle (its end of stream, seen by the watch, woke no later read).
+TEST(ProxyTest, AClientThatHalfClosedGetsItsAnswerAndTheClose) {
+  auto mocks = start_mocks(1, {"--tokens", "25", "--token-delay-ms", "100"});  // the answer after 2.4 s
+  auto gw = start_gateway(concat(backend_args(mocks), {"--threads", "1", "--log-level", "trace"}));
+  wait_healthy(gw, 1);
+  RawConnection client(gw.port);
+  ASSERT_TRUE(client.send(raw_chat_request(chat_body(false))));
+  ASSERT_TRUE(poll_until([&] { return gw.process->errors().find("watching the client") != std::string::npos; }, 5s));
+  // Stopped, the gateway sees the answer and the end of stream in one wake-up.
+  ASSERT_EQ(::kill(gw.process->pid(), SIGSTOP), 0);
+  const bool answered = poll_until([&] { return unread_bytes_at(mocks[0].port, PortSide::kRemote); }, 10s);
+  client.shutdown_write();
+  ASSERT_EQ(::kill(gw.process->pid(), SIGCONT), 0);
+  ASSERT_TRUE(answered);
+  ASSERT_TRUE(client.read_until(has_whole_response, 5s)) << client.received();
+  EXPECT_THAT(client.received(), StartsWith("HTTP/1.1 200 "));
+  EXPECT_TRUE(client.wait_closed(3s)) << "the connection stayed open after the answer";
+}
 
 // A request still arriving when SIGTERM comes (a large prompt uploading: its head and part of
 // its body read) is read whole and answered, with `Connection: close`, before the gateway
