@@ -281,10 +281,13 @@ struct AttemptOutcome {
   bool client_stalled = false;  // kClientGone: the client was there but took nothing within timeouts.idle
 };
 
-// The access log's note on how a request ended without being served whole by its client's doing.
-std::string_view client_note(const AttemptOutcome& out) {
-  if (out.kind != AttemptOutcome::kClientGone) return "";
-  return out.client_stalled ? " client-stalled" : " client-gone";
+// The access log's note on a response not delivered whole: by its client's doing, by the
+// backend's (the client got a broken response: it must not read as a whole one), or cut by the
+// gateway (timeouts.total, the shutdown's deadline).
+std::string_view end_note(const AttemptOutcome& out, bool shutdown_cut) {
+  if (out.kind == AttemptOutcome::kClientGone) return out.client_stalled ? " client-stalled" : " client-gone";
+  if (out.kind == AttemptOutcome::kBrokenMidResponse) return out.over_total || shutdown_cut ? " cut" : " backend-broke";
+  return "";
 }
 
 AttemptOutcome client_gone_outcome() {
@@ -851,6 +854,8 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
   // and closed the backend connection): the relay ends as the client's doing, not as a
   // backend failure (its first read finds the closed socket).
   void client_left() { client_gone_ = true; }
+  // The request's retries before this attempt, for the access log.
+  void set_retries(int retries) { retries_ = retries; }
 
   void start(tcp::socket client, ConnectionSlot slot) {
     client_.emplace(w_->deadlines, std::move(client));
@@ -984,6 +989,7 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
   bool finished_ = false;
   bool counts_released_ = false;
   char peek_byte_ = 0;
+  int retries_ = 0;
 };
 
 void StreamRelay::finish(AttemptOutcome::Kind kind, std::string error) {
@@ -1008,8 +1014,9 @@ void StreamRelay::finish(AttemptOutcome::Kind kind, std::string error) {
   }
   if (state.config.log.access) {
     auto ms = std::chrono::duration<double, std::milli>(Clock::now() - request_started_).count();
-    spdlog::info("{} {} {} -> {} {} {}B {:.1f}ms{}", request_id_, method, target, backend_->info().id, out_.status,
-                 out_.bytes, ms, client_note(out_));
+    spdlog::info("{} {} {} -> {} {} {}B {:.1f}ms retries={}{}", request_id_, method, target, backend_->info().id,
+                 out_.status, out_.bytes, ms, retries_,
+                 end_note(out_, state.shutdown_cut.load(std::memory_order_relaxed)));
   }
   if (kind == AttemptOutcome::kServed) {
     add_token_usage(*backend_, usage_);
@@ -1452,6 +1459,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     }
     if (out.kind == AttemptOutcome::kHandedOff) {  // it reports the exchange
       if (watch.client_gone) c->handoff->client_left();
+      c->handoff->set_retries(attempt);
       co_return Next::kHandedOff;
     }
     // Ended by the shutdown's deadline, not by the backend: an answer saying so, if none began.
@@ -1479,7 +1487,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
         auto ms = std::chrono::duration<double, std::milli>(Clock::now() - started).count();
         spdlog::info("{} {} {} -> {} {} {}B {:.1f}ms retries={}{}", request_id, c->method, c->target, id,
                      out.status, out.bytes, ms, attempt,
-                     client_note(out));
+                     end_note(out, state.shutdown_cut.load(std::memory_order_relaxed)));
       }
       // A client that half-closed while it waited has its answer and then the close: it sends
       // nothing more, and its end of stream, already seen by the watch, would wake no read.
@@ -1652,8 +1660,13 @@ ReadResult request_read_failed(const GatewayState& state, const ClientConnection
     // No answer can go to a client that left in the middle of a request, but the access log
     // says it came: otherwise a request its client believes sent leaves no trace.
     if (state.config.log.access) {
+      // Of a body, its bytes only: the head is not counted, and a chunked body's decoded part
+      // (its raw chunks are dropped once decoded) is, with the chunks not yet decoded.
+      const auto came = in_head ? c.buffer.size()
+                                : c.buffer.size() - std::min(c.buffer.size(), c.head.size) +
+                                      (c.head.chunked ? c.chunked_body.size() : 0);
       spdlog::info("- - - -> - the client left in the middle of a request's {} ({} bytes of it came; client {})",
-                   in_head ? "head" : "body", c.buffer.size(), c.client_ip);
+                   in_head ? "head" : "body", came, c.client_ip);
     }
     return ReadResult::kClosed;
   }

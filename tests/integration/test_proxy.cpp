@@ -472,13 +472,45 @@ TEST(ProxyTest, AClientLeavingMidRequestIsInTheAccessLog) {
   }
   EXPECT_TRUE(poll_until([&] { return gw.process->errors().find("left in the middle of a request's head") != std::string::npos; }, 5s))
       << gw.process->errors();
+  // The body's bytes that came are counted, not the head's; of a chunked body, the decoded ones.
   {
     RawConnection client(gw.port);
     ASSERT_TRUE(client.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\":"));
   }
-  EXPECT_TRUE(poll_until([&] { return gw.process->errors().find("left in the middle of a request's body") != std::string::npos; }, 5s))
+  EXPECT_TRUE(poll_until([&] { return gw.process->errors().find("a request's body (5 bytes of it came") != std::string::npos; }, 5s))
+      << gw.process->errors();
+  {
+    RawConnection client(gw.port);
+    ASSERT_TRUE(client.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            "7\r\n{\"a\":1,\r\n"));
+  }
+  EXPECT_TRUE(poll_until([&] { return gw.process->errors().find("a request's body (7 bytes of it came") != std::string::npos; }, 5s))
       << gw.process->errors();
   EXPECT_EQ(http_request(gw.port, "GET", "/health").status, 200);
+}
+
+// A streamed response's access line says how many retries came before it, as every other
+// does, and one the backend broke says so (the client got a broken response, not a whole one).
+TEST(ProxyTest, AccessLinesOfStreamsCountRetriesAndNameBrokenResponses) {
+  auto failing = start_mocks(1, {"--fail-rate", "1", "--fail-status", "502"});
+  auto good = start_mocks(1, {"--tokens", "4"});
+  auto gw = start_gateway(concat(concat(backend_args(failing), backend_args(good)),
+                                 {"--threads", "1", "--set", "passive.failures=1000"}));
+  wait_healthy(gw, 2);
+  for (int i = 0; i < 2; ++i) {  // round robin: one of the two starts on the failing backend
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(true));
+    ASSERT_EQ(r.status, 200) << r.body;
+  }
+  const std::regex retried(" -> " + good[0].id() + " 200 [0-9]+B [0-9.]+ms retries=1\n");
+  EXPECT_TRUE(poll_until([&] { return std::regex_search(gw.process->errors(), retried); }, 5s)) << gw.process->errors();
+
+  auto breaking = start_mocks(1, {"--drop-mid-stream"});
+  auto gw_broken = start_gateway(concat(backend_args(breaking), {"--set", "passive.failures=1000"}));
+  wait_healthy(gw_broken, 1);
+  http_request(gw_broken.port, "POST", "/v1/chat/completions", chat_body(true));
+  const std::regex broke(" -> " + breaking[0].id() + " 200 [0-9]+B [0-9.]+ms retries=0 backend-broke\n");
+  EXPECT_TRUE(poll_until([&] { return std::regex_search(gw_broken.process->errors(), broke); }, 5s))
+      << gw_broken.process->errors();
 }
 
 // A client that stops halfway through a request is told why (408) before the close; one that
