@@ -25,7 +25,8 @@ std::string_view error_type_for(int status) {
     case 404:
     case 405:
     case 413:
-    case 431: return "invalid_request_error";
+    case 431:
+    case 501: return "invalid_request_error";  // a method the gateway does not support (CONNECT)
     case 401:
     case 403: return "authentication_error";
     case 429: return "rate_limit_error";

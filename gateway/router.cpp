@@ -73,6 +73,8 @@ bool authorized(const GatewayState& state, std::string_view authorization) {
     return false;
   }
   auto given = authorization.substr(kBearer.size());
+  // One or more spaces may follow the scheme (RFC 9110 11.4: 1*SP).
+  while (given.starts_with(' ')) given.remove_prefix(1);
   // Constant-time compare: the token guards weight updates.
   if (given.size() != token.size()) return false;
   unsigned char diff = 0;

@@ -1104,6 +1104,8 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
     }
     // HTTP/1.0 has no Transfer-Encoding: its body is dechunked or there is none (HEAD, 204).
     if ((dechunk || client_minor == 0) && iequals(f.name, "transfer-encoding")) continue;
+    // A 204 has no body and must not say otherwise (RFC 9110 8.6, RFC 9112 6.1).
+    if (rh.status == 204 && (iequals(f.name, "content-length") || iequals(f.name, "transfer-encoding"))) continue;
     // Chunked framing wins over a Content-Length sent alongside (RFC 9112 6.3), and a message
     // must not carry both: the client would frame the body by whichever it trusts. Equal
     // Content-Length fields (allowed in) go out as one.
@@ -1899,7 +1901,8 @@ net::awaitable<ReadResult> read_request(Worker* w, ClientConnection* c) {
     }
   }
   if (c->buffer.data().data() != start) http1::parse_request(c->buffer.data(), max_head, c->head);
-  if (h.method == "CONNECT") co_return co_await answer_and_close(w->state, c, 405, "CONNECT is not supported");
+  // 501, not 405: a 405 must list the methods allowed, and any other method is (RFC 9110 15.6.2).
+  if (h.method == "CONNECT") co_return co_await answer_and_close(w->state, c, 501, "CONNECT is not supported");
   // An absolute-form target (RFC 9112 3.2.2, what a client configured for a forward proxy sends)
   // is routed and forwarded by its path, like any other.
   if (h.target.size() > 7 && h.target[0] != '/' && (h.target[4] == ':' || h.target[5] == ':')) {

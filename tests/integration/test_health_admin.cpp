@@ -469,6 +469,9 @@ TEST(AdminTest, TokenProtectsTheAdminApi) {
   // The scheme is case-insensitive; the token is not.
   EXPECT_EQ(http_request(gw.port, "GET", "/admin/backends", "", {{"Authorization", "bearer s3cret"}}).status, 200);
   EXPECT_EQ(http_request(gw.port, "GET", "/admin/backends", "", {{"Authorization", "Bearer S3CRET"}}).status, 401);
+  // One or more spaces after the scheme.
+  EXPECT_EQ(http_request(gw.port, "GET", "/admin/backends", "", {{"Authorization", "Bearer   s3cret"}}).status, 200);
+  EXPECT_EQ(http_request(gw.port, "GET", "/admin/backends", "", {{"Authorization", "Bearer"}}).status, 401);
   // A percent-encoded id (the colon) names the same backend.
   auto encoded = a.id();
   encoded.replace(encoded.find(':'), 1, "%3A");
