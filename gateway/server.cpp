@@ -520,7 +520,9 @@ int Server::run() {
       return;
     }
     if (drain_started.exchange(true)) {
-      spdlog::warn("second signal ({}): exiting now", signo);
+      // The requests cut now get no access-log line of their own: say how many there were.
+      spdlog::warn("second signal ({}): exiting now, cutting {} request(s) in flight and {} still arriving", signo,
+                   state.inflight_requests.load(), state.arriving_requests.load());
       stop_workers();
       drain_timer.cancel();
       return;

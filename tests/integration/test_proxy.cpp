@@ -1707,6 +1707,24 @@ TEST(ProxyTest, ARequestInANameLookupAtTheShutdownDeadlineGetsA503) {
   EXPECT_EQ(gw.process->errors().find("did not finish within timeouts.connect"), std::string::npos) << gw.process->errors();
 }
 
+// A second signal exits at once, without waiting for the requests in flight, and says how many
+// it cut (they get no access-log line of their own).
+TEST(ProxyTest, ASecondSignalExitsAtOnceAndCountsTheRequestsItCuts) {
+  auto mocks = start_mocks(1, {"--tokens", "100", "--token-delay-ms", "100"});  // 10 s per answer
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  RawConnection client(gw.port);
+  ASSERT_TRUE(client.send(raw_chat_request(chat_body(false))));
+  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, mocks[0]) == 1; }, 5s));
+  ASSERT_EQ(::kill(gw.process->pid(), SIGTERM), 0);
+  ASSERT_TRUE(poll_until([&] { return gw.process->errors().find("no longer accepting") != std::string::npos; }, 5s));
+  const auto second = Clock::now();
+  ASSERT_EQ(::kill(gw.process->pid(), SIGINT), 0);
+  EXPECT_EQ(gw.process->wait_exit(10s), 0);
+  EXPECT_LT(Clock::now() - second, 3s);
+  EXPECT_THAT(gw.process->errors(), HasSubstr("second signal (2): exiting now, cutting 1 request(s) in flight"));
+}
+
 // A refused client that goes on sending is drained so that it reads the answer, but that is no
 // request in flight: SIGTERM ends the draining and the gateway exits at once.
 TEST(ProxyTest, SigtermDoesNotWaitForARefusedClientStillSending) {
