@@ -53,10 +53,10 @@ template <typename Field>
 Setter make_int(Field field, long long min, long long max) {
   return [field, min, max](Config& c, std::string_view v) -> std::string {
     auto n = parse_integer(v);
-    if (!n) return "expected an integer, got '" + std::string(v) + "'";
+    if (!n) return "expected an integer, got " + slurm::quoted_for_message(v);
     if (*n < min || *n > max) {
       return "must be between " + std::to_string(min) + " and " + std::to_string(max) + ", got " +
-             std::string(v);
+             slurm::quoted_for_message(v);
     }
     field(c) = static_cast<int>(*n);
     return {};
@@ -71,10 +71,10 @@ Setter make_optional_int(Field field, long long min, long long max) {
       return {};
     }
     auto n = parse_integer(v);
-    if (!n) return "expected an integer, got '" + std::string(v) + "'";
+    if (!n) return "expected an integer, got " + slurm::quoted_for_message(v);
     if (*n < min || *n > max) {
       return "must be between " + std::to_string(min) + " and " + std::to_string(max) + ", got " +
-             std::string(v);
+             slurm::quoted_for_message(v);
     }
     field(c) = static_cast<int>(*n);
     return {};
@@ -96,7 +96,7 @@ Setter make_positive_duration(Field field) {
   return [field](Config& c, std::string_view v) -> std::string {
     auto d = parse_duration(v);
     if (!d) return duration_error(v);
-    if (d->count() <= 0) return "must be greater than zero, got '" + std::string(v) + "'";
+    if (d->count() <= 0) return "must be greater than zero, got " + slurm::quoted_for_message(v);
     field(c) = *d;
     return {};
   };
@@ -106,8 +106,8 @@ template <typename Field>
 Setter make_size(Field field, std::uint64_t min) {
   return [field, min](Config& c, std::string_view v) -> std::string {
     auto s = parse_size(v);
-    if (!s) return "invalid size '" + std::string(v) + "' (expected e.g. 65536, 64KiB, 64MiB)";
-    if (*s < min) return "must be at least " + format_size(min) + ", got '" + std::string(v) + "'";
+    if (!s) return "invalid size " + slurm::quoted_for_message(v) + " (expected e.g. 65536, 64KiB, 64MiB)";
+    if (*s < min) return "must be at least " + format_size(min) + ", got " + slurm::quoted_for_message(v);
     field(c) = *s;
     return {};
   };
@@ -123,7 +123,7 @@ template <typename Field>
 Setter make_bool(Field field) {
   return [field](Config& c, std::string_view v) -> std::string {
     auto b = parse_bool(v);
-    if (!b) return "expected true or false, got '" + std::string(v) + "'";
+    if (!b) return "expected true or false, got " + slurm::quoted_for_message(v);
     field(c) = *b;
     return {};
   };
@@ -145,7 +145,7 @@ Setter make_choice(Field field, std::vector<std::string> choices,
           if (target == choice) all += " (or " + alias + ")";
         }
       }
-      return "must be one of " + all + ", got '" + std::string(v) + "'";
+      return "must be one of " + all + ", got " + slurm::quoted_for_message(v);
     }
     field(c) = std::string(v);
     return {};
@@ -200,7 +200,7 @@ std::string optional_text(const std::optional<T>& v) {
 std::string parse_listen(std::string_view v, Endpoint& out) {
   std::string problem;
   auto ep = parse_endpoint(v, &problem);
-  if (!ep) return problem.empty() ? "expected HOST:PORT, got '" + std::string(v) + "'" : problem;
+  if (!ep) return problem.empty() ? "expected HOST:PORT, got " + slurm::quoted_for_message(v) : problem;
   out = *ep;
   return {};
 }
@@ -218,7 +218,7 @@ std::string set_backends(Config& c, std::string_view v, bool append) {
       if (url.find("://") == std::string::npos) url = "http://" + url;
       std::string problem;
       if (!parse_backend_url(url, &problem)) {
-        return "invalid backend URL '" + std::string(item) + "': " + problem;
+        return "invalid backend URL " + slurm::quoted_for_message(item) + ": " + problem;
       }
       while (url.back() == '/') url.pop_back();
       c.backends.push_back(url);
@@ -311,11 +311,11 @@ const std::vector<KeySpec>& specs() {
         [](const Config& c) { return format_duration(c.slurm.scontrol_timeout); });
     add("health.path", Kind::kString, "health probe path (/health, /health_generate, /v1/models)",
         [](Config& c, std::string_view v) -> std::string {
-          if (v.empty() || v.front() != '/') return "must start with '/', got '" + std::string(v) + "'";
+          if (v.empty() || v.front() != '/') return "must start with '/', got " + slurm::quoted_for_message(v);
           // It goes into the probe's request line as it is.
           if (std::any_of(v.begin(), v.end(), [](char ch) { return ch <= ' ' || ch > '~'; })) {
-            return "must be a path without spaces, control characters or non-ASCII bytes, got '" +
-                   std::string(v) + "'";
+            return "must be a path without spaces, control characters or non-ASCII bytes, got " +
+                   slurm::quoted_for_message(v);
           }
           c.health.path = std::string(v);
           return {};
@@ -481,7 +481,7 @@ std::size_t edit_distance(std::string_view a, std::string_view b) {
 }
 
 std::string unknown_key_message(std::string_view key) {
-  std::string msg = "unknown key '" + std::string(key) + "'";
+  std::string msg = "unknown key " + slurm::quoted_for_message(key);
   auto near = closest_key(key);
   if (!near.empty()) msg += " (did you mean '" + near + "'?)";
   return msg;

@@ -1,5 +1,7 @@
 #include "config/units.hpp"
 
+#include "slurm/hostlist.hpp"
+
 #include <array>
 #include <charconv>
 #include <cmath>
@@ -73,9 +75,9 @@ std::string duration_error(std::string_view text) {
     case DurationCheck::kOk:
       return {};
     case DurationCheck::kInvalid:
-      return "invalid duration '" + std::string(text) + "' (expected e.g. 250ms, 2s, 5m, 1h)";
+      return "invalid duration " + slurm::quoted_for_message(text) + " (expected e.g. 250ms, 2s, 5m, 1h)";
     case DurationCheck::kTooLong:
-      return "duration '" + std::string(text) + "' is longer than the maximum of " +
+      return "duration " + slurm::quoted_for_message(text) + " is longer than the maximum of " +
              format_duration(kMaxDuration) + " (10 years)";
   }
   return {};

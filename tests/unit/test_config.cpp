@@ -313,6 +313,27 @@ TEST(ConfigTest, TooLongDurationsNameKeyOriginAndMaximum) {
   EXPECT_EQ(yaml_error("timeouts:\n  idle: 87600h\n"), "no error");
 }
 
+// An error is one line whatever the value holds: control characters in it are escaped.
+TEST(ConfigTest, ErrorsQuotingAValueStayOneLine) {
+  const std::vector<std::pair<std::string, std::string>> cases{
+      {"threads", "1\n2"}, {"policy", "a\nb"}, {"health.path", "/h\nx"}, {"timeouts.idle", "5s\r\n"},
+      {"limits.max_body", std::string("1\0x", 3)}, {"listen", "a\tb"}};
+  for (const auto& [key, value] : cases) {
+    LoadOptions options;
+    options.env = env_of({});
+    options.flags.push_back({key, value, "--set " + key});
+    const auto error = load_error(options);
+    EXPECT_EQ(error.find('\n'), std::string::npos) << key << ": " << error;
+    EXPECT_EQ(error.find('\r'), std::string::npos) << key << ": " << error;
+    EXPECT_EQ(error.find('\0'), std::string::npos) << key << ": " << error;
+    EXPECT_THAT(error, HasSubstr("--set " + key)) << error;
+  }
+  LoadOptions nul;
+  nul.env = env_of({});
+  nul.flags.push_back({"health.path", std::string("/h\0x", 4), "--set health.path"});
+  EXPECT_THAT(load_error(nul), HasSubstr("got '/h\\x00x'"));
+}
+
 TEST(ConfigTest, ConfigFileThatIsADirectoryOrMissingSaysWhy) {
   LoadOptions dir;
   dir.env = env_of({});
