@@ -37,7 +37,10 @@ gateway=$!
 deadline=$((SECONDS + ${READY_TIMEOUT:-3600}))
 until curl -fs "http://$trainer:8080/ready" >/dev/null; do
   kill -0 "$gateway" 2>/dev/null || { echo "infergate exited before it was ready" >&2; exit 1; }
-  ((SECONDS < deadline)) || { echo "inference servers not ready after ${READY_TIMEOUT:-3600}s" >&2; exit 1; }
+  if ((SECONDS >= deadline)); then  # /ready's answer says why (how many are healthy, the commonest probe failure)
+    echo "inference servers not ready after ${READY_TIMEOUT:-3600}s: $(curl -s "http://$trainer:8080/ready")" >&2
+    exit 1
+  fi
   sleep 10
 done
 

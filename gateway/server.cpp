@@ -222,6 +222,21 @@ struct Server::Impl {
     spdlog::info("holding up to {} client connections at once (limits.max_client_connections{}; open-file limit {})",
                  state.max_client_connections, state.config.limits.max_client_connections == 0 ? ": automatic" : "",
                  open_files);
+    // Each proxied request takes a descriptor for its client and one for its backend: a limit
+    // past what the open-file limit allows runs out of descriptors instead of queueing clients.
+    const auto automatic = client_connection_limit(0, open_files, backend_count);
+    if (state.max_client_connections > automatic) {
+      spdlog::warn("limits.max_client_connections ({}) is more than the open-file limit ({}) allows for proxied "
+                   "requests (about {}); the gateway may run out of descriptors (raise `ulimit -n`, or set 0 for the "
+                   "automatic limit)",
+                   state.max_client_connections, open_files, automatic);
+    }
+    const auto min_healthy = static_cast<std::size_t>(state.config.health.min_healthy_backends);
+    if (backend_count > 0 && min_healthy > backend_count) {
+      spdlog::warn("health.min_healthy_backends is {} but only {} backend(s) were found: /ready stays 503 until more "
+                   "are added",
+                   min_healthy, backend_count);
+    }
     const auto pages = sysconf(_SC_PHYS_PAGES);
     const auto page_size = sysconf(_SC_PAGE_SIZE);
     const std::uint64_t physical = pages > 0 && page_size > 0 ? static_cast<std::uint64_t>(pages) *

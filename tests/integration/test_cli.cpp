@@ -275,6 +275,19 @@ TEST(CliTest, JsonLogLinesStayJsonWhateverTheClientSends) {
   EXPECT_GT(parsed, 2);
 }
 
+// Settings that cannot work as asked are warned about at start: more client connections than
+// the open-file limit allows, more healthy backends needed than there are.
+TEST(CliTest, SettingsThatCannotWorkAreWarnedAboutAtStart) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "health.min_healthy_backends=3", "--set",
+                           "limits.max_client_connections=10000000"});
+  EXPECT_THAT(gw.process->errors(), HasSubstr("limits.max_client_connections (10000000) is more than the open-file limit"));
+  EXPECT_THAT(gw.process->errors(), HasSubstr("health.min_healthy_backends is 3 but only 1 backend(s) were found"));
+  auto fine = start_gateway({"--backend", mock.url()});
+  EXPECT_THAT(fine.process->errors(), Not(HasSubstr("is more than the open-file limit")));
+  EXPECT_THAT(fine.process->errors(), Not(HasSubstr("health.min_healthy_backends is")));
+}
+
 // With --log-format json, the line saying why the gateway did not start is JSON too (a log
 // pipeline reads it), and so is a warning carrying bytes that are not UTF-8.
 TEST(CliTest, AStartUpErrorIsAJsonLineWithTheJsonLogFormat) {
