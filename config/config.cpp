@@ -581,6 +581,7 @@ void walk_yaml(Config& c, const YAML::Node& map, const std::string& prefix, cons
     if (spec) {
       apply_yaml_value(c, *spec, key_node, value, src);
       c.sources[key] = Source::kFile;
+      c.file_lines[key] = key_node.Mark().line + 1;
       continue;
     }
     bool is_section = std::any_of(specs().begin(), specs().end(), [&](const KeySpec& s) {
@@ -660,7 +661,12 @@ std::string origin(const Config& c, const std::string& key) {
   auto it = c.sources.find(key);
   switch (it == c.sources.end() ? Source::kDefault : it->second) {
     case Source::kDefault: return "the default";
-    case Source::kFile: return c.config_file.empty() ? "the config file" : c.config_file;
+    case Source::kFile: {
+      const auto line = c.file_lines.find(key);
+      if (line == c.file_lines.end()) return c.config_file.empty() ? "the config file" : c.config_file;
+      return c.config_file.empty() ? "line " + std::to_string(line->second) + " of the config file"
+                                   : c.config_file + ":" + std::to_string(line->second);
+    }
     case Source::kEnv: return env_name(key);
     case Source::kFlag: return "the command line";
   }

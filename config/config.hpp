@@ -131,6 +131,7 @@ struct Config {
 
   std::string config_file;                 // empty when none was read
   std::map<std::string, Source> sources;   // key -> where its value came from
+  std::map<std::string, int> file_lines;   // key -> its line in config_file, for keys from the file
 
   int effective_threads() const;
 };

@@ -277,11 +277,12 @@ TEST(ConfigTest, InvalidValuesNameKeyFileAndLine) {
   EXPECT_THAT(yaml_error("- a\n- b\n"), HasSubstr("expected a YAML map"));
   EXPECT_THAT(yaml_error("threads: [1, 2\n"), HasSubstr("invalid YAML"));
   EXPECT_THAT(yaml_error("limits:\n  max_body: 64MiB\n  max_body_memory: 32MiB\n"),
-              HasSubstr("limits.max_body_memory (32MiB, from the config file) must be at least limits.max_body (64MiB"));
+              HasSubstr("limits.max_body_memory (32MiB, from line 3 of the config file) must be at least limits.max_body (64MiB, "
+                        "from line 2 of the config file)"));
   EXPECT_THAT(yaml_error("limits:\n  max_body_memory: lots\n"), HasSubstr("limits.max_body_memory: invalid size 'lots'"));
   EXPECT_THAT(yaml_error("retries:\n  backoff_base: 2s\n  backoff_max: 1s\n"),
-              HasSubstr("retries.backoff_max (1s, from the config file) must be at least retries.backoff_base "
-                        "(2s, from the config file)"));
+              HasSubstr("retries.backoff_max (1s, from line 3 of the config file) must be at least retries.backoff_base "
+                        "(2s, from line 2 of the config file)"));
   EXPECT_THAT(yaml_error("passive:\n  ejection_base: 2m\n  ejection_max: 1m\n"),
               HasSubstr("passive.ejection_max"));
   EXPECT_EQ(yaml_error(""), "no error");  // an empty file means defaults
@@ -657,7 +658,7 @@ TEST(ConfigTest, ValuesThatWouldBreakARequestLineOrAnAddressAreRefused) {
   EXPECT_EQ(parse_endpoint(":8080")->host, "0.0.0.0");
   EXPECT_THAT(yaml_error("backends:\n  - http://[]:80\n"), HasSubstr("invalid backend URL"));
   EXPECT_THAT(yaml_error("listen: 127.0.0.1:8080\nmetrics:\n  listen: 127.0.0.1:8080\n"),
-              HasSubstr("metrics.listen (127.0.0.1:8080, from the config file) must not be the gateway's own address"));
+              HasSubstr("metrics.listen (127.0.0.1:8080, from line 3 of the config file) must not be the gateway's own address"));
   EXPECT_THAT(yaml_error("listen: 0.0.0.0:8080\nmetrics:\n  listen: 127.0.0.1:8080\n"), HasSubstr("must not be"));
   EXPECT_EQ(yaml_error("listen: 127.0.0.1:0\nmetrics:\n  listen: 127.0.0.1:0\n"), "no error");  // both any port
 }
