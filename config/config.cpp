@@ -482,6 +482,8 @@ std::size_t edit_distance(std::string_view a, std::string_view b) {
 
 std::string unknown_key_message(std::string_view key) {
   std::string msg = "unknown key " + slurm::quoted_for_message(key);
+  // yaml-cpp reads `<<: *defaults` as a key named "<<".
+  if (key == "<<" || key.ends_with(".<<")) return msg + " (YAML merge keys are not supported: write the keys out)";
   auto near = closest_key(key);
   if (!near.empty()) msg += " (did you mean '" + near + "'?)";
   return msg;

@@ -285,6 +285,9 @@ TEST(ConfigTest, InvalidValuesNameKeyFileAndLine) {
                         "(2s, from line 2 of the config file)"));
   EXPECT_THAT(yaml_error("passive:\n  ejection_base: 2m\n  ejection_max: 1m\n"),
               HasSubstr("passive.ejection_max"));
+  EXPECT_THAT(yaml_error("d: &d {interval: 1s}\nhealth:\n  <<: *d\n"), HasSubstr("unknown key 'd'"));
+  EXPECT_THAT(yaml_error("health:\n  <<: {interval: 1s}\n"),
+              HasSubstr("unknown key 'health.<<' (YAML merge keys are not supported: write the keys out)"));
   EXPECT_EQ(yaml_error(""), "no error");  // an empty file means defaults
 }
 
