@@ -95,7 +95,9 @@ struct LimitSettings {
   // that would go past it is answered 503 with Retry-After. 0: a quarter of the memory the
   // gateway may use (physical memory or its cgroup's limit), and never below max_body.
   std::uint64_t max_body_memory = 0;
-  milliseconds upstream_idle_timeout{60000};
+  // Below uvicorn's 5 s keep-alive (vLLM, SGLang): a parked connection the backend may be
+  // closing as a request arrives is not reused.
+  milliseconds upstream_idle_timeout{4000};
 };
 
 struct RetrySettings {

@@ -348,7 +348,8 @@ int run_cli(int argc, char** argv) {
   try {
     discovered = discovery::discover(cfg, config::EnvLookup{});
   } catch (const std::exception& e) {
-    if (cli.command == Command::kServe && cfg.log.format == "json") {
+    if (cli.command == Command::kServe && cfg.log.format == "json" &&
+        spdlog::default_logger()->should_log(spdlog::level::critical)) {
       // The line saying why the job's gateway did not start, where a JSON log pipeline reads it.
       spdlog::critical("{}", e.what());
     } else {

@@ -7,7 +7,9 @@
 #include <sys/socket.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <array>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <optional>
@@ -166,6 +168,14 @@ void make_request_id(Worker& w, std::string& out) {
   append_hex(out, ++w.request_counter, 1);
 }
 
+// Whether `id` is one this worker gave a request: its prefix and a counter, nothing else (an
+// echo a proxy changed, `<id>/0` or `<id>, <id>`, is not taken for another request's).
+bool is_request_id_of(const Worker& w, std::string_view id) {
+  if (!id.starts_with(w.request_id_prefix) || id.size() == w.request_id_prefix.size()) return false;
+  const auto counter = id.substr(w.request_id_prefix.size());
+  return std::all_of(counter.begin(), counter.end(), [](char ch) { return std::isxdigit(static_cast<unsigned char>(ch)); });
+}
+
 // The reason phrase for a status the backend gave none for: empty when it is no status Beast
 // knows (an empty reason is valid; a made-up one is not).
 std::string_view reason_phrase(unsigned status) {
@@ -316,9 +326,8 @@ enum class RequestFate {
   kAcknowledged,  // end of stream after every byte was acknowledged: read by the server, unless
                   // the reset of a close with the request unread is still to come (a server that
                   // shuts down its side first, then closes)
-  kUnknown,       // anything else (a timeout, a closed socket, a reset with no end of stream
-                  // before it once the request was out: a server that read it and aborted the
-                  // connection, as well as one that died with it unread)
+  kUnknown,       // anything else (a timeout, a closed socket; and, when the request must not be
+                  // sent twice, a reset with no end of stream before it once the request was out)
 };
 
 int tcp_state(tcp::socket& socket) {
@@ -327,12 +336,16 @@ int tcp_state(tcp::socket& socket) {
   return ::getsockopt(socket.native_handle(), IPPROTO_TCP, TCP_INFO, &info, &size) == 0 ? info.tcpi_state : -1;
 }
 
-RequestFate request_fate(tcp::socket& socket, const beast::error_code& ec, bool request_written) {
+// `sent_once`: the request went out whole and must not reach the backend twice
+// (retries.after_sent false).
+RequestFate request_fate(tcp::socket& socket, const beast::error_code& ec, bool sent_once) {
   if (ec == net::error::connection_reset || ec == net::error::broken_pipe) {
-    // A server closing a parked connection sends its end of stream first, and a read sees that
-    // (below) before the reset. A reset alone, after the request went out, may come from one
-    // that read it: not to be sent twice.
-    return request_written ? RequestFate::kUnknown : RequestFate::kNotTaken;
+    // A reset alone, after the request went out, is most often a server that closed the parked
+    // connection for idleness as the request arrived, with it unread (uvicorn stops reading at
+    // once and closes a loop pass later: the unread request draws the reset, no end of stream
+    // first). But a server that read the request and aborted the connection looks the same: a
+    // request that must not be sent twice is not.
+    return sent_once ? RequestFate::kUnknown : RequestFate::kNotTaken;
   }
   if (ec != net::error::eof || !socket.is_open()) return RequestFate::kUnknown;
   if (tcp_state(socket) == TCP_CLOSE) return RequestFate::kNotTaken;  // a reset came after the end of stream
@@ -349,8 +362,8 @@ constexpr auto kResetWait = std::chrono::milliseconds(10);
 // Whether a parked connection failed because the backend had closed it before taking the
 // request (only on that rare path: the wait for a reset is a coroutine of its own, out of the
 // attempt's frame).
-net::awaitable<bool> stale_connection(tcp::socket* socket, beast::error_code ec, bool request_written) {
-  const auto fate = request_fate(*socket, ec, request_written);
+net::awaitable<bool> stale_connection(tcp::socket* socket, beast::error_code ec, bool sent_once) {
+  const auto fate = request_fate(*socket, ec, sent_once);
   if (fate != RequestFate::kAcknowledged) co_return fate == RequestFate::kNotTaken;
   net::steady_timer timer(socket->get_executor());
   for (auto waited = std::chrono::milliseconds(0); waited < kResetWait; waited += std::chrono::milliseconds(1)) {
@@ -715,14 +728,18 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
     // connection. A backend that read the request and closed (a crash on it), however soon, or
     // that closes later, has an ordinary failed attempt, counted and retried elsewhere (or not,
     // with retries.after_sent false), never a silent re-send.
+    const bool sent_once = request_sent && !cfg.retries.after_sent;
     if (reused && !fresh_retry_used && conn->buffer.size() == 0 && coarse_now() - sent_at < kStaleConnectionWindow &&
-        co_await stale_connection(&conn->sock.socket(), wec, request_sent)) {
+        co_await stale_connection(&conn->sock.socket(), wec, sent_once)) {
       spdlog::debug("{} backend {}: the parked connection was closed before it took the request ({}); sending it on "
                     "a new connection", request_id, backend->info().id, wec.message());
       fresh_retry_used = true;
       w->pool.clear(backend->index());
       continue;
     }
+    // The backend's other parked connections were likely closed by the same cause (an idle
+    // timeout, a restart): each would fail a request of its own.
+    if (reused && (wec == net::error::connection_reset || wec == net::error::eof)) w->pool.clear(backend->index());
     if (wec == beast::error::timeout && conn->sock.past_cap()) co_return over_total_outcome(cfg);
     co_return unanswered_outcome(wec, request_sent, cfg);
   }
@@ -1120,7 +1137,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
       // asked for, which arrived late): this answer belongs to someone else and must not reach
       // this client. (A backend that makes up its own ids does not make up ours.) The error
       // does not quote the id: it was another client's.
-      if (f.value != request_id && (f.value.starts_with(w->request_id_prefix) || up->answered_before(f.value))) {
+      if (f.value != request_id && (is_request_id_of(*w, f.value) || up->answered_before(f.value))) {
         out.kind = AttemptOutcome::kFailed;
         out.status = 0;
         out.error = "the backend sent an answer to an earlier request on this connection again: the connection "

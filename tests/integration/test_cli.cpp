@@ -305,6 +305,11 @@ TEST(CliTest, AStartUpErrorIsAJsonLineWithTheJsonLogFormat) {
   EXPECT_EQ(parsed.back()["level"], "critical");
   EXPECT_THAT(parsed.back()["msg"].get<std::string>(), HasSubstr("INFER_TP=3 does not divide the 8 GPUs per node"));
   EXPECT_THAT(r.err, HasSubstr("INFERGATE_X\\ufffd")) << r.err;
+  // With the log turned off, the reason still reaches stderr.
+  auto quiet = run({"--log-format", "json", "--log-level", "off", "--listen", "127.0.0.1:0"},
+                   {"SLURM_JOB_NODELIST=n[1-2]", "INFER_TP=3"});
+  EXPECT_EQ(quiet.code, 2);
+  EXPECT_THAT(quiet.err, HasSubstr("INFER_TP=3 does not divide the 8 GPUs per node"));
 }
 
 // The harness itself: a line printed just before the process exits is still seen (the reader

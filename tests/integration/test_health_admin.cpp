@@ -584,11 +584,11 @@ TEST(AdminTest, AnAddRightAfterARemovalLeavesTheBackendPresent) {
 }
 
 // A removed backend keeps no connection from the gateway: its idle pooled connections are
-// closed within about a second, not after limits.upstream_idle_timeout (1 minute).
+// closed within about a second, not after limits.upstream_idle_timeout (1 minute here).
 TEST(AdminTest, ARemovedBackendsPooledConnectionsAreClosed) {
   auto a = start_mock();
   auto b = start_mock();
-  auto gw = start_gateway({"--backend", a.url(), "--backend", b.url()});
+  auto gw = start_gateway({"--backend", a.url(), "--backend", b.url(), "--set", "limits.upstream_idle_timeout=1m"});
   ASSERT_TRUE(poll_until([&] { return admin_backends(gw.port)["gateway"]["healthy"] == 2; }, 10s));
   for (int i = 0; i < 6; ++i) EXPECT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false)).status, 200);
   auto open_on_b = [&] { return json::parse(http_request(b.port, "GET", "/mock/stats").body)["open_connections"].get<int>(); };

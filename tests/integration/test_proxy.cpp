@@ -785,6 +785,26 @@ TEST(ProxyTest, ALateAnswerCarryingAnEarlierGatewayIdIsCaught) {
   EXPECT_EQ(json::parse(http_request(liar[0].port, "GET", "/mock/stats").body)["lies"].get<int>(), 1);
 }
 
+// Only an id exactly as the gateway gave it to another request is taken for one: an echo that a
+// proxy changed (a suffix, two fields merged) is relayed.
+TEST(ProxyTest, OnlyAnotherRequestsWholeIdMakesAnAnswerOutOfStep) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(concat(backend_args(mocks), {"--threads", "1", "--set", "passive.failures=1000"}));
+  wait_healthy(gw, 1);
+  auto first = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+  ASSERT_EQ(first.status, 200);
+  const auto earlier = first.header("X-Request-ID");  // ig-<worker>-<random>-<counter>
+  ASSERT_THAT(earlier, StartsWith("ig-0-"));
+  auto answer_with_id = [&](const std::string& id) {
+    const std::string answer = "HTTP/1.1 200 OK\r\nX-Request-ID: " + id + "\r\nContent-Length: 2\r\n\r\nok";
+    return http_request(gw.port, "POST", "/mock/raw", answer);
+  };
+  EXPECT_EQ(answer_with_id(earlier).status, 502);
+  EXPECT_EQ(answer_with_id(earlier + "/0").status, 200);
+  EXPECT_EQ(answer_with_id(earlier + ", " + earlier).status, 200);
+  EXPECT_EQ(answer_with_id("someone-else").status, 200);
+}
+
 // Backends (or routers in front of them) that answer with ids of their own are not out of step.
 TEST(ProxyTest, ABackendWithItsOwnRequestIdsIsServedNormally) {
   auto mocks = start_mocks(1, {"--own-request-ids"});
@@ -1198,8 +1218,11 @@ TEST(ProxyTest, RetriesAfterSentFalseSendsARequestToOneBackendOnly) {
 }
 
 // A backend that read a request on a parked connection and then reset the connection (no end
-// of stream first) may have acted on it: an ordinary failed attempt, never a silent re-send on a
-// fresh connection, so with retries.after_sent=false it gets the request once.
+// of stream first) may have acted on it: with retries.after_sent=false that is an ordinary
+// failed attempt, never a silent re-send on a fresh connection, so it gets the request once.
+// (With the default, a reset alone is taken for what it most often is, a server closing the
+// parked connection for idleness with the request unread, and the request goes again on a
+// fresh connection.)
 TEST(ProxyTest, ABackendThatResetsAfterReadingARequestGetsItOnce) {
   auto mocks = start_mocks(1, {"--lie", "reset-after-reading"});
   auto gw = start_gateway(concat(backend_args(mocks), {"--threads", "1", "--set", "retries.after_sent=false", "--set",
@@ -1212,6 +1235,18 @@ TEST(ProxyTest, ABackendThatResetsAfterReadingARequestGetsItOnce) {
   EXPECT_THAT(second.body, HasSubstr("not retried (retries.after_sent is false)"));
   EXPECT_EQ(requests_received(mocks), 2);
   EXPECT_EQ(json::parse(http_request(mocks[0].port, "GET", "/mock/stats").body)["lies"], 1);
+
+  auto resetting = start_mocks(1, {"--lie", "reset-after-reading"});
+  auto gw_default = start_gateway(concat(backend_args(resetting), {"--threads", "1", "--set", "passive.failures=100"}));
+  wait_healthy(gw_default, 1);
+  for (int i = 0; i < 2; ++i) {
+    auto r = http_request(gw_default.port, "POST", "/v1/chat/completions", chat_body(false));
+    EXPECT_EQ(r.status, 200) << r.body;
+  }
+  EXPECT_EQ(requests_received(resetting), 3);  // the second went again, on a fresh connection
+  EXPECT_EQ(metric(gw_default.port, "infergate_backend_requests_total",
+                   "backend=\"" + resetting[0].id() + "\",node=\"127.0.0.1\",slot=\"0\",code=\"error\""),
+            0);
 }
 
 // An answer that cannot be relayed (a malformed head, a protocol switch, one out of step) came
