@@ -395,7 +395,7 @@ bool HealthChecker::undrain(const std::shared_ptr<Backend>& backend) {
     if (impl->pending_removal.erase(backend->index()) > 0) {
       spdlog::info("backend {}: removal cancelled", backend->info().id);
     }
-    auto t = impl->tracker(*backend).undrain();
+    auto t = impl->tracker(*backend).undrain(Clock::now());
     impl->apply(*backend, t);
     return t.has_value();
   });
@@ -443,7 +443,7 @@ std::pair<std::shared_ptr<Backend>, bool> HealthChecker::add(BackendInfo info) {
     if (auto existing = impl->registry.find(info.id)) {
       if (impl->pending_removal.erase(existing->index()) > 0) {
         spdlog::info("backend {}: added again, removal cancelled", existing->info().id);
-        impl->apply(*existing, impl->tracker(*existing).undrain());
+        impl->apply(*existing, impl->tracker(*existing).undrain(Clock::now()));
       }
       return {existing, false};
     }

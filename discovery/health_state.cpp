@@ -91,19 +91,25 @@ std::optional<Transition> HealthTracker::on_request(bool failed, Clock::time_poi
 
 std::optional<Transition> HealthTracker::drain() {
   if (state_ == BackendState::kDraining || state_ == BackendState::kRemoved) return std::nullopt;
-  before_drain_ = state_ == BackendState::kEjected ? BackendState::kUnhealthy : state_;
+  before_drain_ = state_;
   return move_to(BackendState::kDraining, "drained by operator");
 }
 
-std::optional<Transition> HealthTracker::undrain() {
+std::optional<Transition> HealthTracker::undrain(Clock::time_point now) {
   if (state_ != BackendState::kDraining) return std::nullopt;
   // Probes went on during the drain: what they found last decides, not the state at drain time.
+  // But passing probes do not end an ejection (they show the health endpoint answers, not that
+  // requests succeed): an ejected backend undrained before its ejection is over is ejected
+  // again until then.
   auto to = before_drain_;
-  if (to == BackendState::kHealthy && probe_failures_ >= policy_.unhealthy_threshold) {
+  if (probe_failures_ >= policy_.unhealthy_threshold && before_drain_ != BackendState::kStarting) {
     to = BackendState::kUnhealthy;
+  } else if (before_drain_ == BackendState::kEjected && now < ejected_until_) {
+    to = BackendState::kEjected;
   } else if (to != BackendState::kHealthy && probe_passes_ >= policy_.healthy_threshold) {
     to = BackendState::kHealthy;
   }
+  if (to == BackendState::kHealthy && before_drain_ != BackendState::kHealthy) in_service_since_ = now;
   return move_to(to, "undrained by operator");
 }
 

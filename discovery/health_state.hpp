@@ -43,7 +43,7 @@ class HealthTracker {
   std::optional<Transition> on_request(bool failed, Clock::time_point now, int in_a_row = 0);
 
   std::optional<Transition> drain();
-  std::optional<Transition> undrain();
+  std::optional<Transition> undrain(Clock::time_point now);
   std::optional<Transition> remove();
 
  private:

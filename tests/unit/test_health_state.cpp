@@ -62,23 +62,60 @@ TEST(HealthStateTest, UndrainGoesByTheProbesMadeDuringTheDrain) {
   HealthTracker died(policy(), BackendState::kHealthy);
   ASSERT_TRUE(died.drain());
   for (int i = 0; i < 3; ++i) EXPECT_FALSE(died.on_probe(false, now));
-  auto back = died.undrain();
+  auto back = died.undrain(Clock::now());
   ASSERT_TRUE(back);
   EXPECT_EQ(back->to, BackendState::kUnhealthy);
 
   HealthTracker recovered(policy(), BackendState::kUnhealthy);
   ASSERT_TRUE(recovered.drain());
   for (int i = 0; i < 2; ++i) EXPECT_FALSE(recovered.on_probe(true, now));
-  back = recovered.undrain();
+  back = recovered.undrain(Clock::now());
   ASSERT_TRUE(back);
   EXPECT_EQ(back->to, BackendState::kHealthy);
 
   HealthTracker unchanged(policy(), BackendState::kHealthy);
   ASSERT_TRUE(unchanged.drain());
   EXPECT_FALSE(unchanged.on_probe(false, now));  // one failure is not enough
-  back = unchanged.undrain();
+  back = unchanged.undrain(Clock::now());
   ASSERT_TRUE(back);
   EXPECT_EQ(back->to, BackendState::kHealthy);
+}
+
+// Passing probes do not end an ejection, and nor does a drain and undrain: an ejected backend
+// undrained before its ejection is over is ejected again until then (its probes passed all the
+// while), and comes back once the ejection is over and a probe passes.
+TEST(HealthStateTest, ADrainAndUndrainDoesNotEndAnEjection) {
+  HealthTracker t(policy(), BackendState::kHealthy);
+  const auto now = Clock::now();
+  for (int i = 0; i < 3; ++i) t.on_request(true, now);
+  ASSERT_EQ(t.state(), BackendState::kEjected);
+  const auto until = t.ejected_until();
+  ASSERT_TRUE(t.drain());
+  for (int i = 0; i < 3; ++i) t.on_probe(true, now);
+  auto back = t.undrain(now);
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->to, BackendState::kEjected);
+  EXPECT_FALSE(t.on_probe(true, until - std::chrono::milliseconds(1)));
+  auto over = t.on_probe(true, until);
+  ASSERT_TRUE(over);
+  EXPECT_EQ(over->to, BackendState::kHealthy);
+
+  // Undrained after the ejection ran out, with probes passing: healthy at once.
+  HealthTracker later(policy(), BackendState::kHealthy);
+  for (int i = 0; i < 3; ++i) later.on_request(true, now);
+  ASSERT_TRUE(later.drain());
+  for (int i = 0; i < 3; ++i) later.on_probe(true, now);
+  back = later.undrain(later.ejected_until());
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->to, BackendState::kHealthy);
+
+  // A backend that was starting stays starting through failed probes (no alarm while loading).
+  HealthTracker loading(policy(), BackendState::kStarting);
+  ASSERT_TRUE(loading.drain());
+  for (int i = 0; i < 3; ++i) loading.on_probe(false, now);
+  back = loading.undrain(now);
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->to, BackendState::kStarting);
 }
 
 // The request path's count (several worker threads) can run ahead of the reports the tracker
@@ -181,10 +218,10 @@ TEST(HealthStateTest, DrainUndrainRemove) {
   EXPECT_FALSE(t.drain());
   EXPECT_FALSE(t.on_probe(false, now));  // probes do not move a draining backend
   EXPECT_FALSE(t.on_request(true, now));
-  auto tr = t.undrain();
+  auto tr = t.undrain(Clock::now());
   ASSERT_TRUE(tr);
   EXPECT_EQ(tr->to, BackendState::kHealthy);
-  EXPECT_FALSE(t.undrain());
+  EXPECT_FALSE(t.undrain(Clock::now()));
   ASSERT_TRUE(t.remove());
   EXPECT_EQ(t.state(), BackendState::kRemoved);
   EXPECT_FALSE(t.on_probe(true, now));
@@ -247,7 +284,7 @@ TEST(HealthStateTest, StartingAndUndrainedBackendsStartWithoutRequestFailures) {
   drained.on_request(true, now);
   ASSERT_TRUE(drained.drain());
   drained.on_request(true, now);  // requests still finishing while it drains
-  ASSERT_TRUE(drained.undrain());
+  ASSERT_TRUE(drained.undrain(Clock::now()));
   EXPECT_FALSE(drained.on_request(true, now));
   EXPECT_EQ(drained.state(), BackendState::kHealthy);
 }
