@@ -81,7 +81,9 @@ struct TimeoutSettings {
   milliseconds total{0};
   milliseconds client_header{30000};
   milliseconds client_idle{120000};
-  milliseconds shutdown{30000};
+  // With the 1 s to answer what is left, within Slurm's default KillWait (30 s between the
+  // SIGTERM of a job's end or scancel and its SIGKILL).
+  milliseconds shutdown{25000};
 };
 
 struct LimitSettings {

@@ -1782,7 +1782,7 @@ TEST(ProxyTest, SigtermDoesNotWaitForARefusedClientStillSending) {
   stop = true;
   sender.join();
   EXPECT_EQ(code, 0);
-  // Not timeouts.shutdown (30 s), nor the drain's 30 s. (Whether the signal's log line still
+  // Not timeouts.shutdown (25 s), nor the drain's 30 s. (Whether the signal's log line still
   // counts the refused request as arriving is a race with the answer's write: not checked.)
   EXPECT_LT(took, 5s);
 }
