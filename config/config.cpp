@@ -366,6 +366,10 @@ const std::vector<KeySpec>& specs() {
     add("timeouts.shutdown", Kind::kDuration, "on SIGTERM, how long in-flight requests may finish",
         make_duration([](Config& c) -> milliseconds& { return c.timeouts.shutdown; }),
         [](const Config& c) { return format_duration(c.timeouts.shutdown); });
+    add("timeouts.queue", Kind::kDuration,
+        "how long a request waits for a backend with room (limits.max_inflight_per_backend); 503 after it",
+        make_duration([](Config& c) -> milliseconds& { return c.timeouts.queue; }),
+        [](const Config& c) { return format_duration(c.timeouts.queue); });
     add("limits.max_body", Kind::kSize, "largest request body (413 above)",
         make_size([](Config& c) -> std::uint64_t& { return c.limits.max_body; }, 1),
         [](const Config& c) { return format_size(c.limits.max_body); });
@@ -386,6 +390,14 @@ const std::vector<KeySpec>& specs() {
     add("limits.upstream_idle_timeout", Kind::kDuration, "idle upstream connections are closed after",
         make_positive_duration([](Config& c) -> milliseconds& { return c.limits.upstream_idle_timeout; }),
         [](const Config& c) { return format_duration(c.limits.upstream_idle_timeout); });
+    add("limits.max_inflight_per_backend", Kind::kInt,
+        "requests one backend takes at once; more wait in the gateway's queue (0: no limit)",
+        make_int([](Config& c) -> int& { return c.limits.max_inflight_per_backend; }, 0, 1000000),
+        [](const Config& c) { return std::to_string(c.limits.max_inflight_per_backend); });
+    add("limits.max_queued", Kind::kInt,
+        "requests that may wait for a backend with room; 429 beyond it (0: none wait)",
+        make_int([](Config& c) -> int& { return c.limits.max_queued; }, 0, 10000000),
+        [](const Config& c) { return std::to_string(c.limits.max_queued); });
     add("retries.max", Kind::kInt, "retries on a different backend before any byte reached the client",
         make_int([](Config& c) -> int& { return c.retries.max; }, 0, 100),
         [](const Config& c) { return std::to_string(c.retries.max); });

@@ -84,6 +84,9 @@ struct TimeoutSettings {
   // With the 1 s to answer what is left, within Slurm's default KillWait (30 s between the
   // SIGTERM of a job's end or scancel and its SIGKILL).
   milliseconds shutdown{25000};
+  // How long a request waits in the gateway's queue for a backend with room
+  // (limits.max_inflight_per_backend); 503 after it.
+  milliseconds queue{300000};
 };
 
 struct LimitSettings {
@@ -100,6 +103,11 @@ struct LimitSettings {
   // Below uvicorn's 5 s keep-alive (vLLM, SGLang): a parked connection the backend may be
   // closing as a request arrives is not reused.
   milliseconds upstream_idle_timeout{4000};
+  // Requests one backend takes at once (like the per-server semaphores of a trainer's own load
+  // balancer); further requests wait in the gateway's queue. 0: no limit.
+  int max_inflight_per_backend = 0;
+  // Requests that may wait in that queue; 429 beyond it.
+  int max_queued = 4096;
 };
 
 struct RetrySettings {

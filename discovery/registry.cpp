@@ -120,7 +120,7 @@ void Registry::republish() {
   publish_locked(set_.load(std::memory_order_acquire)->all);
 }
 
-Backend* Registry::pick(const BackendSet& set, std::span<const Backend* const> exclude) {
+Backend* Registry::pick(const BackendSet& set, std::span<const Backend* const> exclude, int room_limit, bool* full) {
   const auto n = set.routable.size();
   if (n == 0) return nullptr;
   // Only a request's first attempt moves the rotation on: if retries did too, with an even
@@ -133,9 +133,27 @@ Backend* Registry::pick(const BackendSet& set, std::span<const Backend* const> e
         candidate->stats.consecutive_failures.load(std::memory_order_relaxed) >= passive_limit_) {
       continue;
     }
+    if (room_limit > 0 && !take_place(*candidate, room_limit)) {
+      if (full != nullptr) *full = true;
+      continue;
+    }
     return candidate;
   }
   return nullptr;
+}
+
+bool Registry::take_place(Backend& backend, int room_limit) noexcept {
+  // Sequentially consistent, as the queue's count of waiting requests is (see Admission).
+  auto n = backend.stats.inflight.load();
+  do {
+    if (n >= room_limit) return false;
+  } while (!backend.stats.inflight.compare_exchange_weak(n, n + 1));
+  return true;
+}
+
+bool Registry::routable_now(const Backend& backend) const noexcept {
+  return backend.state() == BackendState::kHealthy &&
+         (passive_limit_ <= 0 || backend.stats.consecutive_failures.load(std::memory_order_relaxed) < passive_limit_);
 }
 
 }  // namespace infergate::discovery

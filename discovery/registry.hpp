@@ -134,7 +134,16 @@ class Registry {
   // A backend whose last `passive_limit` requests in a row failed is skipped as well: its
   // ejection is decided but applied on the health checker's thread, and the next request must
   // not reach it meanwhile.
-  Backend* pick(const BackendSet& set, std::span<const Backend* const> exclude = {});
+  // With `room_limit` > 0 (limits.max_inflight_per_backend), a backend with that many requests
+  // in flight is skipped too (`*full` is then set), and the one returned has one of its places
+  // taken for the caller (stats.inflight, see take_place).
+  Backend* pick(const BackendSet& set, std::span<const Backend* const> exclude = {}, int room_limit = 0,
+                bool* full = nullptr);
+  // Takes one of `backend`'s in-flight places if fewer than `room_limit` are taken.
+  static bool take_place(Backend& backend, int room_limit) noexcept;
+  // Whether a request may go to `backend` now: healthy, not draining, not on its way to an
+  // ejection (see pick).
+  bool routable_now(const Backend& backend) const noexcept;
 
   // Consecutive failed requests that eject a backend (passive.failures); 0 (no health checks):
   // never skip. Set before serving starts.

@@ -14,6 +14,7 @@
 #include "config/config.hpp"
 #include "discovery/health_checker.hpp"
 #include "discovery/registry.hpp"
+#include "gateway/admission.hpp"
 #include "gateway/retry_policy.hpp"
 
 namespace infergate::gateway {
@@ -102,13 +103,16 @@ struct GatewayState {
         registry(discovery::BackendState::kStarting),
         discovery_how(std::move(how)),
         via(make_via()),
-        retry(config.retries.max, config.retries.backoff_base, config.retries.backoff_max) {}
+        retry(config.retries.max, config.retries.backoff_base, config.retries.backoff_max),
+        admission(registry, config.limits.max_inflight_per_backend,
+                  static_cast<std::size_t>(config.limits.max_queued)) {}
 
   const config::Config config;
   discovery::Registry registry;
   const std::string discovery_how;  // said in 503 answers when there is no backend
   const std::string via;            // "1.1 infergate-<random>", added to every forwarded request
   const RetryPolicy retry;
+  Admission admission;  // limits.max_inflight_per_backend and the queue for a place
   discovery::HealthChecker* health = nullptr;  // set by the server before serving
   // Set by the server: asks every worker to close a few connections idle between requests (at
   // the connection limit, to make room for clients waiting to be accepted).

@@ -131,13 +131,27 @@ std::string render_metrics(const GatewayState& state) {
   body_memory_limit.metric.push_back(value_metric({}, static_cast<double>(state.max_body_memory), MetricType::Gauge));
   auto inflight_all = family("infergate_inflight_requests", "Requests in flight through the gateway, admin calls included (not scrapes, probes or the status page)", MetricType::Gauge);
   inflight_all.metric.push_back(value_metric({}, static_cast<double>(state.inflight_requests.load()), MetricType::Gauge));
+  auto queued = family("infergate_queued_requests",
+                       "Requests waiting for a backend with room (limits.max_inflight_per_backend)", MetricType::Gauge);
+  queued.metric.push_back(value_metric({}, static_cast<double>(state.admission.queued()), MetricType::Gauge));
+  auto queue_limit = family("infergate_inflight_per_backend_limit",
+                            "limits.max_inflight_per_backend in effect (0: no limit, no queue)", MetricType::Gauge);
+  queue_limit.metric.push_back(value_metric({}, static_cast<double>(state.admission.per_backend()), MetricType::Gauge));
+  auto rejected = family("infergate_queue_rejected_total",
+                         "Requests refused for want of a backend with room: reason full (429, limits.max_queued "
+                         "waiting already) or timeout (503, none within timeouts.queue)",
+                         MetricType::Counter);
+  rejected.metric.push_back(value_metric({{"reason", "full"}}, static_cast<double>(state.admission.rejected_full.load()),
+                                         MetricType::Counter));
+  rejected.metric.push_back(value_metric({{"reason", "timeout"}},
+                                         static_cast<double>(state.admission.rejected_timeout.load()), MetricType::Counter));
   auto healthy = family("infergate_healthy_backends", "Backends receiving traffic", MetricType::Gauge);
   healthy.metric.push_back(value_metric({}, static_cast<double>(set->routable.size()), MetricType::Gauge));
   auto build = family("infergate_build_info", "Build information", MetricType::Gauge);
   build.metric.push_back(value_metric({{"version", INFERGATE_VERSION}}, 1, MetricType::Gauge));
 
   for (auto* f : {&up, &states, &inflight, &requests, &duration, &ttft, &retries, &ejections, &tokens,
-                  &probes, &gw_requests, &connections, &connection_limit, &body_memory, &body_memory_limit, &inflight_all, &healthy, &build}) {
+                  &probes, &gw_requests, &connections, &connection_limit, &body_memory, &body_memory_limit, &inflight_all, &queued, &queue_limit, &rejected, &healthy, &build}) {
     families.push_back(std::move(*f));
   }
   return prometheus::TextSerializer().Serialize(families);

@@ -23,6 +23,7 @@
 #include "config/units.hpp"
 #include "discovery/http1.hpp"
 #include "discovery/resolve.hpp"
+#include "gateway/admission.hpp"
 #include "gateway/errors.hpp"
 #include "gateway/router.hpp"
 #include "gateway/usage_scanner.hpp"
@@ -980,7 +981,7 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
     auto& state = *w_->state;
     state.inflight_requests.fetch_sub(1, std::memory_order_relaxed);
     state.client_connections.fetch_sub(1, std::memory_order_relaxed);
-    backend_->stats.inflight.fetch_sub(1, std::memory_order_relaxed);
+    state.admission.give_back(*backend_);  // to a request queued for a place, if one waits
   }
 
   Worker* w_;
@@ -1387,6 +1388,122 @@ bool client_has_left(tcp::socket& client) {
   return n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
+// How a request's wait in the queue for a place on a backend ended (limits.max_inflight_per_backend).
+enum class QueueEnd { kGranted, kFull, kTimedOut, kNoBackend, kShutdown, kClientLeft };
+
+struct Admitted {
+  discovery::Backend* backend = nullptr;  // with one of its places taken, when kGranted
+  QueueEnd end = QueueEnd::kGranted;
+};
+
+// A waiting request looks again this often: for a backend back in rotation (a place given back
+// is handed over at once) and for a client that left, which would hold its queue place for
+// nothing.
+constexpr auto kQueueLook = std::chrono::seconds(1);
+
+// Waits in the gateway's queue until a backend has room for the request (it is handed a place
+// given back, in the order requests queued), the queue's deadline passes, the backends all go
+// out of rotation, the client leaves, or the shutdown's deadline ends every wait.
+net::awaitable<Admitted> wait_for_place(Worker* w, ClientConnection* c,
+                                        std::span<const discovery::Backend* const> tried,
+                                        Clock::time_point deadline) {
+  GatewayState& state = *w->state;
+  Admission& admission = state.admission;
+  auto waiter = std::make_shared<Admission::Waiter>(w->io.get_executor(), tried);
+  if (state.shutdown_cut.load(std::memory_order_relaxed)) co_return Admitted{nullptr, QueueEnd::kShutdown};
+  if (!admission.enqueue(waiter)) co_return Admitted{nullptr, QueueEnd::kFull};
+  w->waits.push_back(&waiter->timer);
+  Admitted result{nullptr, QueueEnd::kTimedOut};
+  for (;;) {
+    if (auto* granted = admission.leave_if_granted(*waiter)) {
+      result.backend = granted;
+      result.end = QueueEnd::kGranted;
+      break;
+    }
+    if (state.shutdown_cut.load(std::memory_order_relaxed)) {
+      result.end = QueueEnd::kShutdown;
+      break;
+    }
+    // Queued first, then looked: a place given back before the request queued is seen here.
+    bool full = false;
+    auto set = state.registry.snapshot();
+    if (auto* backend = state.registry.pick(*set, tried, admission.per_backend(), &full)) {
+      result.backend = backend;
+      result.end = QueueEnd::kGranted;
+      break;
+    }
+    if (!full) {
+      result.end = QueueEnd::kNoBackend;
+      break;
+    }
+    if (client_has_left(c->sock.socket())) {
+      result.end = QueueEnd::kClientLeft;
+      break;
+    }
+    const auto now = Clock::now();
+    if (now >= deadline) break;
+    waiter->timer.expires_after(std::min<Clock::duration>(deadline - now, kQueueLook));
+    co_await waiter->timer.async_wait(kTuple);
+  }
+  std::erase(w->waits, &waiter->timer);
+  // A place handed over meanwhile: used if the request has none (its time just ran out), else
+  // given back to the next in line.
+  if (auto* late = admission.leave(*waiter)) {
+    if (result.backend == nullptr && result.end == QueueEnd::kTimedOut) {
+      result.backend = late;
+      result.end = QueueEnd::kGranted;
+    } else {
+      admission.give_back(*late);
+    }
+  }
+  co_return result;
+}
+
+// A client that left while its request waited for a place: nothing was sent anywhere.
+Next client_left_while_queued(Worker* w, ClientConnection* c, int attempt) {
+  GatewayState& state = *w->state;
+  state.requests_client_closed.fetch_add(1, std::memory_order_relaxed);
+  if (state.config.log.access) {
+    auto ms = std::chrono::duration<double, std::milli>(Clock::now() - c->request_started).count();
+    spdlog::info("{} {} {} -> - 0 0B {:.1f}ms retries={} client-gone (while queued for a backend with room)",
+                 c->request_id, c->method, c->target, ms, attempt);
+  }
+  return Next::kClose;
+}
+
+// The answer to a request that found no backend with room: 429 when the queue was full, 503
+// when it waited timeouts.queue (504 when timeouts.total ended the wait).
+net::awaitable<Next> answer_no_room(Worker* w, ClientConnection* c, QueueEnd end, bool total_ended) {
+  GatewayState& state = *w->state;
+  const auto& admission = state.admission;
+  const auto routable = state.registry.snapshot()->routable.size();
+  const auto each = "each of the " + std::to_string(routable) + " backend(s) in rotation has limits.max_inflight_per_backend (" +
+                    std::to_string(admission.per_backend()) + ") requests in flight";
+  LocalResponse r;
+  if (end == QueueEnd::kFull) {
+    state.admission.rejected_full.fetch_add(1, std::memory_order_relaxed);
+    r = error_response(429, "the gateway's queue is full: " + std::to_string(admission.max_queued()) +
+                                " request(s) (limits.max_queued) already wait for a backend with room, and " + each +
+                                "; retry shortly");
+    r.headers.emplace_back("Retry-After", "1");
+  } else if (total_ended) {
+    r = error_response(504, "timeouts.total (" + std::to_string(state.config.timeouts.total.count()) +
+                                "ms) ran out while the request waited for a backend with room: " + each);
+  } else {
+    state.admission.rejected_timeout.fetch_add(1, std::memory_order_relaxed);
+    r = error_response(503, "no backend had room for the request within timeouts.queue (" +
+                                std::to_string(state.config.timeouts.queue.count()) + "ms): " + each + "; retry shortly");
+    r.headers.emplace_back("Retry-After", "1");
+  }
+  if (state.config.log.access) {
+    spdlog::info("{} {} {} -> - {} {}", c->request_id, c->method, c->target, r.status,
+                 end == QueueEnd::kFull ? "queue full" : "no backend with room in time");
+  }
+  c->sock.cap_at(Clock::time_point::max());
+  co_return next_after(co_await write_local_counted(&state, c, std::move(r), c->head.version_minor,
+                                                    c->head.keep_alive(), c->method == "HEAD", c->request_id));
+}
+
 // Proxies one request, retrying on other backends while nothing reached the client.
 net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
   GatewayState& state = *w->state;
@@ -1419,8 +1536,13 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     // lives only as long as a snapshot or its probe loop holds it.
     std::shared_ptr<const discovery::BackendSet> previous_set;
     if (attempt > 0) previous_set = std::exchange(set, state.registry.snapshot());
-    discovery::Backend* backend = state.registry.pick(*set, tried);
-    if (backend == nullptr) break;
+    // With limits.max_inflight_per_backend the pick takes a place, once the request goes out.
+    const bool limited = state.admission.limited();
+    discovery::Backend* backend = nullptr;
+    if (!limited || attempt > 0) {
+      backend = state.registry.pick(*set, tried);
+      if (backend == nullptr) break;
+    }
     if (attempt > 0) {
       if (co_await retry_pause(w, attempt, c->total_deadline)) {  // no retry went out: none is counted
         failures += ", then timeouts.total (" + std::to_string(total.count()) + "ms) ran out";
@@ -1440,10 +1562,27 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
       }
       // And again after the pause.
       set = state.registry.snapshot();
-      backend = state.registry.pick(*set, tried);
-      if (backend == nullptr) break;
-      previous->stats.retries.fetch_add(1, std::memory_order_relaxed);
+      if (!limited) {
+        backend = state.registry.pick(*set, tried);
+        if (backend == nullptr) break;
+      }
     }
+    if (limited) {
+      bool full = false;
+      backend = state.registry.pick(*set, tried, state.admission.per_backend(), &full);
+      if (backend == nullptr && full) {
+        const auto queue_deadline = Clock::now() + state.config.timeouts.queue;
+        const auto admitted = co_await wait_for_place(w, c, tried, std::min(queue_deadline, c->total_deadline));
+        if (admitted.end == QueueEnd::kShutdown) co_return co_await answer_shutdown(w, c, version_minor, head_only);
+        if (admitted.end == QueueEnd::kClientLeft) co_return client_left_while_queued(w, c, attempt);
+        if (admitted.end == QueueEnd::kFull || admitted.end == QueueEnd::kTimedOut) {
+          co_return co_await answer_no_room(w, c, admitted.end, c->total_deadline < queue_deadline);
+        }
+        backend = admitted.backend;
+      }
+      if (backend == nullptr) break;
+    }
+    if (attempt > 0) previous->stats.retries.fetch_add(1, std::memory_order_relaxed);
     tried.push_back(backend);
     previous = backend;
     // The client is watched once the exchange has outlived a deadline sweep: most requests are
@@ -1461,7 +1600,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
     // attempts on other backends are not its doing.
     const auto attempt_started = Clock::now();
     {
-      InflightGuard backend_inflight(backend->stats.inflight);
+      BackendPlace place(state.admission, *backend, limited);
       out = co_await run_attempt(w, backend, c, request_id, attempt_started, &c->handoff);
     }
     w->deadlines.remove_slow(*c);

@@ -2316,3 +2316,158 @@ TEST(ProxyTest, TotalTimeoutIsPerRequestOnAKeepAliveConnection) {
   send_chat(*client);
   EXPECT_EQ(read_status(*client), 200u);
 }
+
+namespace {
+
+json mock_stats(const Mock& mock) { return json::parse(http_request(mock.port, "GET", "/mock/stats").body); }
+
+// A chat completion sent from a thread of its own; result() waits for its answer.
+class BackgroundChat {
+ public:
+  explicit BackgroundChat(int port)
+      : thread_([this, port] { result_ = http_request(port, "POST", "/v1/chat/completions", chat_body(false), {}, 30s); }) {}
+  const HttpResult& result() {
+    if (thread_.joinable()) thread_.join();
+    return result_;
+  }
+
+ private:
+  HttpResult result_;
+  std::jthread thread_;  // last: joined before result_ goes
+};
+
+bool queued_reaches(const Gateway& gw, double n) {
+  return poll_until([&] { return gauge(gw.port, "infergate_queued_requests") == n; }, 10s);
+}
+}  // namespace
+
+// limits.max_inflight_per_backend: no backend ever runs more than its limit, and the requests
+// past it wait in the gateway's queue and are all served, streamed or not.
+TEST(BackpressureTest, NoBackendRunsMoreThanItsLimitAndTheRestWaitAndAreServed) {
+  auto mocks = start_mocks(2, {"--token-delay-ms", "60", "--tokens", "5"});
+  auto gw = start_gateway(concat(backend_args(mocks), {"--set", "limits.max_inflight_per_backend=2"}));
+  wait_healthy(gw, 2);
+  EXPECT_EQ(gauge(gw.port, "infergate_inflight_per_backend_limit"), 2);
+  constexpr int kRequests = 12;
+  std::vector<int> statuses(kRequests, 0);
+  std::vector<std::string> bodies(kRequests);
+  std::atomic<double> most_queued{0};
+  std::atomic<bool> done{false};
+  std::thread watcher([&] {
+    while (!done) {
+      most_queued = std::max(most_queued.load(), gauge(gw.port, "infergate_queued_requests"));
+      std::this_thread::sleep_for(10ms);
+    }
+  });
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kRequests; ++i) {
+    clients.emplace_back([&, i] {
+      if (i % 2 == 0) {
+        auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {}, 30s);
+        statuses[i] = r.status;
+        bodies[i] = r.body;
+      } else {
+        auto r = http_stream(gw.port, "POST", "/v1/chat/completions", chat_body(true), 30s);
+        statuses[i] = r.complete ? r.status : -r.status;
+        bodies[i] = r.body();
+      }
+    });
+  }
+  for (auto& t : clients) t.join();
+  done = true;
+  watcher.join();
+  for (int i = 0; i < kRequests; ++i) {
+    EXPECT_EQ(statuses[i], 200) << i << ": " << bodies[i];
+    EXPECT_THAT(bodies[i], HasSubstr(i % 2 == 0 ? "\"usage\"" : "data: [DONE]")) << i;
+  }
+  int served = 0;
+  for (const auto& m : mocks) {
+    const auto stats = mock_stats(m);
+    EXPECT_EQ(stats["max_running"], 2) << m.id();  // the limit, reached and never passed
+    served += stats["requests"].get<int>();
+  }
+  EXPECT_EQ(served, kRequests);
+  EXPECT_GT(most_queued.load(), 0);  // some did wait
+  EXPECT_EQ(gauge(gw.port, "infergate_queued_requests"), 0);
+  EXPECT_EQ(metric(gw.port, "infergate_queue_rejected_total", "reason=\"full\""), 0);
+  EXPECT_EQ(metric(gw.port, "infergate_queue_rejected_total", "reason=\"timeout\""), 0);
+}
+
+// The queue is bounded: past limits.max_queued a request is answered 429 at once, and one that
+// waits timeouts.queue without a place gets 503; both with Retry-After and an OpenAI error, and
+// neither reaches the backend.
+TEST(BackpressureTest, AFullQueueAnswers429AndAWaitPastTimeoutsQueue503) {
+  auto mock = start_mock({"--token-delay-ms", "200", "--tokens", "10"});
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "limits.max_inflight_per_backend=1", "--set",
+                           "limits.max_queued=1", "--set", "timeouts.queue=600ms"});
+  wait_healthy(gw, 1);
+  BackgroundChat first(gw.port);
+  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, mock) == 1; }, 10s));
+  const auto queued_at = Clock::now();
+  BackgroundChat queued(gw.port);
+  ASSERT_TRUE(queued_reaches(gw, 1));
+  auto refused = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+  const auto& queued_answer = queued.result();
+  const auto waited = Clock::now() - queued_at;
+  EXPECT_EQ(refused.status, 429) << refused.body;
+  EXPECT_EQ(refused.header("Retry-After"), "1");
+  auto error = json::parse(refused.body)["error"];
+  EXPECT_EQ(error["type"], "rate_limit_error");
+  EXPECT_THAT(error["message"].get<std::string>(), HasSubstr("1 request(s) (limits.max_queued) already wait"));
+  EXPECT_EQ(queued_answer.status, 503) << queued_answer.body;
+  EXPECT_EQ(queued_answer.header("Retry-After"), "1");
+  EXPECT_THAT(queued_answer.body, HasSubstr("no backend had room for the request within timeouts.queue (600ms)"));
+  EXPECT_GE(waited, 600ms);
+  EXPECT_EQ(first.result().status, 200) << first.result().body;
+  EXPECT_EQ(mock_stats(mock)["requests"], 1);
+  EXPECT_EQ(metric(gw.port, "infergate_queue_rejected_total", "reason=\"full\""), 1);
+  EXPECT_EQ(metric(gw.port, "infergate_queue_rejected_total", "reason=\"timeout\""), 1);
+  EXPECT_EQ(gauge(gw.port, "infergate_queued_requests"), 0);
+  EXPECT_EQ(metric(gw.port, "infergate_requests_total", "code=\"4xx\""), 1);
+}
+
+// A queued request also takes a place that appears without one being given back: a backend
+// added through the admin API serves it while the only other one is still busy.
+TEST(BackpressureTest, AQueuedRequestGoesToABackendAddedWhileItWaits) {
+  auto busy = start_mock({"--token-delay-ms", "300", "--tokens", "10"});
+  auto added = start_mock();
+  auto gw = start_gateway({"--backend", busy.url(), "--set", "limits.max_inflight_per_backend=1", "--set",
+                           "health.interval=100ms", "--set", "health.healthy_threshold=1"});
+  wait_healthy(gw, 1);
+  BackgroundChat first(gw.port);
+  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, busy) == 1; }, 10s));
+  BackgroundChat queued(gw.port);
+  ASSERT_TRUE(queued_reaches(gw, 1));
+  EXPECT_EQ(http_request(gw.port, "POST", "/admin/backends", json{{"url", added.url()}}.dump()).status, 201);
+  EXPECT_EQ(queued.result().status, 200) << queued.result().body;
+  EXPECT_EQ(queued.result().header("X-Backend"), added.id());  // not after the busy one's 2.7 s answer
+  EXPECT_EQ(inflight_on(gw.port, busy), 1);
+  EXPECT_EQ(first.result().status, 200) << first.result().body;
+}
+
+// A client that leaves while its request is queued frees its queue place (within the queue's
+// look period) and its request never reaches a backend; the shutdown's deadline answers the
+// requests still queued with a 503 that says so.
+TEST(BackpressureTest, ClientsLeavingTheQueueFreeTheirPlaceAndTheShutdownAnswersTheRest) {
+  auto mock = start_mock({"--token-delay-ms", "500", "--tokens", "20"});
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "limits.max_inflight_per_backend=1", "--set",
+                           "limits.max_queued=1", "--set", "timeouts.shutdown=500ms"});
+  wait_healthy(gw, 1);
+  BackgroundChat first(gw.port);
+  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, mock) == 1; }, 10s));
+  {
+    RawConnection leaving(gw.port);
+    leaving.send(raw_chat_request(chat_body(false)));
+    ASSERT_TRUE(queued_reaches(gw, 1));
+  }  // closed while queued
+  ASSERT_TRUE(queued_reaches(gw, 0));
+  EXPECT_EQ(metric(gw.port, "infergate_requests_total", "code=\"client_closed\""), 1);
+  // Its queue place is free again: the next request queues instead of getting 429.
+  BackgroundChat queued(gw.port);
+  ASSERT_TRUE(queued_reaches(gw, 1));
+  ASSERT_EQ(::kill(gw.process->pid(), SIGTERM), 0);
+  EXPECT_EQ(queued.result().status, 503) << queued.result().body;
+  EXPECT_THAT(queued.result().body, HasSubstr("the gateway is shutting down"));
+  EXPECT_EQ(gw.process->wait_exit(10s), 0);
+  EXPECT_EQ(mock_stats(mock)["requests"], 1);
+}

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -85,6 +86,17 @@ struct Stats {
   std::uint64_t models_requests = 0;  // GET /v1/models answered
   std::uint64_t lies = 0;       // --lie extra-bytes / answer-twice: stray responses written
   std::uint64_t raw_requests = 0;  // POST /mock/raw answered
+  std::int64_t running = 0;        // completion-like requests being served now (vLLM's num_requests_running)
+  std::int64_t max_running = 0;    // the most at once since start
+};
+
+// Counts a completion-like request as running while it is served.
+struct Running {
+  explicit Running(Stats& s) : stats(s) { stats.max_running = std::max(stats.max_running, ++stats.running); }
+  ~Running() { --stats.running; }
+  Running(const Running&) = delete;
+  Running& operator=(const Running&) = delete;
+  Stats& stats;
 };
 
 struct Server {
@@ -500,6 +512,8 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
     const std::string request_id(req["X-Request-ID"]);
     const bool completion_like = path == "/v1/chat/completions" || path == "/v1/completions" || path == "/generate";
     if (completion_like) ++server->stats.requests;
+    std::optional<Running> running;
+    if (completion_like) running.emplace(server->stats);
     if (completion_like && o.lie == "reset-after-reading" && completions_read++ > 0) {
       ++server->stats.lies;
       beast::error_code ignored;
@@ -542,6 +556,8 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
                                                  {"cancelled", server->stats.cancelled},
                                                  {"lies", server->stats.lies},
                                                  {"raw_requests", server->stats.raw_requests},
+                                                 {"running", server->stats.running},
+                                                 {"max_running", server->stats.max_running},
                                                  {"models_requests", server->stats.models_requests}}
                                                 .dump());
     } else if (starting) {

@@ -313,3 +313,116 @@ TEST(JsonLogTest, MessagesAreEscapedAndBytesThatAreNotUtf8Replaced) {
     EXPECT_TRUE(parsed.is_string());
   }
 }
+
+#include "discovery/discovery.hpp"
+#include "gateway/admission.hpp"
+
+namespace {
+
+using infergate::discovery::Backend;
+using infergate::discovery::BackendState;
+using infergate::discovery::Registry;
+
+std::vector<Backend*> add_backends(Registry& registry, int n) {
+  for (int i = 0; i < n; ++i) {
+    registry.add(infergate::discovery::backend_from_url("http://h:" + std::to_string(1000 + i), "static"));
+  }
+  auto set = registry.snapshot();
+  return {set->routable.begin(), set->routable.end()};
+}
+
+}  // namespace
+
+// With a limit, a pick takes a place on the backend it returns and skips full ones (saying so);
+// without one it takes nothing.
+TEST(AdmissionTest, PicksTakePlacesUpToTheLimitAndSayWhenBackendsAreFull) {
+  Registry registry;
+  auto b = add_backends(registry, 2);
+  auto set = registry.snapshot();
+  bool full = false;
+  EXPECT_EQ(registry.pick(*set, {}, 1, &full), b[0]);
+  EXPECT_EQ(registry.pick(*set, {}, 1, &full), b[1]);
+  EXPECT_FALSE(full);
+  EXPECT_EQ(registry.pick(*set, {}, 1, &full), nullptr);
+  EXPECT_TRUE(full);
+  EXPECT_EQ(b[0]->stats.inflight.load(), 1);
+  EXPECT_EQ(b[1]->stats.inflight.load(), 1);
+  EXPECT_NE(registry.pick(*set), nullptr);  // no limit: nothing is taken
+  EXPECT_EQ(b[0]->stats.inflight.load() + b[1]->stats.inflight.load(), 2);
+  // An excluded backend is not "full": a retry with nothing else left finds none.
+  full = false;
+  const Backend* tried[] = {b[0], b[1]};
+  EXPECT_EQ(registry.pick(*set, tried, 1, &full), nullptr);
+  EXPECT_FALSE(full);
+}
+
+// A place given back goes to the request that has waited longest and may use it (a retry does
+// not get a backend it tried), the waiter's timer is woken on its own executor, and a backend
+// out of rotation keeps its place free instead.
+TEST(AdmissionTest, APlaceGivenBackGoesToTheOldestWaiterThatMayUseIt) {
+  boost::asio::io_context io;
+  Registry registry;
+  auto b = add_backends(registry, 2);
+  Admission admission(registry, 1, 3);
+  ASSERT_TRUE(admission.limited());
+  auto set = registry.snapshot();
+  ASSERT_NE(registry.pick(*set, {}, 1), nullptr);
+  ASSERT_NE(registry.pick(*set, {}, 1), nullptr);  // both full
+  const Backend* tried_first[] = {b[0]};
+  auto retry = std::make_shared<Admission::Waiter>(io.get_executor(), std::span<const Backend* const>(tried_first));
+  auto oldest = std::make_shared<Admission::Waiter>(io.get_executor(), std::span<const Backend* const>{});
+  auto next = std::make_shared<Admission::Waiter>(io.get_executor(), std::span<const Backend* const>{});
+  auto refused = std::make_shared<Admission::Waiter>(io.get_executor(), std::span<const Backend* const>{});
+  ASSERT_TRUE(admission.enqueue(retry));
+  ASSERT_TRUE(admission.enqueue(oldest));
+  ASSERT_TRUE(admission.enqueue(next));
+  EXPECT_FALSE(admission.enqueue(refused));  // limits.max_queued
+  EXPECT_EQ(admission.queued(), 3u);
+  bool woken = false;
+  oldest->timer.expires_after(1h);
+  oldest->timer.async_wait([&](boost::system::error_code ec) { woken = ec == boost::asio::error::operation_aborted; });
+
+  admission.give_back(*b[0]);  // the retry tried b[0]: the next oldest gets it
+  EXPECT_EQ(admission.leave_if_granted(*retry), nullptr);
+  EXPECT_EQ(admission.leave_if_granted(*oldest), b[0]);
+  EXPECT_EQ(b[0]->stats.inflight.load(), 1);  // handed over, not freed
+  io.run_for(100ms);
+  EXPECT_TRUE(woken);
+  admission.give_back(*b[1]);  // the retry may use b[1]
+  EXPECT_EQ(admission.leave_if_granted(*retry), b[1]);
+  EXPECT_EQ(admission.queued(), 1u);
+
+  // Out of rotation: its place stays free, the waiter keeps waiting.
+  b[0]->set_state(BackendState::kDraining);
+  admission.give_back(*b[0]);
+  EXPECT_EQ(b[0]->stats.inflight.load(), 0);
+  EXPECT_EQ(admission.leave(*next), nullptr);
+  EXPECT_EQ(admission.queued(), 0u);
+  EXPECT_EQ(admission.leave(*next), nullptr);  // twice is harmless
+}
+
+// Leaving returns a place granted in the meantime, which the caller then holds; with no limit,
+// giving back only counts the place down.
+TEST(AdmissionTest, LeavingReturnsAPlaceGrantedMeanwhileAndNoLimitOnlyCounts) {
+  boost::asio::io_context io;
+  Registry registry;
+  auto b = add_backends(registry, 1);
+  Admission admission(registry, 1, 8);
+  auto set = registry.snapshot();
+  ASSERT_EQ(registry.pick(*set, {}, 1), b[0]);
+  auto waiter = std::make_shared<Admission::Waiter>(io.get_executor(), std::span<const Backend* const>{});
+  ASSERT_TRUE(admission.enqueue(waiter));
+  admission.give_back(*b[0]);
+  EXPECT_EQ(admission.leave(*waiter), b[0]);
+  EXPECT_EQ(b[0]->stats.inflight.load(), 1);
+  admission.give_back(*b[0]);  // no one waits: freed
+  EXPECT_EQ(b[0]->stats.inflight.load(), 0);
+
+  Admission unlimited(registry, 0, 8);
+  EXPECT_FALSE(unlimited.limited());
+  {
+    BackendPlace place(unlimited, *b[0], false);
+    EXPECT_EQ(b[0]->stats.inflight.load(), 1);
+  }
+  EXPECT_EQ(b[0]->stats.inflight.load(), 0);
+}
