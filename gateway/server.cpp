@@ -42,6 +42,8 @@ constexpr auto kConnectionRoomPoll = std::chrono::milliseconds(5);
 constexpr auto kLimitWarningEvery = std::chrono::seconds(10);
 // After timeouts.shutdown: how long the 503s to requests still waiting have to go out.
 constexpr auto kShutdownAnswerGrace = std::chrono::seconds(1);
+// A SIGTERM this soon after the first SIGTERM is the same request to stop (see on_signal).
+constexpr auto kRepeatedSigterm = std::chrono::seconds(1);
 constexpr std::size_t kReclaimAtLimit = 16;
 constexpr int kReclaimEveryPolls = 20;  // 100 ms
 constexpr auto kReclaimMinIdle = std::chrono::milliseconds(500);  // a client that just connected is about to send
@@ -526,11 +528,23 @@ int Server::run() {
       if (!ec) check_drained();
     });
   };
+  int first_signal = 0;
+  std::chrono::steady_clock::time_point first_signal_at;
   std::function<void(beast::error_code, int)> on_signal;
   on_signal = [&](beast::error_code ec, int signo) {
     if (ec) return;
     if (signo == SIGHUP) {
       spdlog::warn("SIGHUP: ignored (the configuration is not reloaded; restart to change it)");
+      signals.async_wait(on_signal);
+      return;
+    }
+    // Slurm stops a job at its time limit with SIGTERM twice within milliseconds (one from the
+    // time limit, one from the job's termination): that is one request to stop, not an operator
+    // insisting, and must not cut the drain short.
+    const auto now = std::chrono::steady_clock::now();
+    if (drain_started.load() && signo == SIGTERM && first_signal == SIGTERM && now - first_signal_at < kRepeatedSigterm) {
+      spdlog::info("SIGTERM again within {}ms of the first (as Slurm sends at a job's time limit): still draining",
+                   std::chrono::duration_cast<std::chrono::milliseconds>(kRepeatedSigterm).count());
       signals.async_wait(on_signal);
       return;
     }
@@ -547,6 +561,8 @@ int Server::run() {
                  signo, state.inflight_requests.load(), state.arriving_requests.load(),
                  state.config.timeouts.shutdown.count());
     state.stopping.store(true);
+    first_signal = signo;
+    first_signal_at = now;
     for (std::size_t i = 0; i < impl_->workers.size(); ++i) {
       tcp::acceptor* acceptor = impl_->acceptors[i].get();
       tcp::acceptor* metrics = i == 0 ? impl_->metrics_acceptor.get() : nullptr;

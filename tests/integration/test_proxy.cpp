@@ -1760,6 +1760,40 @@ TEST(ProxyTest, ASecondSignalExitsAtOnceAndCountsTheRequestsItCuts) {
   EXPECT_THAT(gw.process->errors(), HasSubstr("second signal (2): exiting now, cutting 1 request(s) in flight"));
 }
 
+// At a job's time limit Slurm sends SIGTERM twice within milliseconds: one request to stop, so
+// the drain goes on and the request in flight is answered. A SIGTERM a second or more after the
+// first still exits at once.
+TEST(ProxyTest, TwoSigtermsTogetherAsSlurmSendsThemStillDrain) {
+  auto mocks = start_mocks(1, {"--tokens", "10", "--token-delay-ms", "100"});  // 0.9 s per answer
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  HttpResult answer;
+  std::jthread client([&] { answer = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {}, 10s); });
+  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, mocks[0]) == 1; }, 5s));
+  ASSERT_EQ(::kill(gw.process->pid(), SIGTERM), 0);
+  // Taken in before the next comes (the kernel would merge two pending SIGTERMs into one).
+  ASSERT_TRUE(poll_until([&] { return gw.process->errors().find("no longer accepting") != std::string::npos; }, 5s, 1ms));
+  ASSERT_EQ(::kill(gw.process->pid(), SIGTERM), 0);
+  EXPECT_EQ(gw.process->wait_exit(10s), 0);
+  client.join();
+  EXPECT_EQ(answer.status, 200) << answer.error << answer.body;
+  EXPECT_THAT(gw.process->errors(), HasSubstr("SIGTERM again within 1000ms of the first"));
+  EXPECT_THAT(gw.process->errors(), Not(HasSubstr("second signal")));
+
+  auto slow = start_mocks(1, {"--tokens", "50", "--token-delay-ms", "100"});  // 4.9 s per answer
+  auto later = start_gateway(backend_args(slow));
+  wait_healthy(later, 1);
+  HttpResult cut;
+  std::jthread cut_client([&] { cut = http_request(later.port, "POST", "/v1/chat/completions", chat_body(false), {}, 10s); });
+  ASSERT_TRUE(poll_until([&] { return inflight_on(later.port, slow[0]) == 1; }, 5s));
+  ASSERT_EQ(::kill(later.process->pid(), SIGTERM), 0);
+  ASSERT_TRUE(poll_until([&] { return later.process->errors().find("no longer accepting") != std::string::npos; }, 5s));
+  std::this_thread::sleep_for(1100ms);  // the point of the test is the time between the two signals
+  ASSERT_EQ(::kill(later.process->pid(), SIGTERM), 0);
+  EXPECT_EQ(later.process->wait_exit(10s), 0);
+  EXPECT_THAT(later.process->errors(), HasSubstr("second signal (15): exiting now"));
+}
+
 // A refused client that goes on sending is drained so that it reads the answer, but that is no
 // request in flight: SIGTERM ends the draining and the gateway exits at once.
 TEST(ProxyTest, SigtermDoesNotWaitForARefusedClientStillSending) {
