@@ -344,6 +344,16 @@ RouteDecision route(GatewayState& state, const RequestView& req) {
   if (path == "/v1/models") {
     if (!get) return method_not_allowed("GET, HEAD");
     auto set = state.registry.snapshot();
+    if (set->routable.empty()) {
+      // Not an empty list: a trainer that reads the first model's id at start-up would fail on
+      // it, where a 503 is retried by OpenAI's SDKs.
+      auto r = error_response(503, set->all.empty()
+                                       ? "no inference backends, so no models to list: " + state.discovery_how
+                                       : "no models to list: none of the " + std::to_string(set->all.size()) +
+                                             " backends is healthy now" + unhealthy_summary(*set) + "; retry shortly");
+      r.headers.emplace_back("Retry-After", "1");
+      return r;
+    }
     std::set<std::string> seen;
     json data = json::array();
     // Each model as the first healthy backend serving it describes it (vLLM's carries

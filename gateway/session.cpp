@@ -1356,8 +1356,9 @@ net::awaitable<Next> answer_shutdown(Worker* w, ClientConnection* c, unsigned ve
                  std::to_string(state.config.timeouts.shutdown.count()) + "ms) ran out before the backend answered";
   if (state.config.log.access) spdlog::info("{} {} {} -> - 503 {}", c->request_id, c->method, c->target, message);
   c->sock.cap_at(Clock::time_point::max());
-  co_await write_local_counted(&state, c, error_response(503, std::move(message)), version_minor, false, head_only,
-                               c->request_id);
+  auto r = error_response(503, std::move(message));
+  r.headers.emplace_back("Retry-After", "1");  // OpenAI's SDKs retry it, on a gateway started again
+  co_await write_local_counted(&state, c, std::move(r), version_minor, false, head_only, c->request_id);
   co_return Next::kClose;
 }
 

@@ -964,3 +964,22 @@ TEST(MetricsTest, SeparateMetricsListenerServesOnlyMetrics) {
   // What that listener refuses is no traffic of the gateway's.
   EXPECT_EQ(metric(gw.port, "infergate_requests_total", "code=\"4xx\""), 0);
 }
+
+// /v1/models lists what healthy backends serve; with none healthy it is a 503 the OpenAI SDKs
+// retry, not an empty list a trainer would index into at start-up.
+TEST(HealthTest, ModelsIsA503UntilABackendIsHealthy) {
+  auto loading = start_mock({"--startup-delay-ms", "1500"});
+  auto gw = start_gateway({"--backend", loading.url(), "--set", "health.interval=200ms", "--set",
+                           "health.healthy_threshold=1"});
+  auto early = http_request(gw.port, "GET", "/v1/models");
+  EXPECT_EQ(early.status, 503) << early.body;
+  EXPECT_EQ(early.header("Retry-After"), "1");
+  EXPECT_THAT(json::parse(early.body)["error"]["message"].get<std::string>(),
+              HasSubstr("no models to list: none of the 1 backends is healthy now (1 starting)"));
+  ASSERT_TRUE(poll_until(
+      [&] {
+        auto r = http_request(gw.port, "GET", "/v1/models");
+        return r.status == 200 && json::parse(r.body)["data"].size() == 1;
+      },
+      10s));
+}

@@ -2502,6 +2502,7 @@ TEST(BackpressureTest, ClientsLeavingTheQueueFreeTheirPlaceAndTheShutdownAnswers
   ASSERT_EQ(::kill(gw.process->pid(), SIGTERM), 0);
   EXPECT_EQ(queued.result().status, 503) << queued.result().body;
   EXPECT_THAT(queued.result().body, HasSubstr("the gateway is shutting down"));
+  EXPECT_EQ(queued.result().header("Retry-After"), "1");
   EXPECT_EQ(gw.process->wait_exit(10s), 0);
   EXPECT_EQ(mock_stats(mock)["requests"], 1);
 }
