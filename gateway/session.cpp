@@ -1113,6 +1113,8 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   head.clear();
   append_status_line(head, client_minor, rh.status, rh.reason);
   bool has_id = false;
+  bool carries_id = false;  // the backend's X-Request-ID names this request
+  bool echoed = false;      // and is exactly its id
   bool length_sent = false;
   for (const auto& f : rh.fields) {
     if (http1::is_hop_by_hop(f.name, rh.connection_options)) {
@@ -1148,9 +1150,28 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
         co_return out;
       }
       has_id = true;
+      // A proxy on the way may have changed the echo (`<id>/0`, or `<id>, <id>`): it still
+      // names this request.
+      carries_id = f.value.find(request_id) != std::string_view::npos;
+      echoed = f.value == request_id;
     }
     append_field(head, f.name, f.value);
   }
+  if (up->echoes_ids && !carries_id && (has_id || (rh.status >= 200 && rh.status < 300))) {
+    // This connection's backend echoed the id of every request before (vLLM with
+    // --enable-request-id-headers does): an answer with another id is someone else's, and so is
+    // a success without one (a late answer, or bytes that belong to no answer). An error with
+    // no id may be the server's own, made below the part that echoes (a 408, a 500 from a
+    // crash): relayed as before.
+    out.kind = AttemptOutcome::kFailed;
+    out.status = 0;
+    out.error = "the backend's answer did not carry this request's X-Request-ID, which it echoed on this connection "
+                "before: the connection was out of step";
+    out.after_sent = true;
+    *upstream_reusable = false;
+    co_return out;
+  }
+  if (echoed) up->echoes_ids = true;
   if (!has_id) append_field(head, "X-Request-ID", request_id);
   up->remember_answered(request_id);
   if (!plan.keep_alive && client_minor >= 1) append_field(head, "Connection", "close");

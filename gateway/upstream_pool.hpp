@@ -36,6 +36,9 @@ struct UpstreamConnection {
     return false;
   }
   void remember_answered(std::string_view id) { answered_ids[answered_count++ % kIdsKept].assign(id); }
+  // The backend echoed a request's X-Request-ID exactly on this connection: from then on an
+  // answer here that does not carry its request's id is out of step.
+  bool echoes_ids = false;
 };
 
 class UpstreamPool {

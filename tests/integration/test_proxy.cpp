@@ -785,6 +785,55 @@ TEST(ProxyTest, ALateAnswerCarryingAnEarlierGatewayIdIsCaught) {
   EXPECT_EQ(json::parse(http_request(liar[0].port, "GET", "/mock/stats").body)["lies"].get<int>(), 1);
 }
 
+// Once a backend has echoed X-Request-ID on a connection, an answer there that does not carry
+// its request's id is out of step, whatever the id: here the clients' own ids, the late answer
+// coming five requests after its own (past the four ids kept per connection).
+TEST(ProxyTest, ALateAnswerCarryingAnEarlierClientIdIsCaughtOnAConnectionThatEchoes) {
+  auto liar = start_mocks(1, {"--lie", "answer-late"});
+  auto gw = start_gateway(concat(backend_args(liar), {"--threads", "1", "--set", "passive.failures=1000"}));
+  wait_healthy(gw, 1);
+  int out_of_step = 0;
+  for (int i = 0; i < 8; ++i) {
+    const std::string id = "client-" + std::to_string(i);
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {{"X-Request-ID", id}});
+    if (r.status == 502) {
+      EXPECT_THAT(r.body, HasSubstr("did not carry this request's X-Request-ID"));
+      ++out_of_step;
+      continue;
+    }
+    ASSERT_EQ(r.status, 200) << r.body;
+    EXPECT_THAT(r.body, HasSubstr("\"cmpl-" + id + "\"")) << "request " << i << " got another's answer";
+  }
+  EXPECT_EQ(out_of_step, 1);
+}
+
+// A success with no id on a connection whose backend echoes ids is bytes that belong to no
+// request (here a stray "response" written 20 ms after each real one): never relayed, however the
+// requests of two clients interleave with the stray bytes.
+TEST(ProxyTest, StrayBytesNeverReachAClientOfABackendThatEchoesIds) {
+  auto liar = start_mocks(1, {"--lie", "extra-bytes"});
+  auto gw = start_gateway(concat(backend_args(liar), {"--threads", "1", "--set", "passive.failures=1000"}));
+  wait_healthy(gw, 1);
+  std::atomic<int> served{0};
+  std::vector<std::jthread> clients;
+  for (int c = 0; c < 2; ++c) {
+    clients.emplace_back([&] {
+      for (int i = 0; i < 10; ++i) {
+        auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false));
+        EXPECT_THAT(r.body, Not(HasSubstr("SMUGGLED")));
+        if (r.status == 200) {
+          ++served;
+          EXPECT_THAT(r.body, HasSubstr("\"choices\"")) << r.body;
+        } else {
+          EXPECT_EQ(r.status, 502) << r.body;
+        }
+      }
+    });
+  }
+  clients.clear();
+  EXPECT_GE(served.load(), 10);
+}
+
 // Only an id exactly as the gateway gave it to another request is taken for one: an echo that a
 // proxy changed (a suffix, two fields merged) is relayed.
 TEST(ProxyTest, OnlyAnotherRequestsWholeIdMakesAnAnswerOutOfStep) {
