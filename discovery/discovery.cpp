@@ -53,8 +53,9 @@ DiscoveryResult discover(const config::Config& config, const config::EnvLookup& 
       }
     }
     std::optional<slurm::JobLayout> layout;
+    const auto lookup = env ? slurm::EnvLookup(env) : slurm::process_env();
     try {
-      layout = slurm::read_job_layout(options, env ? slurm::EnvLookup(env) : slurm::process_env());
+      layout = slurm::read_job_layout(options, lookup);
     } catch (const std::exception& e) {
       throw DiscoveryError(e.what());
     }
@@ -91,6 +92,11 @@ DiscoveryResult discover(const config::Config& config, const config::EnvLookup& 
       }
     } else {
       how = "no Slurm nodelist (SLURM_JOB_NODELIST unset)";
+      // salloc with components (`salloc ... : ...`) sets no plain nodelist at all.
+      if (auto size = lookup("SLURM_HET_SIZE")) {
+        how += "; this is a heterogeneous job (SLURM_HET_SIZE=" + std::string(*size) +
+               "): set slurm.het_group (INFERGATE_SLURM_HET_GROUP) to the component that runs the inference servers";
+      }
     }
   } else {
     // Said the way it was set: the flag, or the key from the environment or the file.

@@ -159,9 +159,9 @@ void resolve_gpus_per_node(const JobOptions& options, const EnvLookup& env, JobL
     auto value = env(c.var);
     if (value) value = std::string(trimmed(*value));
     if (!value) continue;
-    // A job or step without GPUs here (a step run with --gres=gpu:0 has SLURM_GPUS_ON_NODE=0,
-    // a job without GPUs on this node an empty SLURM_JOB_GPUS), or a variable a wrapper script
-    // exported empty: the next variable says more.
+    // A job or step without GPUs here (a job without GPUs on this node has an empty
+    // SLURM_JOB_GPUS), or a variable a wrapper script exported empty or as 0: the next variable
+    // says more.
     if (value->empty() || (c.syntax == Syntax::kCount && *value == "0")) {
       unset.push_back(c.var + "=" + (value->empty() ? "''" : *value));
       continue;
@@ -185,9 +185,19 @@ void resolve_gpus_per_node(const JobOptions& options, const EnvLookup& env, JobL
       const auto group = std::to_string(*options.het_group);
       layout.warnings.push_back(
           "GPUs per node for heterogeneous group " + group + " taken from " + layout.gpus_per_node_source +
-          ", which describes the job's first component: neither SLURM_GPUS_PER_NODE_HET_GROUP_" + group +
-          " nor SLURM_GPUS_ON_NODE_HET_GROUP_" + group + " gives a count; set slurm.gpus_per_node if group " + group +
+          ", which describes the job's first component: SLURM_GPUS_PER_NODE_HET_GROUP_" + group +
+          " is not set (Slurm sets it for --gpus-per-node only); set slurm.gpus_per_node if group " + group +
           "'s nodes differ");
+    } else if (c.syntax != Syntax::kPerNode) {
+      // --gpus N asks for N in all, which Slurm may spread unevenly (4, 1 and 1 over three
+      // nodes): this node's count says nothing of the others'.
+      auto total = env(options.het_group ? "SLURM_GPUS_HET_GROUP_" + std::to_string(*options.het_group) : "SLURM_GPUS");
+      if (total && !trimmed(*total).empty()) {
+        layout.warnings.push_back("GPUs per node taken from " + layout.gpus_per_node_source +
+                                  ", which describes this node only, but the job asked for " + quoted(trimmed(*total)) +
+                                  " GPUs in all (--gpus), which Slurm may spread unevenly over its nodes; ask for "
+                                  "--gpus-per-node, or set slurm.gpus_per_node");
+      }
     }
     return;
   }
@@ -335,6 +345,11 @@ int parse_gpus_per_node(std::string_view text, std::string_view what) {
   return static_cast<int>(total);
 }
 
+namespace {
+// Hosts, counts, checks and servers, once the nodelist is known (see read_job_layout).
+void build_layout(const JobOptions& options, const EnvLookup& env, JobLayout& layout, const std::string& het_hint);
+}  // namespace
+
 std::optional<JobLayout> read_job_layout(const JobOptions& options, const EnvLookup& env) {
   JobLayout layout;
   if (options.nodelist) {
@@ -371,6 +386,21 @@ std::optional<JobLayout> read_job_layout(const JobOptions& options, const EnvLoo
     }
   }
 
+  try {
+    build_layout(options, env, layout, het_hint);
+  } catch (const JobError& e) {
+    // Whatever went wrong with the first component's values (too few GPUs for INFER_TP, no
+    // inference host), reading the wrong component is the likelier cause.
+    const std::string what = e.what();
+    if (het_hint.empty() || what.find(het_hint) != std::string::npos) throw;
+    throw JobError(what + het_hint);
+  }
+  return layout;
+}
+
+namespace {
+
+void build_layout(const JobOptions& options, const EnvLookup& env, JobLayout& layout, const std::string& het_hint) {
   NodelistHosts list;
   list.nodelist = layout.nodelist_source + " " + quoted(trimmed(layout.nodelist));
   try {
@@ -463,7 +493,8 @@ std::optional<JobLayout> read_job_layout(const JobOptions& options, const EnvLoo
     }
   }
   layout.nodelist = std::string(trimmed(layout.nodelist));  // shown in logs and `infergate config`: one line
-  return layout;
 }
+
+}  // namespace
 
 }  // namespace infergate::slurm

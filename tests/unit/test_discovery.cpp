@@ -11,6 +11,7 @@
 using namespace infergate;
 using namespace infergate::discovery;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 namespace {
 
@@ -77,6 +78,12 @@ TEST(DiscoveryTest, OutsideSlurmIsEmptyAndSaysWhy) {
   auto r = discover(c, env_of({}));
   EXPECT_TRUE(r.backends.empty());
   EXPECT_THAT(r.how, HasSubstr("SLURM_JOB_NODELIST unset"));
+  EXPECT_THAT(r.how, Not(HasSubstr("heterogeneous")));
+  // `salloc -N1 : -N2` sets no plain nodelist, only the groups' (checked on Slurm 22.05).
+  auto het = discover(c, env_of({{"SLURM_HET_SIZE", "2"}, {"SLURM_JOB_NODELIST_HET_GROUP_1", "n[2-3]"}}));
+  EXPECT_TRUE(het.backends.empty());
+  EXPECT_THAT(het.how, HasSubstr("SLURM_JOB_NODELIST unset); this is a heterogeneous job (SLURM_HET_SIZE=2): set "
+                                 "slurm.het_group (INFERGATE_SLURM_HET_GROUP)"));
 }
 
 TEST(DiscoveryTest, ConfigOverridesEnvironment) {

@@ -593,7 +593,9 @@ TEST(JobLayoutTest, HeterogeneousJobGroupGpuVariables) {
   EXPECT_EQ(plain->gpus_per_node_source, "SLURM_GPUS_PER_NODE='8'");
   ASSERT_EQ(plain->warnings.size(), 1u);  // the first component's count may not be this group's
   EXPECT_THAT(plain->warnings[0], HasSubstr("GPUs per node for heterogeneous group 1 taken from "
-                                            "SLURM_GPUS_PER_NODE='8', which describes the job's first component"));
+                                            "SLURM_GPUS_PER_NODE='8', which describes the job's first component: "
+                                            "SLURM_GPUS_PER_NODE_HET_GROUP_1 is not set (Slurm sets it for "
+                                            "--gpus-per-node only)"));
   // Another group's variables are not this group's.
   auto other = with({{"SLURM_GPUS_PER_NODE_HET_GROUP_0", "1"}});
   EXPECT_EQ(other->gpus_per_node, 8);
@@ -645,4 +647,28 @@ TEST(JobLayoutTest, ScontrolFallbackHostsAreCheckedAndCapped) {
   }
   FakeScontrol fake("seq -f 'h%.0f' 1 100001");
   EXPECT_THAT(error_of(o, odd), HasSubstr("printed more than 100000 hosts"));
+}
+
+// --gpus N is a total Slurm may spread unevenly (checked on Slurm 22.05: 4, 1 and 1 over three
+// nodes): a count read from this node's GPUs is then a guess, and said to be one.
+TEST(JobLayoutTest, AGpuTotalForTheJobMakesThisNodesCountAWarning) {
+  auto spread = read_job_layout({}, env_of({{"SLURM_JOB_NODELIST", "t,i[1-2]"}, {"SLURM_JOB_GPUS", "0,1,2,3"},
+                                            {"SLURM_GPUS", "6"}}));
+  EXPECT_EQ(spread->gpus_per_node, 4);
+  ASSERT_EQ(spread->warnings.size(), 1u);
+  EXPECT_THAT(spread->warnings[0],
+              HasSubstr("GPUs per node taken from SLURM_JOB_GPUS='0,1,2,3', which describes this node only, but the "
+                        "job asked for '6' GPUs in all (--gpus)"));
+  auto per_node = read_job_layout({}, env_of({{"SLURM_JOB_NODELIST", "t,i[1-2]"}, {"SLURM_GPUS_PER_NODE", "4"},
+                                              {"SLURM_JOB_GPUS", "0,1,2,3"}, {"SLURM_GPUS", "12"}}));
+  EXPECT_TRUE(per_node->warnings.empty());
+}
+
+// Without slurm.het_group, any layout error in a heterogeneous job carries the hint that the
+// first component was read, not only the one that leaves no inference host.
+TEST(JobLayoutTest, EveryLayoutErrorOfAHeterogeneousJobReadWithoutItsGroupHasTheHint) {
+  EXPECT_THAT(error_of({}, {{"SLURM_HET_SIZE", "2"}, {"SLURM_JOB_NODELIST", "t,i1"}, {"SLURM_JOB_GPUS", "0"},
+                            {"INFER_TP", "2"}}),
+              HasSubstr("INFER_TP=2 is more than the 1 GPUs per node (from SLURM_JOB_GPUS='0'): a server's "
+                        "tensor-parallel group must fit on one node; this is a heterogeneous job"));
 }
