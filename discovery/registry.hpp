@@ -48,6 +48,9 @@ struct BackendStats {
   std::atomic<std::uint64_t> errors{0};  // no response: connect failures, resets, timeouts
   std::atomic<std::uint64_t> retries{0};  // attempts on this backend that were retried elsewhere
   std::atomic<std::uint64_t> ejections{0};
+  // Requests sent again on a new connection to it because the parked connection they went out
+  // on was being closed (its idle close): the backend may have read the first copy.
+  std::atomic<std::uint64_t> resends{0};
   std::atomic<std::uint64_t> prompt_tokens{0};
   std::atomic<std::uint64_t> completion_tokens{0};
   std::atomic<int> consecutive_failures{0};  // passive health: reset by a success

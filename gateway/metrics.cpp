@@ -71,6 +71,10 @@ std::string render_metrics(const GatewayState& state) {
   auto ttft = family("infergate_backend_ttft_seconds", "Time from the start of the attempt on this backend to the first body byte of a streamed response", MetricType::Histogram);
   auto retries = family("infergate_backend_retries_total", "Failed attempts on the backend that were retried on another", MetricType::Counter);
   auto ejections = family("infergate_backend_ejections_total", "Passive ejections after consecutive failures", MetricType::Counter);
+  auto resends = family("infergate_backend_resends_total",
+                        "Requests sent again on a new connection because the parked connection they went out on was "
+                        "being closed by the backend (an idle close); the backend may have read the first copy",
+                        MetricType::Counter);
   auto tokens = family("infergate_backend_tokens_total", "Tokens reported in responses' usage", MetricType::Counter);
   auto probes = family("infergate_health_probe_duration_seconds", "Active health probe latency", MetricType::Histogram);
 
@@ -98,6 +102,7 @@ std::string render_metrics(const GatewayState& state) {
     ttft.metric.push_back(histogram_metric(labels, st.ttft));
     retries.metric.push_back(value_metric(labels, static_cast<double>(st.retries.load()), MetricType::Counter));
     ejections.metric.push_back(value_metric(labels, static_cast<double>(st.ejections.load()), MetricType::Counter));
+    resends.metric.push_back(value_metric(labels, static_cast<double>(st.resends.load()), MetricType::Counter));
     for (auto [kind, n] : {std::pair{"prompt", st.prompt_tokens.load()}, std::pair{"completion", st.completion_tokens.load()}}) {
       auto l = labels;
       l.push_back({"kind", kind});
@@ -150,7 +155,7 @@ std::string render_metrics(const GatewayState& state) {
   auto build = family("infergate_build_info", "Build information", MetricType::Gauge);
   build.metric.push_back(value_metric({{"version", INFERGATE_VERSION}}, 1, MetricType::Gauge));
 
-  for (auto* f : {&up, &states, &inflight, &requests, &duration, &ttft, &retries, &ejections, &tokens,
+  for (auto* f : {&up, &states, &inflight, &requests, &duration, &ttft, &retries, &ejections, &resends, &tokens,
                   &probes, &gw_requests, &connections, &connection_limit, &body_memory, &body_memory_limit, &inflight_all, &queued, &queue_limit, &rejected, &healthy, &build}) {
     families.push_back(std::move(*f));
   }

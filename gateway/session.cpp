@@ -693,6 +693,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
           // longer, or keeps the connection, is the backend's answer to this request, relayed.
           watch.connection = nullptr;
           fresh_retry_used = true;
+          backend->stats.resends.fetch_add(1, std::memory_order_relaxed);
           w->pool.clear(backend->index());
           continue;
         }
@@ -735,6 +736,7 @@ net::awaitable<AttemptOutcome> run_attempt(Worker* w, discovery::Backend* backen
       spdlog::debug("{} backend {}: the parked connection was closed before it took the request ({}); sending it on "
                     "a new connection", request_id, backend->info().id, wec.message());
       fresh_retry_used = true;
+      backend->stats.resends.fetch_add(1, std::memory_order_relaxed);
       w->pool.clear(backend->index());
       continue;
     }

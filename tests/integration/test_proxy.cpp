@@ -1296,6 +1296,10 @@ TEST(ProxyTest, ABackendThatResetsAfterReadingARequestGetsItOnce) {
   EXPECT_EQ(metric(gw_default.port, "infergate_backend_requests_total",
                    "backend=\"" + resetting[0].id() + "\",node=\"127.0.0.1\",slot=\"0\",code=\"error\""),
             0);
+  // Counted: the backend may have generated the first copy for nobody.
+  EXPECT_EQ(metric(gw_default.port, "infergate_backend_resends_total",
+                   "backend=\"" + resetting[0].id() + "\",node=\"127.0.0.1\",slot=\"0\""),
+            1);
 }
 
 // An answer that cannot be relayed (a malformed head, a protocol switch, one out of step) came
