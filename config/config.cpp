@@ -411,8 +411,9 @@ const std::vector<KeySpec>& specs() {
         "also retry a request the backend received but never answered (false: a request that crashes its server reaches only one)",
         make_bool([](Config& c) -> bool& { return c.retries.after_sent; }),
         [](const Config& c) { return c.retries.after_sent ? "true" : "false"; });
-    add("policy", Kind::kString, "load-balancing policy (round_robin)",
-        make_choice([](Config& c) -> std::string& { return c.policy; }, {"round_robin"}),
+    add("policy", Kind::kString,
+        "load-balancing policy: round_robin, or least_inflight (the backend with the fewest requests in flight)",
+        make_choice([](Config& c) -> std::string& { return c.policy; }, {"round_robin", "least_inflight"}),
         [](const Config& c) { return c.policy; });
     add("admin.token", Kind::kString, "Bearer token for /admin (empty: no auth)",
         [](Config& c, std::string_view v) -> std::string {

@@ -7,7 +7,7 @@
 # gateway's log must show its drain ("signal 15", "stopped"). Prints PASS/FAIL lines, exits 0
 # only when all passed, and tears everything down on any exit.
 #
-# Usage: sudo deploy/local-slurm.sh          (root; a Debian 12 machine; takes about 30 s)
+# Usage: sudo deploy/local-slurm.sh          (root; a Debian 12 machine; takes about 25 s)
 #   BUILD_DIR  where the built binaries are (default build/, relative to the repo root):
 #              $BUILD_DIR/gateway/infergate and $BUILD_DIR/tests/mock/infergate-mock
 #              (build them first: deploy/build.sh). Missing Slurm/munge packages are installed.
@@ -29,6 +29,8 @@ mock_bin="$build/tests/mock/infergate-mock"
 example="$root/deploy/sbatch-example.sh"
 prefix=igslurm                    # node names igslurm1..3: never a real host's
 marker="# infergate local-slurm"  # tags our /etc/hosts lines
+lock=/run/lock/infergate-local-slurm.pid
+[[ -d /run/lock ]] || lock=/tmp/infergate-local-slurm.pid
 nodes=3 gpus=4 cpus=2
 
 say() { echo "local-slurm: $*"; }
@@ -68,7 +70,7 @@ tmp=$(mktemp -d /tmp/igslurm.XXXXXX)
 conf="$tmp/slurm.conf"
 export SLURM_CONF="$conf"
 hosts_before="$tmp/hosts.before"
-failures=0 checks=0
+failures=0 checks=0 hosts_added=0
 sbatch_pids=()
 pass() { checks=$((checks + 1)); echo "PASS $*"; }
 fail() { checks=$((checks + 1)); failures=$((failures + 1)); echo "FAIL $*"; }
@@ -88,21 +90,27 @@ our_procs() {  # pids, other than this shell's, whose environment holds our SLUR
     done
   done
 }
-stop_pidfile() {  # file name: SIGTERM, up to 10 s, then SIGKILL
-  local pid i
-  [[ -s "$1" ]] || return 0
-  pid=$(<"$1")
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  say "$2 (pid $pid) did not stop on SIGTERM within 10 s: SIGKILL"
-  kill -KILL "$pid" 2>/dev/null || true
+stop_daemons() {  # pid file...: SIGTERM to all at once, up to 10 s, then SIGKILL to the rest
+  local file pid i alive pids=()
+  for file; do
+    if [[ -s "$file" ]] && pid=$(<"$file") && kill -TERM "$pid" 2>/dev/null; then pids+=("$pid"); fi
+  done
+  for ((i = 0; i <= 100; i++)); do
+    alive=()
+    for pid in "${pids[@]}"; do if kill -0 "$pid" 2>/dev/null; then alive+=("$pid"); fi; done
+    ((${#alive[@]})) || return 0
+    ((i < 100)) && sleep 0.1
+  done
+  say "still running 10 s after SIGTERM, killed: $(ps -o pid=,args= -p "$(IFS=,; echo "${alive[*]}")" | tr '\n' ';')"
+  kill -KILL "${alive[@]}" 2>/dev/null || true
 }
 
 cleanup() {
   local rc=$? pid i left
-  trap - EXIT INT TERM
-  set +e
+  trap - EXIT
+  trap 'say "tearing down, a moment"' INT TERM HUP  # a second Ctrl-C does not cut the teardown short
+  trap '' PIPE  # output piped to a reader that left (| head): the teardown still runs
+  set +eu
   echo "--- teardown"
   if [[ -s "$tmp/slurmctld.pid" ]] && kill -0 "$(<"$tmp/slurmctld.pid")" 2>/dev/null; then
     scancel --user=root >/dev/null 2>&1
@@ -112,9 +120,9 @@ cleanup() {
     done
   fi
   for pid in "${sbatch_pids[@]}"; do kill "$pid" 2>/dev/null; done
-  for ((i = 1; i <= nodes; i++)); do stop_pidfile "$tmp/slurmd-$prefix$i.pid" "slurmd $prefix$i"; done
-  stop_pidfile "$tmp/slurmctld.pid" slurmctld
-  stop_pidfile "$tmp/munge/munged.pid" munged
+  stop_daemons "$tmp"/slurmd-*.pid
+  stop_daemons "$tmp/slurmctld.pid"
+  stop_daemons "$tmp/munge/munged.pid"
   wait 2>/dev/null
   mapfile -t left < <(our_procs)
   if ((${#left[@]})); then
@@ -122,7 +130,7 @@ cleanup() {
     kill -KILL "${left[@]}" 2>/dev/null
     sleep 0.5
   fi
-  if grep -qF "$marker" /etc/hosts; then
+  if ((hosts_added)) && grep -qF "$marker" /etc/hosts; then
     grep -vF "$marker" /etc/hosts >"$tmp/hosts.new" && cat "$tmp/hosts.new" >/etc/hosts  # in place: /etc/hosts may be a mount
   fi
   if [[ -f "$hosts_before" ]]; then
@@ -135,14 +143,21 @@ cleanup() {
     pass "no process left behind (ps: none with our SLURM_CONF or temp dir)"
   fi
   rm -rf "$tmp"
-  if [[ $rc -ne 0 && $failures -eq 0 ]]; then failures=1; fi
+  [[ "$(cat "$lock" 2>/dev/null)" == "$$" ]] && rm -f "$lock"
+  ((rc == 0)) || fail "the script stopped early (exit status $rc)"
   echo "--- $((checks)) checks, $failures failed; total $((SECONDS - started)) s"
   if ((failures)); then echo "local-slurm: FAILED"; exit 1; fi
   echo "local-slurm: all checks passed"
   exit 0
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'say "interrupted"; exit 130' INT TERM HUP
+trap 'exit 141' PIPE
+# One run at a time: the nodes' names, addresses and the servers' ports are the same for all.
+if [[ -s "$lock" ]] && kill -0 "$(<"$lock")" 2>/dev/null; then
+  die "another run (pid $(<"$lock")) is going; $lock"
+fi
+echo $$ >"$lock"
 
 # --- the cluster's files
 mkdir -p "$tmp"/{munge,state,log,submit,jobs,bin}
@@ -158,7 +173,7 @@ for ((i = 1; i <= nodes; i++)); do
 done
 
 # The example hard-codes the servers' ports 9000, 9001, ...: they must be free on the inference
-# nodes' addresses (or on every address). Wait a little for them if another run has them.
+# nodes' addresses (or on every address). Wait a little for them if something else has them.
 for ((i = 0; i < 60; i++)); do
   listening 9000 || listening 9001 || break
   ((i == 0)) && say "waiting for ports 9000/9001 (the example's server ports) to be free: $(ss -Hltnp 'sport = :9000 or sport = :9001' | tr -s ' ' | head -2 | tr '\n' ';')"
@@ -169,9 +184,8 @@ ctld_port=$(free_ports $((nodes + 1)) 16817)
 gateway_port=$(free_ports 1 18080)
 say "temp dir $tmp; slurmctld on port $ctld_port, slurmd on $((ctld_port + 1))-$((ctld_port + nodes)); gateway port $gateway_port"
 
-{
-  for ((i = 1; i <= nodes; i++)); do echo "127.0.10.$i $prefix$i $marker"; done
-} >>/etc/hosts
+hosts_added=1
+for ((i = 1; i <= nodes; i++)); do echo "127.0.10.$i $prefix$i $marker"; done >>/etc/hosts
 
 for ((i = 1; i <= nodes; i++)); do
   mkdir -p "$tmp/dev/$prefix$i" "$tmp/spool/$prefix$i"
@@ -247,14 +261,18 @@ base=${url%/v1}
 out="$jobs/$SLURM_JOB_ID"
 mkdir -p "$out"
 cpus() { sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' "/proc/$1/status"; }
-echo "$SLURMD_NODENAME $(cpus $$)" >"$out/trainer"
+echo "$SLURMD_NODENAME $(cpus $$) ${CUDA_VISIBLE_DEVICES-unset}" >"$out/trainer"
 gateway=""
 for pid in $(pgrep -x infergate); do
   env=$(tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null) || continue
-  grep -qx "SLURM_JOB_ID=$SLURM_JOB_ID" <<<"$env" && grep -qxF "SLURM_CONF=$conf" <<<"$env" && gateway=$pid
+  if grep -qx "SLURM_JOB_ID=$SLURM_JOB_ID" <<<"$env" && grep -qxF "SLURM_CONF=$conf" <<<"$env"; then
+    gateway=$pid
+    break
+  fi
 done
 [[ -n "$gateway" ]] || { echo "trainer: no infergate process of job $SLURM_JOB_ID" >&2; exit 1; }
-echo "$gateway $(cpus "$gateway")" >"$out/gateway"
+gpus=$(sed -n 's/^CUDA_VISIBLE_DEVICES=//p' <<<"$env")
+echo "$gateway $(cpus "$gateway") ${gpus:-unset}" >"$out/gateway"
 for ((i = 0; i < 100; i++)); do  # /ready is 200 with 1 healthy backend; wait for all 4
   [[ "$(curl -s "$base/ready")" == *'"healthy":4'* ]] && break
   sleep 0.2
@@ -303,21 +321,25 @@ submit() {  # extra environment...: sbatch --wait the example; prints the job id
       sbatch --parsable --wait -N3 --gpus-per-node=4 "$example")
 }
 field() { awk -v n="$1" -v f="$2" '$1 == n {print $f}' "$3" | sort | paste -sd ' '; }
-distinct() { [[ $# -ge 2 && $(printf '%s\n' "$@" | sort -u | wc -l) -eq $# ]]; }
+distinct() {  # value...: at least 2 values, none empty, no two the same
+  local v
+  for v; do [[ -n "$v" ]] || return 1; done
+  [[ $# -ge 2 && $(printf '%s\n' "$@" | sort -u | wc -l) -eq $# ]]
+}
 
 # --- job 1: runs to its end
 echo "--- job 1: the example, to its end"
 t=$SECONDS
+submit >"$tmp/job1.id" &  # in the background: a signal to this script is handled at once
+sbatch_pids+=($!)
 rc=0
-submit >"$tmp/job1.id" || rc=$?
+wait "${sbatch_pids[-1]}" || rc=$?
 job=$(head -n 1 "$tmp/job1.id")
+job=${job%%;*}
 out="$tmp/jobs/$job"
 log="$tmp/submit/infergate-$job.log"
 say "job $job ended after $((SECONDS - t)) s, sbatch --wait exit code $rc"
 check "job $job exited 0 (sbatch --wait: $rc)" test "$rc" -eq 0
-if [[ $rc -ne 0 ]]; then
-  echo "    the job's output (slurm-$job.out):"; sed 's/^/    | /' "$tmp/submit/slurm-$job.out" 2>/dev/null | tail -n 30
-fi
 [[ -f "$out/servers" ]] && sed 's/^/    server: /' "$out/servers"
 for ((n = 2; n <= nodes; n++)); do
   node=$prefix$n
@@ -327,16 +349,23 @@ for ((n = 2; n <= nodes; n++)); do
     test "${gpu_sets[*]:-}" == "0,1 2,3"
   check "$node's servers had different CPU sets (got: ${cpu_sets[*]:-none})" distinct "${cpu_sets[@]}"
 done
-trainer_cpus=$(awk '{print $2}' "$out/trainer" 2>/dev/null || true)
-gateway_cpus=$(awk '{print $2}' "$out/gateway" 2>/dev/null || true)
-trainer_node=$(awk '{print $1}' "$out/trainer" 2>/dev/null || true)
+trainer_node="" trainer_cpus="" trainer_gpus="" gateway_cpus="" gateway_gpus=""
+[[ -f "$out/trainer" ]] && read -r trainer_node trainer_cpus trainer_gpus <"$out/trainer"
+[[ -f "$out/gateway" ]] && read -r _ gateway_cpus gateway_gpus <"$out/gateway"
+echo "    gateway: ${trainer_node:-?} CPUs ${gateway_cpus:-?} CUDA_VISIBLE_DEVICES ${gateway_gpus:-?}"
+echo "    trainer: ${trainer_node:-?} CPUs ${trainer_cpus:-?} CUDA_VISIBLE_DEVICES ${trainer_gpus:-?}"
 check "gateway and trainer on ${trainer_node:-?} had different CPU sets (gateway: ${gateway_cpus:-?}, trainer: ${trainer_cpus:-?})" \
   distinct "$gateway_cpus" "$trainer_cpus"
-check "trainer: $(cat "$out/trainer-result" 2>/dev/null || echo 'no result')" \
+check "the gateway step had no GPU (CUDA_VISIBLE_DEVICES ${gateway_gpus:-?})" test "${gateway_gpus:-}" == unset
+check "$(cat "$out/trainer-result" 2>/dev/null || echo 'trainer: no result')" \
   grep -q '16/16 answered 200' "$out/trainer-result"
 check "infergate-$job.log is in the submit directory" test -s "$log"
 check "the gateway found 4 backends: $(grep -o '[0-9]* backend(s): .*' "$log" 2>/dev/null || echo 'no such line')" \
   grep -q ' 4 backend(s): ' "$log"
+if ((failures)); then
+  echo "    the job's output (slurm-$job.out), end:"; tail -n 15 "$tmp/submit/slurm-$job.out" 2>/dev/null | sed 's/^/    | /'
+  echo "    the gateway's log (infergate-$job.log), end:"; tail -n 15 "$log" 2>/dev/null | sed 's/^/    | /'
+fi
 
 # --- job 2: cancelled while the trainer runs
 echo "--- job 2: the example, cancelled (scancel) while the trainer runs"
@@ -347,6 +376,7 @@ job=""
 for ((i = 0; i < 600; i++)); do
   if [[ -s "$tmp/job2.id" ]]; then
     job=$(head -n 1 "$tmp/job2.id")
+    job=${job%%;*}
     [[ -e "$tmp/jobs/$job/holding" ]] && break
   fi
   kill -0 "${sbatch_pids[-1]}" 2>/dev/null || break
@@ -361,10 +391,10 @@ if [[ -n "$job" && -e "$tmp/jobs/$job/holding" ]]; then
   log="$tmp/submit/infergate-$job.log"
   for ((i = 0; i < 50; i++)); do grep -q 'stopped' "$log" 2>/dev/null && break; sleep 0.1; done
   check "infergate-$job.log is in the submit directory" test -s "$log"
-  check "the gateway logged the cancel's SIGTERM: $(grep -o 'signal 15.*' "$log" 2>/dev/null | cut -c1-60 || echo 'no such line')" \
-    grep -q 'signal 15' "$log"
-  check "the gateway logged its drain's end: $(grep -o '\] stopped.*\|[^ ]* stopped$' "$log" 2>/dev/null || echo 'no such line')" \
-    grep -q 'stopped' "$log"
+  check "the gateway logged the cancel's SIGTERM (\"signal 15\")" grep -q ' signal 15: ' "$log"
+  check "the gateway logged its drain's end (\"stopped\")" grep -q ' stopped$' "$log"
+  grep -E ' signal 15: | stopped$' "$log" 2>/dev/null | cut -c1-110 | sed 's/^/    | /'
+  ((failures == 0)) || { echo "    the gateway's log (infergate-$job.log), end:"; tail -n 8 "$log" 2>/dev/null | sed 's/^/    | /'; }
 else
   fail "job ${job:-?}: the trainer never got to hold (job output: $(tail -n 5 "$tmp/submit/slurm-$job.out" 2>/dev/null | tr '\n' ';'))"
 fi

@@ -126,13 +126,10 @@ Backend* Registry::pick(const BackendSet& set, std::span<const Backend* const> e
   // Only a request's first attempt moves the rotation on: if retries did too, with an even
   // number of backends every first attempt would land on the same one whenever requests fail.
   auto start = exclude.empty() ? rr_.fetch_add(1, std::memory_order_relaxed) : rr_.load(std::memory_order_relaxed);
+  if (least_inflight_) return pick_least(set, exclude, start, room_limit, full);
   for (std::size_t i = 0; i < n; ++i) {
     Backend* candidate = set.routable[(start + i) % n];
-    if (std::find(exclude.begin(), exclude.end(), candidate) != exclude.end()) continue;
-    if (passive_limit_ > 0 &&
-        candidate->stats.consecutive_failures.load(std::memory_order_relaxed) >= passive_limit_) {
-      continue;
-    }
+    if (passed_over(*candidate, exclude)) continue;
     if (room_limit > 0 && !take_place(*candidate, room_limit)) {
       if (full != nullptr) *full = true;
       continue;
@@ -140,6 +137,31 @@ Backend* Registry::pick(const BackendSet& set, std::span<const Backend* const> e
     return candidate;
   }
   return nullptr;
+}
+
+Backend* Registry::pick_least(const BackendSet& set, std::span<const Backend* const> exclude, std::uint64_t start,
+                              int room_limit, bool* full) {
+  const auto n = set.routable.size();
+  // Another thread may take the last place on the least busy backend between the look and the
+  // take: look again (each failed take means some request got a place, so this ends).
+  for (;;) {
+    Backend* least = nullptr;
+    std::int64_t fewest = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      Backend* candidate = set.routable[(start + i) % n];
+      if (passed_over(*candidate, exclude)) continue;
+      const auto inflight = candidate->stats.inflight.load(std::memory_order_relaxed);
+      if (room_limit > 0 && inflight >= room_limit) {
+        if (full != nullptr) *full = true;
+        continue;
+      }
+      if (least == nullptr || inflight < fewest) {
+        least = candidate;
+        fewest = inflight;
+      }
+    }
+    if (least == nullptr || room_limit <= 0 || take_place(*least, room_limit)) return least;
+  }
 }
 
 bool Registry::take_place(Backend& backend, int room_limit) noexcept {
@@ -151,9 +173,16 @@ bool Registry::take_place(Backend& backend, int room_limit) noexcept {
   return true;
 }
 
+bool Registry::failing(const Backend& backend) const noexcept {
+  return passive_limit_ > 0 && backend.stats.consecutive_failures.load(std::memory_order_relaxed) >= passive_limit_;
+}
+
+bool Registry::passed_over(const Backend& backend, std::span<const Backend* const> exclude) const noexcept {
+  return std::find(exclude.begin(), exclude.end(), &backend) != exclude.end() || failing(backend);
+}
+
 bool Registry::routable_now(const Backend& backend) const noexcept {
-  return backend.state() == BackendState::kHealthy &&
-         (passive_limit_ <= 0 || backend.stats.consecutive_failures.load(std::memory_order_relaxed) < passive_limit_);
+  return backend.state() == BackendState::kHealthy && !failing(backend);
 }
 
 }  // namespace infergate::discovery

@@ -148,6 +148,9 @@ class Registry {
   // ejection (see pick).
   bool routable_now(const Backend& backend) const noexcept;
 
+  // policy least_inflight: pick the backend with the fewest requests in flight, in rotation
+  // order among equals (round robin otherwise). Set before serving starts.
+  void set_least_inflight(bool on) noexcept { least_inflight_ = on; }
   // Consecutive failed requests that eject a backend (passive.failures); 0 (no health checks):
   // never skip. Set before serving starts.
   void set_passive_limit(int failures) noexcept { passive_limit_ = failures; }
@@ -160,6 +163,12 @@ class Registry {
 
  private:
   void publish_locked(std::vector<std::shared_ptr<Backend>> all);
+  Backend* pick_least(const BackendSet& set, std::span<const Backend* const> exclude, std::uint64_t start,
+                      int room_limit, bool* full);
+  // Its last passive.failures requests failed: its ejection is decided (see pick).
+  bool failing(const Backend& backend) const noexcept;
+  // Not a candidate for this pick: tried already, or failing.
+  bool passed_over(const Backend& backend, std::span<const Backend* const> exclude) const noexcept;
 
   BackendState initial_;
   mutable std::mutex write_mutex_;  // serialises writers only; readers never take it
@@ -167,6 +176,7 @@ class Registry {
   std::size_t next_index_ = 0;
   std::atomic<std::uint64_t> rr_{0};
   int passive_limit_ = 0;
+  bool least_inflight_ = false;
 };
 
 }  // namespace infergate::discovery

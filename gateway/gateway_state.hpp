@@ -105,7 +105,9 @@ struct GatewayState {
         via(make_via()),
         retry(config.retries.max, config.retries.backoff_base, config.retries.backoff_max),
         admission(registry, config.limits.max_inflight_per_backend,
-                  static_cast<std::size_t>(config.limits.max_queued)) {}
+                  static_cast<std::size_t>(config.limits.max_queued)) {
+    registry.set_least_inflight(config.policy == "least_inflight");
+  }
 
   const config::Config config;
   discovery::Registry registry;

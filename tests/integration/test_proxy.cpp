@@ -2559,3 +2559,34 @@ TEST(BackpressureTest, ClientsLeavingTheQueueFreeTheirPlaceAndTheShutdownAnswers
   EXPECT_EQ(gw.process->wait_exit(10s), 0);
   EXPECT_EQ(mock_stats(mock)["requests"], 1);
 }
+
+// policy least_inflight: while one backend is busy with a long request, the others take the
+// short ones (round robin would send every other one behind it), and no backend is skipped when
+// all are idle.
+TEST(BackpressureTest, LeastInflightSendsRequestsAwayFromABusyBackend) {
+  auto mocks = start_mocks(2, {"--token-delay-ms", "100"});
+  auto gw = start_gateway(concat(backend_args(mocks), {"--set", "policy=least_inflight"}));
+  wait_healthy(gw, 2);
+  std::set<std::string> idle_rotation;
+  for (int i = 0; i < 2; ++i) {
+    idle_rotation.insert(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false, "\"max_tokens\":1"))
+                             .header("X-Backend"));
+  }
+  EXPECT_EQ(idle_rotation.size(), 2u);
+  // Long: 30 tokens at 100 ms.
+  HttpResult long_answer;
+  std::jthread long_client([&] {
+    long_answer = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false, "\"max_tokens\":30"), {}, 30s);
+  });
+  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, mocks[0]) + inflight_on(gw.port, mocks[1]) == 1; }, 10s));
+  const auto& busy = inflight_on(gw.port, mocks[0]) == 1 ? mocks[0] : mocks[1];
+  const auto& free = &busy == &mocks[0] ? mocks[1] : mocks[0];
+  for (int i = 0; i < 4; ++i) {
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false, "\"max_tokens\":1"));
+    EXPECT_EQ(r.status, 200) << r.body;
+    EXPECT_EQ(r.header("X-Backend"), free.id()) << "request " << i;
+  }
+  EXPECT_EQ(inflight_on(gw.port, busy), 1);  // the long one (2.9 s) was still running throughout
+  long_client.join();
+  EXPECT_EQ(long_answer.status, 200) << long_answer.body;
+}

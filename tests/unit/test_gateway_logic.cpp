@@ -426,3 +426,26 @@ TEST(AdmissionTest, LeavingReturnsAPlaceGrantedMeanwhileAndNoLimitOnlyCounts) {
   }
   EXPECT_EQ(b[0]->stats.inflight.load(), 0);
 }
+
+// policy least_inflight: the backend with the fewest requests in flight, in rotation order among
+// equals (so round robin while all are idle); the limit and exclusions still apply.
+TEST(AdmissionTest, LeastInflightPicksTheLeastBusyAndRotatesAmongEquals) {
+  Registry registry;
+  registry.set_least_inflight(true);
+  auto b = add_backends(registry, 3);
+  auto set = registry.snapshot();
+  std::vector<const Backend*> idle;
+  for (int i = 0; i < 3; ++i) idle.push_back(registry.pick(*set));
+  EXPECT_THAT(idle, ::testing::ElementsAre(b[0], b[1], b[2]));
+  b[0]->stats.inflight = 5;
+  b[1]->stats.inflight = 2;
+  b[2]->stats.inflight = 3;
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(registry.pick(*set), b[1]);
+  const Backend* tried[] = {b[1]};
+  EXPECT_EQ(registry.pick(*set, tried), b[2]);
+  bool full = false;
+  EXPECT_EQ(registry.pick(*set, {}, 3, &full), b[1]);  // takes a place: now 3
+  EXPECT_EQ(b[1]->stats.inflight.load(), 3);
+  EXPECT_EQ(registry.pick(*set, {}, 3, &full), nullptr);  // every one at 3 or more
+  EXPECT_TRUE(full);
+}
