@@ -370,6 +370,10 @@ const std::vector<KeySpec>& specs() {
         "how long a request waits for a backend with room (limits.max_inflight_per_backend); 503 after it",
         make_duration([](Config& c) -> milliseconds& { return c.timeouts.queue; }),
         [](const Config& c) { return format_duration(c.timeouts.queue); });
+    add("timeouts.no_healthy_backend", Kind::kDuration,
+        "how long a request waits for a healthy backend when none is; 503 after it (0: at once)",
+        make_duration([](Config& c) -> milliseconds& { return c.timeouts.no_healthy_backend; }),
+        [](const Config& c) { return format_duration(c.timeouts.no_healthy_backend); });
     add("limits.max_body", Kind::kSize, "largest request body (413 above)",
         make_size([](Config& c) -> std::uint64_t& { return c.limits.max_body; }, 1),
         [](const Config& c) { return format_size(c.limits.max_body); });

@@ -87,6 +87,9 @@ struct TimeoutSettings {
   // How long a request waits in the gateway's queue for a backend with room
   // (limits.max_inflight_per_backend); 503 after it.
   milliseconds queue{300000};
+  // How long a request waits for a healthy backend when none is (servers loading weights, or
+  // all restarting); 503 after it. 0: the 503 at once.
+  milliseconds no_healthy_backend{0};
 };
 
 struct LimitSettings {

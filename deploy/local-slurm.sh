@@ -7,23 +7,28 @@
 # gateway's log must show its drain ("signal 15", "stopped"). Prints PASS/FAIL lines, exits 0
 # only when all passed, and tears everything down on any exit.
 #
-# Usage: sudo deploy/local-slurm.sh          (root; a Debian 12 machine; takes about 25 s)
-#   BUILD_DIR  where the built binaries are (default build/, relative to the repo root):
+# Usage: sudo deploy/local-slurm.sh          (root; a Debian 12 machine; takes about 20 s)
+#   BUILD_DIR  where the built binaries are (default build/ in the repo root, as deploy/build.sh):
 #              $BUILD_DIR/gateway/infergate and $BUILD_DIR/tests/mock/infergate-mock
-#              (build them first: deploy/build.sh). Missing Slurm/munge packages are installed.
+#              (deploy/build.sh builds them). Missing Slurm/munge packages are installed.
 #
 # The cluster: nodes igslurm1..3 (slurmd -N each, own Port, NodeAddr 127.0.10.N, lines tagged
 # in /etc/hosts), CPUs=2 and 4 fake GPUs each (gres.conf File= on character devices made under
 # the temp dir), munge and every Slurm file under a temp dir (SLURM_CONF points there).
 # CPU binding is task/affinity (sched_setaffinity: each step's tasks are held to the step's
-# CPUs, which /proc/PID/status shows as Cpus_allowed_list) with proctrack/linuxproc: task/cgroup
-# and proctrack/cgroup would need slurmd's cgroup hierarchy, shared by three slurmd on one host
-# and fragile in a VM; affinity is all the CPU check needs.
+# CPUs, which /proc/PID/status shows as Cpus_allowed_list) with proctrack/linuxproc. task/cgroup
+# (cgroup/v1, ConstrainCores) bound the same way here, but left /sys/fs/cgroup/cpuset/slurm_<node>
+# directories (and job_N/step_batch ones) behind on the host, and needs a cgroup v1 cpuset
+# mount; affinity is all the CPU check needs and leaves nothing. Each node has CPUs=2, and the machine
+# needs 2: the three nodes bind to the same real CPUs, and a node given more CPUs than the
+# machine has gets its extra ones folded onto the real ones (with CPUs=4 on a 2-CPU machine, both
+# servers of a node were bound to 0-1).
 set -euo pipefail
 started=$SECONDS
+PATH=$PATH:/usr/sbin:/sbin  # slurmctld, slurmd, munged
 root="$(cd "$(dirname "$0")/.." && pwd)"
-build="${BUILD_DIR:-build}"
-[[ "$build" == /* ]] || build="$root/$build"
+build="${BUILD_DIR:-$root/build}"  # as deploy/build.sh takes it
+[[ "$build" == /* ]] || build="$PWD/$build"  # the job runs elsewhere: absolute paths
 gateway_bin="$build/gateway/infergate"
 mock_bin="$build/tests/mock/infergate-mock"
 example="$root/deploy/sbatch-example.sh"
@@ -41,6 +46,7 @@ for bin in "$gateway_bin" "$mock_bin"; do
   [[ -x "$bin" ]] || die "$bin is missing: build it first (deploy/build.sh), or set BUILD_DIR (now $build)"
 done
 [[ -f "$example" ]] || die "$example is missing"
+(($(nproc) >= cpus)) || die "this machine has $(nproc) CPU(s) for this process; the nodes' steps need $cpus to be bound apart"
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null ||
    ! command -v munged >/dev/null; then
@@ -120,9 +126,7 @@ cleanup() {
     done
   fi
   for pid in "${sbatch_pids[@]}"; do kill "$pid" 2>/dev/null; done
-  stop_daemons "$tmp"/slurmd-*.pid
-  stop_daemons "$tmp/slurmctld.pid"
-  stop_daemons "$tmp/munge/munged.pid"
+  stop_daemons "$tmp"/slurmd-*.pid "$tmp/slurmctld.pid" "$tmp/munge/munged.pid"  # no job is left to need them
   wait 2>/dev/null
   mapfile -t left < <(our_procs)
   if ((${#left[@]})); then
@@ -140,7 +144,7 @@ cleanup() {
   if ((${#left[@]})); then
     fail "processes left behind:"; ps -o pid=,args= -p "$(IFS=,; echo "${left[*]}")"
   else
-    pass "no process left behind (ps: none with our SLURM_CONF or temp dir)"
+    pass "no process left behind (none with our SLURM_CONF in its environment or our temp dir in its command line)"
   fi
   rm -rf "$tmp"
   [[ "$(cat "$lock" 2>/dev/null)" == "$$" ]] && rm -f "$lock"
@@ -320,6 +324,7 @@ submit() {  # extra environment...: sbatch --wait the example; prints the job id
       TRAINER_CMD="$tmp/bin/trainer" "$@" \
       sbatch --parsable --wait -N3 --gpus-per-node=4 "$example")
 }
+lacks() { [[ -f "$2" ]] && ! grep -q "$1" "$2"; }  # text file: the file exists, without the text
 field() { awk -v n="$1" -v f="$2" '$1 == n {print $f}' "$3" | sort | paste -sd ' '; }
 distinct() {  # value...: at least 2 values, none empty, no two the same
   local v
@@ -362,6 +367,8 @@ check "$(cat "$out/trainer-result" 2>/dev/null || echo 'trainer: no result')" \
 check "infergate-$job.log is in the submit directory" test -s "$log"
 check "the gateway found 4 backends: $(grep -o '[0-9]* backend(s): .*' "$log" 2>/dev/null || echo 'no such line')" \
   grep -q ' 4 backend(s): ' "$log"
+check "no step waited for another's resources (srun: \"step creation temporarily disabled\")" \
+  lacks "step creation temporarily disabled" "$tmp/submit/slurm-$job.out"
 if ((failures)); then
   echo "    the job's output (slurm-$job.out), end:"; tail -n 15 "$tmp/submit/slurm-$job.out" 2>/dev/null | sed 's/^/    | /'
   echo "    the gateway's log (infergate-$job.log), end:"; tail -n 15 "$log" 2>/dev/null | sed 's/^/    | /'

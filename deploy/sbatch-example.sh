@@ -23,8 +23,8 @@ servers_per_node=$(( ${SLURM_GPUS_ON_NODE:-8} / INFER_TP ))
 # put on the node's lowest CPUs, the same ones, as Slurm 22.05 does). Each server gets a share of
 # its node's CPUs and INFER_TP GPUs (Slurm sets CUDA_VISIBLE_DEVICES), the gateway GATEWAY_CPUS
 # and no GPU (its worker threads follow its CPUs), the trainer the rest of its node.
-# On a cluster that counts memory as a resource, give each step its share with --mem too: a
-# step asks for all of the job's memory on its node by default, and the next step then waits.
+# On a cluster that counts memory as a resource, give each step its share with --mem if steps
+# start one after another: a step without it may be given all of the job's memory on its node.
 cpus_on_node=${SLURM_CPUS_ON_NODE:-$servers_per_node}
 cpus_per_server=$(( cpus_on_node / servers_per_node > 0 ? cpus_on_node / servers_per_node : 1 ))
 gateway_cpus=${GATEWAY_CPUS:-4}

@@ -1428,9 +1428,11 @@ constexpr auto kQueueLook = std::chrono::seconds(1);
 // Waits in the gateway's queue until a backend has room for the request (it is handed a place
 // given back, in the order requests queued), the queue's deadline passes, the backends all go
 // out of rotation, the client leaves, or the shutdown's deadline ends every wait.
+// With `until_healthy` the request came when no backend was healthy (timeouts.no_healthy_backend):
+// it waits for one to be, not only for room on one.
 net::awaitable<Admitted> wait_for_place(Worker* w, ClientConnection* c,
                                         std::span<const discovery::Backend* const> tried,
-                                        Clock::time_point deadline) {
+                                        Clock::time_point deadline, bool until_healthy) {
   GatewayState& state = *w->state;
   Admission& admission = state.admission;
   auto waiter = std::make_shared<Admission::Waiter>(w->io.get_executor(), tried);
@@ -1456,7 +1458,7 @@ net::awaitable<Admitted> wait_for_place(Worker* w, ClientConnection* c,
       result.end = QueueEnd::kGranted;
       break;
     }
-    if (!full) {
+    if (!full && !until_healthy) {
       result.end = QueueEnd::kNoBackend;
       break;
     }
@@ -1528,6 +1530,41 @@ net::awaitable<Next> answer_no_room(Worker* w, ClientConnection* c, QueueEnd end
                                                     c->head.keep_alive(), c->method == "HEAD", c->request_id));
 }
 
+// timeouts.no_healthy_backend: a request that came when no backend was healthy waits, in the
+// queue, for one to be. Nothing when one is (with a limit, the place the wait got is given back:
+// the request is picked for as any other), else the answer that ends the request.
+net::awaitable<std::optional<Next>> wait_for_healthy(Worker* w, ClientConnection* c, Clock::time_point deadline) {
+  GatewayState& state = *w->state;
+  const auto admitted = co_await wait_for_place(w, c, {}, deadline, true);
+  switch (admitted.end) {
+    case QueueEnd::kGranted:
+      if (state.admission.limited()) state.admission.give_back(*admitted.backend);
+      co_return std::nullopt;
+    case QueueEnd::kShutdown:
+      co_return co_await answer_shutdown(w, c, c->head.version_minor, c->method == "HEAD");
+    case QueueEnd::kClientLeft:
+      co_return client_left_while_queued(w, c, 0);
+    case QueueEnd::kFull:
+      co_return co_await answer_no_room(w, c, QueueEnd::kFull, false);
+    default:
+      co_return co_await answer_no_backend(w, c, *state.registry.snapshot());
+  }
+}
+
+// No backend is healthy as a request comes: the 503, or (timeouts.no_healthy_backend) a wait for
+// one, after which `set` is the backends as they are then and nothing is returned. (One await in
+// proxy_request for all of it: its frame, allocated per request, stays small enough to recycle.)
+net::awaitable<std::optional<Next>> no_healthy_backend(Worker* w, ClientConnection* c,
+                                                       std::shared_ptr<const discovery::BackendSet>& set) {
+  GatewayState& state = *w->state;
+  const auto wait = state.config.timeouts.no_healthy_backend;
+  if (wait.count() == 0 || set->all.empty()) co_return co_await answer_no_backend(w, c, *set);
+  if (auto end = co_await wait_for_healthy(w, c, std::min(Clock::now() + wait, c->total_deadline))) co_return *end;
+  set = state.registry.snapshot();
+  if (set->routable.empty()) co_return co_await answer_no_backend(w, c, *set);  // gone again at once
+  co_return std::nullopt;
+}
+
 // Proxies one request, retrying on other backends while nothing reached the client.
 net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
   GatewayState& state = *w->state;
@@ -1544,7 +1581,9 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
 
   if (came_back(c->head, state.via)) co_return co_await answer_loop(w, c);
   auto set = state.registry.snapshot();
-  if (set->routable.empty()) co_return co_await answer_no_backend(w, c, *set);
+  if (set->routable.empty()) {
+    if (auto end = co_await no_healthy_backend(w, c, set)) co_return *end;
+  }
 
   boost::container::small_vector<const discovery::Backend*, 4> tried;
   std::string failures;
@@ -1596,7 +1635,8 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
       backend = state.registry.pick(*set, tried, state.admission.per_backend(), &full);
       if (backend == nullptr && full) {
         const auto queue_deadline = Clock::now() + state.config.timeouts.queue;
-        const auto admitted = co_await wait_for_place(w, c, tried, std::min(queue_deadline, c->total_deadline));
+        const auto admitted =
+            co_await wait_for_place(w, c, tried, std::min(queue_deadline, c->total_deadline), false);
         if (admitted.end == QueueEnd::kShutdown) co_return co_await answer_shutdown(w, c, version_minor, head_only);
         if (admitted.end == QueueEnd::kClientLeft) co_return client_left_while_queued(w, c, attempt);
         if (admitted.end == QueueEnd::kFull || admitted.end == QueueEnd::kTimedOut) {

@@ -2565,7 +2565,9 @@ TEST(BackpressureTest, ClientsLeavingTheQueueFreeTheirPlaceAndTheShutdownAnswers
 // all are idle.
 TEST(BackpressureTest, LeastInflightSendsRequestsAwayFromABusyBackend) {
   auto mocks = start_mocks(2, {"--token-delay-ms", "100"});
-  auto gw = start_gateway(concat(backend_args(mocks), {"--set", "policy=least_inflight"}));
+  // One thread: a short request's place is given back before the next request is read (with
+  // two, the next can be picked for on the other thread first, and then finds the two level).
+  auto gw = start_gateway(concat(backend_args(mocks), {"--threads", "1", "--set", "policy=least_inflight"}));
   wait_healthy(gw, 2);
   std::set<std::string> idle_rotation;
   for (int i = 0; i < 2; ++i) {
@@ -2589,4 +2591,27 @@ TEST(BackpressureTest, LeastInflightSendsRequestsAwayFromABusyBackend) {
   EXPECT_EQ(inflight_on(gw.port, busy), 1);  // the long one (2.9 s) was still running throughout
   long_client.join();
   EXPECT_EQ(long_answer.status, 200) << long_answer.body;
+}
+
+// timeouts.no_healthy_backend: a request that comes while the servers are still loading waits
+// for one (in the queue) and is served; past the wait it gets the usual 503.
+TEST(BackpressureTest, ARequestWaitsForAHealthyBackendWithinTimeoutsNoHealthyBackend) {
+  auto loading = start_mock({"--startup-delay-ms", "1500"});
+  auto gw = start_gateway({"--backend", loading.url(), "--set", "health.interval=200ms", "--set",
+                           "health.healthy_threshold=1", "--set", "timeouts.no_healthy_backend=20s"});
+  BackgroundChat early(gw.port);
+  EXPECT_TRUE(queued_reaches(gw, 1));
+  EXPECT_EQ(early.result().status, 200) << early.result().body;
+  EXPECT_EQ(gauge(gw.port, "infergate_queued_requests"), 0);
+
+  auto never = start_mock({"--startup-delay-ms", "600000"});
+  auto gw2 = start_gateway({"--backend", never.url(), "--set", "health.interval=200ms", "--set",
+                            "timeouts.no_healthy_backend=700ms"});
+  const auto sent = Clock::now();
+  auto r = http_request(gw2.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_GE(Clock::now() - sent, 700ms);
+  EXPECT_EQ(r.status, 503) << r.body;
+  EXPECT_EQ(r.header("Retry-After"), "1");
+  EXPECT_THAT(r.body, HasSubstr("none of the 1 backends is healthy now (1 starting)"));
+  EXPECT_EQ(json::parse(http_request(never.port, "GET", "/mock/stats").body)["requests"], 0);
 }
