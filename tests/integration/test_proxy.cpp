@@ -2035,6 +2035,24 @@ TEST(ProxyTest, OfficialOpenAiClientWorksUnchanged) {
   EXPECT_EQ(node.wait_exit(10s), 0) << node.errors();
 }
 
+// The gateway's refusals for want of room are what OpenAI's client retries: with one place and
+// no queue, four requests at once get 429s with Retry-After and are all served in the end.
+TEST(BackpressureTest, OfficialOpenAiClientRetriesTheQueuesRefusals) {
+  const std::string client_dir = std::string(INFERGATE_SOURCE_DIR) + "/tests/openai_client";
+  ASSERT_EQ(access((client_dir + "/node_modules/openai").c_str(), R_OK), 0)
+      << "run `npm ci` in tests/openai_client (deploy/test.sh does)";
+  auto mocks = start_mocks(1, {"--token-delay-ms", "100"});
+  auto gw = start_gateway(concat(backend_args(mocks), {"--set", "limits.max_inflight_per_backend=1", "--set",
+                                                       "limits.max_queued=0"}));
+  wait_healthy(gw, 1);
+  Process node("/usr/bin/env", {"node", client_dir + "/client.mjs",
+                                "http://127.0.0.1:" + std::to_string(gw.port) + "/v1", "backpressure"});
+  EXPECT_NO_THROW(node.wait_for_line(std::regex("ALL OK"), 60s)) << node.output() << node.errors();
+  EXPECT_EQ(node.wait_exit(10s), 0) << node.errors();
+  EXPECT_GE(metric(gw.port, "infergate_queue_rejected_total", "reason=\"full\""), 1);
+  EXPECT_EQ(json::parse(http_request(mocks[0].port, "GET", "/mock/stats").body)["max_running"], 1);
+}
+
 namespace {
 // A backend that answered one health probe, then stopped accepting: its listen queue is full,
 // so the kernel drops new connection attempts and a connect can only time out.

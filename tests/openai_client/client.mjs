@@ -13,6 +13,25 @@ function check(condition, message) {
   }
 }
 
+// `client.mjs URL backpressure`: requests the gateway refuses for want of room (429, or 503
+// after its queue's time) are retried by the client as it comes (its default retries honour
+// Retry-After), so all of them are served in the end.
+if (process.argv[3] === "backpressure") {
+  const retrying = new OpenAI({ baseURL, apiKey: "unused", maxRetries: 8, timeout: 20000 });
+  const answers = await Promise.all(
+    [0, 1, 2, 3].map(() =>
+      retrying.chat.completions.create({
+        model: "mock-model",
+        messages: [{ role: "user", content: "hello there" }],
+        max_tokens: 3,
+      }),
+    ),
+  );
+  check(answers.every((a) => a.choices[0].message.content === "tok0 tok1 tok2 "), "backpressure: every answer");
+  console.log("ALL OK");
+  process.exit(0);
+}
+
 const chat = await client.chat.completions.create({
   model: "mock-model",
   messages: [{ role: "user", content: "hello there" }],
