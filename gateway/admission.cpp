@@ -33,41 +33,48 @@ void Admission::give_back(discovery::Backend& backend) {
         continue;
       }
       if (!discovery::Registry::take_place(backend, per_backend_)) break;
-      waiter->granted = &backend;
+      waiter->granted = backend.shared_from_this();
       waiter->in_queue = false;
       it = queue_.erase(it);
       waiting_.fetch_sub(1);
       woken.push_back(std::move(waiter));
     }
   }
-  // Timers are used on their own worker's thread only.
+  // Timers are used on their own worker's thread only, and destroyed there: the last reference
+  // goes with the posted wake-up or with the waiter's request.
   for (auto& waiter : woken) {
-    net::post(waiter->timer.get_executor(), [waiter] { waiter->timer.cancel(); });
+    auto executor = waiter->timer.get_executor();
+    net::post(executor, [waiter = std::move(waiter)] { waiter->timer.cancel(); });
   }
 }
 
 bool Admission::enqueue(const std::shared_ptr<Waiter>& waiter) {
   std::lock_guard lock(mutex_);
   if (queue_.size() >= max_queued_) return false;
-  queue_.push_back(waiter);
+  // Behind every request that queued first: from the back, as new arrivals are the most.
+  auto at = queue_.end();
+  while (at != queue_.begin()) {
+    auto before = std::prev(at);
+    auto other = before->lock();
+    if (other && other->since <= waiter->since) break;
+    at = before;
+  }
+  waiter->position = queue_.insert(at, waiter);
   waiter->in_queue = true;
   waiting_.fetch_add(1);
   return true;
 }
 
-discovery::Backend* Admission::leave_if_granted(Waiter& waiter) {
+std::shared_ptr<discovery::Backend> Admission::leave_if_granted(Waiter& waiter) {
   std::lock_guard lock(mutex_);
   return std::exchange(waiter.granted, nullptr);
 }
 
-discovery::Backend* Admission::leave(Waiter& waiter) {
+std::shared_ptr<discovery::Backend> Admission::leave(Waiter& waiter) {
   std::lock_guard lock(mutex_);
   if (waiter.in_queue) {
-    auto it = std::find_if(queue_.begin(), queue_.end(), [&](const auto& w) { return w.lock().get() == &waiter; });
-    if (it != queue_.end()) {
-      queue_.erase(it);
-      waiting_.fetch_sub(1);
-    }
+    queue_.erase(waiter.position);
+    waiting_.fetch_sub(1);
     waiter.in_queue = false;
   }
   return std::exchange(waiter.granted, nullptr);

@@ -8,7 +8,8 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
+#include <chrono>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -23,12 +24,18 @@ class Admission {
   // A request waiting for a place. Shared with the queue: a place may be granted from another
   // worker's thread, which then wakes the waiter's timer on the waiter's own thread.
   struct Waiter {
-    Waiter(const net::any_io_executor& executor, std::span<const discovery::Backend* const> tried)
-        : timer(executor), exclude(tried) {}
+    Waiter(const net::any_io_executor& executor, std::span<const discovery::Backend* const> tried,
+           std::chrono::steady_clock::time_point first_queued)
+        : timer(executor), exclude(tried), since(first_queued) {}
     net::steady_timer timer;
     std::span<const discovery::Backend* const> exclude;  // backends the request tried already
-    discovery::Backend* granted = nullptr;                // under the queue's lock
-    bool in_queue = false;                                // under the queue's lock
+    // When the request first queued: a retry that queues again keeps its turn.
+    std::chrono::steady_clock::time_point since;
+    // Under the queue's lock. Held, not pointed at: the backend may be one added after the
+    // request came (absent from the snapshots it holds), and removed while it is served.
+    std::shared_ptr<discovery::Backend> granted;
+    bool in_queue = false;                                       // under the queue's lock
+    std::list<std::weak_ptr<Waiter>>::iterator position;         // while in_queue
   };
 
   Admission(discovery::Registry& registry, int per_backend, std::size_t max_queued)
@@ -44,13 +51,14 @@ class Admission {
   // Gives back one of `backend`'s in-flight places: to the request that has waited longest and
   // may use this backend, if there is one, else to the backend.
   void give_back(discovery::Backend& backend);
-  // Queues `waiter`; false when limits.max_queued are waiting already.
+  // Queues `waiter` in the order of `since` (behind every request that queued before it); false
+  // when limits.max_queued are waiting already.
   bool enqueue(const std::shared_ptr<Waiter>& waiter);
   // The backend a place was granted on, if one was: `waiter` is out of the queue then.
-  discovery::Backend* leave_if_granted(Waiter& waiter);
+  std::shared_ptr<discovery::Backend> leave_if_granted(Waiter& waiter);
   // Takes `waiter` out of the queue. Returns the backend a place was granted on meanwhile, if
   // any: the caller holds that place (and gives it back if it does not use it).
-  discovery::Backend* leave(Waiter& waiter);
+  std::shared_ptr<discovery::Backend> leave(Waiter& waiter);
 
   std::atomic<std::uint64_t> rejected_full{0};     // answered 429: the queue was full
   std::atomic<std::uint64_t> rejected_timeout{0};  // answered 503: no place within timeouts.queue
@@ -62,7 +70,7 @@ class Admission {
   std::mutex mutex_;
   // Oldest first. Weak: a waiter lives in its request's coroutine, and a worker torn down with
   // requests still queued (the process exiting) takes them with it.
-  std::deque<std::weak_ptr<Waiter>> queue_;
+  std::list<std::weak_ptr<Waiter>> queue_;
   std::atomic<std::size_t> waiting_{0};        // queue_.size(), read without the lock
 };
 

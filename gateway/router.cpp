@@ -363,6 +363,14 @@ RouteDecision route(GatewayState& state, const RequestView& req) {
         if (seen.insert(m.id).second) data.push_back(json::parse(m.object));
       }
     }
+    if (data.empty()) {
+      // Healthy, but its list not read yet (it is read once a backend turns healthy) or empty.
+      auto r = error_response(503, "no models to list yet: none of the " + std::to_string(set->routable.size()) +
+                                       " healthy backend(s) has listed a model (each one's /v1/models is read when "
+                                       "it becomes healthy, then every 30 s); retry shortly");
+      r.headers.emplace_back("Retry-After", "1");
+      return r;
+    }
     return json_response(200, {{"object", "list"}, {"data", data}});
   }
   if (path == "/" || path == "/status") {

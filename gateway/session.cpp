@@ -128,6 +128,12 @@ struct ClientConnection final : SlowHook {
   // timeouts.total for the current request: no socket operation of its exchange waits past it.
   Clock::time_point total_deadline = Clock::time_point::max();
   Clock::time_point request_started;  // for the access log; backend metrics time each attempt
+  // limits.max_inflight_per_backend: when the current request first queued for a place (min:
+  // not yet), and the backends the queue gave its last two attempts, held until their places
+  // and retries are counted (one may be a backend added after the request came, absent from the
+  // snapshots it holds). Here rather than in proxy_request's frame, allocated per request.
+  Clock::time_point queued_since = Clock::time_point::min();
+  std::array<std::shared_ptr<discovery::Backend>, 2> granted;
 
   // An exchange still running at a sweep gets its client watched (see watch_client).
   void on_slow() override;
@@ -1115,8 +1121,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   head.clear();
   append_status_line(head, client_minor, rh.status, rh.reason);
   bool has_id = false;
-  bool carries_id = false;  // the backend's X-Request-ID names this request
-  bool echoed = false;      // and is exactly its id
+  bool echoed = false;  // the backend's X-Request-ID is exactly this request's
   bool length_sent = false;
   for (const auto& f : rh.fields) {
     if (http1::is_hop_by_hop(f.name, rh.connection_options)) {
@@ -1142,7 +1147,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
       // asked for, which arrived late): this answer belongs to someone else and must not reach
       // this client. (A backend that makes up its own ids does not make up ours.) The error
       // does not quote the id: it was another client's.
-      if (f.value != request_id && (is_request_id_of(*w, f.value) || up->answered_before(f.value))) {
+      if (f.value != request_id && (is_request_id_of(*w, f.value) || up->sent_before(f.value))) {
         out.kind = AttemptOutcome::kFailed;
         out.status = 0;
         out.error = "the backend sent an answer to an earlier request on this connection again: the connection "
@@ -1152,30 +1157,30 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
         co_return out;
       }
       has_id = true;
-      // A proxy on the way may have changed the echo (`<id>/0`, or `<id>, <id>`): it still
-      // names this request.
-      carries_id = f.value.find(request_id) != std::string_view::npos;
       echoed = f.value == request_id;
     }
     append_field(head, f.name, f.value);
   }
-  if (up->echoes_ids && !carries_id && (has_id || (rh.status >= 200 && rh.status < 300))) {
-    // This connection's backend echoed the id of every request before (vLLM with
-    // --enable-request-id-headers does): an answer with another id is someone else's, and so is
-    // a success without one (a late answer, or bytes that belong to no answer). An error with
-    // no id may be the server's own, made below the part that echoes (a 408, a 500 from a
-    // crash): relayed as before.
+  if (up->echo == UpstreamConnection::Echo::kAlways && !has_id && rh.status >= 200 && rh.status < 300) {
+    // Every answer on this connection so far echoed its request's id exactly (vLLM with
+    // --enable-request-id-headers does): a success without one is a late answer, or bytes that
+    // belong to no answer. An error without one may be the server's own, made below the part
+    // that echoes (a 408, a 500 from a crash): relayed as before.
     out.kind = AttemptOutcome::kFailed;
     out.status = 0;
-    out.error = "the backend's answer did not carry this request's X-Request-ID, which it echoed on this connection "
-                "before: the connection was out of step";
+    out.error = "the backend's answer carried no X-Request-ID, which it echoed on this connection before: the "
+                "connection was out of step";
     out.after_sent = true;
     *upstream_reusable = false;
     co_return out;
   }
-  if (echoed) up->echoes_ids = true;
+  // Any answer that is not an exact echo ends the rule for the connection: a server that makes
+  // up ids now and then (a middleware keeping only ids of its own format), or a proxy in front
+  // of servers of both kinds.
+  up->echo = echoed && up->echo != UpstreamConnection::Echo::kNotAlways ? UpstreamConnection::Echo::kAlways
+                                                                        : UpstreamConnection::Echo::kNotAlways;
   if (!has_id) append_field(head, "X-Request-ID", request_id);
-  up->remember_answered(request_id);
+  up->remember_sent(request_id);
   if (!plan.keep_alive && client_minor >= 1) append_field(head, "Connection", "close");
   if (plan.keep_alive && client_minor == 0) append_field(head, "Connection", "keep-alive");
   head += kCrlf;
@@ -1416,7 +1421,7 @@ bool client_has_left(tcp::socket& client) {
 enum class QueueEnd { kGranted, kFull, kTimedOut, kNoBackend, kShutdown, kClientLeft };
 
 struct Admitted {
-  discovery::Backend* backend = nullptr;  // with one of its places taken, when kGranted
+  std::shared_ptr<discovery::Backend> backend;  // with one of its places taken, when kGranted
   QueueEnd end = QueueEnd::kGranted;
 };
 
@@ -1435,14 +1440,15 @@ net::awaitable<Admitted> wait_for_place(Worker* w, ClientConnection* c,
                                         Clock::time_point deadline, bool until_healthy) {
   GatewayState& state = *w->state;
   Admission& admission = state.admission;
-  auto waiter = std::make_shared<Admission::Waiter>(w->io.get_executor(), tried);
+  if (c->queued_since == Clock::time_point::min()) c->queued_since = Clock::now();
+  auto waiter = std::make_shared<Admission::Waiter>(w->io.get_executor(), tried, c->queued_since);
   if (state.shutdown_cut.load(std::memory_order_relaxed)) co_return Admitted{nullptr, QueueEnd::kShutdown};
   if (!admission.enqueue(waiter)) co_return Admitted{nullptr, QueueEnd::kFull};
   w->waits.push_back(&waiter->timer);
   Admitted result{nullptr, QueueEnd::kTimedOut};
   for (;;) {
-    if (auto* granted = admission.leave_if_granted(*waiter)) {
-      result.backend = granted;
+    if (auto granted = admission.leave_if_granted(*waiter)) {
+      result.backend = std::move(granted);
       result.end = QueueEnd::kGranted;
       break;
     }
@@ -1454,7 +1460,7 @@ net::awaitable<Admitted> wait_for_place(Worker* w, ClientConnection* c,
     bool full = false;
     auto set = state.registry.snapshot();
     if (auto* backend = state.registry.pick(*set, tried, admission.per_backend(), &full)) {
-      result.backend = backend;
+      result.backend = backend->shared_from_this();  // while `set` holds it
       result.end = QueueEnd::kGranted;
       break;
     }
@@ -1474,13 +1480,19 @@ net::awaitable<Admitted> wait_for_place(Worker* w, ClientConnection* c,
   std::erase(w->waits, &waiter->timer);
   // A place handed over meanwhile: used if the request has none (its time just ran out), else
   // given back to the next in line.
-  if (auto* late = admission.leave(*waiter)) {
+  if (auto late = admission.leave(*waiter)) {
     if (result.backend == nullptr && result.end == QueueEnd::kTimedOut) {
-      result.backend = late;
+      result.backend = std::move(late);
       result.end = QueueEnd::kGranted;
-    } else {
+    } else if (admission.limited()) {
       admission.give_back(*late);
     }
+  }
+  // The client may have left since the last look: its request goes nowhere.
+  if (result.end == QueueEnd::kGranted && client_has_left(c->sock.socket())) {
+    if (admission.limited()) admission.give_back(*result.backend);
+    result.backend = nullptr;
+    result.end = QueueEnd::kClientLeft;
   }
   co_return result;
 }
@@ -1578,6 +1590,8 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
   const auto total = state.config.timeouts.total;
   c->total_deadline = total.count() > 0 ? coarse_now() + total : Clock::time_point::max();
   c->sock.cap_at(c->total_deadline);
+  c->queued_since = Clock::time_point::min();
+  c->granted = {};
 
   if (came_back(c->head, state.via)) co_return co_await answer_loop(w, c);
   auto set = state.registry.snapshot();
@@ -1634,15 +1648,20 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
       bool full = false;
       backend = state.registry.pick(*set, tried, state.admission.per_backend(), &full);
       if (backend == nullptr && full) {
-        const auto queue_deadline = Clock::now() + state.config.timeouts.queue;
-        const auto admitted =
-            co_await wait_for_place(w, c, tried, std::min(queue_deadline, c->total_deadline), false);
+        // timeouts.queue counts from the request's first wait: a retry that queues again waits
+        // what is left of it (and keeps its turn).
+        const auto queue_deadline =
+            (c->queued_since == Clock::time_point::min() ? Clock::now() : c->queued_since) + state.config.timeouts.queue;
+        auto admitted = co_await wait_for_place(w, c, tried, std::min(queue_deadline, c->total_deadline), false);
         if (admitted.end == QueueEnd::kShutdown) co_return co_await answer_shutdown(w, c, version_minor, head_only);
         if (admitted.end == QueueEnd::kClientLeft) co_return client_left_while_queued(w, c, attempt);
         if (admitted.end == QueueEnd::kFull || admitted.end == QueueEnd::kTimedOut) {
           co_return co_await answer_no_room(w, c, admitted.end, c->total_deadline < queue_deadline);
         }
-        backend = admitted.backend;
+        backend = admitted.backend.get();
+        // Held until the next attempt's retry is counted on it (see ClientConnection::granted).
+        c->granted[1] = std::move(c->granted[0]);
+        c->granted[0] = std::move(admitted.backend);
       }
       if (backend == nullptr) break;
     }

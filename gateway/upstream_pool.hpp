@@ -2,11 +2,14 @@
 // connections per backend, evicted after an idle timeout or when the backend closed them.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <chrono>
+#include <cstdint>
 #include <string>
 #include <string_view>
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -23,22 +26,26 @@ struct UpstreamConnection {
   http1::ByteBuffer buffer;
   http1::Head head;
   std::chrono::steady_clock::time_point idle_since{};
-  // The X-Request-IDs of the last requests answered on this connection (a ring): an answer
-  // that carries one of them again was not asked for (see relay_response).
-  static constexpr std::size_t kIdsKept = 4;
-  std::array<std::string, kIdsKept> answered_ids;
-  std::size_t answered_count = 0;
-  bool answered_before(std::string_view id) const noexcept {
+  // The X-Request-IDs of the last requests answered on this connection, hashed (a ring): an
+  // answer that carries one of them again was not asked for (see relay_response).
+  static constexpr std::size_t kIdsKept = 64;
+  std::array<std::uint64_t, kIdsKept> sent_ids{};
+  std::size_t sent_count = 0;
+  static std::uint64_t id_hash(std::string_view id) noexcept { return std::hash<std::string_view>{}(id); }
+  bool sent_before(std::string_view id) const noexcept {
     if (id.empty()) return false;
-    for (const auto& kept : answered_ids) {
-      if (kept == id) return true;
+    const auto h = id_hash(id);
+    const auto n = std::min(sent_count, kIdsKept);
+    for (std::size_t i = 0; i < n; ++i) {
+      if (sent_ids[i] == h) return true;
     }
     return false;
   }
-  void remember_answered(std::string_view id) { answered_ids[answered_count++ % kIdsKept].assign(id); }
-  // The backend echoed a request's X-Request-ID exactly on this connection: from then on an
-  // answer here that does not carry its request's id is out of step.
-  bool echoes_ids = false;
+  void remember_sent(std::string_view id) noexcept { sent_ids[sent_count++ % kIdsKept] = id_hash(id); }
+  // Whether every answer on this connection echoed its request's X-Request-ID exactly: from the
+  // first such answer until one that does not (then for good).
+  enum class Echo : std::uint8_t { kUnknown, kAlways, kNotAlways };
+  Echo echo = Echo::kUnknown;
 };
 
 class UpstreamPool {

@@ -982,4 +982,15 @@ TEST(HealthTest, ModelsIsA503UntilABackendIsHealthy) {
         return r.status == 200 && json::parse(r.body)["data"].size() == 1;
       },
       10s));
+
+  // Healthy, but no model listed (its list is read as it turns healthy; here it is one nested
+  // too deep, taken as none): still no empty list.
+  auto unlisted = start_mock({"--models-nesting", "200000"});
+  auto gw2 = start_gateway({"--backend", unlisted.url(), "--set", "health.interval=200ms", "--set",
+                            "health.healthy_threshold=1"});
+  ASSERT_TRUE(poll_until([&] { return json::parse(http_request(unlisted.port, "GET", "/mock/stats").body)["models_requests"] >= 1; }, 10s));
+  auto none = http_request(gw2.port, "GET", "/v1/models");
+  EXPECT_EQ(none.status, 503) << none.body;
+  EXPECT_EQ(none.header("Retry-After"), "1");
+  EXPECT_THAT(none.body, HasSubstr("no models to list yet: none of the 1 healthy backend(s) has listed a model"));
 }

@@ -785,26 +785,40 @@ TEST(ProxyTest, ALateAnswerCarryingAnEarlierGatewayIdIsCaught) {
   EXPECT_EQ(json::parse(http_request(liar[0].port, "GET", "/mock/stats").body)["lies"].get<int>(), 1);
 }
 
-// Once a backend has echoed X-Request-ID on a connection, an answer there that does not carry
-// its request's id is out of step, whatever the id: here the clients' own ids, the late answer
-// coming five requests after its own (past the four ids kept per connection).
-TEST(ProxyTest, ALateAnswerCarryingAnEarlierClientIdIsCaughtOnAConnectionThatEchoes) {
+// A late answer carrying an id sent earlier on the connection (here the clients' own ids, the
+// late one coming five requests after its own, past what an id's prefix would tell: `req-10`
+// then `req-1`) is out of step, within the last 64 requests of the connection.
+TEST(ProxyTest, ALateAnswerCarryingAnEarlierClientIdIsCaught) {
   auto liar = start_mocks(1, {"--lie", "answer-late"});
   auto gw = start_gateway(concat(backend_args(liar), {"--threads", "1", "--set", "passive.failures=1000"}));
   wait_healthy(gw, 1);
   int out_of_step = 0;
-  for (int i = 0; i < 8; ++i) {
-    const std::string id = "client-" + std::to_string(i);
+  for (const std::string id : {"req-10", "req-2", "req-3", "req-4", "req-5", "req-1", "req-6", "req-7"}) {
     auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), {{"X-Request-ID", id}});
     if (r.status == 502) {
-      EXPECT_THAT(r.body, HasSubstr("did not carry this request's X-Request-ID"));
+      EXPECT_THAT(r.body, HasSubstr("out of step"));
       ++out_of_step;
       continue;
     }
     ASSERT_EQ(r.status, 200) << r.body;
-    EXPECT_THAT(r.body, HasSubstr("\"cmpl-" + id + "\"")) << "request " << i << " got another's answer";
+    EXPECT_THAT(r.body, HasSubstr("\"cmpl-" + id + "\"")) << id << " got another's answer";
   }
   EXPECT_EQ(out_of_step, 1);
+}
+
+// A server that echoes some ids and makes up others (asgi-correlation-id keeps only UUIDs) is
+// not out of step: an answer is only taken for another request's when it carries an id sent
+// before on the connection, and one that was not an exact echo ends the no-id rule for good.
+TEST(ProxyTest, AServerThatEchoesOnlySomeIdsIsServed) {
+  auto mocks = start_mocks(1, {"--echo-uuid-ids-only"});
+  auto gw = start_gateway(concat(backend_args(mocks), {"--threads", "1"}));
+  wait_healthy(gw, 1);
+  for (int i = 0; i < 8; ++i) {
+    Headers headers;
+    if (i % 2 == 0) headers = {{"X-Request-ID", "3f2a9c1d-0000-4000-8000-00000000000" + std::to_string(i)}};
+    auto r = http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false), headers);
+    EXPECT_EQ(r.status, 200) << i << ": " << r.body;
+  }
 }
 
 // A success with no id on a connection whose backend echoes ids is bytes that belong to no
@@ -2632,4 +2646,30 @@ TEST(BackpressureTest, ARequestWaitsForAHealthyBackendWithinTimeoutsNoHealthyBac
   EXPECT_EQ(r.header("Retry-After"), "1");
   EXPECT_THAT(r.body, HasSubstr("none of the 1 backends is healthy now (1 starting)"));
   EXPECT_EQ(json::parse(http_request(never.port, "GET", "/mock/stats").body)["requests"], 0);
+}
+
+// A backend the queue gives a request may be one added after the request came (absent from the
+// snapshots the request holds) and removed while it serves it (DELETE drains it for
+// timeouts.shutdown, then removes it with the request still running): the request holds it, so
+// it is answered and the gateway lives on (a sanitizer build reported the backend used after it
+// was freed).
+TEST(BackpressureTest, ABackendAddedForAQueuedRequestAndRemovedUnderItIsHeldByTheRequest) {
+  auto first = start_mock({"--token-delay-ms", "100", "--tokens", "30"});
+  auto added = start_mock({"--token-delay-ms", "100", "--tokens", "30"});
+  auto gw = start_gateway({"--backend", first.url(), "--set", "limits.max_inflight_per_backend=1", "--set",
+                           "timeouts.shutdown=300ms", "--set", "health.interval=100ms", "--set",
+                           "health.healthy_threshold=1"});
+  wait_healthy(gw, 1);
+  BackgroundChat running(gw.port);
+  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, first) == 1; }, 10s));
+  BackgroundChat queued(gw.port);
+  ASSERT_TRUE(queued_reaches(gw, 1));
+  ASSERT_EQ(http_request(gw.port, "POST", "/admin/backends", json{{"url", added.url()}}.dump()).status, 201);
+  ASSERT_TRUE(poll_until([&] { return mock_stats(added)["running"] == 1; }, 10s));
+  EXPECT_EQ(http_request(gw.port, "DELETE", "/admin/backends/" + added.id()).status, 202);
+  ASSERT_TRUE(poll_until([&] { return http_request(gw.port, "GET", "/admin/backends/" + added.id()).status == 404; }, 10s));
+  EXPECT_EQ(queued.result().status, 200) << queued.result().body << queued.result().error;
+  EXPECT_EQ(queued.result().header("X-Backend"), added.id());
+  EXPECT_EQ(running.result().status, 200);
+  EXPECT_EQ(http_request(gw.port, "GET", "/health").status, 200);
 }

@@ -50,6 +50,9 @@ struct Options {
   int drop_delay_ms = 0;      // ... this long after reading it (a crash mid-generation)
   int close_after = 0;  // close each connection silently after N requests (0: never)
   bool own_request_ids = false;  // answer with ids of its own instead of echoing X-Request-ID
+  // Echo X-Request-ID only when it is a UUID, else answer with an id of its own (as the
+  // asgi-correlation-id middleware of FastAPI servers does).
+  bool echo_uuid_ids_only = false;
   // A body limit like a server's (uvicorn, an nginx in front of vLLM): a request whose
   // Content-Length is above it is answered 413 from its head alone, and the connection closed
   // with the body unread (0: no limit).
@@ -113,7 +116,7 @@ struct Server {
             << "usage: infergate-mock [--host H] [--port P] [--port-count K] [--model M] [--tokens N]\n"
                "  [--token-delay-ms MS] [--startup-delay-ms MS] [--fail-rate F] [--fail-status CODE] [--retry-after S]\n"
                "  [--seed S] [--hang] [--hang-after-header] [--drop-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
-               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice|bad-early-answer|reset-after-reading|answer-late] [--own-request-ids] [--max-body BYTES]\n"
+               "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice|bad-early-answer|reset-after-reading|answer-late] [--own-request-ids] [--echo-uuid-ids-only] [--max-body BYTES]\n"
                "  [--idle-408] [--keep-alive-ms MS] [--hang-health-ms MS]\n"
                "  [--models-nesting N] [--read-rate BYTES_PER_S] [--quiet]\n";
   std::exit(message.empty() ? 0 : 2);
@@ -158,6 +161,7 @@ Options parse_options(int argc, char** argv) {
     else if (a == "--drop-delay-ms") o.drop_delay_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
     else if (a == "--close-after") o.close_after = static_cast<int>(parse_long(a, value(), 1, 1000000000));
     else if (a == "--own-request-ids") o.own_request_ids = true;
+    else if (a == "--echo-uuid-ids-only") o.echo_uuid_ids_only = true;
     else if (a == "--idle-408") o.idle_408 = true;
     else if (a == "--keep-alive-ms") o.keep_alive_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
     else if (a == "--hang-health-ms") o.hang_health_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
@@ -648,7 +652,9 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
     }
     if (!streamed) {
       res.set("X-Backend", self);
-      if (o.own_request_ids) {
+      const bool uuid = request_id.size() == 36 && request_id[8] == '-' && request_id[13] == '-' &&
+                        request_id[18] == '-' && request_id[23] == '-';
+      if (o.own_request_ids || (o.echo_uuid_ids_only && !uuid)) {
         res.set("X-Request-ID", "mock-own-" + std::to_string(served));
       } else if (!request_id.empty()) {
         res.set("X-Request-ID", request_id);

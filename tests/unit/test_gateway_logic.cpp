@@ -282,18 +282,20 @@ TEST(UsageScannerTest, ALaterSplitUsageStillWinsOverAnEarlierOne) {
 
 #include "gateway/upstream_pool.hpp"
 
-// A pooled connection remembers the ids of the last few requests it answered: an answer carrying
-// one of them again is a late duplicate, however far behind.
-TEST(UpstreamConnectionTest, RemembersTheLastFewAnsweredIds) {
+// A pooled connection remembers the ids of the last kIdsKept requests it answered: an answer
+// carrying one of them again is a late duplicate, however far behind within them.
+TEST(UpstreamConnectionTest, RemembersTheLastAnsweredIds) {
   boost::asio::io_context io;
   infergate::DeadlineList deadlines;
   UpstreamConnection conn(deadlines, io.get_executor());
-  EXPECT_FALSE(conn.answered_before(""));
-  for (int i = 0; i < 5; ++i) conn.remember_answered("req-" + std::to_string(i));
-  EXPECT_FALSE(conn.answered_before("req-0"));  // forgotten: only the last kIdsKept are kept
-  for (int i = 1; i < 5; ++i) EXPECT_TRUE(conn.answered_before("req-" + std::to_string(i))) << i;
-  EXPECT_FALSE(conn.answered_before("req-5"));
-  EXPECT_FALSE(conn.answered_before(""));
+  EXPECT_FALSE(conn.sent_before(""));
+  const int n = static_cast<int>(UpstreamConnection::kIdsKept) + 1;
+  for (int i = 0; i < n; ++i) conn.remember_sent("req-" + std::to_string(i));
+  EXPECT_FALSE(conn.sent_before("req-0"));  // forgotten: only the last kIdsKept are kept
+  for (int i = 1; i < n; ++i) EXPECT_TRUE(conn.sent_before("req-" + std::to_string(i))) << i;
+  EXPECT_FALSE(conn.sent_before("req-" + std::to_string(n)));
+  EXPECT_FALSE(conn.sent_before("req-1/0"));  // a changed echo is no earlier id
+  EXPECT_FALSE(conn.sent_before(""));
 }
 
 // The JSON log's message: every line must parse as JSON, whatever bytes a message carries (an
@@ -329,6 +331,11 @@ std::vector<Backend*> add_backends(Registry& registry, int n) {
   }
   auto set = registry.snapshot();
   return {set->routable.begin(), set->routable.end()};
+}
+
+std::shared_ptr<Admission::Waiter> waiter_on(boost::asio::io_context& io, std::span<const Backend* const> tried = {},
+                                             std::chrono::steady_clock::time_point since = std::chrono::steady_clock::now()) {
+  return std::make_shared<Admission::Waiter>(io.get_executor(), tried, since);
 }
 
 }  // namespace
@@ -369,10 +376,10 @@ TEST(AdmissionTest, APlaceGivenBackGoesToTheOldestWaiterThatMayUseIt) {
   ASSERT_NE(registry.pick(*set, {}, 1), nullptr);
   ASSERT_NE(registry.pick(*set, {}, 1), nullptr);  // both full
   const Backend* tried_first[] = {b[0]};
-  auto retry = std::make_shared<Admission::Waiter>(io.get_executor(), std::span<const Backend* const>(tried_first));
-  auto oldest = std::make_shared<Admission::Waiter>(io.get_executor(), std::span<const Backend* const>{});
-  auto next = std::make_shared<Admission::Waiter>(io.get_executor(), std::span<const Backend* const>{});
-  auto refused = std::make_shared<Admission::Waiter>(io.get_executor(), std::span<const Backend* const>{});
+  auto retry = waiter_on(io, tried_first);
+  auto oldest = waiter_on(io);
+  auto next = waiter_on(io);
+  auto refused = waiter_on(io);
   ASSERT_TRUE(admission.enqueue(retry));
   ASSERT_TRUE(admission.enqueue(oldest));
   ASSERT_TRUE(admission.enqueue(next));
@@ -383,22 +390,22 @@ TEST(AdmissionTest, APlaceGivenBackGoesToTheOldestWaiterThatMayUseIt) {
   oldest->timer.async_wait([&](boost::system::error_code ec) { woken = ec == boost::asio::error::operation_aborted; });
 
   admission.give_back(*b[0]);  // the retry tried b[0]: the next oldest gets it
-  EXPECT_EQ(admission.leave_if_granted(*retry), nullptr);
-  EXPECT_EQ(admission.leave_if_granted(*oldest), b[0]);
+  EXPECT_EQ(admission.leave_if_granted(*retry).get(), nullptr);
+  EXPECT_EQ(admission.leave_if_granted(*oldest).get(), b[0]);
   EXPECT_EQ(b[0]->stats.inflight.load(), 1);  // handed over, not freed
   io.run_for(100ms);
   EXPECT_TRUE(woken);
   admission.give_back(*b[1]);  // the retry may use b[1]
-  EXPECT_EQ(admission.leave_if_granted(*retry), b[1]);
+  EXPECT_EQ(admission.leave_if_granted(*retry).get(), b[1]);
   EXPECT_EQ(admission.queued(), 1u);
 
   // Out of rotation: its place stays free, the waiter keeps waiting.
   b[0]->set_state(BackendState::kDraining);
   admission.give_back(*b[0]);
   EXPECT_EQ(b[0]->stats.inflight.load(), 0);
-  EXPECT_EQ(admission.leave(*next), nullptr);
+  EXPECT_EQ(admission.leave(*next).get(), nullptr);
   EXPECT_EQ(admission.queued(), 0u);
-  EXPECT_EQ(admission.leave(*next), nullptr);  // twice is harmless
+  EXPECT_EQ(admission.leave(*next).get(), nullptr);  // twice is harmless
 }
 
 // Leaving returns a place granted in the meantime, which the caller then holds; with no limit,
@@ -410,10 +417,10 @@ TEST(AdmissionTest, LeavingReturnsAPlaceGrantedMeanwhileAndNoLimitOnlyCounts) {
   Admission admission(registry, 1, 8);
   auto set = registry.snapshot();
   ASSERT_EQ(registry.pick(*set, {}, 1), b[0]);
-  auto waiter = std::make_shared<Admission::Waiter>(io.get_executor(), std::span<const Backend* const>{});
+  auto waiter = waiter_on(io);
   ASSERT_TRUE(admission.enqueue(waiter));
   admission.give_back(*b[0]);
-  EXPECT_EQ(admission.leave(*waiter), b[0]);
+  EXPECT_EQ(admission.leave(*waiter).get(), b[0]);
   EXPECT_EQ(b[0]->stats.inflight.load(), 1);
   admission.give_back(*b[0]);  // no one waits: freed
   EXPECT_EQ(b[0]->stats.inflight.load(), 0);
@@ -448,4 +455,23 @@ TEST(AdmissionTest, LeastInflightPicksTheLeastBusyAndRotatesAmongEquals) {
   EXPECT_EQ(b[1]->stats.inflight.load(), 3);
   EXPECT_EQ(registry.pick(*set, {}, 3, &full), nullptr);  // every one at 3 or more
   EXPECT_TRUE(full);
+}
+
+// A retry that queues again keeps its turn: it goes ahead of the requests that first queued
+// after it did.
+TEST(AdmissionTest, ARequestQueuingAgainKeepsItsTurn) {
+  boost::asio::io_context io;
+  Registry registry;
+  auto b = add_backends(registry, 1);
+  Admission admission(registry, 1, 8);
+  auto set = registry.snapshot();
+  ASSERT_EQ(registry.pick(*set, {}, 1), b[0]);
+  const auto start = std::chrono::steady_clock::now();
+  auto newer = waiter_on(io, {}, start + 2s);
+  auto retry = waiter_on(io, {}, start + 1s);
+  ASSERT_TRUE(admission.enqueue(newer));
+  ASSERT_TRUE(admission.enqueue(retry));  // queued later, first queued earlier
+  admission.give_back(*b[0]);
+  EXPECT_EQ(admission.leave_if_granted(*retry).get(), b[0]);
+  EXPECT_EQ(admission.leave(*newer).get(), nullptr);
 }
