@@ -408,15 +408,19 @@ TEST(AdmissionTest, APlaceGivenBackGoesToTheOldestWaiterThatMayUseIt) {
   EXPECT_EQ(admission.leave(*next).get(), nullptr);  // twice is harmless
 }
 
-// Leaving returns a place granted in the meantime, which the caller then holds; with no limit,
-// giving back only counts the place down.
-TEST(AdmissionTest, LeavingReturnsAPlaceGrantedMeanwhileAndNoLimitOnlyCounts) {
+// One backend with a limit of one place, taken, and room for 8 in the queue.
+class OneFullBackend : public ::testing::Test {
+ protected:
+  void SetUp() override { ASSERT_EQ(registry.pick(*registry.snapshot(), {}, 1), b[0]); }
   boost::asio::io_context io;
   Registry registry;
-  auto b = add_backends(registry, 1);
-  Admission admission(registry, 1, 8);
-  auto set = registry.snapshot();
-  ASSERT_EQ(registry.pick(*set, {}, 1), b[0]);
+  std::vector<Backend*> b = add_backends(registry, 1);
+  Admission admission{registry, 1, 8};
+};
+
+// Leaving returns a place granted in the meantime, which the caller then holds; with no limit,
+// giving back only counts the place down.
+TEST_F(OneFullBackend, LeavingReturnsAPlaceGrantedMeanwhileAndNoLimitOnlyCounts) {
   auto waiter = waiter_on(io);
   ASSERT_TRUE(admission.enqueue(waiter));
   admission.give_back(*b[0]);
@@ -459,13 +463,7 @@ TEST(AdmissionTest, LeastInflightPicksTheLeastBusyAndRotatesAmongEquals) {
 
 // A retry that queues again keeps its turn: it goes ahead of the requests that first queued
 // after it did.
-TEST(AdmissionTest, ARequestQueuingAgainKeepsItsTurn) {
-  boost::asio::io_context io;
-  Registry registry;
-  auto b = add_backends(registry, 1);
-  Admission admission(registry, 1, 8);
-  auto set = registry.snapshot();
-  ASSERT_EQ(registry.pick(*set, {}, 1), b[0]);
+TEST_F(OneFullBackend, ARequestQueuingAgainKeepsItsTurn) {
   const auto start = std::chrono::steady_clock::now();
   auto newer = waiter_on(io, {}, start + 2s);
   auto retry = waiter_on(io, {}, start + 1s);
