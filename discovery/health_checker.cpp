@@ -296,6 +296,7 @@ net::awaitable<void> probe_loop(HealthChecker::Impl* impl, std::shared_ptr<Backe
         backend->set_models(parse_models(models.body));
         models_fetched = Clock::now();
       }
+      backend->models_asked.store(true);
     } else if (!serving) {
       models_fetched = {};
     }

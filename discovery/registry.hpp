@@ -98,6 +98,9 @@ class Backend : public std::enable_shared_from_this<Backend> {
   std::vector<std::string> models() const;  // the ids
   std::vector<Model> model_objects() const;
   void set_models(std::vector<Model> models);
+  // Its /v1/models has been asked for once at least (answered or not): until then an empty list
+  // says nothing yet.
+  std::atomic<bool> models_asked{false};
 
 
  private:

@@ -363,8 +363,12 @@ RouteDecision route(GatewayState& state, const RequestView& req) {
         if (seen.insert(m.id).second) data.push_back(json::parse(m.object));
       }
     }
-    if (data.empty()) {
-      // Healthy, but its list not read yet (it is read once a backend turns healthy) or empty.
+    const bool unread = std::any_of(set->routable.begin(), set->routable.end(),
+                                    [](const auto* b) { return !b->models_asked.load(); });
+    if (data.empty() && unread) {
+      // Healthy, but its list not read yet (it is read once a backend turns healthy). A list read
+      // and empty (or a /v1/models that fails) is answered as it is: a 503 would be retried for
+      // ever.
       auto r = error_response(503, "no models to list yet: none of the " + std::to_string(set->routable.size()) +
                                        " healthy backend(s) has listed a model (each one's /v1/models is read when "
                                        "it becomes healthy, then every 30 s); retry shortly");

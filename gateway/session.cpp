@@ -129,11 +129,13 @@ struct ClientConnection final : SlowHook {
   Clock::time_point total_deadline = Clock::time_point::max();
   Clock::time_point request_started;  // for the access log; backend metrics time each attempt
   // limits.max_inflight_per_backend: when the current request first queued for a place (min:
-  // not yet), and the backends the queue gave its last two attempts, held until their places
-  // and retries are counted (one may be a backend added after the request came, absent from the
-  // snapshots it holds). Here rather than in proxy_request's frame, allocated per request.
+  // not yet: its turn in the queue), and the backends the queue gave it, held for the request
+  // (one may be a backend added after the request came, absent from the snapshots it holds, and
+  // the addresses in its list of backends tried must stay theirs). Here rather than in
+  // proxy_request's frame, allocated per request.
   Clock::time_point queued_since = Clock::time_point::min();
-  std::array<std::shared_ptr<discovery::Backend>, 2> granted;
+  Clock::duration queued_for{};  // waited for room so far (timeouts.queue), its attempts' time not counted
+  boost::container::small_vector<std::shared_ptr<discovery::Backend>, 2> granted;
 
   // An exchange still running at a sweep gets its client watched (see watch_client).
   void on_slow() override;
@@ -1121,7 +1123,6 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   head.clear();
   append_status_line(head, client_minor, rh.status, rh.reason);
   bool has_id = false;
-  bool echoed = false;  // the backend's X-Request-ID is exactly this request's
   bool length_sent = false;
   for (const auto& f : rh.fields) {
     if (http1::is_hop_by_hop(f.name, rh.connection_options)) {
@@ -1157,28 +1158,9 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
         co_return out;
       }
       has_id = true;
-      echoed = f.value == request_id;
     }
     append_field(head, f.name, f.value);
   }
-  if (up->echo == UpstreamConnection::Echo::kAlways && !has_id && rh.status >= 200 && rh.status < 300) {
-    // Every answer on this connection so far echoed its request's id exactly (vLLM with
-    // --enable-request-id-headers does): a success without one is a late answer, or bytes that
-    // belong to no answer. An error without one may be the server's own, made below the part
-    // that echoes (a 408, a 500 from a crash): relayed as before.
-    out.kind = AttemptOutcome::kFailed;
-    out.status = 0;
-    out.error = "the backend's answer carried no X-Request-ID, which it echoed on this connection before: the "
-                "connection was out of step";
-    out.after_sent = true;
-    *upstream_reusable = false;
-    co_return out;
-  }
-  // Any answer that is not an exact echo ends the rule for the connection: a server that makes
-  // up ids now and then (a middleware keeping only ids of its own format), or a proxy in front
-  // of servers of both kinds.
-  up->echo = echoed && up->echo != UpstreamConnection::Echo::kNotAlways ? UpstreamConnection::Echo::kAlways
-                                                                        : UpstreamConnection::Echo::kNotAlways;
   if (!has_id) append_field(head, "X-Request-ID", request_id);
   up->remember_sent(request_id);
   if (!plan.keep_alive && client_minor >= 1) append_field(head, "Connection", "close");
@@ -1440,7 +1422,8 @@ net::awaitable<Admitted> wait_for_place(Worker* w, ClientConnection* c,
                                         Clock::time_point deadline, bool until_healthy) {
   GatewayState& state = *w->state;
   Admission& admission = state.admission;
-  if (c->queued_since == Clock::time_point::min()) c->queued_since = Clock::now();
+  const auto began = Clock::now();
+  if (c->queued_since == Clock::time_point::min()) c->queued_since = began;
   auto waiter = std::make_shared<Admission::Waiter>(w->io.get_executor(), tried, c->queued_since);
   if (state.shutdown_cut.load(std::memory_order_relaxed)) co_return Admitted{nullptr, QueueEnd::kShutdown};
   if (!admission.enqueue(waiter)) co_return Admitted{nullptr, QueueEnd::kFull};
@@ -1478,6 +1461,7 @@ net::awaitable<Admitted> wait_for_place(Worker* w, ClientConnection* c,
     co_await waiter->timer.async_wait(kTuple);
   }
   std::erase(w->waits, &waiter->timer);
+  if (!until_healthy) c->queued_for += Clock::now() - began;  // timeouts.no_healthy_backend's wait is its own
   // A place handed over meanwhile: used if the request has none (its time just ran out), else
   // given back to the next in line.
   if (auto late = admission.leave(*waiter)) {
@@ -1591,7 +1575,8 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
   c->total_deadline = total.count() > 0 ? coarse_now() + total : Clock::time_point::max();
   c->sock.cap_at(c->total_deadline);
   c->queued_since = Clock::time_point::min();
-  c->granted = {};
+  c->queued_for = {};
+  c->granted.clear();
 
   if (came_back(c->head, state.via)) co_return co_await answer_loop(w, c);
   auto set = state.registry.snapshot();
@@ -1648,10 +1633,10 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
       bool full = false;
       backend = state.registry.pick(*set, tried, state.admission.per_backend(), &full);
       if (backend == nullptr && full) {
-        // timeouts.queue counts from the request's first wait: a retry that queues again waits
-        // what is left of it (and keeps its turn).
+        // A retry that queues again waits what is left of timeouts.queue (and keeps its turn):
+        // its time queued before counts, its attempts' time does not.
         const auto queue_deadline =
-            (c->queued_since == Clock::time_point::min() ? Clock::now() : c->queued_since) + state.config.timeouts.queue;
+            Clock::now() + std::max(Clock::duration::zero(), Clock::duration(state.config.timeouts.queue) - c->queued_for);
         auto admitted = co_await wait_for_place(w, c, tried, std::min(queue_deadline, c->total_deadline), false);
         if (admitted.end == QueueEnd::kShutdown) co_return co_await answer_shutdown(w, c, version_minor, head_only);
         if (admitted.end == QueueEnd::kClientLeft) co_return client_left_while_queued(w, c, attempt);
@@ -1659,9 +1644,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
           co_return co_await answer_no_room(w, c, admitted.end, c->total_deadline < queue_deadline);
         }
         backend = admitted.backend.get();
-        // Held until the next attempt's retry is counted on it (see ClientConnection::granted).
-        c->granted[1] = std::move(c->granted[0]);
-        c->granted[0] = std::move(admitted.backend);
+        c->granted.push_back(std::move(admitted.backend));  // held for the request
       }
       if (backend == nullptr) break;
     }

@@ -42,10 +42,6 @@ struct UpstreamConnection {
     return false;
   }
   void remember_sent(std::string_view id) noexcept { sent_ids[sent_count++ % kIdsKept] = id_hash(id); }
-  // Whether every answer on this connection echoed its request's X-Request-ID exactly: from the
-  // first such answer until one that does not (then for good).
-  enum class Echo : std::uint8_t { kUnknown, kAlways, kNotAlways };
-  Echo echo = Echo::kUnknown;
 };
 
 class UpstreamPool {

@@ -983,14 +983,24 @@ TEST(HealthTest, ModelsIsA503UntilABackendIsHealthy) {
       },
       10s));
 
-  // Healthy, but no model listed (its list is read as it turns healthy; here it is one nested
-  // too deep, taken as none): still no empty list.
-  auto unlisted = start_mock({"--models-nesting", "200000"});
-  auto gw2 = start_gateway({"--backend", unlisted.url(), "--set", "health.interval=200ms", "--set",
+  // Healthy, but its list not read yet (it is read as the backend turns healthy; here it takes
+  // 1.5 s): still no empty list.
+  auto slow_list = start_mock({"--models-delay-ms", "1500"});
+  auto gw2 = start_gateway({"--backend", slow_list.url(), "--set", "health.interval=200ms", "--set",
                             "health.healthy_threshold=1"});
-  ASSERT_TRUE(poll_until([&] { return json::parse(http_request(unlisted.port, "GET", "/mock/stats").body)["models_requests"] >= 1; }, 10s));
+  ASSERT_TRUE(poll_until([&] { return http_request(gw2.port, "GET", "/ready").status == 200; }, 10s));
   auto none = http_request(gw2.port, "GET", "/v1/models");
   EXPECT_EQ(none.status, 503) << none.body;
   EXPECT_EQ(none.header("Retry-After"), "1");
   EXPECT_THAT(none.body, HasSubstr("no models to list yet: none of the 1 healthy backend(s) has listed a model"));
+  ASSERT_TRUE(poll_until([&] { return http_request(gw2.port, "GET", "/v1/models").status == 200; }, 10s));
+
+  // A list read and empty (here one nested too deep, taken as none) is answered as it is: a 503
+  // would be retried for ever.
+  auto unlisted = start_mock({"--models-nesting", "200000"});
+  auto gw3 = start_gateway({"--backend", unlisted.url(), "--set", "health.interval=200ms", "--set",
+                            "health.healthy_threshold=1"});
+  ASSERT_TRUE(poll_until([&] { return json::parse(http_request(unlisted.port, "GET", "/mock/stats").body)["models_requests"] >= 1; }, 10s));
+  ASSERT_TRUE(poll_until([&] { return http_request(gw3.port, "GET", "/v1/models").status == 200; }, 5s));
+  EXPECT_EQ(json::parse(http_request(gw3.port, "GET", "/v1/models").body)["data"].size(), 0u);
 }

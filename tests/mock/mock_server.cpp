@@ -68,6 +68,7 @@ struct Options {
   int hang_health_ms = 0;
   // /v1/models gives its model object a field nested this deep (a server that lies; 0: none).
   int models_nesting = 0;
+  int models_delay_ms = 0;  // /v1/models answers this late (a server busy as it comes up)
   // A backend that lies about framing, on non-streamed completions: "extra-bytes" (bytes past
   // the promised body, in a later write), "cl-and-te" (Content-Length and chunked at once),
   // "bad-chunk" (a malformed chunk size before any body byte); "reset-after-reading" answers a
@@ -118,7 +119,7 @@ struct Server {
                "  [--seed S] [--hang] [--hang-after-header] [--drop-after-header] [--drop-mid-stream] [--drop-request] [--drop-delay-ms MS]\n"
                "  [--close-after N] [--lie extra-bytes|cl-and-te|bad-chunk|answer-twice|bad-early-answer|reset-after-reading|answer-late] [--own-request-ids] [--echo-uuid-ids-only] [--max-body BYTES]\n"
                "  [--idle-408] [--keep-alive-ms MS] [--hang-health-ms MS]\n"
-               "  [--models-nesting N] [--read-rate BYTES_PER_S] [--quiet]\n";
+               "  [--models-nesting N] [--models-delay-ms MS] [--read-rate BYTES_PER_S] [--quiet]\n";
   std::exit(message.empty() ? 0 : 2);
 }
 
@@ -166,6 +167,7 @@ Options parse_options(int argc, char** argv) {
     else if (a == "--keep-alive-ms") o.keep_alive_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
     else if (a == "--hang-health-ms") o.hang_health_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
     else if (a == "--models-nesting") o.models_nesting = static_cast<int>(parse_long(a, value(), 0, 10000000));
+    else if (a == "--models-delay-ms") o.models_delay_ms = static_cast<int>(parse_long(a, value(), 0, 3600000));
     else if (a == "--read-rate") o.read_rate = parse_long(a, value(), 1, 1L << 40);
     else if (a == "--max-body") o.max_body = static_cast<std::uint64_t>(parse_long(a, value(), 1, 1L << 40));
     else if (a == "--lie") {
@@ -567,6 +569,7 @@ net::awaitable<void> session(Server* server, tcp::socket socket) {
     } else if (starting) {
       res = make_response(http::status::service_unavailable, openai_error("server is starting", "ServiceUnavailable", 503));
     } else if (path == "/v1/models") {
+      if (o.models_delay_ms > 0) co_await sleep_for(std::chrono::milliseconds(o.models_delay_ms));
       ++server->stats.models_requests;
       res = make_response(http::status::ok,
                           json{{"object", "list"},
