@@ -492,7 +492,11 @@ int Server::run() {
   };
   // Polls the in-flight count until it reaches zero or the deadline passes.
   std::function<void()> check_drained;
+  bool exiting = false;  // a second signal: the drain's checks end too
   check_drained = [&] {
+    // The drain timer's cancel below misses a wait that had just ended (its handler queued):
+    // without this, the check would go on every 10 ms until timeouts.shutdown.
+    if (exiting) return;
     // A request still arriving counts too: it is read and answered (with `Connection: close`).
     auto arriving = state.arriving_requests.load();
     auto inflight = state.inflight_requests.load() + arriving;
@@ -552,6 +556,7 @@ int Server::run() {
       // The requests cut now get no access-log line of their own: say how many there were.
       spdlog::warn("second signal ({}): exiting now, cutting {} request(s) in flight and {} still arriving", signo,
                    state.inflight_requests.load(), state.arriving_requests.load());
+      exiting = true;
       stop_workers();
       drain_timer.cancel();
       return;

@@ -1795,7 +1795,7 @@ TEST(ProxyTest, ASecondSignalExitsAtOnceAndCountsTheRequestsItCuts) {
   ASSERT_TRUE(poll_until([&] { return gw.process->errors().find("no longer accepting") != std::string::npos; }, 5s));
   const auto second = Clock::now();
   ASSERT_EQ(::kill(gw.process->pid(), SIGINT), 0);
-  EXPECT_EQ(gw.process->wait_exit(10s), 0);
+  EXPECT_EQ(gw.process->wait_exit(10s), 0) << gw.process->errors();
   EXPECT_LT(Clock::now() - second, 3s);
   EXPECT_THAT(gw.process->errors(), HasSubstr("second signal (2): exiting now, cutting 1 request(s) in flight"));
 }
