@@ -2,14 +2,18 @@
 # Peer benchmark: the same fast backends (nginx returning a fixed chat completion on 4 ports)
 # reached directly, through infergate, through nginx and through HAProxy, in one run on one
 # machine, with wrk. Prints a Markdown table with ratios, since absolute numbers are noisy.
+# A fourth proxy, infergate-bench-bare (tests/bench/bare_forwarder.cpp), forwards requests and
+# responses unchanged with nothing else (two receives and two sends per request): its ratio to
+# HAProxy (and nginx) in the same rounds is the ceiling: the most any proxy can lead by on this
+# machine.
 #
 # Usage: deploy/bench/run.sh [--smoke] [--duration SECONDS] [--threads "1 2"] [--conns "1 64 256"]
 #                            [--rounds N] [--backend-workers N] [--proxy-cpu CORES]
 #   --duration: seconds per wrk run (default 5).
-#   --rounds: interleaved rounds per case (default 3). For each thread count the three proxies are
+#   --rounds: interleaved rounds per case (default 3). For each thread count the four proxies are
 #     started once and stay up together; for each case (conns x body) every round runs direct,
-#     then the three proxies back to back, the proxies' order rotated by one each round (round 1:
-#     infergate, nginx, haproxy; round 2: nginx, haproxy, infergate; ...), so slow drift in the
+#     then the proxies back to back, their order rotated by one each round (round 1: infergate,
+#     nginx, haproxy, bare; round 2: nginx, haproxy, bare, infergate; ...), so slow drift in the
 #     machine's speed hits all of them alike instead of showing up as a ratio.
 #   --backend-workers: worker processes of the backend nginx (default 4, as the benchmark's brief
 #     asks; on a 2-core machine 2 workers raise every target's req/s alike).
@@ -66,8 +70,9 @@ if [[ -n "$proxy_cpu" ]]; then
 fi
 
 "$root/deploy/install-deps.sh" --bench
-[[ -x "$build/gateway/infergate" ]] || "$root/deploy/build.sh" >&2
+[[ -x "$build/gateway/infergate" && -x "$build/tests/bench/infergate-bench-bare" ]] || "$root/deploy/build.sh" >&2
 infergate="$build/gateway/infergate"
+bare="$build/tests/bench/infergate-bench-bare"
 nginx_bin="$(command -v nginx || echo /usr/sbin/nginx)"
 haproxy_bin="$(command -v haproxy || echo /usr/sbin/haproxy)"
 
@@ -220,7 +225,7 @@ bodies=(0)
 [[ $smoke -eq 0 ]] && bodies+=("$large_body")
 
 for threads in $threads_list; do
-  # All three proxies stay up together for this thread count (an idle one costs next to nothing).
+  # All four proxies stay up together for this thread count (an idle one costs next to nothing).
   # infergate
   ig_port=$(free_port)
   "$infergate" --no-slurm --listen "127.0.0.1:$ig_port" --threads "$threads" --log-level warn \
@@ -250,9 +255,17 @@ for threads in $threads_list; do
   pids+=("$hp")
   wait_port "$hp_port" || { cat "$work/haproxy.out" >&2; exit 1; }
 
-  proxies=("infergate $ig $ig_port" "nginx $ng $ng_port" "haproxy $hp $hp_port")
+  # The bare forwarder: the ceiling (see the top of this file).
+  bf_port=$(free_port)
+  "$bare" --port "$bf_port" --threads "$threads" "${bp[@]}" >"$work/bare.out" 2>&1 &
+  bf=$!
+  pids+=("$bf")
+  wait_port "$bf_port" || { cat "$work/bare.out" >&2; exit 1; }
+
+  proxies=("infergate $ig $ig_port" "nginx $ng $ng_port" "haproxy $hp $hp_port" "bare $bf $bf_port")
   if [[ -n "$proxy_cpu" ]]; then
     cpu_cap "infergate-$threads" "$ig"; cpu_cap "nginx-$threads" "$ng"; cpu_cap "haproxy-$threads" "$hp"
+    cpu_cap "bare-$threads" "$bf"
   fi
   for body in "${bodies[@]}"; do
     for c in $conns_list; do
@@ -271,7 +284,7 @@ for threads in $threads_list; do
   printf "infergate\t%s\t%s\nnginx\t%s\t%s\nhaproxy\t%s\t%s\n" \
     "$threads" $(( $(peak_rss_kib "$ig") / 1024 )) "$threads" $(( $(peak_rss_kib "$ng") / 1024 )) \
     "$threads" $(( $(peak_rss_kib "$hp") / 1024 )) >> "$rss_file"
-  stop "$ig"; stop "$ng"; stop "$hp"
+  stop "$ig"; stop "$ng"; stop "$hp"; stop "$bf"
 done
 
 # The table: one row per infergate case, with the peers' figures for the same case. Each (target,
@@ -307,19 +320,20 @@ awk -F'\t' -v rounds="$rounds" -v duration="$duration" -v workers="$backend_work
     return (cnt[ti] > 1 && lo != "") ? sprintf("%s (%.2f-%.2f)", r, lo, hi) : r
   }
   END {
-    print "| threads | conns | body | infergate req/s | vs HAProxy | vs nginx | p50 / p99 us | p50 added over direct us | CPU s / 1k req (ig, nginx, haproxy) | of which user space (ig, nginx, haproxy) | peak RSS MiB over the run (ig, nginx, haproxy) | errors (ig) |"
-    print "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    print "| threads | conns | body | infergate req/s | vs HAProxy | vs nginx | ceiling: bare forwarder vs HAProxy / nginx | infergate vs bare forwarder | p50 / p99 us | p50 added over direct us | CPU s / 1k req (ig, nginx, haproxy, bare) | of which user space (ig, nginx, haproxy) | peak RSS MiB over the run (ig, nginx, haproxy) | errors (ig) |"
+    print "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     for (i = 1; i <= n; i++) {
       k = keys[i]; split(k, f, "/"); d = f[2] "/" f[3]
-      ti = "infergate/" k; tn = "nginx/" k; th = "haproxy/" k; td = "direct/" d
-      mi = med(ti); mn = med(tn); mh = med(th); md = med(td)
+      ti = "infergate/" k; tn = "nginx/" k; th = "haproxy/" k; tb = "bare/" k; td = "direct/" d
+      mi = med(ti); mn = med(tn); mh = med(th); mb = med(tb); md = med(td)
       ri = rps[ti, mi] + 0
       hr = ratio(ti, th, mi, mh); nr = ratio(ti, tn, mi, mn)
+      cr = mb ? ratio(tb, th, mb, mh) " / " ratio(tb, tn, mb, mn) : "-"; br = ratio(ti, tb, mi, mb)
       added = md ? p50[ti, mi] - p50[td, md] : "-"
-      printf "| %s | %s | %s | %.0f | %s | %s | %s / %s | %s | %s, %s, %s | %s, %s, %s | %s, %s, %s | %d |\n",
-        f[1], f[2], (f[3] == 0 ? "small" : f[3] " B"), ri, hr, nr,
+      printf "| %s | %s | %s | %.0f | %s | %s | %s | %s | %s / %s | %s | %s, %s, %s, %s | %s, %s, %s | %s, %s, %s | %d |\n",
+        f[1], f[2], (f[3] == 0 ? "small" : f[3] " B"), ri, hr, nr, cr, br,
         p50[ti, mi], p99[ti, mi], added,
-        cpu[ti, mi], get(cpu, tn, mn), get(cpu, th, mh),
+        cpu[ti, mi], get(cpu, tn, mn), get(cpu, th, mh), get(cpu, tb, mb),
         ucpu[ti, mi], get(ucpu, tn, mn), get(ucpu, th, mh),
         rss["infergate/" f[1]], rss["nginx/" f[1]], rss["haproxy/" f[1]], bad[ti]
     }
