@@ -1400,11 +1400,13 @@ bool client_has_left(tcp::socket& client) {
 }
 
 // How a request's wait in the queue for a place on a backend ended (limits.max_inflight_per_backend).
-enum class QueueEnd { kGranted, kFull, kTimedOut, kNoBackend, kShutdown, kClientLeft };
+// kHealthy: a wait for a healthy backend (`until_healthy`) ended with one healthy but full.
+enum class QueueEnd { kGranted, kFull, kTimedOut, kNoBackend, kShutdown, kClientLeft, kHealthy };
 
 struct Admitted {
   std::shared_ptr<discovery::Backend> backend;  // with one of its places taken, when kGranted
   QueueEnd end = QueueEnd::kGranted;
+  bool total_ended = false;  // kTimedOut: timeouts.total, not the queue's time, ended the wait
 };
 
 // A waiting request looks again this often: for a backend back in rotation (a place given back
@@ -1416,13 +1418,20 @@ constexpr auto kQueueLook = std::chrono::seconds(1);
 // given back, in the order requests queued), the queue's deadline passes, the backends all go
 // out of rotation, the client leaves, or the shutdown's deadline ends every wait.
 // With `until_healthy` the request came when no backend was healthy (timeouts.no_healthy_backend):
-// it waits for one to be, not only for room on one.
+// it waits for one to be (kGranted, or kHealthy when the healthy ones are all full), and its
+// deadline is that wait's. A request waiting for room whose backends all leave rotation (all
+// restarting) waits for one to come back for up to timeouts.no_healthy_backend (kNoBackend after
+// it, or at once when that is 0), and that time does not count towards the queue's deadline.
 net::awaitable<Admitted> wait_for_place(Worker* w, ClientConnection* c,
                                         std::span<const discovery::Backend* const> tried,
                                         Clock::time_point deadline, bool until_healthy) {
   GatewayState& state = *w->state;
   Admission& admission = state.admission;
   const auto began = Clock::now();
+  // While waiting for room: since when none has been in rotation (max: some is), and how long
+  // such waits took in all; the queue's deadline moves on by that.
+  auto none_since = Clock::time_point::max();
+  Clock::duration not_queued{};
   if (c->queued_since == Clock::time_point::min()) c->queued_since = began;
   auto waiter = std::make_shared<Admission::Waiter>(w->io.get_executor(), tried, c->queued_since);
   if (state.shutdown_cut.load(std::memory_order_relaxed)) co_return Admitted{nullptr, QueueEnd::kShutdown};
@@ -1447,25 +1456,54 @@ net::awaitable<Admitted> wait_for_place(Worker* w, ClientConnection* c,
       result.end = QueueEnd::kGranted;
       break;
     }
-    if (!full && !until_healthy) {
-      result.end = QueueEnd::kNoBackend;
+    const auto now = Clock::now();
+    if (until_healthy && full) {  // one is healthy now: the request queues for room as any other
+      result.end = QueueEnd::kHealthy;
       break;
+    }
+    if (!until_healthy) {
+      if (!full) {
+        // None healthy (a retry whose other backends were all tried, or are failing, ends here).
+        if (!set->routable.empty() || state.config.timeouts.no_healthy_backend.count() == 0) {
+          result.end = QueueEnd::kNoBackend;
+          break;
+        }
+        if (none_since == Clock::time_point::max()) none_since = now;
+      } else if (none_since != Clock::time_point::max()) {  // back in rotation, and full
+        not_queued += now - none_since;
+        none_since = Clock::time_point::max();
+      }
     }
     if (client_has_left(c->sock.socket())) {
       result.end = QueueEnd::kClientLeft;
       break;
     }
-    const auto now = Clock::now();
-    if (now >= deadline) break;
-    waiter->timer.expires_after(std::min<Clock::duration>(deadline - now, kQueueLook));
+    auto until = std::min(deadline + not_queued, c->total_deadline);
+    if (none_since != Clock::time_point::max()) {
+      const auto healthy_until = std::min(none_since + state.config.timeouts.no_healthy_backend, c->total_deadline);
+      if (now >= healthy_until) {
+        result.end = healthy_until == c->total_deadline ? QueueEnd::kTimedOut : QueueEnd::kNoBackend;
+        result.total_ended = result.end == QueueEnd::kTimedOut;
+        break;
+      }
+      until = healthy_until;
+    } else if (now >= until) {
+      result.total_ended = until == c->total_deadline;
+      break;
+    }
+    waiter->timer.expires_after(std::min<Clock::duration>(until - now, kQueueLook));
     co_await waiter->timer.async_wait(kTuple);
   }
   std::erase(w->waits, &waiter->timer);
-  if (!until_healthy) c->queued_for += Clock::now() - began;  // timeouts.no_healthy_backend's wait is its own
-  // A place handed over meanwhile: used if the request has none (its time just ran out), else
-  // given back to the next in line.
+  if (!until_healthy) {  // timeouts.no_healthy_backend's waits are their own
+    const auto end = Clock::now();
+    if (none_since != Clock::time_point::max()) not_queued += end - none_since;
+    c->queued_for += (end - began) - not_queued;
+  }
+  // A place handed over meanwhile: used if the request has none (its time just ran out, or a
+  // healthy wait just ended), else given back to the next in line.
   if (auto late = admission.leave(*waiter)) {
-    if (result.backend == nullptr && result.end == QueueEnd::kTimedOut) {
+    if (result.backend == nullptr && (result.end == QueueEnd::kTimedOut || result.end == QueueEnd::kHealthy)) {
       result.backend = std::move(late);
       result.end = QueueEnd::kGranted;
     } else if (admission.limited()) {
@@ -1494,8 +1532,10 @@ Next client_left_while_queued(Worker* w, ClientConnection* c, int attempt) {
 }
 
 // The answer to a request that found no backend with room: 429 when the queue was full, 503
-// when it waited timeouts.queue (504 when timeouts.total ended the wait).
-net::awaitable<Next> answer_no_room(Worker* w, ClientConnection* c, QueueEnd end, bool total_ended) {
+// when it waited timeouts.queue (504 when timeouts.total ended the wait). `for_healthy`: the
+// request found the queue full as it came to wait for a healthy backend (none was).
+net::awaitable<Next> answer_no_room(Worker* w, ClientConnection* c, QueueEnd end, bool total_ended,
+                                    bool for_healthy = false) {
   GatewayState& state = *w->state;
   const auto& admission = state.admission;
   const auto routable = state.registry.snapshot()->routable.size();
@@ -1505,7 +1545,10 @@ net::awaitable<Next> answer_no_room(Worker* w, ClientConnection* c, QueueEnd end
   if (end == QueueEnd::kFull) {
     state.admission.rejected_full.fetch_add(1, std::memory_order_relaxed);
     r = error_response(429, "the gateway's queue is full: " + std::to_string(admission.max_queued()) +
-                                " request(s) (limits.max_queued) already wait for a backend with room, and " + each +
+                                " request(s) (limits.max_queued) already wait for a backend" +
+                                (for_healthy ? std::string(", and none of the backends is healthy now (this request would have "
+                                                           "waited timeouts.no_healthy_backend for one)")
+                                             : " with room, and " + each) +
                                 "; retry shortly");
     r.headers.emplace_back("Retry-After", "1");
   } else if (total_ended) {
@@ -1536,12 +1579,14 @@ net::awaitable<std::optional<Next>> wait_for_healthy(Worker* w, ClientConnection
     case QueueEnd::kGranted:
       if (state.admission.limited()) state.admission.give_back(*admitted.backend);
       co_return std::nullopt;
+    case QueueEnd::kHealthy:
+      co_return std::nullopt;
     case QueueEnd::kShutdown:
       co_return co_await answer_shutdown(w, c, c->head.version_minor, c->method == "HEAD");
     case QueueEnd::kClientLeft:
       co_return client_left_while_queued(w, c, 0);
     case QueueEnd::kFull:
-      co_return co_await answer_no_room(w, c, QueueEnd::kFull, false);
+      co_return co_await answer_no_room(w, c, QueueEnd::kFull, false, true);
     default:
       co_return co_await answer_no_backend(w, c, *state.registry.snapshot());
   }
@@ -1641,7 +1686,7 @@ net::awaitable<Next> proxy_request(Worker* w, ClientConnection* c) {
         if (admitted.end == QueueEnd::kShutdown) co_return co_await answer_shutdown(w, c, version_minor, head_only);
         if (admitted.end == QueueEnd::kClientLeft) co_return client_left_while_queued(w, c, attempt);
         if (admitted.end == QueueEnd::kFull || admitted.end == QueueEnd::kTimedOut) {
-          co_return co_await answer_no_room(w, c, admitted.end, c->total_deadline < queue_deadline);
+          co_return co_await answer_no_room(w, c, admitted.end, admitted.total_ended);
         }
         backend = admitted.backend.get();
         c->granted.push_back(std::move(admitted.backend));  // held for the request

@@ -2633,6 +2633,56 @@ TEST(BackpressureTest, ARequestWaitsForAHealthyBackendWithinTimeoutsNoHealthyBac
   EXPECT_EQ(two.result().status, 200) << two.result().body;
 }
 
+// A request waiting for a healthy backend (timeouts.no_healthy_backend) that finds one healthy
+// but full queues for room under timeouts.queue, as a trainer started before its servers
+// expects; it used to wait for room until the healthy wait's end and then got "none healthy".
+TEST(BackpressureTest, AHealthyWaitThatFindsTheBackendFullQueuesForRoom) {
+  // Healthy after about 2 s; the healthy wait ends about 2.5 s after the requests came, while
+  // the first served still runs (1 s).
+  auto loading = start_mock({"--startup-delay-ms", "2000", "--token-delay-ms", "100", "--tokens", "10"});
+  auto gw = start_gateway({"--backend", loading.url(), "--set", "health.interval=200ms", "--set",
+                           "health.healthy_threshold=1", "--set", "timeouts.no_healthy_backend=2500ms", "--set",
+                           "limits.max_inflight_per_backend=1"});
+  BackgroundChat one(gw.port);
+  BackgroundChat two(gw.port);
+  BackgroundChat three(gw.port);
+  EXPECT_EQ(one.result().status, 200) << one.result().body;
+  EXPECT_EQ(two.result().status, 200) << two.result().body;  // served one after the other
+  EXPECT_EQ(three.result().status, 200) << three.result().body;
+  EXPECT_EQ(mock_stats(loading)["max_running"], 1);
+
+  // A full queue refuses the healthy wait with a 429 that says what it waited for.
+  auto never = start_mock({"--startup-delay-ms", "600000"});
+  auto gw2 = start_gateway({"--backend", never.url(), "--set", "timeouts.no_healthy_backend=5s", "--set",
+                            "limits.max_queued=0"});
+  auto r = http_request(gw2.port, "POST", "/v1/chat/completions", chat_body(false));
+  EXPECT_EQ(r.status, 429) << r.body;
+  EXPECT_THAT(r.body, HasSubstr("none of the backends is healthy now"));
+  EXPECT_THAT(r.body, Not(HasSubstr("max_inflight_per_backend")));
+}
+
+// A request queued for room whose backends all leave rotation (here drained, as for a restart)
+// waits timeouts.no_healthy_backend for one to come back instead of getting 503 at once.
+TEST(BackpressureTest, AQueuedRequestWaitsForItsBackendToComeBack) {
+  auto mock = start_mock({"--token-delay-ms", "100", "--tokens", "20"});
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "health.interval=200ms", "--set",
+                           "health.healthy_threshold=1", "--set", "limits.max_inflight_per_backend=1", "--set",
+                           "timeouts.no_healthy_backend=30s"});
+  wait_healthy(gw, 1);
+  BackgroundChat running(gw.port);
+  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, mock) == 1; }, 10s));
+  BackgroundChat queued(gw.port);
+  ASSERT_TRUE(queued_reaches(gw, 1));
+  ASSERT_EQ(http_request(gw.port, "POST", "/admin/backends/" + mock.id() + "/drain").status, 200);
+  // The running request ends (2 s) while the backend is drained; the queued one has looked at
+  // least once meanwhile (every second) and found nothing in rotation.
+  EXPECT_EQ(running.result().status, 200) << running.result().body;
+  EXPECT_EQ(gauge(gw.port, "infergate_queued_requests"), 1);
+  ASSERT_EQ(http_request(gw.port, "POST", "/admin/backends/" + mock.id() + "/undrain").status, 200);
+  EXPECT_EQ(queued.result().status, 200) << queued.result().body;
+  EXPECT_EQ(queued.result().header("X-Backend"), mock.id());
+}
+
 // A backend the queue gives a request may be one added after the request came (absent from the
 // snapshots the request holds) and removed while it serves it (DELETE drains it for
 // timeouts.shutdown, then removes it with the request still running): the request holds it, so
