@@ -205,6 +205,14 @@ void close_client(tcp::socket& socket, bool reset) {
   socket.close(ignored);
 }
 
+// Whether the client has sent bytes the gateway has not read (a pipelined request): closing
+// then makes the kernel reset the connection, which throws away the end of the response not yet
+// sent, and the client sees a clean end at a cut body. Such a close lingers (linger_close).
+bool unread_from_client(tcp::socket& socket) {
+  int unread = 0;
+  return socket.is_open() && ::ioctl(socket.native_handle(), FIONREAD, &unread) == 0 && unread > 0;
+}
+
 void append_status_line(std::string& out, unsigned version_minor, unsigned status, std::string_view reason) {
   out += version_minor >= 1 ? "HTTP/1.1 " : "HTTP/1.0 ";
   out += http1::Decimal(status).view();
@@ -843,6 +851,28 @@ void record_attempt(GatewayState& state, discovery::Backend& backend, const Atte
 // open stream then holds this object, its two sockets and a small buffer, and no coroutine
 // frames (10,000 streams in 64 MiB). It reports the exchange when it ends and hands a
 // keep-alive client back to a new session.
+// A lingering close, for a connection the gateway ends while the client has sent more (see
+// unread_from_client): the gateway's side is shut (the client reads the whole response, then its
+// end), and what the client sends is read and thrown away until it closes too, 2 s pass
+// without a byte, 30 s pass, or the gateway stops. The connection keeps its slot meanwhile.
+net::awaitable<void> linger_close(Worker* w, tcp::socket socket, ConnectionSlot slot) {
+  constexpr auto kLingerTotal = std::chrono::seconds(30);
+  constexpr auto kLingerQuiet = std::chrono::seconds(2);
+  TimedSocket sock(w->deadlines, std::move(socket));
+  beast::error_code ignored;
+  sock.socket().shutdown(tcp::socket::shutdown_send, ignored);
+  std::array<char, 4096> sink{};
+  const auto deadline = coarse_now() + kLingerTotal;
+  while (!w->state->stopping.load(std::memory_order_relaxed)) {
+    sock.arm_at(std::min(deadline, coarse_now() + kLingerQuiet));
+    sock.waiting_between_requests();  // a shutdown ends it, as an idle keep-alive wait
+    auto [ec, n] = co_await sock.socket().async_read_some(net::buffer(sink), kTuple);
+    if (sock.settle(ec)) break;
+  }
+  sock.close();
+  (void)slot;  // given back now
+}
+
 class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
  public:
   StreamRelay(Worker* w, discovery::Backend* backend, RelayPlan plan, const ClientConnection& c,
@@ -1061,7 +1091,11 @@ void StreamRelay::finish(AttemptOutcome::Kind kind, std::string error) {
     // A close-delimited answer not sent whole (the backend broke it, or the client was too slow
     // to take it within timeouts.idle) ends with a reset: an orderly close would look complete.
     const bool cut = kind == AttemptOutcome::kBrokenMidResponse || kind == AttemptOutcome::kClientGone;
-    close_client(client_->socket(), cut && plan_.close_delimited);
+    if (!cut && unread_from_client(client_->socket())) {
+      net::co_spawn(w_->io, linger_close(w_, std::move(client_->socket()), std::move(slot_)), net::detached);
+    } else {
+      close_client(client_->socket(), cut && plan_.close_delimited);
+    }
   }
   release_counts();
 }
@@ -2310,6 +2344,10 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
     }
   } catch (const std::exception& e) {
     spdlog::debug("client session ended: {}", e.what());
+  }
+  if (!c.reset_on_close && unread_from_client(c.sock.socket())) {
+    co_await linger_close(w, std::move(c.sock.socket()), std::move(slot));
+    co_return;
   }
   close_client(c.sock.socket(), c.reset_on_close);
 }

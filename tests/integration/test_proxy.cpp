@@ -2099,6 +2099,30 @@ TEST(ProxyTest, ConnectTimeoutAnswers504) {
   EXPECT_LT(Clock::now() - started, 3s);
 }
 
+// An answer only the close ends (no length, not chunked), to a client that sent its next request
+// while it came: the gateway lingers on the close, so the client reads all of it and then the
+// end. A plain close with the next request unread made the kernel reset the connection and throw
+// away what was not sent yet, and the client saw a cut body.
+TEST(ProxyTest, ACloseDelimitedAnswerReachesAPipeliningClientWhole) {
+  auto mocks = start_mocks(1);
+  auto gw = start_gateway(backend_args(mocks));
+  wait_healthy(gw, 1);
+  const std::string body(1 << 20, 'x');
+  const std::string answer = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body;
+  RawConnection conn(gw.port);
+  ASSERT_TRUE(conn.send("POST /mock/raw HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: " +
+                        std::to_string(answer.size()) + "\r\n\r\n" + answer));
+  ASSERT_TRUE(conn.read_until([](const std::string& got) { return got.find("\r\n\r\n") != std::string::npos; }));
+  ASSERT_TRUE(conn.send("GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+  // The gateway has written the whole answer and closed the connection once it counts the request.
+  ASSERT_TRUE(poll_until([&] { return metric(gw.port, "infergate_requests_total", "code=\"2xx\"") >= 1; }, 10s));
+  EXPECT_TRUE(conn.wait_closed(10s));
+  const auto& got = conn.received();
+  const auto head_end = got.find("\r\n\r\n");
+  ASSERT_NE(head_end, std::string::npos);
+  EXPECT_EQ(got.size() - head_end - 4, body.size());
+}
+
 // How answers a backend frames oddly reach the client (the mock's /mock/raw sends its body back
 // as the raw answer).
 TEST(ProxyTest, OddlyFramedAnswersAreRelayedCleanly) {
