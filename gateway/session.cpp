@@ -1169,10 +1169,11 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
     // A 204 has no body and must not say otherwise (RFC 9110 8.6, RFC 9112 6.1).
     if (rh.status == 204 && (iequals(f.name, "content-length") || iequals(f.name, "transfer-encoding"))) continue;
     // Chunked framing wins over a Content-Length sent alongside (RFC 9112 6.3), and a message
-    // must not carry both: the client would frame the body by whichever it trusts. Equal
-    // Content-Length fields (allowed in) go out as one.
+    // must not carry both: the client would frame the body by whichever it trusts (also on an
+    // answer without a body, to HEAD or a 304). Equal Content-Length fields (allowed in) go out
+    // as one.
     if (iequals(f.name, "content-length")) {
-      if (kind == Kind::kChunked || length_sent) continue;
+      if (rh.chunked || length_sent) continue;
       length_sent = true;
     }
     if (!has_id && iequals(f.name, "x-request-id")) {

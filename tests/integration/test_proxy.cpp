@@ -2156,6 +2156,11 @@ TEST(ProxyTest, OddlyFramedAnswersAreRelayedCleanly) {
   EXPECT_THAT(no_content, StartsWith("HTTP/1.1 204 No Content\r\n"));
   EXPECT_THAT(no_content, HasSubstr("X-Kept: 1\r\n"));
   EXPECT_EQ(no_content.find("Content-Length"), std::string::npos) << no_content;
+  // An answer without a body that says chunked and gives a length keeps the first only.
+  auto not_modified = relay("HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n");
+  EXPECT_THAT(not_modified, StartsWith("HTTP/1.1 304 Not Modified\r\n"));
+  EXPECT_THAT(not_modified, HasSubstr("Transfer-Encoding: chunked\r\n"));
+  EXPECT_EQ(not_modified.find("Content-Length"), std::string::npos) << not_modified;
 }
 
 TEST(ProxyTest, ExpectContinueIsAnsweredSoLargeUploadsDoNotStall) {
