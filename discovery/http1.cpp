@@ -298,7 +298,7 @@ Decimal::Decimal(std::uint64_t v) noexcept : buf{}, start(sizeof(buf)) {
   } while (v != 0);
 }
 
-BodyFramer::Step BodyFramer::step(std::string_view data) {
+BodyFramer::Step BodyFramer::step(std::string_view data, ContentSink sink) {
   Step out;
   switch (kind_) {
     case Kind::kNone:
@@ -309,11 +309,16 @@ BodyFramer::Step BodyFramer::step(std::string_view data) {
       remaining_ -= out.consumed;
       out.last = remaining_ == 0;
       out.payload = data.substr(0, out.consumed);
+      sink(out.payload);
       break;
     case Kind::kChunked: {
       decoded_.clear();
-      auto r = dechunk_ ? decoder_.feed(data, [this](std::string_view d) { decoded_.append(d); })
-                        : decoder_.feed(data);
+      auto r = dechunk_ ? decoder_.feed(data,
+                                        [this, sink](std::string_view d) {
+                                          decoded_.append(d);
+                                          sink(d);
+                                        })
+                        : decoder_.feed(data, sink);
       out.consumed = r.consumed;
       out.last = r.done;
       out.bad = r.bad;
@@ -324,6 +329,7 @@ BodyFramer::Step BodyFramer::step(std::string_view data) {
       out.consumed = data.size();
       out.payload = data;
       out.last = eof_;
+      sink(out.payload);
       break;
   }
   return out;

@@ -226,6 +226,16 @@ ChunkedDecoder::Result ChunkedDecoder::feed(std::string_view in, OnData&& on_dat
   return Result{i, state_ == State::kDone, state_ == State::kBad};
 }
 
+// Receives a body's content as BodyFramer::step reads it, without chunked framing (whatever the
+// client gets): what a scanner of the content reads, as a chunk's size line may split a value.
+struct BodyContentSink {
+  void (*on_content)(void* context, std::string_view content) = nullptr;
+  void* context = nullptr;
+  void operator()(std::string_view content) const {
+    if (on_content != nullptr && !content.empty()) on_content(context, content);
+  }
+};
+
 // Where a response body ends, whatever its framing, and what the client gets of each piece:
 // the bytes unchanged, or the data of a chunked body for a client that cannot read chunked.
 class BodyFramer {
@@ -239,7 +249,8 @@ class BodyFramer {
     bool last = false;         // the body is complete
     bool bad = false;          // broken chunked framing
   };
-  Step step(std::string_view data);
+  using ContentSink = BodyContentSink;
+  Step step(std::string_view data, ContentSink sink = {});
   // The connection closed: the end of a body framed by the close, an error for any other.
   void end_of_stream() noexcept { eof_ = true; }
   Kind kind() const noexcept { return kind_; }

@@ -510,6 +510,11 @@ void build_upstream_head(const ClientConnection& c, std::string_view request_id,
   out += kCrlf;
 }
 
+// Where a relayed body's content goes to be scanned for `usage` (without chunked framing).
+http1::BodyFramer::ContentSink usage_sink(UsageScanner& usage) {
+  return {[](void* scanner, std::string_view content) { static_cast<UsageScanner*>(scanner)->feed(content); }, &usage};
+}
+
 void add_token_usage(discovery::Backend& backend, const UsageScanner& usage) {
   if (auto n = usage.prompt_tokens()) backend.stats.prompt_tokens.fetch_add(*n, std::memory_order_relaxed);
   if (auto n = usage.completion_tokens()) backend.stats.completion_tokens.fetch_add(*n, std::memory_order_relaxed);
@@ -959,13 +964,12 @@ class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
 
   // Forwards what the buffer holds of the body, then reads on (or ends).
   void relay_buffered() {
-    const auto step = plan_.framer.step(up_->buffer.data());
+    const auto step = plan_.framer.step(up_->buffer.data(), usage_sink(usage_));
     if (step.bad) return finish(AttemptOutcome::kBrokenMidResponse, "malformed chunked body from the backend");
     pending_consume_ = step.consumed;
     last_ = step.last;
     if (step.payload.empty()) return after_write();
     out_.bytes += step.payload.size();
-    usage_.feed(step.payload);
     if (first_body_byte_) {
       backend_->stats.ttft.observe(Clock::now() - started_);
       first_body_byte_ = false;
@@ -1214,7 +1218,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   bool head_sent = false;
   bool first_body_byte = true;
   for (;;) {
-    const auto step = plan.framer.step(up->buffer.data());
+    const auto step = plan.framer.step(up->buffer.data(), usage_sink(usage));
     if (step.bad) {
       out.error = "malformed chunked body from the backend";
       *upstream_reusable = false;
@@ -1276,10 +1280,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
         head = std::string();
       }
       head_sent = true;
-      if (!step.payload.empty()) {
-        out.bytes += step.payload.size();
-        usage.feed(step.payload);
-      }
+      out.bytes += step.payload.size();
     }
     up->buffer.consume(step.consumed);
     if (step.last) break;

@@ -2161,6 +2161,14 @@ TEST(ProxyTest, OddlyFramedAnswersAreRelayedCleanly) {
   EXPECT_THAT(not_modified, StartsWith("HTTP/1.1 304 Not Modified\r\n"));
   EXPECT_THAT(not_modified, HasSubstr("Transfer-Encoding: chunked\r\n"));
   EXPECT_EQ(not_modified.find("Content-Length"), std::string::npos) << not_modified;
+  // Token counts are read from the body's content, not its chunked framing: a chunk boundary
+  // inside a number (12|34) still counts 1234.
+  auto split = relay("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     "1c\r\n{\"usage\":{\"prompt_tokens\":12\r\n1b\r\n34,\"completion_tokens\":56}}\r\n0\r\n\r\n");
+  EXPECT_THAT(split, HasSubstr("\"prompt_tokens\":12\r\n1b\r\n34,")) << split;
+  const auto labels = "backend=\"" + mocks[0].id() + "\",node=\"127.0.0.1\",slot=\"0\",kind=";
+  EXPECT_TRUE(poll_until([&] { return metric(gw.port, "infergate_backend_tokens_total", labels + "\"completion\"") == 56; }, 5s));
+  EXPECT_EQ(metric(gw.port, "infergate_backend_tokens_total", labels + "\"prompt\""), 1234);
 }
 
 TEST(ProxyTest, ExpectContinueIsAnsweredSoLargeUploadsDoNotStall) {
