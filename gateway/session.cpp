@@ -124,6 +124,8 @@ struct ClientConnection final : SlowHook {
   bool read_directly = true;
   std::shared_ptr<StreamRelay> handoff;  // set when a StreamRelay took the stream over
   bool reset_on_close = false;  // a close-delimited response was cut: reset, not close (see RelayPlan)
+  bool lingered = false;        // drain_before_close has read what the client sent, and ended
+  bool linger_on_close = false;  // a whole answer the gateway ends the connection after (linger_close)
   UsageScanner usage;  // of the response being relayed (here, not in relay_response's frame)
   // timeouts.total for the current request: no socket operation of its exchange waits past it.
   Clock::time_point total_deadline = Clock::time_point::max();
@@ -860,6 +862,8 @@ void record_attempt(GatewayState& state, discovery::Backend& backend, const Atte
 // unread_from_client): the gateway's side is shut (the client reads the whole response, then its
 // end), and what the client sends is read and thrown away until it closes too, 2 s pass
 // without a byte, 30 s pass, or the gateway stops. The connection keeps its slot meanwhile.
+// Whatever has come when it ends is read before the close, so the close itself resets nothing
+// (the kernel still sends what the gateway wrote after the process exits).
 net::awaitable<void> linger_close(Worker* w, tcp::socket socket, ConnectionSlot slot) {
   constexpr auto kLingerTotal = std::chrono::seconds(30);
   constexpr auto kLingerQuiet = std::chrono::seconds(2);
@@ -873,6 +877,8 @@ net::awaitable<void> linger_close(Worker* w, tcp::socket socket, ConnectionSlot 
     sock.waiting_between_requests();  // a shutdown ends it, as an idle keep-alive wait
     auto [ec, n] = co_await sock.socket().async_read_some(net::buffer(sink), kTuple);
     if (sock.settle(ec)) break;
+  }
+  while (::recv(sock.socket().native_handle(), sink.data(), sink.size(), MSG_DONTWAIT) > 0) {
   }
   sock.close();
   (void)slot;  // given back now
@@ -1095,7 +1101,9 @@ void StreamRelay::finish(AttemptOutcome::Kind kind, std::string error) {
     // A close-delimited answer not sent whole (the backend broke it, or the client was too slow
     // to take it within timeouts.idle) ends with a reset: an orderly close would look complete.
     const bool cut = kind == AttemptOutcome::kBrokenMidResponse || kind == AttemptOutcome::kClientGone;
-    if (!cut && unread_from_client(client_->socket())) {
+    // A whole answer lingers: the client's next request may be on its way even if none has come
+    // yet (one arriving after the close would reset the connection just the same).
+    if (kind == AttemptOutcome::kServed) {
       net::co_spawn(w_->io, linger_close(w_, std::move(client_->socket()), std::move(slot_)), net::detached);
     } else {
       close_client(client_->socket(), cut && plan_.close_delimited);
@@ -1322,6 +1330,7 @@ net::awaitable<AttemptOutcome> relay_response(Worker* w, ClientConnection* c, Up
   }
   out.kind = AttemptOutcome::kServed;
   out.keep_alive = plan.keep_alive;
+  c->linger_on_close = !plan.keep_alive;
   *upstream_reusable = plan.upstream_keep_alive && up->buffer.size() == 0;  // extra bytes: out of step
   add_token_usage(*backend, usage);
   co_return out;
@@ -1909,6 +1918,7 @@ net::awaitable<void> drain_before_close(ClientConnection* c) {
   c->chunked_body = std::string();
   c->body_memory.release();
   c->arriving.end();
+  c->lingered = true;
   while (!c->stopping->load(std::memory_order_relaxed)) {
     auto [room_ptr, room] = c->buffer.prepare(64 * 1024);
     c->sock.arm_at(std::min(deadline, coarse_now() + kLingerQuiet));
@@ -2347,8 +2357,11 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
   } catch (const std::exception& e) {
     spdlog::debug("client session ended: {}", e.what());
   }
-  if (!c.reset_on_close && unread_from_client(c.sock.socket())) {
-    co_await linger_close(w, std::move(c.sock.socket()), std::move(slot));
+  // After a whole answer the gateway ends the connection on, or with the client's bytes unread
+  // (not after drain_before_close, which lingered already). On its own: the connection's
+  // buffers, and the request's body memory, go with this frame now.
+  if (!c.reset_on_close && !c.lingered && (c.linger_on_close || unread_from_client(c.sock.socket()))) {
+    net::co_spawn(w->io, linger_close(w, std::move(c.sock.socket()), std::move(slot)), net::detached);
     co_return;
   }
   close_client(c.sock.socket(), c.reset_on_close);

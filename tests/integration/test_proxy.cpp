@@ -2121,6 +2121,23 @@ TEST(ProxyTest, ACloseDelimitedAnswerReachesAPipeliningClientWhole) {
   const auto head_end = got.find("\r\n\r\n");
   ASSERT_NE(head_end, std::string::npos);
   EXPECT_EQ(got.size() - head_end - 4, body.size());
+
+  // The same while the gateway stops, with an answer larger than the sockets' buffers, so that
+  // the gateway is still sending it when the signal comes and ends it during the drain: the
+  // linger is over at once then, but the close resets nothing, and the client reads it all.
+  const std::string big(16 << 20, 'y');
+  const std::string big_answer = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + big;
+  RawConnection second(gw.port);
+  ASSERT_TRUE(second.send("POST /mock/raw HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: " +
+                          std::to_string(big_answer.size()) + "\r\n\r\n" + big_answer));
+  ASSERT_TRUE(second.read_until([](const std::string& got) { return got.find("\r\n\r\n") != std::string::npos; }));
+  ASSERT_TRUE(second.send("GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+  EXPECT_EQ(metric(gw.port, "infergate_requests_total", "code=\"2xx\""), 1);  // still being sent
+  ASSERT_EQ(::kill(gw.process->pid(), SIGTERM), 0);
+  EXPECT_TRUE(second.wait_closed(20s));
+  const auto& after = second.received();
+  EXPECT_EQ(after.size() - after.find("\r\n\r\n") - 4, big.size());
+  EXPECT_EQ(gw.process->signal_and_wait(SIGTERM, 10s), 0);
 }
 
 // How answers a backend frames oddly reach the client (the mock's /mock/raw sends its body back
