@@ -44,6 +44,29 @@ constexpr auto kLimitWarningEvery = std::chrono::seconds(10);
 constexpr auto kShutdownAnswerGrace = std::chrono::seconds(1);
 // A SIGTERM this soon after the first SIGTERM is the same request to stop (see on_signal).
 constexpr auto kRepeatedSigterm = std::chrono::seconds(1);
+
+// The signals that stop the gateway (SIGHUP too: see run()).
+sigset_t stop_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  for (int signo : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set, signo);
+  return set;
+}
+
+// Once the gateway has stopped, a stop signal (Slurm's second SIGTERM, an impatient operator)
+// finds it exiting anyway. The signal set gives its signals back to their default action when it
+// goes, and that would end the process with 128 + the signal in its last milliseconds, which
+// Slurm reports as a failed step: they are ignored until the exit instead. Called with no other
+// thread left; blocked meanwhile, so none comes between the set's removal and SIG_IGN.
+void ignore_stop_signals_until_exit(net::signal_set& signals) {
+  const sigset_t stop = stop_signals();
+  sigset_t before;
+  pthread_sigmask(SIG_BLOCK, &stop, &before);
+  beast::error_code ignored;
+  signals.clear(ignored);
+  for (int signo : {SIGINT, SIGTERM, SIGHUP}) std::signal(signo, SIG_IGN);  // a pending one is dropped
+  pthread_sigmask(SIG_SETMASK, &before, nullptr);
+}
 constexpr std::size_t kReclaimAtLimit = 16;
 constexpr int kReclaimEveryPolls = 20;  // 100 ms
 constexpr auto kReclaimMinIdle = std::chrono::milliseconds(500);  // a client that just connected is about to send
@@ -393,6 +416,11 @@ std::optional<std::string> other_listener(const tcp::endpoint& endpoint) {
 }  // namespace
 
 void Server::bind() {
+  // From here the gateway can be reached, and a script that sees it listening may stop it at
+  // once: a stop signal is held (blocked on this thread, and so on every thread started from it)
+  // until run() listens for it, rather than ending the process by its default action.
+  const sigset_t stop = stop_signals();
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
   const auto& listen = impl_->state.config.listen;
   beast::error_code ec;
   auto address = resolve_listen_address(impl_->workers.front()->io, listen, "listen");
@@ -479,6 +507,8 @@ int Server::run() {
   // SIGHUP too: by default it would end the process and every stream with it, which a lost
   // terminal (an `srun --pty` session) must not do. Reloading on it is not built yet.
   net::signal_set signals(control, SIGINT, SIGTERM, SIGHUP);
+  const sigset_t stop = stop_signals();
+  pthread_sigmask(SIG_UNBLOCK, &stop, nullptr);  // held since bind(): one that came is taken now
   net::steady_timer drain_timer(control);
   std::atomic<bool> drain_started{false};
   std::chrono::steady_clock::time_point drain_deadline;
@@ -604,6 +634,7 @@ int Server::run() {
   control.run();
   for (auto& t : threads) t.join();
   impl_->health.stop();
+  ignore_stop_signals_until_exit(signals);
   spdlog::info("stopped");
   return 0;
 }

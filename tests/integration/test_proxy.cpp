@@ -1834,6 +1834,33 @@ TEST(ProxyTest, TwoSigtermsTogetherAsSlurmSendsThemStillDrain) {
   EXPECT_THAT(later.process->errors(), HasSubstr("second signal (15): exiting now"));
 }
 
+// A stop signal never kills the gateway by its default action, which ends the process with 143
+// (Slurm reports a failed step): not while it exits, when signals keep coming (Slurm's second
+// SIGTERM, an impatient operator) after it stopped listening for them, and not as soon as it
+// says it is listening, before it started to.
+TEST(ProxyTest, StopSignalsAtStartAndExitNeverKillTheGateway) {
+  auto mocks = start_mocks(1);
+  for (int run = 0; run < 3; ++run) {
+    auto gw = start_gateway(backend_args(mocks));
+    wait_healthy(gw, 1);
+    int sent = 0;
+    const auto deadline = Clock::now() + 10s;
+    while (gw.process->running() && Clock::now() < deadline) {
+      if (::kill(gw.process->pid(), SIGTERM) == 0) ++sent;
+      std::this_thread::sleep_for(100us);  // pacing the signals, not waiting for anything
+    }
+    EXPECT_GT(sent, 1);
+    EXPECT_EQ(gw.process->wait_exit(10s), 0) << gw.process->errors();
+  }
+  // The same at the other end: a SIGTERM as soon as the listening line is out (a script that
+  // starts the gateway and stops it at once) stops it gracefully too.
+  for (int run = 0; run < 10; ++run) {
+    auto gw = start_gateway(backend_args(mocks));
+    ASSERT_EQ(::kill(gw.process->pid(), SIGTERM), 0);
+    EXPECT_EQ(gw.process->wait_exit(10s), 0) << gw.process->errors();
+  }
+}
+
 // A refused client that goes on sending is drained so that it reads the answer, but that is no
 // request in flight: SIGTERM ends the draining and the gateway exits at once.
 TEST(ProxyTest, SigtermDoesNotWaitForARefusedClientStillSending) {
@@ -2137,7 +2164,7 @@ TEST(ProxyTest, ACloseDelimitedAnswerReachesAPipeliningClientWhole) {
   EXPECT_TRUE(second.wait_closed(20s));
   const auto& after = second.received();
   EXPECT_EQ(after.size() - after.find("\r\n\r\n") - 4, big.size());
-  EXPECT_EQ(gw.process->signal_and_wait(SIGTERM, 10s), 0);
+  EXPECT_EQ(gw.process->wait_exit(10s), 0);
 }
 
 // How answers a backend frames oddly reach the client (the mock's /mock/raw sends its body back
