@@ -1584,8 +1584,12 @@ net::awaitable<Next> answer_no_room(Worker* w, ClientConnection* c, QueueEnd end
   GatewayState& state = *w->state;
   const auto& admission = state.admission;
   const auto routable = state.registry.snapshot()->routable.size();
-  const auto each = "each of the " + std::to_string(routable) + " backend(s) in rotation has limits.max_inflight_per_backend (" +
-                    std::to_string(admission.per_backend()) + ") requests in flight";
+  // A wait that ends while no backend is in rotation (all unhealthy, draining or removed) says so.
+  const auto each = routable == 0
+                        ? std::string("no backend is in rotation now (each is unhealthy, draining or removed)")
+                        : "each of the " + std::to_string(routable) +
+                              " backend(s) in rotation has limits.max_inflight_per_backend (" +
+                              std::to_string(admission.per_backend()) + ") requests in flight";
   LocalResponse r;
   if (end == QueueEnd::kFull) {
     state.admission.rejected_full.fetch_add(1, std::memory_order_relaxed);

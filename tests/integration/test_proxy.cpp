@@ -2764,6 +2764,24 @@ TEST(BackpressureTest, AQueuedRequestWaitsForItsBackendToComeBack) {
   EXPECT_EQ(queued.result().header("X-Backend"), mock.id());
 }
 
+// A queued request whose wait timeouts.total ends while its backend is out of rotation is told
+// that, not that the backends in rotation (none) are full.
+TEST(BackpressureTest, AWaitEndedWhileNoBackendIsInRotationSaysSo) {
+  auto mock = start_mock({"--token-delay-ms", "100", "--tokens", "10"});
+  auto gw = start_gateway({"--backend", mock.url(), "--set", "limits.max_inflight_per_backend=1", "--set",
+                           "timeouts.no_healthy_backend=30s", "--set", "timeouts.total=2s"});
+  wait_healthy(gw, 1);
+  BackgroundChat running(gw.port);
+  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, mock) == 1; }, 10s));
+  BackgroundChat queued(gw.port);
+  ASSERT_TRUE(queued_reaches(gw, 1));
+  ASSERT_EQ(http_request(gw.port, "POST", "/admin/backends/" + mock.id() + "/drain").status, 200);
+  EXPECT_EQ(running.result().status, 200) << running.result().body;
+  EXPECT_EQ(queued.result().status, 504) << queued.result().body;
+  EXPECT_THAT(queued.result().body, HasSubstr("timeouts.total (2000ms) ran out while the request waited for a backend "
+                                              "with room: no backend is in rotation now"));
+}
+
 // A backend the queue gives a request may be one added after the request came (absent from the
 // snapshots the request holds) and removed while it serves it (DELETE drains it for
 // timeouts.shutdown, then removes it with the request still running): the request holds it, so
