@@ -2512,6 +2512,24 @@ class BackgroundChat {
 bool queued_reaches(const Gateway& gw, double n) {
   return poll_until([&] { return gauge(gw.port, "infergate_queued_requests") == n; }, 10s);
 }
+
+// A healthy gateway in front of `backend` with one place on it (limits.max_inflight_per_backend=1),
+// and the other `--set` settings given.
+Gateway start_one_place_gateway(const Mock& backend, const std::vector<std::string>& settings) {
+  std::vector<std::string> args{"--backend", backend.url(), "--set", "limits.max_inflight_per_backend=1"};
+  for (const auto& setting : settings) {
+    args.push_back("--set");
+    args.push_back(setting);
+  }
+  auto gw = start_gateway(args);
+  wait_healthy(gw, 1);
+  return gw;
+}
+
+// The request running on `backend` takes its one place.
+bool place_taken(const Gateway& gw, const Mock& backend) {
+  return poll_until([&] { return inflight_on(gw.port, backend) == 1; }, 10s);
+}
 }  // namespace
 
 // limits.max_inflight_per_backend: no backend ever runs more than its limit, and the requests
@@ -2571,11 +2589,9 @@ TEST(BackpressureTest, NoBackendRunsMoreThanItsLimitAndTheRestWaitAndAreServed) 
 // neither reaches the backend.
 TEST(BackpressureTest, AFullQueueAnswers429AndAWaitPastTimeoutsQueue503) {
   auto mock = start_mock({"--token-delay-ms", "200", "--tokens", "10"});
-  auto gw = start_gateway({"--backend", mock.url(), "--set", "limits.max_inflight_per_backend=1", "--set",
-                           "limits.max_queued=1", "--set", "timeouts.queue=600ms"});
-  wait_healthy(gw, 1);
+  auto gw = start_one_place_gateway(mock, {"limits.max_queued=1", "timeouts.queue=600ms"});
   BackgroundChat first(gw.port);
-  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, mock) == 1; }, 10s));
+  ASSERT_TRUE(place_taken(gw, mock));
   const auto queued_at = Clock::now();
   BackgroundChat queued(gw.port);
   ASSERT_TRUE(queued_reaches(gw, 1));
@@ -2604,11 +2620,9 @@ TEST(BackpressureTest, AFullQueueAnswers429AndAWaitPastTimeoutsQueue503) {
 TEST(BackpressureTest, AQueuedRequestGoesToABackendAddedWhileItWaits) {
   auto busy = start_mock({"--token-delay-ms", "300", "--tokens", "10"});
   auto added = start_mock();
-  auto gw = start_gateway({"--backend", busy.url(), "--set", "limits.max_inflight_per_backend=1", "--set",
-                           "health.interval=100ms", "--set", "health.healthy_threshold=1"});
-  wait_healthy(gw, 1);
+  auto gw = start_one_place_gateway(busy, {"health.interval=100ms", "health.healthy_threshold=1"});
   BackgroundChat first(gw.port);
-  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, busy) == 1; }, 10s));
+  ASSERT_TRUE(place_taken(gw, busy));
   BackgroundChat queued(gw.port);
   ASSERT_TRUE(queued_reaches(gw, 1));
   EXPECT_EQ(http_request(gw.port, "POST", "/admin/backends", json{{"url", added.url()}}.dump()).status, 201);
@@ -2623,11 +2637,9 @@ TEST(BackpressureTest, AQueuedRequestGoesToABackendAddedWhileItWaits) {
 // requests still queued with a 503 that says so.
 TEST(BackpressureTest, ClientsLeavingTheQueueFreeTheirPlaceAndTheShutdownAnswersTheRest) {
   auto mock = start_mock({"--token-delay-ms", "500", "--tokens", "20"});
-  auto gw = start_gateway({"--backend", mock.url(), "--set", "limits.max_inflight_per_backend=1", "--set",
-                           "limits.max_queued=1", "--set", "timeouts.shutdown=500ms"});
-  wait_healthy(gw, 1);
+  auto gw = start_one_place_gateway(mock, {"limits.max_queued=1", "timeouts.shutdown=500ms"});
   BackgroundChat first(gw.port);
-  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, mock) == 1; }, 10s));
+  ASSERT_TRUE(place_taken(gw, mock));
   {
     RawConnection leaving(gw.port);
     leaving.send(raw_chat_request(chat_body(false)));
@@ -2746,12 +2758,10 @@ TEST(BackpressureTest, AHealthyWaitThatFindsTheBackendFullQueuesForRoom) {
 // waits timeouts.no_healthy_backend for one to come back instead of getting 503 at once.
 TEST(BackpressureTest, AQueuedRequestWaitsForItsBackendToComeBack) {
   auto mock = start_mock({"--token-delay-ms", "100", "--tokens", "20"});
-  auto gw = start_gateway({"--backend", mock.url(), "--set", "health.interval=200ms", "--set",
-                           "health.healthy_threshold=1", "--set", "limits.max_inflight_per_backend=1", "--set",
-                           "timeouts.no_healthy_backend=30s"});
-  wait_healthy(gw, 1);
+  auto gw = start_one_place_gateway(
+      mock, {"health.interval=200ms", "health.healthy_threshold=1", "timeouts.no_healthy_backend=30s"});
   BackgroundChat running(gw.port);
-  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, mock) == 1; }, 10s));
+  ASSERT_TRUE(place_taken(gw, mock));
   BackgroundChat queued(gw.port);
   ASSERT_TRUE(queued_reaches(gw, 1));
   ASSERT_EQ(http_request(gw.port, "POST", "/admin/backends/" + mock.id() + "/drain").status, 200);
@@ -2768,11 +2778,9 @@ TEST(BackpressureTest, AQueuedRequestWaitsForItsBackendToComeBack) {
 // that, not that the backends in rotation (none) are full.
 TEST(BackpressureTest, AWaitEndedWhileNoBackendIsInRotationSaysSo) {
   auto mock = start_mock({"--token-delay-ms", "100", "--tokens", "10"});
-  auto gw = start_gateway({"--backend", mock.url(), "--set", "limits.max_inflight_per_backend=1", "--set",
-                           "timeouts.no_healthy_backend=30s", "--set", "timeouts.total=2s"});
-  wait_healthy(gw, 1);
+  auto gw = start_one_place_gateway(mock, {"timeouts.no_healthy_backend=30s", "timeouts.total=2s"});
   BackgroundChat running(gw.port);
-  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, mock) == 1; }, 10s));
+  ASSERT_TRUE(place_taken(gw, mock));
   BackgroundChat queued(gw.port);
   ASSERT_TRUE(queued_reaches(gw, 1));
   ASSERT_EQ(http_request(gw.port, "POST", "/admin/backends/" + mock.id() + "/drain").status, 200);
@@ -2790,12 +2798,9 @@ TEST(BackpressureTest, AWaitEndedWhileNoBackendIsInRotationSaysSo) {
 TEST(BackpressureTest, ABackendAddedForAQueuedRequestAndRemovedUnderItIsHeldByTheRequest) {
   auto first = start_mock({"--token-delay-ms", "100", "--tokens", "30"});
   auto added = start_mock({"--token-delay-ms", "100", "--tokens", "30"});
-  auto gw = start_gateway({"--backend", first.url(), "--set", "limits.max_inflight_per_backend=1", "--set",
-                           "timeouts.shutdown=300ms", "--set", "health.interval=100ms", "--set",
-                           "health.healthy_threshold=1"});
-  wait_healthy(gw, 1);
+  auto gw = start_one_place_gateway(first, {"timeouts.shutdown=300ms", "health.interval=100ms", "health.healthy_threshold=1"});
   BackgroundChat running(gw.port);
-  ASSERT_TRUE(poll_until([&] { return inflight_on(gw.port, first) == 1; }, 10s));
+  ASSERT_TRUE(place_taken(gw, first));
   BackgroundChat queued(gw.port);
   ASSERT_TRUE(queued_reaches(gw, 1));
   ASSERT_EQ(http_request(gw.port, "POST", "/admin/backends", json{{"url", added.url()}}.dump()).status, 201);
