@@ -861,10 +861,28 @@ void record_attempt(GatewayState& state, discovery::Backend& backend, const Atte
 // A lingering close, for a connection the gateway ends while the client has sent more (see
 // unread_from_client): the gateway's side is shut (the client reads the whole response, then its
 // end), and what the client sends is read and thrown away until it closes too, 2 s pass
-// without a byte, 30 s pass, or the gateway stops. The connection keeps its slot meanwhile.
+// without a byte, 30 s pass, or the gateway stops. The connection keeps its slot meanwhile, and
+// is counted in infergate_client_connections.
 // Whatever has come when it ends is read before the close, so the close itself resets nothing
 // (the kernel still sends what the gateway wrote after the process exits).
-net::awaitable<void> linger_close(Worker* w, tcp::socket socket, ConnectionSlot slot) {
+// One of the gateway port's client connections, counted in infergate_client_connections while
+// held; null for metrics.listen scrapers, which are not counted. A lingering close takes it over.
+class ConnectionCount {
+ public:
+  explicit ConnectionCount(std::atomic<std::int64_t>* count) : count_(count) {
+    if (count_ != nullptr) count_->fetch_add(1, std::memory_order_relaxed);
+  }
+  ConnectionCount(ConnectionCount&& other) noexcept : count_(std::exchange(other.count_, nullptr)) {}
+  ConnectionCount& operator=(ConnectionCount&&) = delete;
+  ~ConnectionCount() {
+    if (count_ != nullptr) count_->fetch_sub(1, std::memory_order_relaxed);
+  }
+
+ private:
+  std::atomic<std::int64_t>* count_;
+};
+
+net::awaitable<void> linger_close(Worker* w, tcp::socket socket, ConnectionSlot slot, ConnectionCount count) {
   constexpr auto kLingerTotal = std::chrono::seconds(30);
   constexpr auto kLingerQuiet = std::chrono::seconds(2);
   TimedSocket sock(w->deadlines, std::move(socket));
@@ -881,7 +899,8 @@ net::awaitable<void> linger_close(Worker* w, tcp::socket socket, ConnectionSlot 
   while (::recv(sock.socket().native_handle(), sink.data(), sink.size(), MSG_DONTWAIT) > 0) {
   }
   sock.close();
-  (void)slot;  // given back now
+  (void)slot;  // given back now, and the connection no longer counted
+  (void)count;
 }
 
 class StreamRelay : public std::enable_shared_from_this<StreamRelay> {
@@ -1104,7 +1123,10 @@ void StreamRelay::finish(AttemptOutcome::Kind kind, std::string error) {
     // A whole answer lingers: the client's next request may be on its way even if none has come
     // yet (one arriving after the close would reset the connection just the same).
     if (kind == AttemptOutcome::kServed) {
-      net::co_spawn(w_->io, linger_close(w_, std::move(client_->socket()), std::move(slot_)), net::detached);
+      net::co_spawn(w_->io,
+                    linger_close(w_, std::move(client_->socket()), std::move(slot_),
+                                 ConnectionCount(&w_->state->client_connections)),
+                    net::detached);
     } else {
       close_client(client_->socket(), cut && plan_.close_delimited);
     }
@@ -2271,14 +2293,7 @@ bool is_control_plane(std::string_view path) noexcept {
 net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener listener, ConnectionSlot slot,
                                         bool answered_before) {
   GatewayState& state = *w->state;
-  // infergate_client_connections counts the gateway port's clients, not metrics.listen scrapers.
-  struct ConnectionCount {
-    std::atomic<std::int64_t>* count;
-    ~ConnectionCount() {
-      if (count != nullptr) count->fetch_sub(1, std::memory_order_relaxed);
-    }
-  } connection_count{listener == Listener::kGateway ? &state.client_connections : nullptr};
-  if (connection_count.count != nullptr) connection_count.count->fetch_add(1, std::memory_order_relaxed);
+  ConnectionCount connection_count(listener == Listener::kGateway ? &state.client_connections : nullptr);
 
   beast::error_code ec;
   socket.set_option(tcp::no_delay(true), ec);
@@ -2365,7 +2380,8 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
   // (not after drain_before_close, which lingered already). On its own: the connection's
   // buffers, and the request's body memory, go with this frame now.
   if (!c.reset_on_close && !c.lingered && (c.linger_on_close || unread_from_client(c.sock.socket()))) {
-    net::co_spawn(w->io, linger_close(w, std::move(c.sock.socket()), std::move(slot)), net::detached);
+    net::co_spawn(w->io, linger_close(w, std::move(c.sock.socket()), std::move(slot), std::move(connection_count)),
+                  net::detached);
     co_return;
   }
   close_client(c.sock.socket(), c.reset_on_close);

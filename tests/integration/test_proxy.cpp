@@ -2148,6 +2148,11 @@ TEST(ProxyTest, ACloseDelimitedAnswerReachesAPipeliningClientWhole) {
   const auto head_end = got.find("\r\n\r\n");
   ASSERT_NE(head_end, std::string::npos);
   EXPECT_EQ(got.size() - head_end - 4, body.size());
+  // Lingering, the connection is still one of the client connections (with the scrape's own),
+  // until the client ends it.
+  EXPECT_TRUE(poll_until([&] { return gauge(gw.port, "infergate_client_connections") == 2; }, 1s));
+  conn.shutdown_write();
+  EXPECT_TRUE(poll_until([&] { return gauge(gw.port, "infergate_client_connections") == 1; }, 10s));
 
   // The same while the gateway stops, with an answer larger than the sockets' buffers, so that
   // the gateway is still sending it when the signal comes and ends it during the drain: the
