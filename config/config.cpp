@@ -5,6 +5,7 @@
 #include <sched.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include <charconv>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -608,11 +610,43 @@ void walk_yaml(Config& c, const YAML::Node& map, const std::string& prefix, cons
     });
     if (is_section && value.IsMap()) {
       walk_yaml(c, value, key, src, seen);
+    } else if (is_section && value.IsNull()) {
+      // `slurm:` with every key under it commented out, as templates have: nothing set.
     } else if (is_section) {
       throw ConfigError(yaml_where(file, key_node) + ": " + key + ": expected a section (a map)");
     } else {
       throw ConfigError(yaml_where(file, key_node) + ": " + unknown_key_message(key));
     }
+  }
+}
+
+// yaml-cpp reads one document and leaves the rest of the text unread without a word when the
+// document ends early: after a top-level flow map (`{threads: 3}` then more keys), or at once
+// before a stray `,`. Its parser then finds another document in the rest: the line where that
+// starts, if any (asked twice at most: on some inputs it would find one for ever).
+std::optional<int> line_past_the_document(std::string_view text) {
+  struct DocumentStart : YAML::EventHandler {
+    std::optional<YAML::Mark> mark;
+    void OnDocumentStart(const YAML::Mark& at) override { mark = at; }
+    void OnDocumentEnd() override {}
+    void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+    void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+    void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t, const std::string&) override {}
+    void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+    void OnSequenceEnd() override {}
+    void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+    void OnMapEnd() override {}
+  };
+  std::istringstream in{std::string(text)};
+  YAML::Parser parser(in);
+  DocumentStart first;
+  if (!parser.HandleNextDocument(first)) return std::nullopt;
+  try {
+    DocumentStart second;
+    if (!parser.HandleNextDocument(second) || !second.mark) return std::nullopt;
+    return second.mark->line + 1;
+  } catch (const YAML::Exception& e) {
+    return e.mark.line + 1;  // the rest is not even YAML
   }
 }
 
@@ -664,6 +698,11 @@ void parse_yaml_into(Config& c, std::string_view text, std::string_view file) {
   } catch (const YAML::Exception& e) {
     throw ConfigError(std::string(file) + ":" + std::to_string(e.mark.line + 1) +
                       ": invalid YAML: " + e.msg);
+  }
+  if (const auto rest = line_past_the_document(text)) {
+    throw ConfigError(std::string(file) + ":" + std::to_string(*rest) +
+                      ": invalid YAML: the document ended before this line, which would be ignored (a top-level "
+                      "{...} or a stray character ends it)");
   }
   if (root.IsNull()) return;  // an empty file is fine
   if (!root.IsMap()) throw ConfigError(std::string(file) + ": expected a YAML map at the top level");
@@ -765,6 +804,9 @@ std::vector<std::string> unknown_env_warnings(const std::vector<std::string>& na
   return warnings;
 }
 
+// No configuration comes near this; a larger file is something else.
+constexpr std::size_t kMaxConfigFile = 16 * 1024 * 1024;
+
 // Reads the whole file with POSIX calls: std::ifstream opens a directory and reads it as empty,
 // which would silently mean "all defaults", and it loses errno, which says why a file failed.
 // Pipes still work (`--config <(generate-config)`).
@@ -789,6 +831,11 @@ std::string read_config_file(const std::string& path) {
     if (n < 0) throw fail(errno);
     if (n == 0) break;
     text.append(buf.data(), static_cast<std::size_t>(n));
+    // A device or an endless pipe would be read until memory runs out.
+    if (text.size() > kMaxConfigFile) {
+      throw ConfigError("cannot read config file '" + path + "': larger than " + format_size(kMaxConfigFile) +
+                        " (is it a configuration file?)");
+    }
   }
   return text;
 }

@@ -298,11 +298,10 @@ int parse_positive_int(std::string_view text, std::string_view what) {
     throw JobError(std::string(what) + " is too large");
   }
   if (text.empty() || text.size() > 18) throw JobError(std::string(what) + " is not a positive integer");
+  if (!digits) throw JobError(std::string(what) + " is not a positive integer");
+  // At most nine significant digits here: no overflow.
   int value = 0;
-  for (char ch : text) {
-    if (ch < '0' || ch > '9') throw JobError(std::string(what) + " is not a positive integer");
-    value = value * 10 + (ch - '0');
-  }
+  for (char ch : text) value = value * 10 + (ch - '0');
   if (value <= 0) throw JobError(std::string(what) + " is not a positive integer");
   return value;
 }

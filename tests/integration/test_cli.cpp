@@ -113,6 +113,8 @@ TEST(CliTest, BadInputExitsTwoWithOneLine) {
       {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "INFER_TP=0"}, "INFER_TP='0' is not a positive integer"},
       {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "INFER_TP=-2"}, "INFER_TP='-2' is not a positive integer"},
       {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "INFER_TP=abc"}, "INFER_TP='abc' is not a positive integer"},
+      // Digits enough to overflow an int before the letter (a sanitizer build reported it).
+      {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "INFER_TP=99999999999x"}, "INFER_TP='99999999999x' is not a positive integer"},
       {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "INFER_TP=3"}, "INFER_TP=3 does not divide the 8 GPUs per node"},
       {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "NUM_TRAINING_NODES=x"}, "NUM_TRAINING_NODES='x'"},
       {{"discover"}, {"SLURM_JOB_NODELIST=a,b", "NUM_TRAINING_NODES=2"}, "no host left for inference"},
@@ -122,6 +124,7 @@ TEST(CliTest, BadInputExitsTwoWithOneLine) {
       {{"--threads", "lots"}, {}, "--threads: threads: expected an integer"},
       {{"--set", "health.intervall=1s"}, {}, "did you mean 'health.interval'"},
       {{"--config", "/nonexistent.yaml"}, {}, "cannot read config file"},
+      {{"--config", "/dev/zero"}, {}, "cannot read config file '/dev/zero': larger than 16MiB"},
   };
   for (const auto& c : cases) {
     auto r = run(c.args, c.env);

@@ -273,6 +273,9 @@ TEST(ConfigTest, InvalidValuesNameKeyFileAndLine) {
   EXPECT_THAT(yaml_error("health:\n  path: health\n"), HasSubstr("health.path: must start with '/'"));
   EXPECT_THAT(yaml_error("health:\n  timeout: 0s\n"), HasSubstr("health.timeout: must be greater than zero"));
   EXPECT_THAT(yaml_error("health: 5\n"), HasSubstr("health: expected a section"));
+  // A section with every key under it commented out (as in a template) sets nothing.
+  EXPECT_EQ(yaml_error("slurm:\n  # enabled: false\nhealth:\n"), "no error");
+  EXPECT_EQ(parse_yaml_text("slurm:\n  # enabled: false\nthreads: 2\n", "gw.yaml").threads, 2);
   EXPECT_THAT(yaml_error("threads: [1, 2]\n"), HasSubstr("threads: expected a single value"));
   EXPECT_THAT(yaml_error("- a\n- b\n"), HasSubstr("expected a YAML map"));
   EXPECT_THAT(yaml_error("threads: [1, 2\n"), HasSubstr("invalid YAML"));
@@ -338,7 +341,7 @@ TEST(ConfigTest, ErrorsQuotingAValueStayOneLine) {
   EXPECT_THAT(load_error(nul), HasSubstr("got '/h\\x00x'"));
 }
 
-TEST(ConfigTest, ConfigFileThatIsADirectoryOrMissingSaysWhy) {
+TEST(ConfigTest, ConfigFileThatIsADirectoryADeviceOrMissingSaysWhy) {
   LoadOptions dir;
   dir.env = env_of({});
   dir.config_file = std::filesystem::temp_directory_path().string();
@@ -347,6 +350,12 @@ TEST(ConfigTest, ConfigFileThatIsADirectoryOrMissingSaysWhy) {
   LoadOptions dir_from_env;
   dir_from_env.env = env_of({{"INFERGATE_CONFIG", *dir.config_file}});
   EXPECT_THAT(load_error(dir_from_env), HasSubstr("Is a directory"));
+
+  // A device (or an endless pipe) is not read until memory runs out.
+  LoadOptions endless;
+  endless.env = env_of({});
+  endless.config_file = "/dev/zero";
+  EXPECT_EQ(load_error(endless), "cannot read config file '/dev/zero': larger than 16MiB (is it a configuration file?)");
 
   LoadOptions missing;
   missing.env = env_of({});
@@ -577,9 +586,22 @@ TEST(ConfigTest, KeysGivenTwiceAndSecondDocumentsAreErrors) {
   EXPECT_THAT(yaml_error("threads: 3\n---\nthreads: 4\n"), HasSubstr("gw.yaml:2: a second YAML document"));
   EXPECT_THAT(yaml_error("threads: 3\n...\nthreads: 4\n"), HasSubstr("gw.yaml:3: a second YAML document"));
   // One document with its markers is fine. A lone comma once made yaml-cpp's LoadAll loop
-  // forever (found by the fuzzer): it must come back (yaml-cpp reads it as an empty document).
+  // forever (found by the fuzzer): it must come back, with an error (yaml-cpp reads an empty
+  // document before it and would ignore all the rest).
   EXPECT_EQ(yaml_error("# infergate\n---\nthreads: 3\n...\n# end\n"), "no error");
-  EXPECT_EQ(yaml_error(","), "no error");
+  EXPECT_THAT(yaml_error(","), HasSubstr("gw.yaml:1: invalid YAML: the document ended before this line"));
+}
+
+// Shapes after which yaml-cpp stops reading without a word: the rest of the file would be
+// ignored, so they are errors naming the first line it would not read.
+TEST(ConfigTest, YamlThatEndsBeforeTheFileDoesIsAnError) {
+  EXPECT_THAT(yaml_error(",\nlisten: 127.0.0.1:31000\nthreads: 3\n"),
+              HasSubstr("gw.yaml:1: invalid YAML: the document ended before this line, which would be ignored"));
+  EXPECT_THAT(yaml_error("{threads: 3}\nlisten: 127.0.0.1:31000\n"), HasSubstr("gw.yaml:2: invalid YAML"));
+  EXPECT_THAT(yaml_error("# a comment\n{threads: 3} listen\n"), HasSubstr("gw.yaml:2: invalid YAML"));
+  EXPECT_THAT(yaml_error("\"threads\"\nlisten: x\n"), HasSubstr("gw.yaml:2: invalid YAML"));
+  // A whole flow map, with a comment after it, is one document.
+  EXPECT_EQ(parse_yaml_text("{threads: 3, listen: \"127.0.0.1:31000\"}\n# end\n", "gw.yaml").threads, 3);
 }
 
 // Directives belong to the document after them: "%YAML 1.2\n---" is one document, not two.

@@ -359,6 +359,10 @@ TEST(JobLayoutTest, EveryBadValueIsAOneLineErrorNamingTheVariable) {
   EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "-1")), HasSubstr("NUM_TRAINING_NODES='-1' is not a whole number (zero or more)"));
   EXPECT_THAT(error_of({}, with("NUM_TRAINING_NODES", "99999999999")), HasSubstr("NUM_TRAINING_NODES='99999999999' is too large"));
   EXPECT_THAT(error_of({}, with("INFER_TP", "99999999999")), HasSubstr("INFER_TP='99999999999' is too large"));
+  // Not a number, however long its digits run before the first other character (the digits were
+  // once multiplied up first: a signed overflow; CliTest.BadInputExitsTwoWithOneLine runs this
+  // against the sanitizer build).
+  EXPECT_THAT(error_of({}, with("INFER_TP", "99999999999x")), HasSubstr("INFER_TP='99999999999x' is not a positive integer"));
   // Zero written with leading zeros is zero, as 01 is one.
   auto base_env = with("NUM_TRAINING_NODES", "00");
   ASSERT_TRUE(read_job_layout({}, env_of(base_env)));
