@@ -914,7 +914,12 @@ std::optional<Endpoint> parse_endpoint(std::string_view text, std::string* probl
 std::optional<Endpoint> parse_backend_url(std::string_view url, std::string* problem) {
   constexpr std::string_view kScheme = "http://";
   auto rest = url;
-  if (rest.substr(0, kScheme.size()) == kScheme) {
+  const auto lower = [](std::string_view text) {
+    std::string out(text);
+    for (auto& ch : out) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    return out;
+  };
+  if (lower(rest.substr(0, kScheme.size())) == kScheme) {  // schemes are case-insensitive (RFC 3986)
     rest.remove_prefix(kScheme.size());
   } else if (rest.find("://") != std::string_view::npos) {
     *problem = "only http:// is supported";
@@ -925,6 +930,22 @@ std::optional<Endpoint> parse_backend_url(std::string_view url, std::string* pro
   auto ep = parse_endpoint(rest, &why);
   // parse_endpoint reads an empty host as every interface, which is no backend's address.
   if (!ep || ep->port == 0 || rest.empty() || rest.front() == ':') {
+    if (why.empty()) {
+      // Where the port goes wrong, say so: after the host's last ':' (past an IPv6 address's ']').
+      const auto bracket = rest.find(']');
+      const auto colon = rest.rfind(':');
+      const bool has_port = !rest.empty() && rest.front() != ':' && colon != std::string_view::npos &&
+                            (bracket == std::string_view::npos || colon > bracket);
+      if (bracket == std::string_view::npos && rest.find(':') != colon) {
+        why = "an IPv6 address goes in brackets: http://[address]:port";
+      } else if (!rest.empty() && rest.front() != ':' && !has_port) {
+        why = "no port: expected http://host:port";
+      } else if (ep && ep->port == 0) {
+        why = "port 0 is no backend's port (1-65535)";
+      } else if (has_port && rest.front() != ':') {
+        why = "port " + slurm::quoted_for_message(rest.substr(colon + 1)) + " is not a number from 1 to 65535";
+      }
+    }
     *problem = why.empty() ? "expected http://host:port" : why;
     return std::nullopt;
   }
@@ -936,6 +957,17 @@ std::optional<Endpoint> parse_backend_url(std::string_view url, std::string* pro
       *problem = "not a valid host name: " + bad;
       return std::nullopt;
     }
+  }
+  // One server, one id, however its address is written: host names are case-insensitive, and
+  // an IPv6 address has one standard text (RFC 5952: ::1, not 0:0:0:0:0:0:0:1).
+  if (rest.front() == '[') {
+    in6_addr v6{};
+    std::array<char, INET6_ADDRSTRLEN> text{};
+    if (::inet_pton(AF_INET6, ep->host.c_str(), &v6) == 1 && ::inet_ntop(AF_INET6, &v6, text.data(), text.size()) != nullptr) {
+      ep->host = text.data();
+    }
+  } else {
+    ep->host = lower(ep->host);
   }
   return ep;
 }

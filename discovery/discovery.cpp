@@ -10,7 +10,7 @@ namespace infergate::discovery {
 BackendInfo backend_from_url(const std::string& url, const std::string& source) {
   std::string problem;
   auto ep = config::parse_backend_url(url, &problem);
-  if (!ep) throw DiscoveryError("backend URL '" + url + "': " + problem);
+  if (!ep) throw DiscoveryError("backend URL " + slurm::quoted_for_message(url) + ": " + problem);
   BackendInfo b;
   b.host = ep->host;
   b.port = ep->port;

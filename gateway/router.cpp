@@ -120,6 +120,9 @@ RouteDecision admin(GatewayState& state, const RequestView& req, std::string_vie
   }
 }
 
+// GET, and HEAD as GET without the body (which the session leaves out).
+bool reads(std::string_view method) { return method == "GET" || method == "HEAD"; }
+
 RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::string_view path) {
   if (!authorized(state, req.authorization)) {
     auto r = error_response(401, "admin API requires 'Authorization: Bearer <admin.token>'");
@@ -129,8 +132,8 @@ RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::str
   if (state.health == nullptr) return error_response(503, "admin API is not available yet");
   auto& registry = state.registry;
   if (path == "/admin/backends") {
-    if (req.method == "GET") return LocalResponse{200, backends_json(state), "application/json", {}};
-    if (req.method != "POST") return method_not_allowed("GET, POST");
+    if (reads(req.method)) return LocalResponse{200, backends_json(state), "application/json", {}};
+    if (req.method != "POST") return method_not_allowed("GET, HEAD, POST");
     LocalResponse error;
     auto body = parse_json_object(req.body, &error);
     if (!body) return error;
@@ -202,8 +205,8 @@ RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::str
     auto backend = registry.find(id);
     if (!backend) return error_response(404, "no backend with id '" + id + "'");
     if (action.empty()) {
-      if (req.method == "GET") return json_response(200, backend_json(*backend));
-      if (req.method != "DELETE") return method_not_allowed("GET, DELETE");
+      if (reads(req.method)) return json_response(200, backend_json(*backend));
+      if (req.method != "DELETE") return method_not_allowed("GET, HEAD, DELETE");
       state.health->remove_when_idle(backend, state.config.timeouts.shutdown);
       auto j = backend_json(*backend);
       // The health thread may have removed an idle backend already: the answer says which.

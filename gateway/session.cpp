@@ -2318,12 +2318,14 @@ net::awaitable<void> run_client_session(Worker* w, tcp::socket socket, Listener 
       const auto path = h.target.substr(0, h.target.find('?'));
       // Scrapes, probes, the status page and admin calls are not traffic: they do not count in
       // infergate_requests_total, and monitoring does not count in flight either (a scrape would
-      // see itself). Admin calls do, so that a shutdown lets a broadcast finish. Nothing that
-      // comes to metrics.listen is traffic: it serves scrapers, and refuses everything else.
+      // see itself, as the status page's poll of GET /admin/backends did). Admin calls that
+      // change something do, so that a shutdown lets a broadcast finish. Nothing that comes to
+      // metrics.listen is traffic: it serves scrapers, and refuses everything else.
       const bool scraper = listener == Listener::kMetricsOnly;
       const bool control = scraper || is_control_plane(path);
+      const bool admin_read = (h.method == "GET" || h.method == "HEAD") && path.starts_with("/admin/");
       std::optional<InflightGuard> inflight;
-      if (!scraper && !is_monitoring(path)) inflight.emplace(state.inflight_requests);
+      if (!scraper && !is_monitoring(path) && !admin_read) inflight.emplace(state.inflight_requests);
       c.arriving.end();  // after it counts in flight: a shutdown never sees it in neither
       bool keep_alive = false;
       const bool head_only = h.method == "HEAD";  // methods are case-sensitive (RFC 9110 9.1)

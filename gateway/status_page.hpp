@@ -41,7 +41,7 @@ inline constexpr std::string_view kStatusPage = R"HTML(<!doctype html>
 </table>
 <script>
 "use strict";
-const previous = new Map();
+let previous = new Map();  // the last poll's request count per backend
 let lastPoll = 0;
 // Set when the token prompt is cancelled: the page then waits for the button instead of
 // prompting again on every refresh, which would leave the operator no way out of the dialog.
@@ -89,6 +89,7 @@ async function refresh() {
       `4xx ${gw.requests["4xx"]}, 5xx ${gw.requests["5xx"]}, client closed ${gw.requests["client_closed"]}`;
     const body = document.getElementById("backends");
     body.replaceChildren();
+    const seen = new Map();  // this poll's counts; a removed backend's are dropped
     for (const b of data.backends) {
       const row = document.createElement("tr");
       row.className = "backend";
@@ -102,9 +103,11 @@ async function refresh() {
       state.textContent = b.state;
       row.appendChild(document.createElement("td")).appendChild(state);
       cell(row, b.inflight, "num");
+      // A backend removed and added again starts its count anew: no rate until the next poll.
       const before = previous.get(b.id);
-      const rate = before !== undefined && seconds > 0 ? ((b.requests - before) / seconds).toFixed(1) : "–";
-      previous.set(b.id, b.requests);
+      const rate = before !== undefined && before <= b.requests && seconds > 0
+                       ? ((b.requests - before) / seconds).toFixed(1) : "–";
+      seen.set(b.id, b.requests);
       cell(row, rate, "num");
       cell(row, b.requests, "num");
       cell(row, b.failures, "num");
@@ -112,6 +115,7 @@ async function refresh() {
       cell(row, b.last_error || "");
       body.appendChild(row);
     }
+    previous = seen;
     document.getElementById("error").textContent = "";
   } catch (e) {
     document.getElementById("error").textContent = "cannot reach the gateway: " + e;

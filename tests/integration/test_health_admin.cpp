@@ -533,6 +533,15 @@ TEST(AdminTest, AnAddedBackendsHostMustBeAValidHostName) {
       {"http://127.0.0.01:80", "must be a dotted quad"},
       {"http://1.2.3:80", "must be a dotted quad"},
       {"http://-a:80", "not a valid host name: label '-a' at offset 0 starts with '-'"},
+      // What is wrong with a port is named.
+      {"http://127.0.0.1", "no port: expected http://host:port"},
+      {"http://[::1]", "no port"},
+      {"http://127.0.0.1:0", "port 0 is no backend's port (1-65535)"},
+      {"http://127.0.0.1:65536", "port '65536' is not a number from 1 to 65535"},
+      {"http://127.0.0.1:-1", "port '-1' is not a number from 1 to 65535"},
+      {"http://::1:80", "an IPv6 address goes in brackets"},
+      // A control character is shown escaped, and the message goes on past it (a NUL ended it).
+      {std::string("http://127.0.0.1:1\0", 19), "backend URL 'http://127.0.0.1:1\\x00': port '1\\x00' is not a number"},
   };
   for (const auto& [url, problem] : cases) {
     auto r = http_request(gw.port, "POST", "/admin/backends", json{{"url", url}}.dump());
@@ -542,6 +551,45 @@ TEST(AdminTest, AnAddedBackendsHostMustBeAValidHostName) {
   EXPECT_EQ(http_request(gw.port, "GET", "/admin/backends/a..b:80").status, 404);
   auto fine = http_request(gw.port, "POST", "/admin/backends", json{{"url", "http://127.0.0.1:1"}}.dump());
   EXPECT_EQ(fine.status, 201) << fine.body;
+}
+
+// One server is one backend however its URL is written: the scheme and host names in any case,
+// an IPv6 address in any of its forms. Each spelling got a backend of its own, and with it a
+// share of the round robin.
+TEST(AdminTest, OneServerWrittenTwoWaysIsAddedOnce) {
+  auto a = start_mock();
+  auto gw = start_gateway({"--backend", a.url()});
+  const std::vector<std::pair<std::string, std::string>> spellings = {
+      {"http://localhost:1", "HTTP://LocalHost:1/"},
+      {"http://[::1]:2", "http://[0:0:0:0:0:0:0:1]:2"},
+      {"http://[2001:db8::1]:3", "http://[2001:DB8:0::0:1]:3"},
+  };
+  for (const auto& [first, second] : spellings) {
+    auto added = http_request(gw.port, "POST", "/admin/backends", json{{"url", first}}.dump());
+    EXPECT_EQ(added.status, 201) << first << ": " << added.body;
+    auto again = http_request(gw.port, "POST", "/admin/backends", json{{"url", second}}.dump());
+    EXPECT_EQ(again.status, 200) << second << ": " << again.body;
+    EXPECT_EQ(json::parse(again.body)["id"], json::parse(added.body)["id"]) << second;
+  }
+  EXPECT_EQ(admin_backends(gw.port)["backends"].size(), 4u);
+  EXPECT_EQ(json::parse(http_request(gw.port, "GET", "/admin/backends/[2001:db8::1]:3").body)["id"], "[2001:db8::1]:3");
+}
+
+// Reading the admin API: HEAD is GET without the body, and a read is not traffic in flight, so
+// the status page, which polls GET /admin/backends, does not show its own poll as "1 in flight".
+TEST(AdminTest, ReadsAnswerHeadAndAreNotCountedInFlight) {
+  auto a = start_mock();
+  auto gw = start_gateway({"--backend", a.url()});
+  ASSERT_TRUE(poll_until([&] { return state_of(gw.port, a.id()) == "healthy"; }, 10s));
+  for (const auto& target : std::vector<std::string>{"/admin/backends", "/admin/backends/" + a.id()}) {
+    const auto head = raw_exchange(gw.port, "HEAD " + target + " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    EXPECT_THAT(head, StartsWith("HTTP/1.1 200 ")) << target << ": " << head;
+    EXPECT_TRUE(head.ends_with("\r\n\r\n")) << target << ": " << head;  // no body
+  }
+  const auto refused = http_request(gw.port, "PUT", "/admin/backends");
+  EXPECT_EQ(refused.status, 405);
+  EXPECT_EQ(refused.header("Allow"), "GET, HEAD, POST");
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(admin_backends(gw.port)["gateway"]["inflight"], 0);
 }
 
 // Concurrent adds of one URL make one backend, probed once: one 201, the others 200.
@@ -944,6 +992,43 @@ TEST(StatusPageTest, AnAnswerToARefreshSentBeforeTheTokenDoesNotPromptAgain) {
   EXPECT_THAT(dom, HasSubstr("data-done=\"1\"")) << dom.substr(0, 2000);
   EXPECT_THAT(dom, HasSubstr("<tr class=\"backend\" data-id=\"" + mock.id() + "\" data-state=\"healthy\""));
   EXPECT_THAT(dom, HasSubstr("<div id=\"auth\" hidden=\"\">"));
+}
+
+// A backend removed and added again starts its request count anew: its row shows no rate for
+// that poll (it showed a negative one), and a rate again after it. The page runs with fetch()
+// stood in for, answering the gateway's /admin/backends with the counts of each poll.
+TEST(StatusPageTest, ABackendAddedAgainShowsNoNegativeRate) {
+  auto mock = start_mock();
+  auto gw = start_gateway({"--backend", mock.url()});
+  const auto backends = http_request(gw.port, "GET", "/admin/backends").body;
+  auto page = http_request(gw.port, "GET", "/");
+  ASSERT_EQ(page.status, 200);
+  if (access("/usr/bin/chromium", X_OK) != 0) GTEST_SKIP() << "chromium (Debian package) is not installed";
+
+  const std::string stand_ins = R"(
+  let polls = 0;
+  window.fetch = async () => {
+    const data = JSON.parse(BACKENDS);
+    data.backends[0].requests = [5, 8, 0, 2][Math.min(polls++, 3)];  // added anew at the third
+    return new Response(JSON.stringify(data), { status: 200 });
+  };
+  // Between the polls (one a second from the start): the rate cell of the row.
+  const rates = [];
+  for (let i = 0; i < 4; ++i) {
+    setTimeout(() => {
+      const row = document.querySelector("tr.backend");
+      rates.push(row ? row.children[5].textContent : "no row");
+      html.dataset.rates = rates.join(" ");
+    }, 500 + 1000 * i);
+  }
+)";
+  const auto dom = status_page_dom(page.body, stand_ins, backends, 5s);
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(dom, m, std::regex("data-rates=\"([^\"]*)\""))) << dom.substr(0, 2000);
+  const std::string rates = m[1];
+  EXPECT_THAT(rates, StartsWith("– ")) << rates;  // no rate before a second poll
+  EXPECT_EQ(rates.find('-'), std::string::npos) << rates;
+  EXPECT_THAT(rates, ::testing::MatchesRegex("– [0-9.]+ – [0-9.]+")) << rates;
 }
 
 TEST(MetricsTest, SeparateMetricsListenerServesOnlyMetrics) {

@@ -117,6 +117,20 @@ TEST(DiscoveryTest, BadInputIsOneLineError) {
   EXPECT_THROW(backend_from_url("http://127.0.0.01:1", "admin"), DiscoveryError);
 }
 
+// One server has one id, however its URL is written: the scheme and host names in any case, an
+// IPv6 address in RFC 5952's form. A list naming it twice so gives one backend.
+TEST(DiscoveryTest, OneServerWrittenTwoWaysIsOneBackend) {
+  const auto named = backend_from_url("HTTP://GPU-A001.Cluster:9000", "static");
+  EXPECT_EQ(named.id, "gpu-a001.cluster:9000");
+  EXPECT_EQ(named.url, "http://gpu-a001.cluster:9000");
+  EXPECT_EQ(backend_from_url("http://[0:0:0:0:0:0:0:1]:80", "static").id, "[::1]:80");
+  EXPECT_EQ(backend_from_url("http://[2001:DB8::0:1]:81", "static").id, "[2001:db8::1]:81");
+  config::Config c;
+  c.slurm.enabled = false;
+  c.backends = {"http://node1:9000", "http://NODE1:9000", "http://[::1]:80", "http://[0::1]:80"};
+  EXPECT_EQ(discover(c, env_of({})).backends.size(), 2u);
+}
+
 TEST(RegistryTest, RoundRobinIsAnExactRotation) {
   Registry registry;
   for (int i = 0; i < 4; ++i) registry.add(backend_from_url("http://h:" + std::to_string(1000 + i), "static"));
