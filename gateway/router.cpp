@@ -9,6 +9,7 @@
 #include <map>
 #include <set>
 
+#include "config/config.hpp"
 #include "discovery/json_depth.hpp"
 #include "gateway/errors.hpp"
 #include "gateway/metrics.hpp"
@@ -202,6 +203,9 @@ RouteDecision admin_routes(GatewayState& state, const RequestView& req, std::str
         id += rest[i];
       }
     }
+    // Spelled as an added URL may be (LOCALHOST:1, [0:0:0:0:0:0:0:1]:80): the id it was given.
+    std::string ignored;
+    if (auto ep = config::parse_backend_url("http://" + id, &ignored)) id = ep->to_string();
     auto backend = registry.find(id);
     if (!backend) return error_response(404, "no backend with id '" + id + "'");
     if (action.empty()) {

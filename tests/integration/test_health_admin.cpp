@@ -573,6 +573,10 @@ TEST(AdminTest, OneServerWrittenTwoWaysIsAddedOnce) {
   }
   EXPECT_EQ(admin_backends(gw.port)["backends"].size(), 4u);
   EXPECT_EQ(json::parse(http_request(gw.port, "GET", "/admin/backends/[2001:db8::1]:3").body)["id"], "[2001:db8::1]:3");
+  // Its id found as its URL was written too.
+  EXPECT_EQ(json::parse(http_request(gw.port, "GET", "/admin/backends/[2001:DB8:0::1]:3").body)["id"], "[2001:db8::1]:3");
+  EXPECT_EQ(http_request(gw.port, "POST", "/admin/backends/LocalHost:1/drain").status, 200);
+  EXPECT_EQ(http_request(gw.port, "DELETE", "/admin/backends/LOCALHOST:1").status, 202);
 }
 
 // Reading the admin API: HEAD is GET without the body, and a read is not traffic in flight, so
