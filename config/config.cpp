@@ -931,18 +931,28 @@ std::optional<Endpoint> parse_backend_url(std::string_view url, std::string* pro
   // parse_endpoint reads an empty host as every interface, which is no backend's address.
   if (!ep || ep->port == 0 || rest.empty() || rest.front() == ':') {
     if (why.empty()) {
-      // Where the port goes wrong, say so: after the host's last ':' (past an IPv6 address's ']').
+      // Say what is wrong: a path, the host, or the port (after the host's last ':', past an
+      // IPv6 address's ']').
       const auto bracket = rest.find(']');
       const auto colon = rest.rfind(':');
       const bool has_port = !rest.empty() && rest.front() != ':' && colon != std::string_view::npos &&
                             (bracket == std::string_view::npos || colon > bracket);
-      if (bracket == std::string_view::npos && rest.find(':') != colon) {
+      const auto host = has_port ? rest.substr(0, colon) : rest;
+      if (const auto slash = rest.find('/'); slash != std::string_view::npos) {
+        why = "a backend URL is http://host:port, without a path (" + slurm::quoted_for_message(rest.substr(slash)) + ")";
+      } else if (bracket == std::string_view::npos && rest.find(':') != colon) {
         why = "an IPv6 address goes in brackets: http://[address]:port";
+      } else if (rest.empty() || rest.front() == ':') {
+        why = "no host: expected http://host:port";
       } else if (!rest.empty() && rest.front() != ':' && !has_port) {
         why = "no port: expected http://host:port";
+      } else if (bracket != std::string_view::npos && bracket + 1 != colon) {
+        why = "expected ':port' right after the IPv6 address's ']'";
+      } else if (bracket == std::string_view::npos && !slurm::host_name_problem(host).empty()) {
+        why = "not a valid host name: " + slurm::host_name_problem(host);
       } else if (ep && ep->port == 0) {
         why = "port 0 is no backend's port (1-65535)";
-      } else if (has_port && rest.front() != ':') {
+      } else if (has_port) {
         why = "port " + slurm::quoted_for_message(rest.substr(colon + 1)) + " is not a number from 1 to 65535";
       }
     }

@@ -1,5 +1,6 @@
 #include "discovery/discovery.hpp"
 
+#include <cctype>
 #include <set>
 
 #include "slurm/hostlist.hpp"
@@ -81,9 +82,12 @@ DiscoveryResult discover(const config::Config& config, const config::EnvLookup& 
       };
       for (const auto& server : layout->servers) {
         BackendInfo b;
+        // In lower case, as a URL's host is (config::parse_backend_url): GPU01 from the nodelist and
+        // http://gpu01:9000 from --backend or the admin API are one server, one backend.
         b.host = server.host;
+        for (auto& ch : b.host) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
         b.port = static_cast<std::uint16_t>(server.port);
-        b.id = server.host + ":" + std::to_string(server.port);
+        b.id = b.host + ":" + std::to_string(server.port);
         b.url = "http://" + b.id;
         b.node = server.node;
         b.slot = server.slot;

@@ -56,8 +56,9 @@ sigset_t stop_signals() {
 // Once the gateway has stopped, a stop signal (Slurm's second SIGTERM, an impatient operator)
 // finds it exiting anyway. The signal set gives its signals back to their default action when it
 // goes, and that would end the process with 128 + the signal in its last milliseconds, which
-// Slurm reports as a failed step: they are ignored until the exit instead. Called with no other
-// thread left; blocked meanwhile, so none comes between the set's removal and SIG_IGN.
+// Slurm reports as a failed step: they are ignored until the exit instead. Every other thread
+// still alive (name-lookup threads) has them blocked (see run()); this one blocks them meanwhile,
+// so none comes between the set's removal and SIG_IGN.
 void ignore_stop_signals_until_exit(net::signal_set& signals) {
   const sigset_t stop = stop_signals();
   sigset_t before;
@@ -416,14 +417,15 @@ std::optional<std::string> other_listener(const tcp::endpoint& endpoint) {
 }  // namespace
 
 void Server::bind() {
-  // From here the gateway can be reached, and a script that sees it listening may stop it at
-  // once: a stop signal is held (blocked on this thread, and so on every thread started from it)
-  // until run() listens for it, rather than ending the process by its default action.
-  const sigset_t stop = stop_signals();
-  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
   const auto& listen = impl_->state.config.listen;
   beast::error_code ec;
   auto address = resolve_listen_address(impl_->workers.front()->io, listen, "listen");
+  // From here the gateway can be reached, and a script that sees it listening may stop it at
+  // once: a stop signal is held (blocked on this thread, and so on every thread started from it)
+  // until run() listens for it, rather than ending the process by its default action. Not
+  // before the name lookup above, which a stop must be able to cut short.
+  const sigset_t stop = stop_signals();
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
   std::uint16_t port = listen.port;
   for (auto& w : impl_->workers) {
     auto acceptor = std::make_unique<tcp::acceptor>(w->io);
@@ -507,8 +509,6 @@ int Server::run() {
   // SIGHUP too: by default it would end the process and every stream with it, which a lost
   // terminal (an `srun --pty` session) must not do. Reloading on it is not built yet.
   net::signal_set signals(control, SIGINT, SIGTERM, SIGHUP);
-  const sigset_t stop = stop_signals();
-  pthread_sigmask(SIG_UNBLOCK, &stop, nullptr);  // held since bind(): one that came is taken now
   net::steady_timer drain_timer(control);
   std::atomic<bool> drain_started{false};
   std::chrono::steady_clock::time_point drain_deadline;
@@ -631,6 +631,12 @@ int Server::run() {
       }
     });
   }
+  // Only this thread takes stop signals: every other (the workers, the health checker and the
+  // name-lookup threads they start) was started with them blocked, as they have been since
+  // bind(), so at the exit none can take one by its default action. One held meanwhile is
+  // taken now.
+  const sigset_t stop = stop_signals();
+  pthread_sigmask(SIG_UNBLOCK, &stop, nullptr);
   control.run();
   for (auto& t : threads) t.join();
   impl_->health.stop();

@@ -540,6 +540,12 @@ TEST(AdminTest, AnAddedBackendsHostMustBeAValidHostName) {
       {"http://127.0.0.1:65536", "port '65536' is not a number from 1 to 65535"},
       {"http://127.0.0.1:-1", "port '-1' is not a number from 1 to 65535"},
       {"http://::1:80", "an IPv6 address goes in brackets"},
+      // A bad host or a path is named as such, not blamed on the port.
+      {"http://gpu*01:8000", "not a valid host name: character '*' at offset 3"},
+      {"http://user@host:8000", "not a valid host name: character '@'"},
+      {"http://host:8000/v1", "without a path ('/v1')"},
+      {"http://[::1]x:80", "expected ':port' right after the IPv6 address's ']'"},
+      {"http://:80", "no host: expected http://host:port"},
       // A control character is shown escaped, and the message goes on past it (a NUL ended it).
       {std::string("http://127.0.0.1:1\0", 19), "backend URL 'http://127.0.0.1:1\\x00': port '1\\x00' is not a number"},
   };
@@ -593,6 +599,10 @@ TEST(AdminTest, ReadsAnswerHeadAndAreNotCountedInFlight) {
   const auto refused = http_request(gw.port, "PUT", "/admin/backends");
   EXPECT_EQ(refused.status, 405);
   EXPECT_EQ(refused.header("Allow"), "GET, HEAD, POST");
+  // The PUT (a call that would change something) counts in flight until its worker is done with
+  // it, which may be just after its client read the answer; a read that counted itself would
+  // never see 0.
+  EXPECT_TRUE(poll_until([&] { return admin_backends(gw.port)["gateway"]["inflight"] == 0; }, 5s));
   for (int i = 0; i < 5; ++i) EXPECT_EQ(admin_backends(gw.port)["gateway"]["inflight"], 0);
 }
 

@@ -1841,8 +1841,23 @@ TEST(ProxyTest, TwoSigtermsTogetherAsSlurmSendsThemStillDrain) {
 TEST(ProxyTest, StopSignalsAtStartAndExitNeverKillTheGateway) {
   auto mocks = start_mocks(1);
   for (int run = 0; run < 3; ++run) {
-    auto gw = start_gateway(backend_args(mocks));
+    // A backend by name: the name lookups run on threads of their own, which must not take a
+    // stop signal either (the window is a few instructions wide; only one thread takes them).
+    auto gw = start_gateway({"--backend", "http://localhost:" + std::to_string(mocks[0].port)});
     wait_healthy(gw, 1);
+    ASSERT_EQ(http_request(gw.port, "POST", "/v1/chat/completions", chat_body(false)).status, 200);
+    int threads = 0;
+    int taking_sigterm = 0;
+    for (const auto& task : std::filesystem::directory_iterator("/proc/" + std::to_string(gw.process->pid()) + "/task")) {
+      std::ifstream status(task.path() / "status");
+      for (std::string line; std::getline(status, line);) {
+        if (!line.starts_with("SigBlk:")) continue;
+        ++threads;
+        if ((std::stoull(line.substr(7), nullptr, 16) & (1ULL << (SIGTERM - 1))) == 0) ++taking_sigterm;
+      }
+    }
+    EXPECT_GE(threads, 4);  // the main thread, two workers, the health checker, lookups
+    EXPECT_EQ(taking_sigterm, 1);
     int sent = 0;
     const auto deadline = Clock::now() + 10s;
     while (gw.process->running() && Clock::now() < deadline) {

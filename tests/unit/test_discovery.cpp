@@ -129,6 +129,14 @@ TEST(DiscoveryTest, OneServerWrittenTwoWaysIsOneBackend) {
   c.slurm.enabled = false;
   c.backends = {"http://node1:9000", "http://NODE1:9000", "http://[::1]:80", "http://[0::1]:80"};
   EXPECT_EQ(discover(c, env_of({})).backends.size(), 2u);
+  // A node Slurm names in capitals is the same server as its URL in lower case.
+  config::Config job;
+  const auto from_slurm = discover(job, env_of({{"SLURM_JOB_NODELIST", "TRAIN,GPU01"}}));
+  ASSERT_FALSE(from_slurm.backends.empty());
+  EXPECT_EQ(from_slurm.backends.front().id, "gpu01:9000");
+  EXPECT_EQ(from_slurm.backends.front().node, "GPU01");  // Slurm's name for the node, as given
+  job.backends = {"http://gpu01:9000", "http://GPU01:9001"};
+  EXPECT_EQ(discover(job, env_of({{"SLURM_JOB_NODELIST", "TRAIN,GPU01"}})).backends.size(), from_slurm.backends.size());
 }
 
 TEST(RegistryTest, RoundRobinIsAnExactRotation) {
