@@ -948,7 +948,7 @@ std::optional<Endpoint> parse_backend_url(std::string_view url, std::string* pro
         why = "no port: expected http://host:port";
       } else if (bracket != std::string_view::npos && bracket + 1 != colon) {
         why = "expected ':port' right after the IPv6 address's ']'";
-      } else if (bracket == std::string_view::npos && !slurm::host_name_problem(host).empty()) {
+      } else if (host.front() != '[' && !slurm::host_name_problem(host).empty()) {
         why = "not a valid host name: " + slurm::host_name_problem(host);
       } else if (ep && ep->port == 0) {
         why = "port 0 is no backend's port (1-65535)";

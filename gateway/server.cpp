@@ -6,6 +6,7 @@
 #include <linux/sock_diag.h>
 #include <netinet/tcp.h>
 #include <sys/resource.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -45,7 +46,7 @@ constexpr auto kShutdownAnswerGrace = std::chrono::seconds(1);
 // A SIGTERM this soon after the first SIGTERM is the same request to stop (see on_signal).
 constexpr auto kRepeatedSigterm = std::chrono::seconds(1);
 
-// The signals that stop the gateway (SIGHUP too: see run()).
+// The signals that stop the gateway (SIGHUP too: see run()), read from a signalfd.
 sigset_t stop_signals() {
   sigset_t set;
   sigemptyset(&set);
@@ -53,21 +54,6 @@ sigset_t stop_signals() {
   return set;
 }
 
-// Once the gateway has stopped, a stop signal (Slurm's second SIGTERM, an impatient operator)
-// finds it exiting anyway. The signal set gives its signals back to their default action when it
-// goes, and that would end the process with 128 + the signal in its last milliseconds, which
-// Slurm reports as a failed step: they are ignored until the exit instead. Every other thread
-// still alive (name-lookup threads) has them blocked (see run()); this one blocks them meanwhile,
-// so none comes between the set's removal and SIG_IGN.
-void ignore_stop_signals_until_exit(net::signal_set& signals) {
-  const sigset_t stop = stop_signals();
-  sigset_t before;
-  pthread_sigmask(SIG_BLOCK, &stop, &before);
-  beast::error_code ignored;
-  signals.clear(ignored);
-  for (int signo : {SIGINT, SIGTERM, SIGHUP}) std::signal(signo, SIG_IGN);  // a pending one is dropped
-  pthread_sigmask(SIG_SETMASK, &before, nullptr);
-}
 constexpr std::size_t kReclaimAtLimit = 16;
 constexpr int kReclaimEveryPolls = 20;  // 100 ms
 constexpr auto kReclaimMinIdle = std::chrono::milliseconds(500);  // a client that just connected is about to send
@@ -420,10 +406,18 @@ void Server::bind() {
   const auto& listen = impl_->state.config.listen;
   beast::error_code ec;
   auto address = resolve_listen_address(impl_->workers.front()->io, listen, "listen");
+  const auto& metrics = impl_->state.config.metrics_listen;
+  std::optional<tcp::endpoint> metrics_endpoint;
+  if (metrics) {
+    metrics_endpoint.emplace(resolve_listen_address(impl_->workers.front()->io, *metrics, "metrics.listen"),
+                             metrics->port);
+  }
   // From here the gateway can be reached, and a script that sees it listening may stop it at
-  // once: a stop signal is held (blocked on this thread, and so on every thread started from it)
-  // until run() listens for it, rather than ending the process by its default action. Not
-  // before the name lookup above, which a stop must be able to cut short.
+  // once. The stop signals are blocked from now on, on this thread and so on every thread
+  // started from it: one that comes waits, pending, until run() reads it from a signalfd, and
+  // none can end the process by its default action (exit code 143, a failed step to Slurm),
+  // not even while it exits. Not before the name lookups above, which a stop must be able to
+  // cut short.
   const sigset_t stop = stop_signals();
   pthread_sigmask(SIG_BLOCK, &stop, nullptr);
   std::uint16_t port = listen.port;
@@ -465,10 +459,9 @@ void Server::bind() {
     if (ec) throw std::runtime_error("listen: cannot listen on " + listen.to_string() + ": " + ec.message());
   }
 
-  if (const auto& metrics = impl_->state.config.metrics_listen) {
-    auto& io = impl_->workers.front()->io;
-    tcp::endpoint endpoint(resolve_listen_address(io, *metrics, "metrics.listen"), metrics->port);
-    auto acceptor = std::make_unique<tcp::acceptor>(io);
+  if (metrics_endpoint) {
+    const auto& endpoint = *metrics_endpoint;
+    auto acceptor = std::make_unique<tcp::acceptor>(impl_->workers.front()->io);
     acceptor->open(endpoint.protocol(), ec);
     if (!ec) acceptor->set_option(net::socket_base::reuse_address(true), ec);
     if (!ec) acceptor->bind(endpoint, ec);
@@ -506,9 +499,14 @@ int Server::run() {
   }
 
   net::io_context control;
-  // SIGHUP too: by default it would end the process and every stream with it, which a lost
-  // terminal (an `srun --pty` session) must not do. Reloading on it is not built yet.
-  net::signal_set signals(control, SIGINT, SIGTERM, SIGHUP);
+  // The stop signals, blocked since bind(), read as they come (see bind()). SIGHUP too: by
+  // default it would end the process and every stream with it, which a lost terminal (an
+  // `srun --pty` session) must not do. Reloading on it is not built yet.
+  const sigset_t stop = stop_signals();
+  const int signal_descriptor = ::signalfd(-1, &stop, SFD_NONBLOCK | SFD_CLOEXEC);
+  if (signal_descriptor < 0) throw std::runtime_error(std::string("cannot read signals: signalfd: ") + std::strerror(errno));
+  net::posix::stream_descriptor signals(control, signal_descriptor);
+  signalfd_siginfo signal_info{};
   net::steady_timer drain_timer(control);
   std::atomic<bool> drain_started{false};
   std::chrono::steady_clock::time_point drain_deadline;
@@ -554,7 +552,8 @@ int Server::run() {
                (state.shutdown_cut.load() && (inflight == 0 || now >= drain_deadline))) {
       if (inflight != 0) spdlog::warn("{} request(s) still in flight; closing them", inflight);
       stop_workers();
-      signals.cancel();
+      beast::error_code ignored;
+      signals.cancel(ignored);
       return;
     }
     drain_timer.expires_after(std::chrono::milliseconds(10));
@@ -565,11 +564,16 @@ int Server::run() {
   int first_signal = 0;
   std::chrono::steady_clock::time_point first_signal_at;
   std::function<void(beast::error_code, int)> on_signal;
+  const auto wait_signal = [&] {
+    net::async_read(signals, net::buffer(&signal_info, sizeof signal_info), [&](beast::error_code ec, std::size_t) {
+      on_signal(ec, static_cast<int>(signal_info.ssi_signo));
+    });
+  };
   on_signal = [&](beast::error_code ec, int signo) {
     if (ec) return;
     if (signo == SIGHUP) {
       spdlog::warn("SIGHUP: ignored (the configuration is not reloaded; restart to change it)");
-      signals.async_wait(on_signal);
+      wait_signal();
       return;
     }
     // Slurm stops a job at its time limit with SIGTERM twice within milliseconds (one from the
@@ -579,7 +583,7 @@ int Server::run() {
     if (drain_started.load() && signo == SIGTERM && first_signal == SIGTERM && now - first_signal_at < kRepeatedSigterm) {
       spdlog::info("SIGTERM again within {}ms of the first (as Slurm sends at a job's time limit): still draining",
                    std::chrono::duration_cast<std::chrono::milliseconds>(kRepeatedSigterm).count());
-      signals.async_wait(on_signal);
+      wait_signal();
       return;
     }
     if (drain_started.exchange(true)) {
@@ -613,10 +617,10 @@ int Server::run() {
       });
     }
     drain_deadline = std::chrono::steady_clock::now() + state.config.timeouts.shutdown;
-    signals.async_wait(on_signal);
+    wait_signal();
     check_drained();
   };
-  signals.async_wait(on_signal);
+  wait_signal();
 
   std::vector<std::thread> threads;
   for (auto& w : impl_->workers) {
@@ -631,16 +635,9 @@ int Server::run() {
       }
     });
   }
-  // Only this thread takes stop signals: every other (the workers, the health checker and the
-  // name-lookup threads they start) was started with them blocked, as they have been since
-  // bind(), so at the exit none can take one by its default action. One held meanwhile is
-  // taken now.
-  const sigset_t stop = stop_signals();
-  pthread_sigmask(SIG_UNBLOCK, &stop, nullptr);
   control.run();
   for (auto& t : threads) t.join();
   impl_->health.stop();
-  ignore_stop_signals_until_exit(signals);
   spdlog::info("stopped");
   return 0;
 }

@@ -394,6 +394,25 @@ TEST(CliTest, AListenNameOnLoopbackIsWarnedAbout) {
   EXPECT_THAT(plain.errors(), Not(HasSubstr("loopback")));
 }
 
+// A stop during a listen address's name lookup (here metrics.listen's, whose name server never
+// answers) ends the gateway at once: it is not listening yet, so there is nothing to drain. The
+// signal was held until the lookup gave up (30 s), and the gateway then exited 1 for the lookup.
+TEST(CliTest, AStopDuringAListenAddressLookupEndsTheGatewayAtOnce) {
+  const char* asan_env = std::getenv("ASAN_OPTIONS");
+  const std::string asan = asan_env != nullptr ? asan_env : "";
+  Process gw(gateway_binary(), {"--no-slurm", "--listen", "127.0.0.1:0", "--set", "metrics.listen=dns-hangs.test:0"},
+             {"LD_PRELOAD=" INFERGATE_HANGING_RESOLVER, "IG_TEST_HANG_HOST=dns-hangs.test",
+              "ASAN_OPTIONS=" + asan + (asan.empty() ? "" : ":") + "verify_asan_link_order=0"});
+  // Logged just before the server starts: the lookup comes right after.
+  ASSERT_TRUE(poll_until([&] { return gw.errors().find("requests get 503 until some are added") != std::string::npos; }, 10s))
+      << gw.errors();
+  const auto stopped = Clock::now();
+  ASSERT_EQ(::kill(gw.pid(), SIGTERM), 0);
+  EXPECT_EQ(gw.wait_exit(10s), 128 + SIGTERM) << gw.errors();
+  EXPECT_LT(Clock::now() - stopped, 5s);
+  EXPECT_THAT(gw.output(), Not(HasSubstr("listening")));
+}
+
 // A more specific address on a port another gateway serves on the wildcard address would take
 // all its clients for that address (the kernel prefers the exact match): refused too. A different
 // specific address on the same port overlaps nothing and starts.

@@ -545,6 +545,7 @@ TEST(AdminTest, AnAddedBackendsHostMustBeAValidHostName) {
       {"http://user@host:8000", "not a valid host name: character '@'"},
       {"http://host:8000/v1", "without a path ('/v1')"},
       {"http://[::1]x:80", "expected ':port' right after the IPv6 address's ']'"},
+      {"http://host]:80", "not a valid host name: character ']' at offset 4"},
       {"http://:80", "no host: expected http://host:port"},
       // A control character is shown escaped, and the message goes on past it (a NUL ended it).
       {std::string("http://127.0.0.1:1\0", 19), "backend URL 'http://127.0.0.1:1\\x00': port '1\\x00' is not a number"},
